@@ -1,0 +1,5 @@
+//! `kvraft`: the command line client. See `kvraft --help`.
+
+fn main() {
+    std::process::exit(kvraft::cli::main());
+}

@@ -1,0 +1,195 @@
+//! The `kvraft` command line: argument parsing and the commands.
+//!
+//! Exit status: 0 success, 1 key not found (`get`), 2 usage or invalid input,
+//! 3 cluster or network trouble.
+
+mod bench;
+mod output;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::client::{Client, ClientOptions, ScanOptions, DEFAULT_ENDPOINT};
+use crate::error::Error;
+use output::Printer;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// For people.
+    Text,
+    /// One JSON document on stdout, for scripts.
+    Json,
+}
+
+#[derive(Parser)]
+#[command(name = "kvraft", version, about = "Client for a kvraft cluster")]
+struct Cli {
+    /// Client addresses of cluster nodes, comma-separated.
+    #[arg(long, env = "KVRAFT_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ENDPOINT, global = true)]
+    endpoints: Vec<String>,
+    /// Give up after this long (e.g. 500ms, 5s, 1m).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    output: OutputFormat,
+    /// Read the contacted node's local copy (fast, possibly stale) instead of a
+    /// linearizable read.
+    #[arg(long, global = true)]
+    serializable: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Set KEY to VALUE.
+    Set { key: String, value: String },
+    /// Print the value of KEY (exit status 1 if it does not exist).
+    Get { key: String },
+    /// Delete KEY.
+    Delete { key: String },
+    /// List pairs in key order, one `KEY<TAB>VALUE` line each.
+    Scan {
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Start at this key (inclusive).
+        #[arg(long, default_value = "")]
+        from: String,
+        /// Stop before this key.
+        #[arg(long, default_value = "")]
+        to: String,
+        /// At most this many pairs (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+    },
+    /// Add a node (as a learner; it is promoted to voter once caught up).
+    #[command(alias = "add_node")]
+    AddNode {
+        /// The new node's id (positive, never used before in this cluster).
+        id: u64,
+        /// The new node's peer address, HOST:PORT.
+        peer_addr: String,
+        /// The new node's client address, HOST:PORT (it also publishes it itself).
+        #[arg(long, default_value = "")]
+        client_addr: String,
+    },
+    /// Remove a node (a leader hands leadership over first).
+    #[command(alias = "remove_node")]
+    RemoveNode {
+        /// The node's id.
+        id: u64,
+    },
+    /// List the members and the leader.
+    Members,
+    /// Status of the first node that answers (role, term, indexes, members).
+    Info,
+    /// Round trip to the first node that answers.
+    Ping,
+    /// Load generator: throughput and latency percentiles.
+    Bench(bench::BenchArgs),
+}
+
+/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, ""), |i| s.split_at(i));
+    let n: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 1m"))?;
+    let seconds = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s or m")),
+    };
+    if seconds <= 0.0 || !seconds.is_finite() {
+        return Err(format!("{s:?}: the duration must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Runs the CLI and returns the exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let printer = Printer::new(cli.output);
+    match runtime.block_on(run(cli, &printer)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kvraft: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
+    let options = ClientOptions {
+        endpoints: cli.endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect(),
+        timeout: cli.timeout,
+        serializable: cli.serializable,
+    };
+    if let Command::Bench(args) = cli.command {
+        return bench::run(args, options, printer).await;
+    }
+    let client = Client::new(options)?;
+    match cli.command {
+        Command::Set { key, value } => printer.set(client.set(key, value).await?),
+        Command::Get { key } => match client.get(key.clone()).await? {
+            Some(value) => printer.value(&key, &value),
+            None => {
+                printer.not_found(&key);
+                return Ok(1);
+            }
+        },
+        Command::Delete { key } => printer.deleted(&key, client.delete(key.clone()).await?),
+        Command::Scan { prefix, from, to, limit } => {
+            let options = ScanOptions {
+                prefix: prefix.into_bytes(),
+                from: from.into_bytes(),
+                to: to.into_bytes(),
+                limit,
+            };
+            printer.pairs(&client.scan(options).await?)
+        }
+        Command::AddNode { id, peer_addr, client_addr } => {
+            let members = client.add_node(id, &peer_addr, &client_addr).await?;
+            printer.members_changed(&format!("added node {id} as a learner; the leader promotes it to voter once it has caught up"), &members)
+        }
+        Command::RemoveNode { id } => {
+            let members = client.remove_node(id).await?;
+            printer.members_changed(&format!("removed node {id}"), &members)
+        }
+        Command::Members => {
+            let (members, leader) = client.members().await?;
+            printer.members(&members, leader)
+        }
+        Command::Info => printer.info(&client.info().await?),
+        Command::Ping => {
+            let (node, rtt) = client.ping().await?;
+            printer.ping(node, rtt)
+        }
+        Command::Bench(_) => unreachable!("handled above"),
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+}

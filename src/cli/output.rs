@@ -1,0 +1,154 @@
+//! Printing results as text for people or JSON for scripts. Errors go to
+//! stderr in both modes, so stdout stays parseable.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::OutputFormat;
+use crate::proto::{InfoResponse, KeyValue, Member, MemberRole};
+
+/// Prints results in the chosen format.
+pub struct Printer {
+    format: OutputFormat,
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn role_name(member: &Member) -> &'static str {
+    if member.role == MemberRole::Learner as i32 {
+        "learner"
+    } else {
+        "voter"
+    }
+}
+
+fn member_json(m: &Member) -> Value {
+    json!({"id": m.id, "peer_addr": m.peer_addr, "client_addr": m.client_addr, "role": role_name(m)})
+}
+
+impl Printer {
+    /// A printer for this format.
+    pub fn new(format: OutputFormat) -> Self {
+        Printer { format }
+    }
+
+    fn emit(&self, json: Value, text: impl FnOnce() -> String) {
+        match self.format {
+            OutputFormat::Json => println!("{json}"),
+            OutputFormat::Text => {
+                let t = text();
+                if !t.is_empty() {
+                    println!("{t}");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn set(&self, revision: u64) {
+        self.emit(json!({"revision": revision}), || "OK".into());
+    }
+
+    pub(crate) fn value(&self, key: &str, value: &[u8]) {
+        self.emit(json!({"key": key, "value": text(value), "found": true}), || text(value));
+    }
+
+    pub(crate) fn not_found(&self, key: &str) {
+        if self.format == OutputFormat::Json {
+            println!("{}", json!({"key": key, "found": false}));
+        }
+        eprintln!("kvraft: key {key:?} not found");
+    }
+
+    pub(crate) fn deleted(&self, key: &str, existed: bool) {
+        self.emit(json!({"key": key, "deleted": existed}), || {
+            if existed {
+                "deleted".into()
+            } else {
+                format!("{key:?} did not exist")
+            }
+        });
+    }
+
+    pub(crate) fn pairs(&self, pairs: &[KeyValue]) {
+        let json = Value::Array(
+            pairs
+                .iter()
+                .map(|kv| json!({"key": text(&kv.key), "value": text(&kv.value)}))
+                .collect(),
+        );
+        self.emit(json, || {
+            pairs
+                .iter()
+                .map(|kv| format!("{}\t{}", text(&kv.key), text(&kv.value)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+    }
+
+    pub(crate) fn members_changed(&self, what: &str, members: &[Member]) {
+        let json = json!({"message": what, "members": members.iter().map(member_json).collect::<Vec<_>>()});
+        self.emit(json, || format!("{what}\n{}", members_table(members, 0)));
+    }
+
+    pub(crate) fn members(&self, members: &[Member], leader: u64) {
+        let json = json!({"leader_id": leader, "members": members.iter().map(member_json).collect::<Vec<_>>()});
+        self.emit(json, || members_table(members, leader));
+    }
+
+    pub(crate) fn info(&self, info: &InfoResponse) {
+        let json = json!({
+            "id": info.id,
+            "role": info.role,
+            "term": info.term,
+            "leader_id": info.leader_id,
+            "commit_index": info.commit_index,
+            "applied_index": info.applied_index,
+            "snapshot_index": info.snapshot_index,
+            "first_index": info.first_index,
+            "last_index": info.last_index,
+            "keys": info.keys,
+            "cluster_id": format!("{:016x}", info.cluster_id),
+            "version": info.version,
+            "members": info.members.iter().map(member_json).collect::<Vec<_>>(),
+        });
+        self.emit(json, || {
+            format!(
+                "node {} ({}), term {}, leader {}\ncommit {}  applied {}  snapshot {}  log {}..{}\nkeys {}  cluster {:016x}  version {}\n{}",
+                info.id,
+                info.role,
+                info.term,
+                info.leader_id,
+                info.commit_index,
+                info.applied_index,
+                info.snapshot_index,
+                info.first_index,
+                info.last_index,
+                info.keys,
+                info.cluster_id,
+                info.version,
+                members_table(&info.members, info.leader_id)
+            )
+        });
+    }
+
+    pub(crate) fn ping(&self, node: u64, rtt: Duration) {
+        let ms = rtt.as_secs_f64() * 1000.0;
+        self.emit(json!({"node_id": node, "rtt_ms": ms}), || format!("pong from node {node} in {ms:.3} ms"));
+    }
+
+    pub(crate) fn bench(&self, summary: Value, text: String) {
+        self.emit(summary, || text);
+    }
+}
+
+fn members_table(members: &[Member], leader: u64) -> String {
+    let mut lines = vec![format!("{:<6} {:<8} {:<24} {:<24}", "ID", "ROLE", "PEER", "CLIENT")];
+    for m in members {
+        let role = if m.id == leader { "leader" } else { role_name(m) };
+        lines.push(format!("{:<6} {:<8} {:<24} {:<24}", m.id, role, m.peer_addr, m.client_addr));
+    }
+    lines.join("\n")
+}

@@ -1,0 +1,468 @@
+//! [`Client`]: talks to a kvraft cluster through any of its nodes.
+//!
+//! - Several endpoints; the client sticks to one that works, follows leader
+//!   hints, and moves on when a node is unreachable or knows no leader.
+//! - Many requests in flight per connection (responses matched by id).
+//! - Retries errors that guarantee nothing was applied, with backoff, until the
+//!   deadline. A write whose outcome is unknown (connection lost or timeout
+//!   after sending) is **not** retried blindly: a late duplicate could land
+//!   after a newer write. It fails with [`Error::OutcomeUnknown`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::codec;
+use crate::error::{is_callers_fault, is_retryable, Error};
+use crate::proto::{
+    request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest, InfoResponse, KeyValue,
+    Member, MembersRequest, PingRequest, RemoveNodeRequest, Request, Response, ScanRequest, SetRequest,
+};
+
+/// Default endpoint: a single local node with default flags.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7379";
+
+/// How a [`Client`] behaves.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Client addresses of one or more nodes (`HOST:PORT`).
+    pub endpoints: Vec<String>,
+    /// Deadline for one call, retries included.
+    pub timeout: Duration,
+    /// Read the contacted node's local copy instead of a linearizable read.
+    pub serializable: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            endpoints: vec![DEFAULT_ENDPOINT.to_string()],
+            timeout: Duration::from_secs(5),
+            serializable: false,
+        }
+    }
+}
+
+/// What to scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanOptions {
+    /// Only keys with this prefix.
+    pub prefix: Vec<u8>,
+    /// Start at this key (inclusive).
+    pub from: Vec<u8>,
+    /// Stop before this key (empty: no bound).
+    pub to: Vec<u8>,
+    /// At most this many pairs (0: all).
+    pub limit: u64,
+}
+
+/// A client of a kvraft cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: ClientOptions,
+    endpoints: Mutex<Vec<String>>,
+    current: AtomicUsize,
+    connections: Mutex<HashMap<String, Arc<Connection>>>,
+    next_id: AtomicU64,
+}
+
+impl Client {
+    /// A client for these options. Connections are made on first use.
+    pub fn new(options: ClientOptions) -> Result<Client, Error> {
+        if options.endpoints.is_empty() {
+            return Err(Error::InvalidArgument("no endpoints given; pass --endpoints HOST:PORT[,HOST:PORT...]".into()));
+        }
+        for endpoint in &options.endpoints {
+            crate::config::check_host_port(endpoint)
+                .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?;
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoints: Mutex::new(options.endpoints.clone()),
+                options,
+                current: AtomicUsize::new(0),
+                connections: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Sets `key` to `value`; returns the log index that applied it.
+    pub async fn set(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<u64, Error> {
+        let command = request::Command::Set(SetRequest {
+            key: key.into(),
+            value: value.into(),
+        });
+        match self.call(command, false).await? {
+            response::Result::Set(r) => Ok(r.revision),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// The value of `key`, or `None`.
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<Vec<u8>>, Error> {
+        let command = request::Command::Get(GetRequest {
+            key: key.into(),
+            serializable: self.inner.options.serializable,
+        });
+        match self.call(command, true).await? {
+            response::Result::Get(r) if r.found => Ok(Some(r.value)),
+            response::Result::Get(_) => Ok(None),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, Error> {
+        let command = request::Command::Delete(DeleteRequest { key: key.into() });
+        match self.call(command, false).await? {
+            response::Result::Delete(r) => Ok(r.existed),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Pairs in key order, fetched page by page (each page is one consistent
+    /// read; a scan over several pages is not one snapshot).
+    pub async fn scan(&self, options: ScanOptions) -> Result<Vec<KeyValue>, Error> {
+        let mut pairs: Vec<KeyValue> = Vec::new();
+        let mut from = options.from.clone();
+        loop {
+            let remaining = if options.limit == 0 {
+                0
+            } else {
+                options.limit - pairs.len() as u64
+            };
+            let command = request::Command::Scan(ScanRequest {
+                prefix: options.prefix.clone(),
+                from: from.clone(),
+                to: options.to.clone(),
+                limit: remaining,
+                serializable: self.inner.options.serializable,
+            });
+            let page = match self.call(command, true).await? {
+                response::Result::Scan(page) => page,
+                other => return Err(mismatch(other)),
+            };
+            let last_key = page.pairs.last().map(|kv| kv.key.clone());
+            pairs.extend(page.pairs);
+            let done = options.limit > 0 && pairs.len() as u64 >= options.limit;
+            match last_key {
+                Some(mut key) if page.more && !done => {
+                    // The smallest key after the last one returned.
+                    key.push(0);
+                    from = key;
+                }
+                _ => return Ok(pairs),
+            }
+        }
+    }
+
+    /// Adds a node as a learner; the leader promotes it to voter once it has
+    /// caught up. Returns the member list after the change.
+    pub async fn add_node(&self, node_id: u64, peer_addr: &str, client_addr: &str) -> Result<Vec<Member>, Error> {
+        let command = request::Command::AddNode(AddNodeRequest {
+            node_id,
+            peer_addr: peer_addr.into(),
+            client_addr: client_addr.into(),
+        });
+        match self.call(command, false).await? {
+            response::Result::AddNode(r) => Ok(r.members),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Removes a node. Returns the member list after the change.
+    pub async fn remove_node(&self, node_id: u64) -> Result<Vec<Member>, Error> {
+        let command = request::Command::RemoveNode(RemoveNodeRequest { node_id });
+        match self.call(command, false).await? {
+            response::Result::RemoveNode(r) => Ok(r.members),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// The members and the current leader id.
+    pub async fn members(&self) -> Result<(Vec<Member>, u64), Error> {
+        let command = request::Command::Members(MembersRequest {
+            serializable: self.inner.options.serializable,
+        });
+        match self.call(command, true).await? {
+            response::Result::Members(r) => Ok((r.members, r.leader_id)),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Status of the first node that answers.
+    pub async fn info(&self) -> Result<InfoResponse, Error> {
+        match self.call(request::Command::Info(InfoRequest {}), true).await? {
+            response::Result::Info(r) => Ok(r),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Round trip to the first node that answers: its id and the time taken.
+    pub async fn ping(&self) -> Result<(u64, Duration), Error> {
+        let started = Instant::now();
+        match self.call(request::Command::Ping(PingRequest {}), true).await? {
+            response::Result::Ping(r) => Ok((r.node_id, started.elapsed())),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Adds every member's client address to the endpoints, so the client can
+    /// fail over to nodes it was not told about.
+    pub async fn discover_endpoints(&self) -> Result<(), Error> {
+        let (members, _) = self.members().await?;
+        for m in members.iter().filter(|m| !m.client_addr.is_empty()) {
+            self.add_endpoint(&m.client_addr);
+        }
+        Ok(())
+    }
+
+    /// The endpoints this client knows.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner.endpoints.lock().unwrap().clone()
+    }
+
+    fn add_endpoint(&self, endpoint: &str) -> usize {
+        let mut endpoints = self.inner.endpoints.lock().unwrap();
+        match endpoints.iter().position(|e| e == endpoint) {
+            Some(i) => i,
+            None => {
+                endpoints.push(endpoint.to_string());
+                endpoints.len() - 1
+            }
+        }
+    }
+
+    fn current_endpoint(&self) -> String {
+        let endpoints = self.inner.endpoints.lock().unwrap();
+        let i = self.inner.current.load(Ordering::Relaxed) % endpoints.len();
+        endpoints[i].clone()
+    }
+
+    /// Moves on from `failed` (unless another caller already did).
+    fn rotate_from(&self, failed: &str) {
+        let endpoints = self.inner.endpoints.lock().unwrap();
+        let i = self.inner.current.load(Ordering::Relaxed) % endpoints.len();
+        if endpoints[i] == failed {
+            self.inner.current.store((i + 1) % endpoints.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn drop_connection(&self, endpoint: &str) {
+        self.inner.connections.lock().unwrap().remove(endpoint);
+    }
+
+    async fn connection(&self, endpoint: &str, deadline: Instant) -> Result<Arc<Connection>, String> {
+        if let Some(c) = self.inner.connections.lock().unwrap().get(endpoint) {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let budget = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2));
+        let stream = match tokio::time::timeout(budget, TcpStream::connect(endpoint)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connect timed out".into()),
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = Arc::new(Connection::start(stream));
+        self.inner
+            .connections
+            .lock()
+            .unwrap()
+            .insert(endpoint.to_string(), connection.clone());
+        Ok(connection)
+    }
+
+    /// Sends one command with failover and retries until the deadline.
+    /// `idempotent` commands are retried even when their outcome is unknown.
+    async fn call(&self, command: request::Command, idempotent: bool) -> Result<response::Result, Error> {
+        let timeout = self.inner.options.timeout;
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(20);
+        let mut last_error = String::from("no attempt finished");
+        let mut failures_in_a_row = 0usize;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Unavailable {
+                    timeout,
+                    endpoints: self.endpoints().join(","),
+                    last: last_error,
+                });
+            }
+            // After a full round of failed endpoints, wait before going again.
+            if failures_in_a_row > 0 && failures_in_a_row % self.endpoints().len() == 0 {
+                tokio::time::sleep(backoff.min(deadline - now)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            let endpoint = self.current_endpoint();
+            let connection = match self.connection(&endpoint, deadline).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last_error = format!("{endpoint}: {e}");
+                    self.rotate_from(&endpoint);
+                    failures_in_a_row += 1;
+                    continue;
+                }
+            };
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let request = Request {
+                id,
+                command: Some(command.clone()),
+            };
+            let outcome = connection.request(request, deadline).await;
+            match outcome {
+                Ok(Response {
+                    result: Some(response::Result::Error(e)),
+                    ..
+                }) => {
+                    let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+                    let retry = is_retryable(code) || (idempotent && code == ErrorCode::OutcomeUnknown);
+                    if !retry {
+                        return Err(match code {
+                            ErrorCode::OutcomeUnknown => Error::OutcomeUnknown(e.message),
+                            c if is_callers_fault(c) => Error::InvalidArgument(e.message),
+                            _ => Error::Server { code, message: e.message },
+                        });
+                    }
+                    last_error = format!("{endpoint}: {}", e.message);
+                    if code == ErrorCode::NotLeader && !e.leader_client_addr.is_empty() {
+                        let i = self.add_endpoint(&e.leader_client_addr);
+                        self.inner.current.store(i, Ordering::Relaxed);
+                        // Give a leadership transfer a moment to complete.
+                        tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+                    } else {
+                        self.rotate_from(&endpoint);
+                    }
+                    failures_in_a_row += 1;
+                }
+                Ok(Response { result: Some(r), .. }) => return Ok(r),
+                Ok(Response { result: None, .. }) => {
+                    return Err(Error::Protocol(format!("{endpoint} sent a response without a result")))
+                }
+                Err(Failure::Closed(reason)) => {
+                    self.drop_connection(&endpoint);
+                    if let Some(reason) = reason {
+                        return Err(Error::InvalidArgument(reason));
+                    }
+                    if !idempotent {
+                        return Err(Error::OutcomeUnknown(format!("the connection to {endpoint} broke")));
+                    }
+                    last_error = format!("{endpoint}: connection lost");
+                    self.rotate_from(&endpoint);
+                    failures_in_a_row += 1;
+                }
+                Err(Failure::Timeout) => {
+                    if !idempotent {
+                        return Err(Error::OutcomeUnknown(format!("no reply from {endpoint} within {timeout:?}")));
+                    }
+                    last_error = format!("{endpoint}: no reply");
+                }
+            }
+        }
+    }
+}
+
+fn mismatch(result: response::Result) -> Error {
+    Error::Protocol(format!("unexpected response {result:?}"))
+}
+
+enum Failure {
+    /// The connection closed; with the server's reason if it gave one.
+    Closed(Option<String>),
+    Timeout,
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+/// One multiplexed connection: a writer task and a reader task that routes
+/// responses to waiters by request id.
+struct Connection {
+    outgoing: mpsc::Sender<Request>,
+    waiters: Waiters,
+    /// Why the server closed the connection, if it said (e.g. frame too large).
+    close_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Connection {
+    fn start(stream: TcpStream) -> Connection {
+        let (mut sink, mut frames) = codec::framed(stream, codec::CLIENT_MAX_FRAME).split();
+        let (outgoing, mut rx) = mpsc::channel::<Request>(1024);
+        let waiters: Waiters = Arc::default();
+        let close_reason: Arc<Mutex<Option<String>>> = Arc::default();
+        tokio::spawn(async move {
+            while let Some(request) = rx.recv().await {
+                if sink.feed(codec::encode(&request)).await.is_err() {
+                    return;
+                }
+                while let Ok(more) = rx.try_recv() {
+                    if sink.feed(codec::encode(&more)).await.is_err() {
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let reader_waiters = waiters.clone();
+        let reader_reason = close_reason.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = frames.next().await {
+                let Ok(response) = Response::decode(frame) else { break };
+                if response.id == 0 {
+                    // A connection-level error (the server could not tell which
+                    // request it was about).
+                    if let Some(response::Result::Error(e)) = response.result {
+                        *reader_reason.lock().unwrap() = Some(e.message);
+                    }
+                    continue;
+                }
+                if let Some(waiter) = reader_waiters.lock().unwrap().remove(&response.id) {
+                    let _ = waiter.send(response);
+                }
+            }
+            // Dropping the senders wakes every waiter with an error.
+            reader_waiters.lock().unwrap().clear();
+        });
+        Connection {
+            outgoing,
+            waiters,
+            close_reason,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.outgoing.is_closed()
+    }
+
+    async fn request(&self, request: Request, deadline: Instant) -> Result<Response, Failure> {
+        let id = request.id;
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap().insert(id, tx);
+        if self.outgoing.send(request).await.is_err() {
+            self.waiters.lock().unwrap().remove(&id);
+            return Err(Failure::Closed(self.close_reason.lock().unwrap().clone()));
+        }
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(Failure::Closed(self.close_reason.lock().unwrap().clone())),
+            Err(_) => {
+                self.waiters.lock().unwrap().remove(&id);
+                Err(Failure::Timeout)
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Protobuf messages in length-delimited frames (a 4-byte big-endian length,
+//! then the message), with a maximum frame size so a bad or hostile peer can't
+//! make us allocate without bound.
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// Default largest client frame: room for a 1 MiB value plus the key and
+/// envelope, with margin.
+pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// Largest frame between peers: snapshots travel inside raft messages.
+pub const PEER_MAX_FRAME: usize = 1024 * 1024 * 1024;
+
+/// Largest frame the client accepts from a server (scan pages are capped by the
+/// server's own frame limit, which an operator may raise).
+pub const CLIENT_MAX_FRAME: usize = 256 * 1024 * 1024;
+
+/// The codec for a stream with this frame limit.
+pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(max_frame)
+        .new_codec()
+}
+
+/// Wraps a byte stream into a frame stream with this limit.
+pub fn framed<T: AsyncRead + AsyncWrite>(io: T, max_frame: usize) -> Framed<T, LengthDelimitedCodec> {
+    Framed::new(io, codec(max_frame))
+}
+
+/// Encodes a message into one frame's payload.
+pub fn encode<M: prost::Message>(message: &M) -> Bytes {
+    Bytes::from(message.encode_to_vec())
+}
+
+/// True if a codec error means the length prefix was over the limit (the
+/// stream can't be resynchronised after that).
+pub fn is_frame_too_large(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::InvalidData
+        && error
+            .get_ref()
+            .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    #[test]
+    fn frames_round_trip_under_the_limit() {
+        let mut codec = codec(16);
+        let mut buf = BytesMut::new();
+        codec.encode(Bytes::from_static(b"hello"), &mut buf).unwrap();
+        assert_eq!(&buf[..4], &[0, 0, 0, 5]);
+        let frame = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(&frame[..], b"hello");
+    }
+
+    #[test]
+    fn a_length_over_the_limit_is_refused_before_reading_the_body() {
+        let mut codec = codec(16);
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 17][..]);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(is_frame_too_large(&err), "{err:?}");
+    }
+
+    #[test]
+    fn a_frame_exactly_at_the_limit_is_accepted() {
+        let mut codec = codec(4);
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 4, 1, 2, 3, 4][..]);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn an_encoder_refuses_to_send_an_oversized_frame() {
+        let mut codec = codec(4);
+        let mut buf = BytesMut::new();
+        assert!(codec.encode(Bytes::from_static(b"12345"), &mut buf).is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! Errors, typed by who must act on them.
+//!
+//! The client sees [`Error`]. On the wire an error is a [`proto::Error`] with a
+//! [`proto::ErrorCode`]; [`WireError`] helps the server build one.
+
+use std::time::Duration;
+
+use crate::proto::{self, ErrorCode};
+
+/// What a [`crate::Client`] call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong (empty key, value too large, bad address,
+    /// unknown node...). Retrying it unchanged fails the same way.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The server answered with an error that the client does not retry.
+    #[error("{message} ({code:?})")]
+    Server {
+        /// What went wrong.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// A write was sent but its outcome is unknown: it may or may not have been
+    /// applied (the connection broke or the leader changed while it was in
+    /// flight). The client does not retry writes on its own, since a blind retry
+    /// could reorder it after a newer write; read the key to find out.
+    #[error("outcome unknown: {0}; the write may or may not have been applied, read the key to find out")]
+    OutcomeUnknown(String),
+    /// No endpoint answered usefully before the deadline.
+    #[error("no answer within {timeout:?} from {endpoints}: {last}; check that the nodes are running and that a majority of them can reach each other")]
+    Unavailable {
+        /// The deadline that ran out.
+        timeout: Duration,
+        /// The endpoints that were tried.
+        endpoints: String,
+        /// The last error seen.
+        last: String,
+    },
+    /// The server sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The process exit status the CLI uses for this error (0 success, 1 key not
+    /// found and 2 usage errors are decided elsewhere).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::InvalidArgument(_) => 2,
+            Error::Server { code, .. } if is_callers_fault(*code) => 2,
+            _ => 3,
+        }
+    }
+}
+
+/// True for codes the caller must fix: retrying the same request can't help.
+pub fn is_callers_fault(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::InvalidArgument
+            | ErrorCode::MalformedRequest
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::UnknownNode
+            | ErrorCode::MemberExists
+    )
+}
+
+/// True for codes that guarantee nothing was applied, so any request may be
+/// sent again.
+pub fn is_retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::NoLeader
+            | ErrorCode::NotLeader
+            | ErrorCode::ProposalDropped
+            | ErrorCode::ConfChangeInProgress
+            | ErrorCode::ShuttingDown
+            | ErrorCode::ReadTimeout
+            | ErrorCode::NodeRemoved
+    )
+}
+
+/// A server-side error about to be put on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct WireError {
+    /// The code the client acts on.
+    pub code: ErrorCode,
+    /// One line that says what was wrong and what to do.
+    pub message: String,
+    /// The leader as this node knows it, when useful.
+    pub leader_id: u64,
+    /// That leader's client address, when known.
+    pub leader_client_addr: String,
+}
+
+impl WireError {
+    /// An error with no leader hint.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+            leader_id: 0,
+            leader_client_addr: String::new(),
+        }
+    }
+
+    /// Shorthand for [`ErrorCode::InvalidArgument`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    /// Adds the leader hint.
+    pub fn with_leader(mut self, leader_id: u64, leader_client_addr: String) -> Self {
+        self.leader_id = leader_id;
+        self.leader_client_addr = leader_client_addr;
+        self
+    }
+}
+
+impl From<WireError> for proto::Error {
+    fn from(e: WireError) -> Self {
+        proto::Error {
+            code: e.code as i32,
+            message: e.message,
+            leader_id: e.leader_id,
+            leader_client_addr: e.leader_client_addr,
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! kvraft: a replicated key-value store on Raft.
+//!
+//! A few `kvraftd` nodes keep one ordered map in agreement through tikv's `raft`
+//! crate; clients talk to any node with length-delimited protobuf frames.
+//!
+//! # Layout
+//!
+//! | where | what |
+//! |---|---|
+//! | `proto/kvraft.proto`, [`proto`] | the wire formats: client request/response, peer envelope, log commands, snapshot payload |
+//! | [`codec`] | protobuf messages in length-delimited frames, with a maximum frame size |
+//! | [`node`] | the raft loop (`node::raft_loop`, the only code that touches `RawNode`), the handle connections use, proposals and reads in flight, the outbound peer transport |
+//! | [`storage`] | the durable raft log (raft-engine), snapshot files, the data dir's identity |
+//! | [`state_machine`] | the ordered map, membership, apply and snapshot/restore |
+//! | [`server`] | the client and peer listeners and how the daemon is assembled |
+//! | [`client`] | [`Client`]: endpoints, failover, retries, deadlines, pipelining |
+//! | [`cli`] | the `kvraft` command line, including `bench` |
+//! | `src/bin` | thin mains for `kvraftd` and `kvraft` |
+//!
+//! The path of a `set`: the client frames a [`proto::Request`]; a connection task
+//! in [`server::client`] hands it to the raft loop through a [`node::NodeHandle`];
+//! the raft loop proposes it with a [`proto::ProposalContext`] naming this node and
+//! a proposal id; once the entry is committed and applied to the
+//! [`state_machine`], the waiting connection task gets the result on a oneshot
+//! channel and writes the [`proto::Response`].
+
+pub mod cli;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod node;
+pub mod server;
+pub mod state_machine;
+pub mod storage;
+
+/// Messages generated from `proto/kvraft.proto` by prost.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/kvraft.rs"));
+}
+
+pub use client::{Client, ClientOptions};
+pub use config::NodeConfig;
+pub use error::Error;

@@ -1,0 +1,258 @@
+//! The node: the raft loop that alone owns the `RawNode`, and the handle the
+//! rest of the server uses to talk to it.
+//!
+//! - [`raft_loop`]: the loop, its `Ready` handling and apply.
+//! - [`pending`]: proposals and reads waiting for an answer.
+//! - [`transport`]: outbound peer connections, one queue per peer.
+//! - [`startup`]: data dir checks, bootstrap and recovery before the loop runs.
+//!
+//! Connection tasks send an [`Inbox`] message and wait on a oneshot; reads wait
+//! on the applied-index watch and then read the shared state machine, so they
+//! never queue behind the raft thread.
+
+pub mod pending;
+pub mod raft_loop;
+pub mod startup;
+pub mod transport;
+
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use raft::prelude::Message;
+use tokio::sync::{oneshot, watch};
+
+use crate::error::WireError;
+use crate::proto::{Command, ErrorCode, Member};
+use crate::state_machine::{ApplyResult, StateMachine};
+
+/// What the raft loop is told.
+pub enum Inbox {
+    /// A raft message from a peer, with the address it says it listens on.
+    Raft {
+        /// The message.
+        message: Box<Message>,
+        /// The sender's advertised peer address.
+        from_peer_addr: String,
+        /// The cluster the sender belongs to.
+        cluster_id: u64,
+    },
+    /// Replicate a command; the reply comes once it is applied.
+    Propose {
+        /// The command.
+        command: Command,
+        /// Where the result goes.
+        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
+    },
+    /// Find the index a linearizable read must wait for.
+    ReadIndex {
+        /// Where the index goes.
+        reply: oneshot::Sender<Result<u64, WireError>>,
+    },
+    /// Add or remove a member.
+    ChangeMembership {
+        /// The change.
+        change: MembershipChange,
+        /// Where the new member list goes.
+        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
+    },
+    /// The transport could not deliver to this peer.
+    Unreachable(u64),
+    /// A snapshot message was written to a peer (or failed to be).
+    SnapshotSent {
+        /// The peer.
+        to: u64,
+        /// Whether it went out.
+        ok: bool,
+    },
+    /// A peer refused us for good (we were removed, or another cluster).
+    RejectedByPeer {
+        /// The peer that refused.
+        peer: u64,
+        /// Why.
+        reason: String,
+        /// We were removed from the cluster.
+        removed: bool,
+    },
+    /// Stop the loop.
+    Shutdown,
+}
+
+/// A membership change request.
+#[derive(Debug, Clone)]
+pub enum MembershipChange {
+    /// Add a node as a learner; the leader promotes it once it has caught up.
+    Add(Member),
+    /// Remove a node.
+    Remove(u64),
+}
+
+/// The role of a node as `info` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Leads the cluster.
+    Leader,
+    /// Follows a leader (or waits for one).
+    #[default]
+    Follower,
+    /// Campaigning.
+    Candidate,
+    /// Receives the log but does not vote (yet).
+    Learner,
+}
+
+impl Role {
+    /// The lower-case name used in `info`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+        }
+    }
+}
+
+/// What the raft loop publishes after every round, for `info`, leader hints and
+/// readiness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// This node's id.
+    pub id: u64,
+    /// The cluster id (0 while a joining node hasn't heard from the cluster).
+    pub cluster_id: u64,
+    /// Current role.
+    pub role: Role,
+    /// Current term.
+    pub term: u64,
+    /// The leader (0: none known).
+    pub leader_id: u64,
+    /// The leader's client address, if known.
+    pub leader_client_addr: String,
+    /// Highest index known committed.
+    pub commit_index: u64,
+    /// Highest index applied to the state machine.
+    pub applied_index: u64,
+    /// Index of the newest snapshot on disk.
+    pub snapshot_index: u64,
+    /// First index in the log.
+    pub first_index: u64,
+    /// Last index in the log.
+    pub last_index: u64,
+    /// This node was removed from the cluster and has stopped.
+    pub removed: bool,
+    /// The raft loop has exited.
+    pub stopped: bool,
+}
+
+/// How the server talks to the raft loop. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inbox: mpsc::Sender<Inbox>,
+    state_machine: Arc<RwLock<StateMachine>>,
+    applied: watch::Receiver<u64>,
+    status: watch::Receiver<NodeStatus>,
+    request_timeout: Duration,
+}
+
+impl NodeHandle {
+    pub(crate) fn new(
+        inbox: mpsc::Sender<Inbox>,
+        state_machine: Arc<RwLock<StateMachine>>,
+        applied: watch::Receiver<u64>,
+        status: watch::Receiver<NodeStatus>,
+        request_timeout: Duration,
+    ) -> Self {
+        NodeHandle {
+            inbox,
+            state_machine,
+            applied,
+            status,
+            request_timeout,
+        }
+    }
+
+    /// Hands a message to the raft loop. Fails only if the loop has stopped.
+    pub fn send(&self, message: Inbox) -> Result<(), WireError> {
+        self.inbox.send(message).map_err(|_| stopped())
+    }
+
+    /// Replicates a command and waits until it is applied.
+    pub async fn propose(&self, command: Command) -> Result<ApplyResult, WireError> {
+        self.no_leader_check()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::Propose { command, reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Changes membership and waits until the change is applied.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<ApplyResult, WireError> {
+        self.no_leader_check()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::ChangeMembership { change, reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged
+    /// before the call: a ReadIndex round, then the applied index catching up.
+    pub async fn linearizable_barrier(&self) -> Result<(), WireError> {
+        self.no_leader_check()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::ReadIndex { reply })?;
+        let index = rx.await.map_err(|_| stopped())??;
+        let mut applied = self.applied.clone();
+        let waited = tokio::time::timeout(self.request_timeout, applied.wait_for(|a| *a >= index)).await;
+        match waited.map(|r| r.is_ok()) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(stopped()),
+            Err(_) => Err(WireError::new(
+                ErrorCode::ReadTimeout,
+                format!("this node did not apply up to read index {index} in time; retry"),
+            )),
+        }
+    }
+
+    /// Runs `f` on the state machine under its read lock.
+    pub fn read<T>(&self, f: impl FnOnce(&StateMachine) -> T) -> T {
+        f(&self.state_machine.read().expect("state machine lock poisoned"))
+    }
+
+    /// The latest status the raft loop published.
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Fails fast, with a retryable error, when no leader is known: raft would
+    /// drop the request silently and the caller would wait out its timeout.
+    fn no_leader_check(&self) -> Result<(), WireError> {
+        let status = self.status.borrow();
+        if status.removed {
+            return Err(WireError::new(
+                ErrorCode::NodeRemoved,
+                format!("node {} was removed from the cluster; use another endpoint", status.id),
+            ));
+        }
+        if status.leader_id == 0 {
+            return Err(WireError::new(
+                ErrorCode::NoLeader,
+                format!(
+                    "node {} knows no leader (an election may be under way, or a majority of voters is unreachable); retry shortly",
+                    status.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn stopped() -> WireError {
+    WireError::new(
+        ErrorCode::ShuttingDown,
+        "this node is shutting down; retry on another endpoint",
+    )
+}

@@ -1,0 +1,270 @@
+//! Requests waiting inside the raft loop: proposals until their entry is
+//! applied, reads until their ReadIndex round completes. Every waiter has a
+//! deadline, so nothing hangs when raft drops a message silently.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::error::WireError;
+use crate::proto::ErrorCode;
+use crate::state_machine::ApplyResult;
+
+type ProposalReply = oneshot::Sender<Result<ApplyResult, WireError>>;
+type ReadReply = oneshot::Sender<Result<u64, WireError>>;
+
+struct PendingProposal {
+    reply: ProposalReply,
+    deadline: Instant,
+    /// The log index, when this node was leader and appended the entry itself.
+    index: Option<u64>,
+}
+
+/// Proposals in flight, keyed by the proposal id carried in the entry context.
+pub struct Proposals {
+    next_id: u64,
+    waiting: HashMap<u64, PendingProposal>,
+    by_index: BTreeMap<u64, u64>,
+}
+
+impl Proposals {
+    /// Starts ids at a random point so that entries proposed before a restart
+    /// (still in the log, committed later) can't be taken for new proposals.
+    pub fn new() -> Self {
+        Proposals {
+            next_id: rand::random::<u64>() >> 1,
+            waiting: HashMap::new(),
+            by_index: BTreeMap::new(),
+        }
+    }
+
+    /// A fresh proposal id.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id
+    }
+
+    /// Starts waiting for a proposal.
+    pub fn insert(&mut self, id: u64, reply: ProposalReply, deadline: Instant, index: Option<u64>) {
+        if let Some(index) = index {
+            self.by_index.insert(index, id);
+        }
+        self.waiting.insert(id, PendingProposal { reply, deadline, index });
+    }
+
+    /// Number of proposals waiting.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Answers a proposal (if it is still waiting).
+    pub fn complete(&mut self, id: u64, result: Result<ApplyResult, WireError>) {
+        if let Some(p) = self.waiting.remove(&id) {
+            if let Some(index) = p.index {
+                self.by_index.remove(&index);
+            }
+            let _ = p.reply.send(result);
+        }
+    }
+
+    /// Called for every applied entry: a proposal this node appended at `index`
+    /// whose entry was replaced by another (`applied_id` is not its id) was lost
+    /// to a leader change and will never apply, so it fails as retryable.
+    pub fn entry_applied(&mut self, index: u64, applied_id: Option<u64>) {
+        if let Some(id) = self.by_index.remove(&index) {
+            if applied_id != Some(id) {
+                if let Some(p) = self.waiting.remove(&id) {
+                    let _ = p.reply.send(Err(WireError::new(
+                        ErrorCode::ProposalDropped,
+                        format!("the proposal at index {index} was replaced after a leader change and was not applied; retry"),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Fails proposals past their deadline: their outcome is unknown.
+    pub fn expire(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.complete(
+                id,
+                Err(WireError::new(
+                    ErrorCode::OutcomeUnknown,
+                    "the write was not applied within the request timeout; it may still be applied later",
+                )),
+            );
+        }
+    }
+
+    /// Fails every proposal this node forwarded to a leader (those without a
+    /// known index): after a leader change we can't tell whether they will
+    /// ever be applied.
+    pub fn fail_forwarded(&mut self, why: &str) {
+        let forwarded: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, p)| p.index.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in forwarded {
+            self.complete(id, Err(WireError::new(ErrorCode::OutcomeUnknown, why)));
+        }
+    }
+
+    /// Fails everything with this error.
+    pub fn fail_all(&mut self, error: WireError) {
+        self.by_index.clear();
+        for (_, p) in self.waiting.drain() {
+            let _ = p.reply.send(Err(error.clone()));
+        }
+    }
+}
+
+impl Default for Proposals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Linearizable reads: new ones gather into a batch that shares one ReadIndex
+/// round; rounds in flight are keyed by their unique context.
+#[derive(Default)]
+pub struct Reads {
+    next_ctx: u64,
+    batch: Vec<ReadReply>,
+    rounds: HashMap<Vec<u8>, (Vec<ReadReply>, Instant)>,
+}
+
+impl Reads {
+    /// Queues a read for the next round.
+    pub fn push(&mut self, reply: ReadReply) {
+        self.batch.push(reply);
+    }
+
+    /// Takes the queued reads as one round with a fresh context, if any.
+    pub fn start_round(&mut self, deadline: Instant) -> Option<Vec<u8>> {
+        if self.batch.is_empty() {
+            return None;
+        }
+        self.next_ctx += 1;
+        let ctx = self.next_ctx.to_be_bytes().to_vec();
+        self.rounds.insert(ctx.clone(), (std::mem::take(&mut self.batch), deadline));
+        Some(ctx)
+    }
+
+    /// Answers every read of a completed round.
+    pub fn complete(&mut self, ctx: &[u8], index: u64) {
+        if let Some((replies, _)) = self.rounds.remove(ctx) {
+            for r in replies {
+                let _ = r.send(Ok(index));
+            }
+        }
+    }
+
+    /// Number of reads waiting.
+    pub fn len(&self) -> usize {
+        self.batch.len() + self.rounds.values().map(|(r, _)| r.len()).sum::<usize>()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fails rounds past their deadline (reads are safe to retry).
+    pub fn expire(&mut self, now: Instant) {
+        let expired: Vec<Vec<u8>> = self
+            .rounds
+            .iter()
+            .filter(|(_, (_, d))| *d <= now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for ctx in expired {
+            if let Some((replies, _)) = self.rounds.remove(&ctx) {
+                for r in replies {
+                    let _ = r.send(Err(WireError::new(
+                        ErrorCode::ReadTimeout,
+                        "the read index round did not complete in time (leader change or lost quorum); retry",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Fails every waiting read with this error.
+    pub fn fail_all(&mut self, error: WireError) {
+        let rounds = self.rounds.drain().flat_map(|(_, (r, _))| r);
+        for r in self.batch.drain(..).chain(rounds) {
+            let _ = r.send(Err(error.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_replaced_entry_fails_its_proposal_as_retryable() {
+        let mut p = Proposals::new();
+        let (tx, mut rx) = oneshot::channel();
+        let id = p.next_id();
+        p.insert(id, tx, Instant::now() + Duration::from_secs(5), Some(7));
+        p.entry_applied(7, Some(id + 1));
+        let err = rx.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.code, ErrorCode::ProposalDropped);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn the_matching_entry_leaves_the_proposal_to_complete() {
+        let mut p = Proposals::new();
+        let (tx, mut rx) = oneshot::channel();
+        let id = p.next_id();
+        p.insert(id, tx, Instant::now() + Duration::from_secs(5), Some(7));
+        p.entry_applied(7, Some(id));
+        assert_eq!(p.len(), 1);
+        p.complete(id, Ok(ApplyResult::Set { revision: 7 }));
+        assert_eq!(rx.try_recv().unwrap().unwrap(), ApplyResult::Set { revision: 7 });
+    }
+
+    #[test]
+    fn expired_proposals_fail_with_an_unknown_outcome() {
+        let mut p = Proposals::new();
+        let (tx, mut rx) = oneshot::channel();
+        let id = p.next_id();
+        let now = Instant::now();
+        p.insert(id, tx, now, None);
+        p.expire(now + Duration::from_millis(1));
+        assert_eq!(rx.try_recv().unwrap().unwrap_err().code, ErrorCode::OutcomeUnknown);
+    }
+
+    #[test]
+    fn reads_batch_into_one_round() {
+        let mut r = Reads::default();
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        r.push(a);
+        r.push(b);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let ctx = r.start_round(deadline).unwrap();
+        assert!(r.start_round(deadline).is_none(), "no reads, no round");
+        r.complete(&ctx, 42);
+        assert_eq!(ra.try_recv().unwrap().unwrap(), 42);
+        assert_eq!(rb.try_recv().unwrap().unwrap(), 42);
+        assert!(r.is_empty());
+    }
+}

@@ -1,0 +1,755 @@
+//! The raft loop: one OS thread that alone owns the `RawNode`. It drains its
+//! inbox in batches, ticks, and handles `Ready` in [`RaftLoop::handle_ready`],
+//! in the order raft-rs documents. Storage calls block (fsync), which is why
+//! this is a thread and not a task.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry,
+    EntryType, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use raft_proto::ConfChangeI;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use super::pending::{Proposals, Reads};
+use super::transport::Transport;
+use super::{Inbox, MembershipChange, NodeStatus, Role};
+use crate::error::WireError;
+use crate::proto::{command, Command, ErrorCode, Member, NodeIdentity, ProposalContext};
+use crate::state_machine::{conf_ids, ApplyResult, StateMachine};
+use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
+
+/// A learner is promoted once its log is within this many entries of the
+/// leader's commit index.
+const PROMOTE_LAG: u64 = 1000;
+/// How often a node re-proposes its own addresses until they are applied.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+/// At most this many inbox messages per round, so ticks and Ready keep up.
+const INBOX_BATCH: usize = 4096;
+
+/// Settings the loop needs, fixed at start.
+#[derive(Debug, Clone)]
+pub struct LoopSettings {
+    /// This node.
+    pub id: u64,
+    /// One raft tick.
+    pub tick: Duration,
+    /// Snapshot every this many applied entries.
+    pub snapshot_threshold: u64,
+    /// Entries kept behind a snapshot.
+    pub catchup_entries: u64,
+    /// Deadline for proposals and reads.
+    pub request_timeout: Duration,
+    /// The addresses this node publishes for itself.
+    pub advertise_peer_addr: String,
+    /// See `advertise_peer_addr`.
+    pub advertise_client_addr: String,
+}
+
+/// The loop and everything it owns.
+pub struct RaftLoop {
+    pub(crate) node: RawNode<RaftStorage>,
+    pub(crate) storage: RaftStorage,
+    pub(crate) inbox: mpsc::Receiver<Inbox>,
+    pub(crate) state_machine: Arc<RwLock<StateMachine>>,
+    pub(crate) transport: Transport,
+    pub(crate) applied_tx: watch::Sender<u64>,
+    pub(crate) status_tx: watch::Sender<NodeStatus>,
+    pub(crate) identity: NodeIdentityFile,
+    pub(crate) cluster_id: Arc<AtomicU64>,
+    pub(crate) settings: LoopSettings,
+    pub(crate) proposals: Proposals,
+    pub(crate) reads: Reads,
+    /// Peer addresses learned from envelopes, for peers not (yet) in the
+    /// member list (a joining node answers the leader before it knows members).
+    pub(crate) learned_addrs: HashMap<u64, String>,
+    pub(crate) leader_id: u64,
+    pub(crate) removed: bool,
+    pub(crate) last_publish: Option<Instant>,
+}
+
+impl RaftLoop {
+    /// Runs until shutdown, removal or a storage failure.
+    pub fn run(mut self) -> Result<(), StorageError> {
+        let result = self.run_rounds();
+        let why = if self.removed {
+            WireError::new(ErrorCode::NodeRemoved, "this node was removed from the cluster; use another endpoint")
+        } else {
+            WireError::new(ErrorCode::ShuttingDown, "this node is shutting down; retry on another endpoint")
+        };
+        self.proposals.fail_all(why.clone());
+        self.reads.fail_all(why);
+        if let Err(e) = &result {
+            error!(error = %e, "raft loop stopped on a storage error");
+        }
+        self.status_tx.send_modify(|s| s.stopped = true);
+        result
+    }
+
+    fn run_rounds(&mut self) -> Result<(), StorageError> {
+        let tick = self.settings.tick;
+        let mut next_tick = Instant::now() + tick;
+        self.publish_status();
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(message) => {
+                    if !self.handle(message) {
+                        return Ok(());
+                    }
+                    for _ in 0..INBOX_BATCH {
+                        match self.inbox.try_recv() {
+                            Ok(message) => {
+                                if !self.handle(message) {
+                                    return Ok(());
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.node.tick();
+                next_tick = now + tick;
+                self.on_tick(now);
+            }
+            if let Some(ctx) = self.reads.start_round(now + self.settings.request_timeout) {
+                self.node.read_index(ctx);
+            }
+            self.handle_ready()?;
+            self.maybe_snapshot()?;
+            self.publish_status();
+            if self.removed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handles one inbox message; false means stop.
+    fn handle(&mut self, message: Inbox) -> bool {
+        match message {
+            Inbox::Raft {
+                message,
+                from_peer_addr,
+                cluster_id,
+            } => self.step(*message, from_peer_addr, cluster_id),
+            Inbox::Propose { command, reply } => self.propose(command, reply),
+            Inbox::ReadIndex { reply } => {
+                if self.removed {
+                    let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
+                } else {
+                    self.reads.push(reply);
+                }
+            }
+            Inbox::ChangeMembership { change, reply } => {
+                if let Err(e) = self.change_membership(change, reply) {
+                    debug!(error = %e.message, "membership change refused");
+                }
+            }
+            Inbox::Unreachable(peer) => self.node.report_unreachable(peer),
+            Inbox::SnapshotSent { to, ok } => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.node.report_snapshot(to, status);
+            }
+            Inbox::RejectedByPeer { peer, reason, removed } => {
+                if removed {
+                    warn!(peer, %reason, "a peer says this node was removed from the cluster; stopping");
+                    self.mark_removed();
+                } else {
+                    error!(peer, %reason, "a peer refused this node");
+                }
+            }
+            Inbox::Shutdown => return false,
+        }
+        true
+    }
+
+    fn step(&mut self, message: raft::prelude::Message, from_peer_addr: String, cluster_id: u64) {
+        let ours = self.cluster_id.load(Ordering::Acquire);
+        if ours == 0 && cluster_id != 0 {
+            // A joining node learns its cluster from the first leader that
+            // contacts it, and keeps it.
+            info!(cluster_id = format_args!("{cluster_id:016x}"), "joined cluster");
+            let identity = NodeIdentity {
+                node_id: self.settings.id,
+                cluster_id,
+                removed: false,
+            };
+            if let Err(e) = self.identity.store(&identity) {
+                error!(error = %e, "could not record the cluster id");
+                return;
+            }
+            self.cluster_id.store(cluster_id, Ordering::Release);
+            self.transport.set_cluster_id(cluster_id);
+        } else if cluster_id != ours {
+            return;
+        }
+        if !from_peer_addr.is_empty() {
+            self.learned_addrs.insert(message.from, from_peer_addr);
+        }
+        if let Err(e) = self.node.step(message) {
+            debug!(error = %e, "raft refused a message");
+        }
+    }
+
+    fn leader_hint(&self, error: WireError) -> WireError {
+        let addr = self
+            .state_machine
+            .read()
+            .expect("state machine lock poisoned")
+            .member(self.leader_id)
+            .map(|m| m.client_addr.clone())
+            .unwrap_or_default();
+        error.with_leader(self.leader_id, addr)
+    }
+
+    fn no_leader_error(&self) -> WireError {
+        WireError::new(
+            ErrorCode::NoLeader,
+            format!("node {} knows no leader right now; retry shortly", self.settings.id),
+        )
+    }
+
+    fn context(&self, proposal_id: u64, member: Option<Member>) -> Vec<u8> {
+        ProposalContext {
+            node_id: self.settings.id,
+            proposal_id,
+            member,
+        }
+        .encode_to_vec()
+    }
+
+    fn propose(&mut self, command: Command, reply: oneshot::Sender<Result<ApplyResult, WireError>>) {
+        if self.removed {
+            let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
+            return;
+        }
+        if self.leader_id == 0 {
+            let _ = reply.send(Err(self.no_leader_error()));
+            return;
+        }
+        let id = self.proposals.next_id();
+        let before = self.node.raft.raft_log.last_index();
+        match self.node.propose(self.context(id, None), command.encode_to_vec()) {
+            Ok(()) => {
+                let index = self.appended_index(before);
+                let deadline = Instant::now() + self.settings.request_timeout;
+                self.proposals.insert(id, reply, deadline, index);
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let error = WireError::new(
+                    ErrorCode::ProposalDropped,
+                    "raft dropped the proposal (leader change or leadership transfer under way); retry",
+                );
+                let _ = reply.send(Err(self.leader_hint(error)));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(WireError::new(ErrorCode::Internal, format!("propose failed: {e}"))));
+            }
+        }
+    }
+
+    /// The index of the entry a leader just appended, if it appended one.
+    fn appended_index(&self, before: u64) -> Option<u64> {
+        let last = self.node.raft.raft_log.last_index();
+        (self.node.raft.state == StateRole::Leader && last > before).then_some(last)
+    }
+
+    fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
+    ) -> Result<(), WireError> {
+        let result = self.propose_membership(change);
+        match result {
+            Ok((id, index)) => {
+                let deadline = Instant::now() + self.settings.request_timeout;
+                self.proposals.insert(id, reply, deadline, Some(index));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates and proposes a membership change on the leader; returns the
+    /// proposal id and the entry's index.
+    fn propose_membership(&mut self, change: MembershipChange) -> Result<(u64, u64), WireError> {
+        if self.node.raft.state != StateRole::Leader {
+            if self.leader_id == 0 {
+                return Err(self.no_leader_error());
+            }
+            let error = WireError::new(
+                ErrorCode::NotLeader,
+                format!("membership changes go through the leader, node {}", self.leader_id),
+            );
+            return Err(self.leader_hint(error));
+        }
+        if self.node.raft.has_pending_conf() {
+            return Err(WireError::new(
+                ErrorCode::ConfChangeInProgress,
+                "another membership change is still being applied; retry once `kvraft members` shows it",
+            ));
+        }
+        let (single, member) = {
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            let cs = sm.conf_state();
+            let is_member = |id: u64| conf_ids(cs).any(|m| m == id);
+            match change {
+                MembershipChange::Add(member) => {
+                    if member.id == 0 {
+                        return Err(WireError::invalid("node id must be a positive integer"));
+                    }
+                    if is_member(member.id) {
+                        return Err(WireError::new(
+                            ErrorCode::MemberExists,
+                            format!("node {} is already a member; `kvraft members` lists them", member.id),
+                        ));
+                    }
+                    if sm.is_removed(member.id) {
+                        return Err(WireError::invalid(format!(
+                            "node id {} was removed from this cluster and can't be reused; add the node under a new id with an empty data dir",
+                            member.id
+                        )));
+                    }
+                    if let Some(other) = sm.members().iter().find(|m| m.peer_addr == member.peer_addr) {
+                        return Err(WireError::invalid(format!(
+                            "peer address {} already belongs to node {}",
+                            member.peer_addr, other.id
+                        )));
+                    }
+                    let mut single = ConfChangeSingle::default();
+                    single.set_change_type(ConfChangeType::AddLearnerNode);
+                    single.node_id = member.id;
+                    (single, Some(member))
+                }
+                MembershipChange::Remove(id) => {
+                    if !is_member(id) {
+                        return Err(WireError::new(
+                            ErrorCode::UnknownNode,
+                            format!("node {id} is not a member of this cluster; `kvraft members` lists them"),
+                        ));
+                    }
+                    if cs.voters == [id] {
+                        return Err(WireError::invalid(format!(
+                            "node {id} is the only voter; removing it would leave no cluster"
+                        )));
+                    }
+                    if id == self.settings.id {
+                        let transferee = self.most_caught_up_voter();
+                        return match transferee {
+                            Some(to) => {
+                                info!(to, "asked to remove myself: handing leadership over first");
+                                self.node.transfer_leader(to);
+                                Err(WireError::new(
+                                    ErrorCode::NotLeader,
+                                    format!("node {id} leads and is being removed: leadership is moving to node {to}; retry"),
+                                )
+                                .with_leader(to, sm.member(to).map(|m| m.client_addr.clone()).unwrap_or_default()))
+                            }
+                            None => Err(WireError::new(
+                                ErrorCode::NoLeader,
+                                "no other voter is caught up to take over leadership; retry shortly",
+                            )),
+                        };
+                    }
+                    let mut single = ConfChangeSingle::default();
+                    single.set_change_type(ConfChangeType::RemoveNode);
+                    single.node_id = id;
+                    (single, None)
+                }
+            }
+        };
+        let id = self.proposals.next_id();
+        let context = self.context(id, member);
+        self.propose_conf_change(context, single)?;
+        Ok((id, self.node.raft.raft_log.last_index()))
+    }
+
+    /// Proposes one simple change (no joint state needed) and checks raft took
+    /// it: raft turns a second pending change into an empty entry silently.
+    fn propose_conf_change(&mut self, context: Vec<u8>, single: ConfChangeSingle) -> Result<(), WireError> {
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Auto);
+        cc.set_changes(vec![single].into());
+        self.node
+            .propose_conf_change(context, cc)
+            .map_err(|e| WireError::new(ErrorCode::ProposalDropped, format!("raft refused the change ({e}); retry")))?;
+        if self.node.raft.pending_conf_index != self.node.raft.raft_log.last_index() {
+            return Err(WireError::new(
+                ErrorCode::ConfChangeInProgress,
+                "another membership change is still being applied; retry",
+            ));
+        }
+        Ok(())
+    }
+
+    fn most_caught_up_voter(&self) -> Option<u64> {
+        let sm = self.state_machine.read().expect("state machine lock poisoned");
+        sm.conf_state()
+            .voters
+            .iter()
+            .filter(|id| **id != self.settings.id)
+            .filter_map(|id| self.node.raft.prs().get(*id).map(|p| (p.matched, *id)))
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        self.proposals.expire(now);
+        self.reads.expire(now);
+        if self.node.raft.state == StateRole::Leader && !self.node.raft.has_pending_conf() {
+            self.promote_caught_up_learner();
+        }
+        self.publish_own_addresses(now);
+    }
+
+    /// Leader only: promotes one learner whose log has caught up.
+    fn promote_caught_up_learner(&mut self) {
+        let committed = self.node.raft.raft_log.committed;
+        let learner = {
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            sm.conf_state().learners.iter().copied().find(|id| {
+                self.node
+                    .raft
+                    .prs()
+                    .get(*id)
+                    .is_some_and(|p| p.matched > 0 && p.matched + PROMOTE_LAG >= committed)
+            })
+        };
+        if let Some(id) = learner {
+            info!(node = id, "learner caught up: promoting to voter");
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(ConfChangeType::AddNode);
+            single.node_id = id;
+            let context = self.context(0, None);
+            if let Err(e) = self.propose_conf_change(context, single) {
+                debug!(error = %e.message, "promotion not proposed yet");
+            }
+        }
+    }
+
+    /// Every member publishes its own addresses through raft (static bootstrap
+    /// knows only peer addresses, and addresses may change across restarts).
+    fn publish_own_addresses(&mut self, now: Instant) {
+        if self.leader_id == 0 || self.last_publish.is_some_and(|t| now < t + PUBLISH_INTERVAL) {
+            return;
+        }
+        let current = {
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            sm.member(self.settings.id).cloned()
+        };
+        let Some(current) = current else { return };
+        if current.client_addr == self.settings.advertise_client_addr
+            && current.peer_addr == self.settings.advertise_peer_addr
+        {
+            return;
+        }
+        self.last_publish = Some(now);
+        let update = Member {
+            id: self.settings.id,
+            peer_addr: self.settings.advertise_peer_addr.clone(),
+            client_addr: self.settings.advertise_client_addr.clone(),
+            role: 0,
+        };
+        let command = Command {
+            op: Some(command::Op::UpdateMember(update)),
+        };
+        let _ = self.node.propose(self.context(0, None), command.encode_to_vec());
+    }
+
+    /// Handles one `Ready`, in the order raft-rs requires. Never reorder.
+    fn handle_ready(&mut self) -> Result<(), StorageError> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+
+        // 0. Role and leader changes: fail what can no longer complete.
+        if let Some(ss) = ready.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        // 1. A leader's appends and heartbeats may leave before its own write:
+        //    it counts itself towards commit only once persisted.
+        let messages = ready.take_messages();
+        self.send(messages);
+        // 2. A snapshot from the leader replaces the state machine.
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            self.install_snapshot(snapshot)?;
+        }
+        // 3. Committed entries are already durable here, so apply them now.
+        let committed = ready.take_committed_entries();
+        self.apply(committed);
+        // 4. New entries and HardState: one write, one fsync.
+        self.storage.append(ready.entries(), ready.hs(), ready.must_sync())?;
+        // 5. Messages that promise the write above (votes, append acks,
+        //    forwarded proposals): only now may they leave.
+        let persisted = ready.take_persisted_messages();
+        self.send(persisted);
+        // 6. Completed ReadIndex rounds.
+        for state in ready.take_read_states() {
+            self.reads.complete(&state.request_ctx, state.index);
+        }
+        // 7. Advance; the LightReady carries what became committed meanwhile.
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.storage.set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries());
+        self.node.advance_apply();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {
+        if leader_id != self.leader_id {
+            info!(leader = leader_id, term = self.node.raft.term, ?role, "leader changed");
+            let previous = self.leader_id;
+            self.leader_id = leader_id;
+            if previous != 0 {
+                // Forwarded proposals and read rounds went to the old leader.
+                self.proposals
+                    .fail_forwarded("the leader changed while the write was in flight; it may or may not have been applied");
+                self.reads.fail_all(WireError::new(
+                    ErrorCode::NoLeader,
+                    "the leader changed during the read; retry",
+                ));
+            }
+        }
+    }
+
+    fn send(&mut self, messages: Vec<raft::prelude::Message>) {
+        for message in messages {
+            let to = message.to;
+            let is_snapshot = message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
+            let addr = self.peer_addr(to);
+            if !self.transport.send(message, addr.as_deref()) {
+                self.node.report_unreachable(to);
+                if is_snapshot {
+                    self.node.report_snapshot(to, SnapshotStatus::Failure);
+                }
+            }
+        }
+    }
+
+    fn peer_addr(&self, id: u64) -> Option<String> {
+        let sm = self.state_machine.read().expect("state machine lock poisoned");
+        sm.member(id)
+            .map(|m| m.peer_addr.clone())
+            .or_else(|| self.learned_addrs.get(&id).cloned())
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        let meta = snapshot.get_metadata().clone();
+        let size = self.storage.install_snapshot(&snapshot)?;
+        {
+            let mut sm = self.state_machine.write().expect("state machine lock poisoned");
+            sm.restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
+                .map_err(|e| StorageError::Corrupt(format!("snapshot from the leader does not decode: {e}")))?;
+            if sm.is_removed(self.settings.id) {
+                self.removed = true;
+            }
+        }
+        // Proposals may be inside the snapshot: we can't tell which applied.
+        self.proposals.fail_all(WireError::new(
+            ErrorCode::OutcomeUnknown,
+            "this node caught up by snapshot while the write was in flight; it may or may not have been applied",
+        ));
+        self.applied_tx.send_replace(meta.index);
+        info!(index = meta.index, term = meta.term, bytes = size, "installed snapshot from the leader");
+        if self.removed {
+            self.mark_removed();
+        }
+        Ok(())
+    }
+
+    /// Applies committed entries to the state machine and answers the
+    /// proposals this node made.
+    fn apply(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut replies = Vec::new();
+        let state_machine = self.state_machine.clone();
+        let mut sm = state_machine.write().expect("state machine lock poisoned");
+        for entry in entries {
+            let (index, term) = (entry.index, entry.term);
+            let context = ProposalContext::decode(&entry.context[..]).ok();
+            let ours = context
+                .as_ref()
+                .filter(|c| c.node_id == self.settings.id && c.proposal_id != 0)
+                .map(|c| c.proposal_id);
+            self.proposals.entry_applied(index, ours);
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => sm.advance(index, term),
+                EntryType::EntryNormal => match Command::decode(&entry.data[..]) {
+                    Ok(command) => {
+                        let result = sm.apply(index, term, command);
+                        if let Some(id) = ours {
+                            replies.push((id, Ok(result)));
+                        }
+                    }
+                    Err(e) => {
+                        error!(index, error = %e, "skipping an entry that does not decode");
+                        sm.advance(index, term);
+                    }
+                },
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let result = self.apply_conf_change(&mut sm, &entry, context.and_then(|c| c.member));
+                    if let Some(id) = ours {
+                        replies.push((id, result));
+                    }
+                }
+            }
+        }
+        let applied = sm.applied_index();
+        drop(sm);
+        // Publish the applied index before replying, so a read that follows an
+        // acknowledged write on this node sees it.
+        self.applied_tx.send_replace(applied);
+        for (id, result) in replies {
+            self.proposals.complete(id, result);
+        }
+        if self.removed {
+            self.mark_removed();
+        }
+    }
+
+    fn apply_conf_change(
+        &mut self,
+        sm: &mut StateMachine,
+        entry: &Entry,
+        member: Option<Member>,
+    ) -> Result<ApplyResult, WireError> {
+        let (index, term) = (entry.index, entry.term);
+        let change = if entry.get_entry_type() == EntryType::EntryConfChange {
+            ConfChange::parse_from_bytes(&entry.data).map(|cc| cc.into_v2())
+        } else {
+            // An empty EntryConfChangeV2 is raft leaving a joint configuration.
+            ConfChangeV2::parse_from_bytes(&entry.data)
+        };
+        let change = match change {
+            Ok(c) => c,
+            Err(e) => {
+                error!(index, error = %e, "skipping a membership entry that does not decode");
+                sm.advance(index, term);
+                return Err(WireError::new(ErrorCode::Internal, "membership entry does not decode"));
+            }
+        };
+        if change.changes.is_empty() && sm.conf_state().voters_outgoing.is_empty() {
+            sm.advance(index, term);
+            return Ok(ApplyResult::Members(sm.members()));
+        }
+        match self.node.apply_conf_change(&change) {
+            Ok(conf_state) => {
+                let added = member.filter(|m| change.changes.iter().any(|c| c.node_id == m.id));
+                sm.apply_conf_state(index, term, conf_state, added);
+                for single in change.changes.iter() {
+                    if single.get_change_type() == ConfChangeType::RemoveNode {
+                        self.transport.forget(single.node_id);
+                        if single.node_id == self.settings.id {
+                            self.removed = true;
+                        }
+                    }
+                }
+                info!(index, members = ?sm.members().iter().map(|m| m.id).collect::<Vec<_>>(), "membership changed");
+                Ok(ApplyResult::Members(sm.members()))
+            }
+            Err(e) => {
+                warn!(index, error = %e, "raft refused a committed membership change");
+                sm.advance(index, term);
+                Err(WireError::new(ErrorCode::Internal, format!("membership change failed: {e}")))
+            }
+        }
+    }
+
+    fn mark_removed(&mut self) {
+        self.removed = true;
+        let identity = NodeIdentity {
+            node_id: self.settings.id,
+            cluster_id: self.cluster_id.load(Ordering::Acquire),
+            removed: true,
+        };
+        if let Err(e) = self.identity.store(&identity) {
+            error!(error = %e, "could not record the removal in the data dir");
+        }
+        self.status_tx.send_modify(|s| s.removed = true);
+    }
+
+    /// Takes a snapshot every `snapshot_threshold` applied entries, or when raft
+    /// needs one newer than we have for a lagging follower.
+    fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
+        let asked = self.storage.take_snapshot_request();
+        let last = self.storage.snapshot_index();
+        let (applied, term, conf_state, data) = {
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            let applied = sm.applied_index();
+            let due = applied >= last + self.settings.snapshot_threshold;
+            if applied <= last || !(due || asked) {
+                return Ok(());
+            }
+            (applied, sm.applied_term(), sm.conf_state().clone(), sm.snapshot_data())
+        };
+        let started = Instant::now();
+        let mut snapshot = Snapshot::default();
+        snapshot.data = data.into();
+        let meta = snapshot.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        let size = self.storage.save_snapshot(&snapshot, self.settings.catchup_entries)?;
+        info!(index = applied, bytes = size, took = ?started.elapsed(), "snapshot saved, log compacted");
+        Ok(())
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.node.raft;
+        let sm = self.state_machine.read().expect("state machine lock poisoned");
+        let is_learner = sm.conf_state().learners.contains(&self.settings.id);
+        let role = match raft.state {
+            StateRole::Leader => Role::Leader,
+            StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+            StateRole::Follower if is_learner => Role::Learner,
+            StateRole::Follower => Role::Follower,
+        };
+        let status = NodeStatus {
+            id: self.settings.id,
+            cluster_id: self.cluster_id.load(Ordering::Acquire),
+            role,
+            term: raft.term,
+            leader_id: raft.leader_id,
+            leader_client_addr: sm.member(raft.leader_id).map(|m| m.client_addr.clone()).unwrap_or_default(),
+            commit_index: raft.raft_log.committed,
+            applied_index: sm.applied_index(),
+            snapshot_index: self.storage.snapshot_index(),
+            first_index: raft.raft_log.first_index(),
+            last_index: raft.raft_log.last_index(),
+            removed: self.removed,
+            stopped: false,
+        };
+        self.status_tx.send_if_modified(|s| {
+            if *s != status {
+                *s = status;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

@@ -1,0 +1,264 @@
+//! Before the raft loop runs: check the data dir belongs to this node,
+//! bootstrap a new cluster or wait to join one, recover storage and the state
+//! machine, and build the `RawNode`.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
+
+use raft::prelude::{ConfState, Snapshot};
+use raft::{RawNode, ReadOnlyOption};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::pending::{Proposals, Reads};
+use super::raft_loop::{LoopSettings, RaftLoop};
+use super::transport::{LocalPeer, Transport};
+use super::{NodeHandle, NodeStatus};
+use crate::config::{parse_initial_cluster, NodeConfig};
+use crate::proto::{Member, NodeIdentity};
+use crate::state_machine::StateMachine;
+use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
+
+/// The log index and term a new cluster starts from. Starting above zero
+/// means a joining node's empty log never matches, so the leader sends it a
+/// snapshot, which carries the member list (as TiKV does).
+const BOOTSTRAP_INDEX: u64 = 1;
+const BOOTSTRAP_TERM: u64 = 1;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad flags or a data dir that doesn't fit them.
+    #[error("{0}")]
+    Config(String),
+    /// Storage could not be opened or recovered.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// raft refused the configuration or state.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// A listener could not be bound.
+    #[error("{0}")]
+    Bind(String),
+}
+
+/// The cluster id of a static bootstrap: a stable hash of the sorted member
+/// list, so every initial member computes the same one without talking.
+pub fn cluster_id_of(members: &[(u64, String)]) -> u64 {
+    // FNV-1a: stable across Rust versions, unlike the std hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, addr) in members {
+        for byte in format!("{id}={addr},").bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash.max(1)
+}
+
+/// A node ready to run: the loop to put on its thread and the handle for
+/// the listeners.
+pub struct Prepared {
+    /// Run this on a dedicated thread.
+    pub raft_loop: RaftLoop,
+    /// For the client and peer listeners.
+    pub handle: NodeHandle,
+    /// For the peer listener's cluster check (0 until a joining node learns it).
+    pub cluster_id: Arc<AtomicU64>,
+    /// The raft loop's inbox, for the peer listener.
+    pub inbox: mpsc::Sender<crate::node::Inbox>,
+}
+
+/// Opens (or creates) the node's data and builds its raft loop.
+pub fn prepare(
+    config: &NodeConfig,
+    advertise_client_addr: String,
+    advertise_peer_addr: String,
+    runtime: tokio::runtime::Handle,
+) -> Result<Prepared, StartError> {
+    crate::storage::create_private_dir(&config.data_dir)?;
+    let identity_file = NodeIdentityFile::in_dir(&config.data_dir);
+    let shown_dir = config.data_dir.display();
+    let (storage, report) = RaftStorage::open(&config.data_dir)?;
+    for damaged in &report.damaged_snapshots {
+        warn!(%damaged, "skipped a damaged snapshot file");
+    }
+    if report.completed_snapshot_install {
+        info!("completed a snapshot install interrupted by a crash");
+    }
+
+    let identity = match identity_file.load()? {
+        Some(identity) => {
+            if identity.node_id != config.id {
+                return Err(StartError::Config(format!(
+                    "data dir {shown_dir} belongs to node {}, but this node was started with --id {}; \
+                     start it with --id {} or point --data-dir at this node's own directory",
+                    identity.node_id, config.id, identity.node_id
+                )));
+            }
+            if identity.removed {
+                return Err(StartError::Config(format!(
+                    "node {} was removed from its cluster, so data dir {shown_dir} can't serve again; \
+                     wipe it and add the node back with `kvraft add-node` under a new id",
+                    config.id
+                )));
+            }
+            if config.initial_cluster.is_some() || config.join {
+                info!("data dir already initialised: --initial-cluster / --join are ignored");
+            }
+            identity
+        }
+        None if config.join => {
+            info!("empty data dir and --join: waiting to be added with `kvraft add-node`");
+            let identity = NodeIdentity {
+                node_id: config.id,
+                cluster_id: 0,
+                removed: false,
+            };
+            identity_file.store(&identity)?;
+            identity
+        }
+        None => {
+            let spec = config
+                .initial_cluster
+                .clone()
+                .unwrap_or_else(|| format!("{}={}", config.id, advertise_peer_addr));
+            let members = parse_initial_cluster(&spec).map_err(StartError::Config)?;
+            match members.iter().find(|(id, _)| *id == config.id) {
+                None => {
+                    return Err(StartError::Config(format!(
+                        "--initial-cluster does not list this node (--id {}); list every initial member, this one included",
+                        config.id
+                    )))
+                }
+                Some((_, addr)) if *addr != advertise_peer_addr => {
+                    return Err(StartError::Config(format!(
+                        "--initial-cluster gives node {} the peer address {addr}, but this node advertises {advertise_peer_addr}; \
+                         make them agree (see --peer-addr / --advertise-peer-addr)",
+                        config.id
+                    )))
+                }
+                Some(_) => {}
+            }
+            let cluster_id = cluster_id_of(&members);
+            storage.bootstrap(&bootstrap_snapshot(&members, cluster_id))?;
+            let identity = NodeIdentity {
+                node_id: config.id,
+                cluster_id,
+                removed: false,
+            };
+            identity_file.store(&identity)?;
+            info!(
+                cluster_id = format_args!("{cluster_id:016x}"),
+                members = ?members.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+                "bootstrapped a new cluster"
+            );
+            identity
+        }
+    };
+
+    let mut state_machine = StateMachine::new(identity.cluster_id);
+    if let Some(snapshot) = storage.newest_snapshot() {
+        let meta = snapshot.get_metadata();
+        state_machine
+            .restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
+            .map_err(|e| StorageError::Corrupt(format!("the newest snapshot in {shown_dir} does not decode: {e}")))?;
+    }
+    let applied = state_machine.applied_index();
+
+    let raft_config = raft::Config {
+        id: config.id,
+        election_tick: config.election_ticks,
+        heartbeat_tick: config.heartbeat_ticks,
+        applied,
+        pre_vote: true,
+        check_quorum: true,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        read_only_option: ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    raft_config.validate()?;
+    let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!("node" => config.id));
+    let node = RawNode::new(&raft_config, storage.clone(), &logger)?;
+
+    let (inbox_tx, inbox_rx) = mpsc::channel();
+    let (applied_tx, applied_rx) = watch::channel(applied);
+    let (status_tx, status_rx) = watch::channel(NodeStatus {
+        id: config.id,
+        cluster_id: identity.cluster_id,
+        ..Default::default()
+    });
+    let cluster_id = Arc::new(AtomicU64::new(identity.cluster_id));
+    let state_machine = Arc::new(RwLock::new(state_machine));
+    let local = LocalPeer {
+        id: config.id,
+        peer_addr: advertise_peer_addr.clone(),
+    };
+    let raft_loop = RaftLoop {
+        node,
+        storage,
+        inbox: inbox_rx,
+        state_machine: state_machine.clone(),
+        transport: Transport::new(local, identity.cluster_id, runtime, inbox_tx.clone()),
+        applied_tx,
+        status_tx,
+        identity: identity_file,
+        cluster_id: cluster_id.clone(),
+        settings: LoopSettings {
+            id: config.id,
+            tick: config.tick,
+            snapshot_threshold: config.snapshot_threshold,
+            catchup_entries: config.catchup_entries(),
+            request_timeout: config.request_timeout,
+            advertise_peer_addr,
+            advertise_client_addr,
+        },
+        proposals: Proposals::new(),
+        reads: Reads::default(),
+        learned_addrs: HashMap::new(),
+        leader_id: 0,
+        removed: false,
+        last_publish: None,
+    };
+    let handle = NodeHandle::new(
+        inbox_tx.clone(),
+        state_machine,
+        applied_rx,
+        status_rx,
+        config.request_timeout,
+    );
+    Ok(Prepared {
+        raft_loop,
+        handle,
+        cluster_id,
+        inbox: inbox_tx,
+    })
+}
+
+/// The byte-identical initial state of every member of a new cluster. Client
+/// addresses are not known yet: each member publishes its own through raft
+/// once a leader is elected.
+fn bootstrap_snapshot(members: &[(u64, String)], cluster_id: u64) -> Snapshot {
+    let mut conf_state = ConfState::default();
+    conf_state.voters = members.iter().map(|(id, _)| *id).collect();
+    let mut state = StateMachine::new(cluster_id);
+    for (id, peer_addr) in members {
+        let member = Member {
+            id: *id,
+            peer_addr: peer_addr.clone(),
+            client_addr: String::new(),
+            role: 0,
+        };
+        state.apply_conf_state(0, 0, conf_state.clone(), Some(member));
+    }
+    let mut snapshot = Snapshot::default();
+    snapshot.data = state.snapshot_data().into();
+    let meta = snapshot.mut_metadata();
+    meta.index = BOOTSTRAP_INDEX;
+    meta.term = BOOTSTRAP_TERM;
+    meta.set_conf_state(conf_state);
+    snapshot
+}

@@ -1,0 +1,223 @@
+//! Outbound peer transport. The raft loop hands it messages and never waits:
+//! each peer has a bounded queue drained by its own task, which connects (with
+//! backoff), writes frames and reports failures back through the inbox so the
+//! loop can call `report_unreachable` / `report_snapshot`.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc as tokio_mpsc;
+use tracing::{debug, info};
+
+use super::Inbox;
+use crate::codec;
+use crate::proto::{peer_rejection, PeerEnvelope, PeerRejection};
+
+/// Messages queued per peer before we start dropping (raft retransmits).
+const QUEUE: usize = 4096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+struct Peer {
+    addr: String,
+    queue: tokio_mpsc::Sender<Message>,
+}
+
+/// Who we are on the wire.
+#[derive(Clone)]
+pub struct LocalPeer {
+    /// Our node id.
+    pub id: u64,
+    /// Our advertised peer address.
+    pub peer_addr: String,
+}
+
+/// The outbound side of the peer protocol.
+pub struct Transport {
+    local: LocalPeer,
+    cluster_id: u64,
+    peers: HashMap<u64, Peer>,
+    runtime: tokio::runtime::Handle,
+    inbox: mpsc::Sender<Inbox>,
+}
+
+impl Transport {
+    /// A transport whose peer tasks run on `runtime` and report to `inbox`.
+    pub fn new(local: LocalPeer, cluster_id: u64, runtime: tokio::runtime::Handle, inbox: mpsc::Sender<Inbox>) -> Self {
+        Transport {
+            local,
+            cluster_id,
+            peers: HashMap::new(),
+            runtime,
+            inbox,
+        }
+    }
+
+    /// Sets the cluster id once a joining node has learned it.
+    pub fn set_cluster_id(&mut self, cluster_id: u64) {
+        if self.cluster_id != cluster_id {
+            self.cluster_id = cluster_id;
+            self.peers.clear();
+        }
+    }
+
+    /// Queues a message for `addr`. Returns false when it could not be queued
+    /// (no address known, queue full): the caller reports the peer unreachable.
+    pub fn send(&mut self, message: Message, addr: Option<&str>) -> bool {
+        let to = message.to;
+        let Some(addr) = addr else {
+            debug!(to, "no address known for peer; dropping message");
+            return false;
+        };
+        let stale = self.peers.get(&to).is_some_and(|p| p.addr != addr || p.queue.is_closed());
+        if stale {
+            self.peers.remove(&to);
+        }
+        let peer = self.peers.entry(to).or_insert_with(|| {
+            let (tx, rx) = tokio_mpsc::channel(QUEUE);
+            let task = PeerTask {
+                to,
+                addr: addr.to_string(),
+                local: self.local.clone(),
+                cluster_id: self.cluster_id,
+                inbox: self.inbox.clone(),
+            };
+            self.runtime.spawn(task.run(rx));
+            Peer {
+                addr: addr.to_string(),
+                queue: tx,
+            }
+        });
+        peer.queue.try_send(message).is_ok()
+    }
+
+    /// Stops the task for a peer no longer in the cluster.
+    pub fn forget(&mut self, id: u64) {
+        self.peers.remove(&id);
+    }
+}
+
+struct PeerTask {
+    to: u64,
+    addr: String,
+    local: LocalPeer,
+    cluster_id: u64,
+    inbox: mpsc::Sender<Inbox>,
+}
+
+impl PeerTask {
+    async fn run(self, mut queue: tokio_mpsc::Receiver<Message>) {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
+                Ok(Ok(stream)) => stream,
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".into(),
+                    };
+                    debug!(to = self.to, addr = %self.addr, %why, "peer unreachable");
+                    // Whatever is queued can't go out now; raft resends.
+                    if !self.drop_queued(&mut queue) {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(20);
+            let _ = stream.set_nodelay(true);
+            let (mut sink, mut replies) = codec::framed(stream, codec::PEER_MAX_FRAME).split();
+            loop {
+                tokio::select! {
+                    message = queue.recv() => {
+                        let Some(message) = message else { return };
+                        let mut batch = vec![message];
+                        while batch.len() < 256 {
+                            match queue.try_recv() {
+                                Ok(m) => batch.push(m),
+                                Err(_) => break,
+                            }
+                        }
+                        let snapshots: Vec<u64> = batch
+                            .iter()
+                            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                            .map(|m| m.to)
+                            .collect();
+                        let mut failed = false;
+                        for m in &batch {
+                            if sink.feed(self.envelope(m)).await.is_err() {
+                                failed = true;
+                                break;
+                            }
+                        }
+                        if !failed {
+                            failed = sink.flush().await.is_err();
+                        }
+                        for to in snapshots {
+                            let _ = self.inbox.send(Inbox::SnapshotSent { to, ok: !failed });
+                        }
+                        if failed {
+                            let _ = self.inbox.send(Inbox::Unreachable(self.to));
+                            break;
+                        }
+                    }
+                    reply = replies.next() => {
+                        // The receiver only ever writes a rejection, then closes.
+                        if let Some(Ok(frame)) = reply {
+                            if let Ok(rejection) = PeerRejection::decode(frame) {
+                                info!(peer = self.to, reason = %rejection.message, "peer refused us");
+                                let _ = self.inbox.send(Inbox::RejectedByPeer {
+                                    peer: self.to,
+                                    reason: rejection.message,
+                                    removed: rejection.reason == peer_rejection::Reason::Removed as i32,
+                                });
+                            }
+                        }
+                        let _ = self.inbox.send(Inbox::Unreachable(self.to));
+                        tokio::time::sleep(backoff).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn envelope(&self, message: &Message) -> bytes::Bytes {
+        codec::encode(&PeerEnvelope {
+            cluster_id: self.cluster_id,
+            from_id: self.local.id,
+            from_peer_addr: self.local.peer_addr.clone(),
+            raft_message: message.write_to_bytes().expect("raft messages always encode"),
+        })
+    }
+
+    /// Drops queued messages after a failed connect, telling the loop about
+    /// snapshots that did not go out. Returns false if the queue is closed.
+    fn drop_queued(&self, queue: &mut tokio_mpsc::Receiver<Message>) -> bool {
+        let mut dropped = false;
+        loop {
+            match queue.try_recv() {
+                Ok(m) => {
+                    dropped = true;
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        let _ = self.inbox.send(Inbox::SnapshotSent { to: m.to, ok: false });
+                    }
+                }
+                Err(tokio_mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio_mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        if dropped {
+            let _ = self.inbox.send(Inbox::Unreachable(self.to));
+        }
+        true
+    }
+}

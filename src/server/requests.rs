@@ -1,0 +1,178 @@
+//! One client request: validate it, route it to the node, build the response.
+//! A rejected request never reaches raft, so it changes nothing.
+
+use super::Limits;
+use crate::config::check_host_port;
+use crate::error::WireError;
+use crate::node::{MembershipChange, NodeHandle, NodeStatus};
+use crate::proto::{
+    command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, GetResponse, InfoResponse,
+    Member, MembersResponse, PingResponse, RemoveNodeResponse, Request, Response, ScanResponse, SetResponse,
+};
+use crate::state_machine::ApplyResult;
+
+/// Handles one request and returns its response (never fails: errors become
+/// error responses).
+pub async fn dispatch(request: Request, handle: &NodeHandle, limits: Limits) -> Response {
+    let id = request.id;
+    let result = match request.command {
+        Some(command) => run(command, handle, limits).await,
+        None => Err(WireError::new(
+            ErrorCode::MalformedRequest,
+            "the request has no command; set one of set/get/delete/scan/add_node/remove_node/members/info/ping",
+        )),
+    };
+    Response {
+        id,
+        result: Some(match result {
+            Ok(r) => r,
+            Err(e) => response::Result::Error(e.into()),
+        }),
+    }
+}
+
+fn check_key(key: &[u8], limits: Limits) -> Result<(), WireError> {
+    if key.is_empty() {
+        return Err(WireError::invalid("the key is empty; keys must be at least one byte"));
+    }
+    if key.len() > limits.max_key_size {
+        return Err(WireError::invalid(format!(
+            "the key is {} bytes, over the limit of {} bytes (--max-key-size)",
+            key.len(),
+            limits.max_key_size
+        )));
+    }
+    Ok(())
+}
+
+fn unexpected(result: ApplyResult) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("unexpected apply result {result:?}"))
+}
+
+async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> Result<response::Result, WireError> {
+    use request::Command as C;
+    match command {
+        C::Set(set) => {
+            check_key(&set.key, limits)?;
+            if set.value.len() > limits.max_value_size {
+                return Err(WireError::invalid(format!(
+                    "the value is {} bytes, over the limit of {} bytes (--max-value-size)",
+                    set.value.len(),
+                    limits.max_value_size
+                )));
+            }
+            let op = Command {
+                op: Some(command::Op::Set(set)),
+            };
+            match handle.propose(op).await? {
+                ApplyResult::Set { revision } => Ok(response::Result::Set(SetResponse { revision })),
+                other => Err(unexpected(other)),
+            }
+        }
+        C::Delete(delete) => {
+            check_key(&delete.key, limits)?;
+            let op = Command {
+                op: Some(command::Op::Delete(delete)),
+            };
+            match handle.propose(op).await? {
+                ApplyResult::Delete { existed, revision } => {
+                    Ok(response::Result::Delete(DeleteResponse { existed, revision }))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        C::Get(get) => {
+            check_key(&get.key, limits)?;
+            if !get.serializable {
+                handle.linearizable_barrier().await?;
+            }
+            let value = handle.read(|sm| sm.get(&get.key).cloned());
+            Ok(response::Result::Get(GetResponse {
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+            }))
+        }
+        C::Scan(scan) => {
+            if !scan.to.is_empty() && scan.to <= scan.from {
+                return Err(WireError::invalid("scan: --to must sort after --from"));
+            }
+            if !scan.serializable {
+                handle.linearizable_barrier().await?;
+            }
+            // Leave room in the response frame for framing and field overhead.
+            let max_bytes = limits.max_frame_size / 2;
+            let page = handle.read(|sm| sm.scan(&scan.prefix, &scan.from, &scan.to, scan.limit as usize, max_bytes));
+            Ok(response::Result::Scan(ScanResponse {
+                pairs: page.pairs,
+                more: page.more,
+            }))
+        }
+        C::AddNode(add) => {
+            check_host_port(&add.peer_addr).map_err(|e| WireError::invalid(format!("peer address {:?}: {e}", add.peer_addr)))?;
+            if !add.client_addr.is_empty() {
+                check_host_port(&add.client_addr)
+                    .map_err(|e| WireError::invalid(format!("client address {:?}: {e}", add.client_addr)))?;
+            }
+            let member = Member {
+                id: add.node_id,
+                peer_addr: add.peer_addr,
+                client_addr: add.client_addr,
+                role: 0,
+            };
+            match handle.change_membership(MembershipChange::Add(member)).await? {
+                ApplyResult::Members(members) => Ok(response::Result::AddNode(AddNodeResponse { members })),
+                other => Err(unexpected(other)),
+            }
+        }
+        C::RemoveNode(remove) => match handle.change_membership(MembershipChange::Remove(remove.node_id)).await? {
+            ApplyResult::Members(members) => Ok(response::Result::RemoveNode(RemoveNodeResponse { members })),
+            other => Err(unexpected(other)),
+        },
+        C::Members(members) => {
+            if !members.serializable {
+                handle.linearizable_barrier().await?;
+            }
+            let status = handle.status();
+            Ok(response::Result::Members(MembersResponse {
+                members: handle.read(|sm| sm.members()),
+                leader_id: status.leader_id,
+            }))
+        }
+        C::Info(_) => Ok(response::Result::Info(info(handle))),
+        C::Ping(_) => Ok(response::Result::Ping(PingResponse {
+            node_id: handle.status().id,
+        })),
+    }
+}
+
+fn info(handle: &NodeHandle) -> InfoResponse {
+    let NodeStatus {
+        id,
+        cluster_id,
+        role,
+        term,
+        leader_id,
+        commit_index,
+        applied_index,
+        snapshot_index,
+        first_index,
+        last_index,
+        ..
+    } = handle.status();
+    let (members, keys) = handle.read(|sm| (sm.members(), sm.len() as u64));
+    InfoResponse {
+        id,
+        role: role.as_str().into(),
+        term,
+        leader_id,
+        commit_index,
+        applied_index,
+        snapshot_index,
+        last_index,
+        first_index,
+        members,
+        keys,
+        cluster_id,
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}

@@ -1,0 +1,51 @@
+//! Everything that lives on disk under a node's data dir:
+//!
+//! ```text
+//! DATA_DIR/identity          which node and cluster this data dir belongs to (identity.rs)
+//! DATA_DIR/raft-log/         the raft log, HardState and log bounds, in raft-engine (raft_storage.rs)
+//! DATA_DIR/snapshots/*.snap  checksummed snapshots of the state machine (snapshot_files.rs)
+//! ```
+//!
+//! [`RaftStorage`] implements `raft::Storage` over the log and the newest
+//! snapshot. Every write that raft depends on is fsynced before the raft loop
+//! lets anything that depends on it leave the node.
+
+mod fs_util;
+pub mod identity;
+pub mod raft_storage;
+pub mod snapshot_files;
+
+pub use fs_util::create_private_dir;
+pub use identity::NodeIdentityFile;
+pub use raft_storage::RaftStorage;
+pub use snapshot_files::SnapshotFiles;
+
+/// A storage failure. Apart from corruption detected at start-up, these are
+/// fatal to the node: a consensus log that can't be written must stop.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A file system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The raft log store failed.
+    #[error("raft log: {0}")]
+    Engine(#[from] raft_engine::Error),
+    /// A file failed its checksum or could not be decoded.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The data dir does not fit the flags the node was started with.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl StorageError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| StorageError::Io { context, source }
+    }
+}
