@@ -1,0 +1,186 @@
+//! A static three-node cluster: one leader, reads and writes through every
+//! node, and the CLI against it.
+
+mod support;
+
+use std::time::Duration;
+
+use kvraft::client::ScanOptions;
+use support::{stdout, stderr, Cluster};
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_static_members_elect_exactly_one_leader() {
+    let cluster = Cluster::start_static(3, &[]);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let mut leaders = Vec::new();
+    let mut terms = Vec::new();
+    for id in 1..=3 {
+        let info = cluster.info(id).await.unwrap();
+        if info.role == "leader" {
+            leaders.push(id);
+        }
+        terms.push(info.term);
+        assert_eq!(info.members.len(), 3, "node {id} lists every member");
+    }
+    assert_eq!(leaders, vec![leader]);
+    // One election with pre-vote: the bootstrap term is 1, the first leader's 2.
+    // A little slack for an unlucky split vote on a loaded machine.
+    assert!(terms.iter().all(|t| *t == terms[0] && *t <= 3), "terms {terms:?}");
+    // Every member publishes its client address through raft.
+    cluster
+        .wait_info(leader, T, "all client addresses known", |i| {
+            i.members.iter().all(|m| !m.client_addr.is_empty())
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_get_delete_scan_through_every_node() {
+    let cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    for writer in 1..=3u64 {
+        let client = cluster.client(&[writer]);
+        client.set(format!("k{writer}"), format!("from{writer}")).await.unwrap();
+        // A linearizable read on every node sees the acknowledged write.
+        for reader in 1..=3u64 {
+            let value = cluster.client(&[reader]).get(format!("k{writer}")).await.unwrap();
+            assert_eq!(value.as_deref(), Some(format!("from{writer}").as_bytes()), "write via {writer}, read via {reader}");
+        }
+    }
+    let follower_client = cluster.client(&[2]);
+    for i in 0..20 {
+        follower_client.set(format!("scan/{i:02}"), format!("v{i}")).await.unwrap();
+    }
+    for reader in 1..=3u64 {
+        let client = cluster.client(&[reader]);
+        let all = client
+            .scan(ScanOptions {
+                prefix: b"scan/".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 20, "node {reader}");
+        assert_eq!(all[0].key, b"scan/00");
+        assert_eq!(all[19].value, b"v19");
+        let range = client
+            .scan(ScanOptions {
+                prefix: b"scan/".to_vec(),
+                from: b"scan/05".to_vec(),
+                to: b"scan/08".to_vec(),
+                limit: 0,
+            })
+            .await
+            .unwrap();
+        let keys: Vec<&[u8]> = range.iter().map(|kv| kv.key.as_slice()).collect();
+        assert_eq!(keys, [b"scan/05", b"scan/06", b"scan/07"]);
+        let limited = client
+            .scan(ScanOptions {
+                prefix: b"scan/".to_vec(),
+                limit: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(limited.len(), 3);
+    }
+    assert!(cluster.client(&[3]).delete("k1").await.unwrap());
+    assert!(!cluster.client(&[1]).delete("k1").await.unwrap(), "already gone");
+    for reader in 1..=3u64 {
+        assert_eq!(cluster.client(&[reader]).get("k1").await.unwrap(), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
+    let cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let all = [1, 2, 3];
+
+    let out = cluster.cli(&all, &["set", "greeting", "hello world"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cluster.cli(&[2], &["get", "greeting"]);
+    assert_eq!((out.status.code(), stdout(&out)), (Some(0), "hello world".to_string()));
+    let out = cluster.cli(&[3], &["get", "missing"]);
+    assert_eq!(out.status.code(), Some(1), "a missing key exits 1");
+    assert!(stderr(&out).contains("not found"));
+    let out = cluster.cli(&all, &["--output", "json", "get", "missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["found"], false);
+
+    for (k, v) in [("a/1", "x"), ("a/2", "y"), ("b/1", "z")] {
+        assert!(cluster.cli(&all, &["set", k, v]).status.success());
+    }
+    let out = cluster.cli(&all, &["scan", "--prefix", "a/"]);
+    assert_eq!(stdout(&out), "a/1\tx\na/2\ty");
+    let out = cluster.cli(&all, &["scan", "--from", "a/2", "--to", "b/2", "--limit", "5"]);
+    assert_eq!(stdout(&out), "a/2\ty\nb/1\tz");
+    let out = cluster.cli(&all, &["--serializable", "get", "a/1"]);
+    assert_eq!(stdout(&out), "x");
+
+    let out = cluster.cli(&[1], &["--output", "json", "info"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    for field in ["id", "role", "term", "leader_id", "commit_index", "applied_index", "snapshot_index", "last_index", "members"] {
+        assert!(!info[field].is_null(), "info lacks {field}: {info}");
+    }
+    assert_eq!(info["id"], 1);
+    assert!(["leader", "follower"].contains(&info["role"].as_str().unwrap()));
+    let members = info["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        for field in ["id", "peer_addr", "client_addr", "role"] {
+            assert!(!m[field].is_null(), "member lacks {field}: {m}");
+        }
+        assert_eq!(m["role"], "voter");
+    }
+
+    let out = cluster.cli(&all, &["members"]);
+    assert!(stdout(&out).contains("leader"), "{}", stdout(&out));
+    let out = cluster.cli(&all, &["--output", "json", "members"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(json["leader_id"].as_u64().unwrap() >= 1);
+
+    let out = cluster.cli(&[2], &["ping"]);
+    assert!(stdout(&out).starts_with("pong from node 2 in "), "{}", stdout(&out));
+    let out = cluster.cli(&all, &["delete", "a/1"]);
+    assert_eq!(stdout(&out), "deleted");
+    let out = cluster.cli(&all, &["get", "a/1"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = cluster.cli(&all, &["--output", "json", "bench", "put", "--clients", "4", "--conns", "2", "--total", "200", "--key-space", "50"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["errors"], 0);
+    assert_eq!(json["completed"], 200);
+    for field in ["ops_per_s", "p50_ms", "p99_ms", "p999_ms"] {
+        assert!(json[field].as_f64().unwrap() > 0.0, "{field} in {json}");
+    }
+    let out = cluster.cli(&all, &["bench", "get", "--clients", "2", "--total", "100"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("p99.9"), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_endpoints_and_failover_to_a_live_endpoint() {
+    let cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    // The first endpoint is dead; the client moves on.
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    let endpoints = format!("{dead},{}", cluster.endpoints(&[2]));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvraft"))
+        .env("KVRAFT_ENDPOINTS", &endpoints)
+        .args(["set", "via-env", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&cluster.cli(&[3], &["get", "via-env"])), "1");
+
+    // Nothing listening at all: a network error (exit 3) that says what to check.
+    let out = support::kvraft_cli(&dead, &["--timeout", "300ms", "get", "x"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("check that the nodes are running"), "{}", stderr(&out));
+}

@@ -1,0 +1,308 @@
+//! Test harness: real `kvraftd` processes on 127.0.0.1 with their data in temp
+//! dirs, and helpers that wait on conditions with deadlines.
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kvraft::proto::InfoResponse;
+use kvraft::{Client, ClientOptions};
+
+/// Raft timing for tests: 25 ms ticks, elections after 250-500 ms.
+pub const FAST_TIMING: &[&str] = &["--tick-ms", "25", "--election-ticks", "10", "--heartbeat-ticks", "2"];
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One node of a test cluster.
+pub struct Node {
+    pub id: u64,
+    pub client_addr: String,
+    pub peer_addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// A set of nodes sharing a temp dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// `n` nodes started with the same `--initial-cluster`.
+    pub fn start_static(n: u64, extra: &[&str]) -> Cluster {
+        let mut cluster = Cluster::empty();
+        let ids: Vec<u64> = (1..=n).collect();
+        let peers: Vec<(u64, String)> = ids.iter().map(|id| (*id, format!("127.0.0.1:{}", free_port()))).collect();
+        let spec = peers.iter().map(|(id, p)| format!("{id}={p}")).collect::<Vec<_>>().join(",");
+        for (id, peer) in peers {
+            let mut args: Vec<String> = vec!["--initial-cluster".into(), spec.clone()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            cluster.add_node(id, Some(peer), args);
+        }
+        for id in ids {
+            cluster.start(id);
+        }
+        cluster
+    }
+
+    pub fn empty() -> Cluster {
+        Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Registers a node (not started). `args` come after the standard ones.
+    pub fn add_node(&mut self, id: u64, peer_addr: Option<String>, args: Vec<String>) -> &mut Node {
+        let client_addr = format!("127.0.0.1:{}", free_port());
+        let peer_addr = peer_addr.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        self.nodes.push(Node {
+            id,
+            data_dir: self.dir.path().join(format!("node{id}")),
+            log_path: self.dir.path().join(format!("node{id}.log")),
+            client_addr,
+            peer_addr,
+            args,
+            child: None,
+        });
+        self.nodes.last_mut().unwrap()
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("no such node")
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Starts (or restarts) a node with its flags.
+    pub fn start(&mut self, id: u64) {
+        let node = self.node(id);
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = fs::OpenOptions::new().create(true).append(true).open(&node.log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kvraftd"))
+            .arg("--id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--client-addr")
+            .arg(&node.client_addr)
+            .arg("--peer-addr")
+            .arg(&node.peer_addr)
+            .args(FAST_TIMING)
+            .args(&node.args)
+            .env("KVRAFT_LOG", "info,raft=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kvraftd");
+        node.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.node(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for a node's process to exit by itself.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let node = self.node(id);
+        let child = node.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                node.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A client for these nodes.
+    pub fn client(&self, ids: &[u64]) -> Client {
+        self.client_with(ids, Duration::from_secs(10), false)
+    }
+
+    pub fn client_with(&self, ids: &[u64], timeout: Duration, serializable: bool) -> Client {
+        let endpoints = self
+            .nodes
+            .iter()
+            .filter(|n| ids.contains(&n.id))
+            .map(|n| n.client_addr.clone())
+            .collect();
+        Client::new(ClientOptions {
+            endpoints,
+            timeout,
+            serializable,
+        })
+        .unwrap()
+    }
+
+    pub fn endpoints(&self, ids: &[u64]) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| ids.contains(&n.id))
+            .map(|n| n.client_addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `info` of one node (short timeout, no failover).
+    pub async fn info(&self, id: u64) -> Option<InfoResponse> {
+        self.client_with(&[id], Duration::from_millis(500), true).info().await.ok()
+    }
+
+    /// Waits until every listed node reports the same leader (one of them) in
+    /// the same term; returns the leader's id.
+    pub async fn wait_for_leader(&self, ids: &[u64], timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut infos = Vec::new();
+            for id in ids {
+                infos.push(self.info(*id).await);
+            }
+            if let Some(first) = infos.first().cloned().flatten() {
+                let agreed = infos.iter().all(|i| {
+                    i.as_ref()
+                        .is_some_and(|i| i.leader_id == first.leader_id && i.term == first.term)
+                });
+                let leader_is_listed = ids.contains(&first.leader_id);
+                let leader_says_so = infos
+                    .iter()
+                    .flatten()
+                    .any(|i| i.id == first.leader_id && i.role == "leader");
+                if first.leader_id != 0 && agreed && leader_is_listed && leader_says_so {
+                    return first.leader_id;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("no agreed leader among {ids:?} within {timeout:?}: {infos:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `check` passes on node `id`'s info.
+    pub async fn wait_info(&self, id: u64, timeout: Duration, what: &str, check: impl Fn(&InfoResponse) -> bool) -> InfoResponse {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.info(id).await;
+            if let Some(i) = info.as_ref().filter(|i| check(i)) {
+                return i.clone();
+            }
+            if Instant::now() > deadline {
+                panic!("node {id}: {what} not reached within {timeout:?}; last info: {info:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the `kvraft` CLI against these nodes.
+    pub fn cli(&self, ids: &[u64], args: &[&str]) -> Output {
+        kvraft_cli(&self.endpoints(ids), args)
+    }
+}
+
+/// Runs the `kvraft` CLI with these endpoints.
+pub fn kvraft_cli(endpoints: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kvraft"))
+        .arg("--endpoints")
+        .arg(endpoints)
+        .args(args)
+        .output()
+        .expect("run kvraft")
+}
+
+/// Runs `kvraftd` to completion (for flag and data dir errors).
+pub fn kvraftd_once(args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvraftd"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    panic!(
+        "kvraftd {args:?} did not exit within {timeout:?}; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim_end().to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim_end().to_string()
+}
+
+/// Polls an async condition until it holds or the deadline passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        if Instant::now() > deadline {
+            panic!("{what}: not true within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let log = node.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("----- node {} log (last 40 lines) -----", node.id);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
