@@ -354,12 +354,18 @@ impl raft::Storage for RaftStorage {
         Ok(self.last_index_locked(&st))
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut st = self.write_state();
+        // A node only accepts a snapshot whose membership includes it, so a
+        // node added after the newest snapshot needs a fresh one.
+        let usable = |s: &Snapshot| {
+            let meta = s.get_metadata();
+            meta.index >= request_index
+                && meta.index >= st.truncated_index
+                && crate::state_machine::conf_ids(meta.get_conf_state()).any(|id| id == to)
+        };
         match &st.snapshot {
-            Some(s) if s.get_metadata().index >= request_index && s.get_metadata().index >= st.truncated_index => {
-                Ok(s.clone())
-            }
+            Some(s) if usable(s) => Ok(s.clone()),
             _ => {
                 // The raft loop sees the flag and snapshots the state machine;
                 // raft asks again on its next attempt.
@@ -476,6 +482,8 @@ mod tests {
             ));
             assert_eq!(s.snapshot(0, 2).unwrap().get_metadata().index, 90);
             assert!(s.snapshot(95, 2).is_err(), "a newer snapshot is asked for");
+            assert!(s.take_snapshot_request());
+            assert!(s.snapshot(0, 4).is_err(), "node 4 is not in the snapshot's membership");
             assert!(s.take_snapshot_request());
             assert!(!s.take_snapshot_request());
         }

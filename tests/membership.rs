@@ -1,0 +1,162 @@
+//! Membership: joining an empty node to a single-node cluster, adding a fourth
+//! node and removing members (the leader included) under traffic, and the
+//! errors a wrong change gets.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvraft::proto::MemberRole;
+use support::{stderr, stdout, Cluster};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn wait_voter(cluster: &Cluster, ask: u64, id: u64) {
+    cluster
+        .wait_info(ask, T, &format!("node {id} is a voter"), |i| {
+            i.members.iter().any(|m| m.id == id && m.role == MemberRole::Voter as i32)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_nodes_to_a_single_node_cluster_with_add_node() {
+    let mut cluster = Cluster::empty();
+    cluster.add_node(1, None, vec![]);
+    cluster.start(1);
+    cluster.wait_for_leader(&[1], T).await;
+    let client = cluster.client(&[1]);
+    for i in 0..30 {
+        client.set(format!("k{i}"), format!("v{i}")).await.unwrap();
+    }
+
+    for id in [2u64, 3] {
+        let node = cluster.add_node(id, None, vec!["--join".into()]);
+        let (peer, client_addr) = (node.peer_addr.clone(), node.client_addr.clone());
+        cluster.start(id);
+        // A joining node serves nothing that needs a leader until it is added.
+        let info = cluster.wait_info(id, T, "listening", |_| true).await;
+        assert_eq!((info.leader_id, info.members.len()), (0, 0), "{info:?}");
+
+        let out = cluster.cli(&[1], &["add-node", &id.to_string(), &peer, "--client-addr", &client_addr]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains(&format!("added node {id}")), "{}", stdout(&out));
+        wait_voter(&cluster, 1, id).await;
+        cluster
+            .wait_info(id, T, "has the data", |i| i.keys >= 30 && i.role == "follower")
+            .await;
+    }
+    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
+    assert_eq!(leader, 1, "adding members does not move leadership");
+    // The joined nodes serve linearizable reads and writes.
+    let via3 = cluster.client(&[3]);
+    via3.set("written-via-3", "ok").await.unwrap();
+    assert_eq!(cluster.client(&[2]).get("written-via-3").await.unwrap().as_deref(), Some(&b"ok"[..]));
+    assert_eq!(via3.get("k7").await.unwrap().as_deref(), Some(&b"v7"[..]));
+    // With three voters the cluster survives losing the original node.
+    cluster.kill(1);
+    cluster.wait_for_leader(&[2, 3], T).await;
+    cluster.client(&[2, 3]).set("after-node-1-died", "ok").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_a_fourth_node_and_remove_members_under_traffic() {
+    let mut cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+
+    // Traffic for the whole test: unique keys, acknowledged ones recorded.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let node4 = cluster.add_node(4, None, vec!["--join".into()]);
+    let (peer4, client4) = (node4.peer_addr.clone(), node4.client_addr.clone());
+    let writer = {
+        let endpoints = format!("{},{}", cluster.endpoints(&[1, 2, 3]), client4);
+        let client = kvraft::Client::new(kvraft::ClientOptions {
+            endpoints: endpoints.split(',').map(String::from).collect(),
+            timeout: Duration::from_secs(5),
+            serializable: false,
+        })
+        .unwrap();
+        let (stop, acked) = (stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (k, v) = (format!("t/{i}"), format!("{i}"));
+                if client.set(k.clone(), v.clone()).await.is_ok() {
+                    acked.lock().unwrap().push((k, v));
+                }
+                i += 1;
+            }
+        })
+    };
+
+    cluster.start(4);
+    let added = cluster.client(&[1, 2, 3]).add_node(4, &peer4, &client4).await.unwrap();
+    assert!(added.iter().any(|m| m.id == 4 && m.role == MemberRole::Learner as i32), "{added:?}");
+    wait_voter(&cluster, 1, 4).await;
+
+    // Remove a follower: it stops by itself.
+    let leader = cluster.wait_for_leader(&[1, 2, 3, 4], T).await;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let out = cluster.cli(&[1, 2, 3, 4], &["remove-node", &follower.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exit = cluster.wait_exit(follower, T).expect("a removed node stops");
+    assert!(exit.success(), "a removed node exits cleanly: {exit:?}");
+    let remaining: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|id| *id != follower).collect();
+
+    // Remove the leader (with the seed's spelling): it hands leadership over first.
+    let out = cluster.cli(&remaining, &["remove_node", &leader.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    cluster.wait_exit(leader, T).expect("the removed leader stops");
+    let remaining: Vec<u64> = remaining.into_iter().filter(|id| *id != leader).collect();
+    let new_leader = cluster.wait_for_leader(&remaining, T).await;
+    assert!(remaining.contains(&new_leader));
+
+    let (members, _) = cluster.client(&remaining).members().await.unwrap();
+    let mut ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, remaining);
+
+    // A removed node refuses to start again on its old data dir.
+    cluster.start(follower);
+    cluster.wait_exit(follower, T).expect("refused at start");
+    assert!(cluster.node(follower).log().contains("was removed"), "{}", cluster.node(follower).log());
+
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 10, "traffic ran during the changes ({} writes)", acked.len());
+    let client = cluster.client(&remaining);
+    for (k, v) in &acked {
+        assert_eq!(client.get(k.clone()).await.unwrap().as_deref(), Some(v.as_bytes()), "{k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_membership_changes_are_refused_with_a_reason() {
+    let cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let all = [1, 2, 3];
+    let peer2 = cluster.nodes[1].peer_addr.clone();
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["add-node", "2", "127.0.0.1:1"], "already a member"),
+        (vec!["add-node", "9", "not-an-address"], "HOST:PORT"),
+        (vec!["add-node", "9", "127.0.0.1:99999"], "65535"),
+        (vec!["add-node", "0", "127.0.0.1:1"], "positive"),
+        (vec!["add-node", "9", &peer2], "already belongs to node 2"),
+        (vec!["add-node", "9", "127.0.0.1:1", "--client-addr", "nope"], "client address"),
+        (vec!["remove-node", "42"], "not a member"),
+    ];
+    for (args, expect) in cases {
+        let out = cluster.cli(&all, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
+    }
+    let out = cluster.cli(&all, &["add-node", "x", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects a non-numeric id");
+    let (members, _) = cluster.client(&all).members().await.unwrap();
+    assert_eq!(members.len(), 3, "nothing changed: {members:?}");
+}
