@@ -132,7 +132,6 @@ impl PeerTask {
                     continue;
                 }
             };
-            backoff = Duration::from_millis(20);
             let _ = stream.set_nodelay(true);
             let (mut sink, mut replies) = codec::framed(stream, codec::PEER_MAX_FRAME).split();
             loop {
@@ -168,6 +167,7 @@ impl PeerTask {
                             let _ = self.inbox.send(Inbox::Unreachable(self.to));
                             break;
                         }
+                        backoff = Duration::from_millis(20);
                     }
                     reply = replies.next() => {
                         // The receiver only ever writes a rejection, then closes.
@@ -182,6 +182,8 @@ impl PeerTask {
                             }
                         }
                         let _ = self.inbox.send(Inbox::Unreachable(self.to));
+                        // A refusal is not transient: retry slowly.
+                        backoff = MAX_BACKOFF;
                         tokio::time::sleep(backoff).await;
                         break;
                     }

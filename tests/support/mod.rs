@@ -91,6 +91,10 @@ impl Cluster {
         self.nodes.iter_mut().find(|n| n.id == id).expect("no such node")
     }
 
+    pub fn node_log(&self, id: u64) -> String {
+        self.nodes.iter().find(|n| n.id == id).map(|n| n.log()).unwrap_or_default()
+    }
+
     pub fn ids(&self) -> Vec<u64> {
         self.nodes.iter().map(|n| n.id).collect()
     }
