@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::codec;
 use crate::error::{is_callers_fault, is_retryable, Error};
 use crate::proto::{
-    request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest, InfoResponse, KeyValue,
-    Member, MembersRequest, PingRequest, RemoveNodeRequest, Request, Response, ScanRequest, SetRequest,
+    request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest,
+    InfoResponse, KeyValue, Member, MembersRequest, PingRequest, RemoveNodeRequest, Request,
+    Response, ScanRequest, SetRequest,
 };
 
 /// Default endpoint: a single local node with default flags.
@@ -80,7 +81,9 @@ impl Client {
     /// A client for these options. Connections are made on first use.
     pub fn new(options: ClientOptions) -> Result<Client, Error> {
         if options.endpoints.is_empty() {
-            return Err(Error::InvalidArgument("no endpoints given; pass --endpoints HOST:PORT[,HOST:PORT...]".into()));
+            return Err(Error::InvalidArgument(
+                "no endpoints given; pass --endpoints HOST:PORT[,HOST:PORT...]".into(),
+            ));
         }
         for endpoint in &options.endpoints {
             crate::config::check_host_port(endpoint)
@@ -98,7 +101,11 @@ impl Client {
     }
 
     /// Sets `key` to `value`; returns the log index that applied it.
-    pub async fn set(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<u64, Error> {
+    pub async fn set(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<u64, Error> {
         let command = request::Command::Set(SetRequest {
             key: key.into(),
             value: value.into(),
@@ -169,7 +176,12 @@ impl Client {
 
     /// Adds a node as a learner; the leader promotes it to voter once it has
     /// caught up. Returns the member list after the change.
-    pub async fn add_node(&self, node_id: u64, peer_addr: &str, client_addr: &str) -> Result<Vec<Member>, Error> {
+    pub async fn add_node(
+        &self,
+        node_id: u64,
+        peer_addr: &str,
+        client_addr: &str,
+    ) -> Result<Vec<Member>, Error> {
         let command = request::Command::AddNode(AddNodeRequest {
             node_id,
             peer_addr: peer_addr.into(),
@@ -203,7 +215,10 @@ impl Client {
 
     /// Status of the first node that answers.
     pub async fn info(&self) -> Result<InfoResponse, Error> {
-        match self.call(request::Command::Info(InfoRequest {}), true).await? {
+        match self
+            .call(request::Command::Info(InfoRequest {}), true)
+            .await?
+        {
             response::Result::Info(r) => Ok(r),
             other => Err(mismatch(other)),
         }
@@ -212,7 +227,10 @@ impl Client {
     /// Round trip to the first node that answers: its id and the time taken.
     pub async fn ping(&self) -> Result<(u64, Duration), Error> {
         let started = Instant::now();
-        match self.call(request::Command::Ping(PingRequest {}), true).await? {
+        match self
+            .call(request::Command::Ping(PingRequest {}), true)
+            .await?
+        {
             response::Result::Ping(r) => Ok((r.node_id, started.elapsed())),
             other => Err(mismatch(other)),
         }
@@ -255,7 +273,9 @@ impl Client {
         let endpoints = self.inner.endpoints.lock().unwrap();
         let i = self.inner.current.load(Ordering::Relaxed) % endpoints.len();
         if endpoints[i] == failed {
-            self.inner.current.store((i + 1) % endpoints.len(), Ordering::Relaxed);
+            self.inner
+                .current
+                .store((i + 1) % endpoints.len(), Ordering::Relaxed);
         }
     }
 
@@ -263,13 +283,19 @@ impl Client {
         self.inner.connections.lock().unwrap().remove(endpoint);
     }
 
-    async fn connection(&self, endpoint: &str, deadline: Instant) -> Result<Arc<Connection>, String> {
+    async fn connection(
+        &self,
+        endpoint: &str,
+        deadline: Instant,
+    ) -> Result<Arc<Connection>, String> {
         if let Some(c) = self.inner.connections.lock().unwrap().get(endpoint) {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
         }
-        let budget = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2));
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(2));
         let stream = match tokio::time::timeout(budget, TcpStream::connect(endpoint)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(e.to_string()),
@@ -287,7 +313,11 @@ impl Client {
 
     /// Sends one command with failover and retries until the deadline.
     /// `idempotent` commands are retried even when their outcome is unknown.
-    async fn call(&self, command: request::Command, idempotent: bool) -> Result<response::Result, Error> {
+    async fn call(
+        &self,
+        command: request::Command,
+        idempotent: bool,
+    ) -> Result<response::Result, Error> {
         let timeout = self.inner.options.timeout;
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
@@ -329,12 +359,16 @@ impl Client {
                     ..
                 }) => {
                     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
-                    let retry = is_retryable(code) || (idempotent && code == ErrorCode::OutcomeUnknown);
+                    let retry =
+                        is_retryable(code) || (idempotent && code == ErrorCode::OutcomeUnknown);
                     if !retry {
                         return Err(match code {
                             ErrorCode::OutcomeUnknown => Error::OutcomeUnknown(e.message),
                             c if is_callers_fault(c) => Error::InvalidArgument(e.message),
-                            _ => Error::Server { code, message: e.message },
+                            _ => Error::Server {
+                                code,
+                                message: e.message,
+                            },
                         });
                     }
                     last_error = format!("{endpoint}: {}", e.message);
@@ -342,15 +376,22 @@ impl Client {
                         let i = self.add_endpoint(&e.leader_client_addr);
                         self.inner.current.store(i, Ordering::Relaxed);
                         // Give a leadership transfer a moment to complete.
-                        tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+                        tokio::time::sleep(
+                            backoff.min(deadline.saturating_duration_since(Instant::now())),
+                        )
+                        .await;
                     } else {
                         self.rotate_from(&endpoint);
                     }
                     failures_in_a_row += 1;
                 }
-                Ok(Response { result: Some(r), .. }) => return Ok(r),
+                Ok(Response {
+                    result: Some(r), ..
+                }) => return Ok(r),
                 Ok(Response { result: None, .. }) => {
-                    return Err(Error::Protocol(format!("{endpoint} sent a response without a result")))
+                    return Err(Error::Protocol(format!(
+                        "{endpoint} sent a response without a result"
+                    )))
                 }
                 Err(Failure::Closed(reason)) => {
                     self.drop_connection(&endpoint);
@@ -358,7 +399,9 @@ impl Client {
                         return Err(Error::InvalidArgument(reason));
                     }
                     if !idempotent {
-                        return Err(Error::OutcomeUnknown(format!("the connection to {endpoint} broke")));
+                        return Err(Error::OutcomeUnknown(format!(
+                            "the connection to {endpoint} broke"
+                        )));
                     }
                     last_error = format!("{endpoint}: connection lost");
                     self.rotate_from(&endpoint);
@@ -366,7 +409,9 @@ impl Client {
                 }
                 Err(Failure::Timeout) => {
                     if !idempotent {
-                        return Err(Error::OutcomeUnknown(format!("no reply from {endpoint} within {timeout:?}")));
+                        return Err(Error::OutcomeUnknown(format!(
+                            "no reply from {endpoint} within {timeout:?}"
+                        )));
                     }
                     last_error = format!("{endpoint}: no reply");
                 }
@@ -421,7 +466,9 @@ impl Connection {
         let reader_reason = close_reason.clone();
         tokio::spawn(async move {
             while let Some(Ok(frame)) = frames.next().await {
-                let Ok(response) = Response::decode(frame) else { break };
+                let Ok(response) = Response::decode(frame) else {
+                    break;
+                };
                 if response.id == 0 {
                     // A connection-level error (the server could not tell which
                     // request it was about).

@@ -75,7 +75,8 @@ impl Default for NodeConfig {
 impl NodeConfig {
     /// The log entries kept behind a snapshot.
     pub fn catchup_entries(&self) -> u64 {
-        self.snapshot_catchup_entries.min(self.snapshot_threshold / 2)
+        self.snapshot_catchup_entries
+            .min(self.snapshot_threshold / 2)
     }
 
     /// Checks values that flags alone can't constrain.
@@ -105,7 +106,10 @@ impl NodeConfig {
                 self.max_key_size + self.max_value_size + 64
             ));
         }
-        for (flag, addr) in [("--client-addr", &self.client_addr), ("--peer-addr", &self.peer_addr)] {
+        for (flag, addr) in [
+            ("--client-addr", &self.client_addr),
+            ("--peer-addr", &self.peer_addr),
+        ] {
             check_host_port(addr).map_err(|e| format!("{flag} {addr}: {e}"))?;
         }
         for (flag, addr) in [
@@ -129,7 +133,11 @@ pub fn check_host_port(addr: &str) -> Result<(), String> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| "expected HOST:PORT, e.g. 127.0.0.1:7380".to_string())?;
-    if host.is_empty() || host.contains(char::is_whitespace) || host.contains(',') || host.contains('=') {
+    if host.is_empty()
+        || host.contains(char::is_whitespace)
+        || host.contains(',')
+        || host.contains('=')
+    {
         return Err("expected HOST:PORT with a non-empty host name or IP address".into());
     }
     port.parse::<u16>()
@@ -144,20 +152,20 @@ pub fn parse_initial_cluster(spec: &str) -> Result<Vec<(u64, String)>, String> {
         let (id, addr) = part
             .split_once('=')
             .ok_or_else(|| format!("--initial-cluster entry {part:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .ok()
-            .filter(|id| *id > 0)
-            .ok_or_else(|| format!("--initial-cluster entry {part:?}: the id must be a positive integer"))?;
-        check_host_port(addr.trim()).map_err(|e| format!("--initial-cluster entry {part:?}: {e}"))?;
+        let id: u64 = id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+            format!("--initial-cluster entry {part:?}: the id must be a positive integer")
+        })?;
+        check_host_port(addr.trim())
+            .map_err(|e| format!("--initial-cluster entry {part:?}: {e}"))?;
         if members.iter().any(|(other, _)| *other == id) {
             return Err(format!("--initial-cluster names node {id} twice"));
         }
         members.push((id, addr.trim().to_string()));
     }
     if members.is_empty() {
-        return Err("--initial-cluster is empty; give ID=HOST:PORT for every initial member".into());
+        return Err(
+            "--initial-cluster is empty; give ID=HOST:PORT for every initial member".into(),
+        );
     }
     members.sort();
     Ok(members)
@@ -257,12 +265,28 @@ mod tests {
     #[test]
     fn parses_initial_cluster_and_names_bad_entries() {
         let m = parse_initial_cluster("2=127.0.0.1:2,1=node1:7380").unwrap();
-        assert_eq!(m, vec![(1, "node1:7380".to_string()), (2, "127.0.0.1:2".to_string())]);
-        assert!(parse_initial_cluster("1=a:1,1=b:2").unwrap_err().contains("twice"));
-        assert!(parse_initial_cluster("x=a:1").unwrap_err().contains("positive integer"));
-        assert!(parse_initial_cluster("0=a:1").unwrap_err().contains("positive integer"));
-        assert!(parse_initial_cluster("1=a").unwrap_err().contains("HOST:PORT"));
-        assert!(parse_initial_cluster("1=a:99999").unwrap_err().contains("65535"));
+        assert_eq!(
+            m,
+            vec![
+                (1, "node1:7380".to_string()),
+                (2, "127.0.0.1:2".to_string())
+            ]
+        );
+        assert!(parse_initial_cluster("1=a:1,1=b:2")
+            .unwrap_err()
+            .contains("twice"));
+        assert!(parse_initial_cluster("x=a:1")
+            .unwrap_err()
+            .contains("positive integer"));
+        assert!(parse_initial_cluster("0=a:1")
+            .unwrap_err()
+            .contains("positive integer"));
+        assert!(parse_initial_cluster("1=a")
+            .unwrap_err()
+            .contains("HOST:PORT"));
+        assert!(parse_initial_cluster("1=a:99999")
+            .unwrap_err()
+            .contains("65535"));
         assert!(parse_initial_cluster("").unwrap_err().contains("empty"));
     }
 

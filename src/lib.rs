@@ -24,6 +24,9 @@
 //! [`state_machine`], the waiting connection task gets the result on a oneshot
 //! channel and writes the [`proto::Response`].
 
+// raft's protobuf-2 messages are built field by field, as raft-rs's own examples do.
+#![allow(clippy::field_reassign_with_default)]
+
 pub mod cli;
 pub mod client;
 pub mod codec;

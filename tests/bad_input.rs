@@ -19,7 +19,9 @@ const T: Duration = Duration::from_secs(20);
 
 fn error_of(response: &Response) -> (ErrorCode, String) {
     match &response.result {
-        Some(response::Result::Error(e)) => (ErrorCode::try_from(e.code).unwrap(), e.message.clone()),
+        Some(response::Result::Error(e)) => {
+            (ErrorCode::try_from(e.code).unwrap(), e.message.clone())
+        }
         other => panic!("expected an error, got {other:?}"),
     }
 }
@@ -28,7 +30,11 @@ async fn read_response<S>(frames: &mut S) -> Response
 where
     S: futures::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
 {
-    let frame = tokio::time::timeout(T, frames.next()).await.unwrap().unwrap().unwrap();
+    let frame = tokio::time::timeout(T, frames.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     Response::decode(frame).unwrap()
 }
 
@@ -36,16 +42,27 @@ where
 async fn malformed_protobuf_gets_an_error_and_the_connection_survives() {
     let cluster = Cluster::start_static(1, &[]);
     cluster.wait_for_leader(&[1], T).await;
-    let stream = TcpStream::connect(&cluster.nodes[0].client_addr).await.unwrap();
+    let stream = TcpStream::connect(&cluster.nodes[0].client_addr)
+        .await
+        .unwrap();
     let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
 
-    frames.send(Bytes::from_static(b"\xff\xff\xff\xff not protobuf")).await.unwrap();
+    frames
+        .send(Bytes::from_static(b"\xff\xff\xff\xff not protobuf"))
+        .await
+        .unwrap();
     let (code, message) = error_of(&read_response(&mut frames).await);
     assert_eq!(code, ErrorCode::MalformedRequest);
     assert!(message.contains("kvraft.Request"), "{message}");
 
     // A well-formed request with no command.
-    frames.send(kvraft::codec::encode(&Request { id: 7, command: None })).await.unwrap();
+    frames
+        .send(kvraft::codec::encode(&Request {
+            id: 7,
+            command: None,
+        }))
+        .await
+        .unwrap();
     let response = read_response(&mut frames).await;
     assert_eq!(response.id, 7);
     assert_eq!(error_of(&response).0, ErrorCode::MalformedRequest);
@@ -63,23 +80,48 @@ async fn malformed_protobuf_gets_an_error_and_the_connection_survives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_is_refused_before_it_is_read() {
-    let cluster = Cluster::start_static(1, &["--max-frame-size", "65536", "--max-value-size", "1024", "--max-key-size", "64"]);
+    let cluster = Cluster::start_static(
+        1,
+        &[
+            "--max-frame-size",
+            "65536",
+            "--max-value-size",
+            "1024",
+            "--max-key-size",
+            "64",
+        ],
+    );
     cluster.wait_for_leader(&[1], T).await;
-    let mut stream = TcpStream::connect(&cluster.nodes[0].client_addr).await.unwrap();
+    let mut stream = TcpStream::connect(&cluster.nodes[0].client_addr)
+        .await
+        .unwrap();
     // Announce 100 MiB; send only the header.
-    stream.write_all(&(100u32 << 20).to_be_bytes()).await.unwrap();
+    stream
+        .write_all(&(100u32 << 20).to_be_bytes())
+        .await
+        .unwrap();
     let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
     let (code, message) = error_of(&read_response(&mut frames).await);
     assert_eq!(code, ErrorCode::FrameTooLarge);
     assert!(message.contains("65536"), "{message}");
     let closed = tokio::time::timeout(T, frames.next()).await.unwrap();
-    assert!(closed.is_none() || closed.unwrap().is_err(), "the connection is closed after");
+    assert!(
+        closed.is_none() || closed.unwrap().is_err(),
+        "the connection is closed after"
+    );
 
     // Through the client library, a too-large request is a caller error too.
     let client = cluster.client(&[1]);
     let err = client.set("big", vec![b'x'; 100_000]).await.unwrap_err();
-    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("--max-frame-size")), "{err}");
-    assert_eq!(client.get("big").await.unwrap(), None, "nothing was written");
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("--max-frame-size")),
+        "{err}"
+    );
+    assert_eq!(
+        client.get("big").await.unwrap(),
+        None,
+        "nothing was written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,17 +139,29 @@ async fn empty_and_over_limit_keys_and_values_are_rejected_and_change_nothing() 
     ];
     for (key, value, expect) in cases {
         let err = client.set(key.clone(), value).await.unwrap_err();
-        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains(expect)), "{err}");
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains(expect)),
+            "{err}"
+        );
         assert_eq!(err.exit_code(), 2);
     }
-    assert!(matches!(client.get(Vec::new()).await, Err(Error::InvalidArgument(_))));
-    assert!(matches!(client.delete(vec![b'k'; 65]).await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        client.get(Vec::new()).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        client.delete(vec![b'k'; 65]).await,
+        Err(Error::InvalidArgument(_))
+    ));
     // Exactly at the limits is fine.
     client.set(vec![b'k'; 64], vec![b'v'; 1024]).await.unwrap();
     client.delete(vec![b'k'; 64]).await.unwrap();
 
     let after = cluster.info(1).await.unwrap();
-    assert_eq!(after.keys, before.keys, "no rejected request changed the map");
+    assert_eq!(
+        after.keys, before.keys,
+        "no rejected request changed the map"
+    );
     let out = cluster.cli(&[1, 2, 3], &["set", "", "v"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("key is empty"), "{}", stderr(&out));
@@ -123,7 +177,10 @@ async fn bad_cli_usage_exits_2_with_a_reason() {
         (vec!["--endpoints", "nohostport", "get", "k"], "HOST:PORT"),
         (vec!["bench", "put", "--clients", "0"], "at least 1"),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvraft")).args(&args).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvraft"))
+            .args(&args)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
     }
@@ -141,9 +198,28 @@ async fn bad_daemon_flags_name_what_is_wrong() {
         (vec!["--initial-cluster", "1=a:1,1=b:2"], 2, "twice"),
         (vec!["--client-addr", "127.0.0.1"], 2, "--client-addr"),
         (vec!["--election-ticks", "1"], 2, "--election-ticks"),
-        (vec!["--join", "--initial-cluster", "1=a:1"], 2, "exclude each other"),
+        (
+            vec!["--join", "--initial-cluster", "1=a:1"],
+            2,
+            "exclude each other",
+        ),
         (vec!["--no-such-flag"], 2, "unexpected argument"),
-        (vec!["--data-dir", data, "--client-addr", "127.0.0.1:0", "--peer-addr", "127.0.0.1:0", "--id", "5", "--initial-cluster", "1=127.0.0.1:1,2=127.0.0.1:2"], 1, "does not list this node"),
+        (
+            vec![
+                "--data-dir",
+                data,
+                "--client-addr",
+                "127.0.0.1:0",
+                "--peer-addr",
+                "127.0.0.1:0",
+                "--id",
+                "5",
+                "--initial-cluster",
+                "1=127.0.0.1:1,2=127.0.0.1:2",
+            ],
+            1,
+            "does not list this node",
+        ),
     ];
     for (args, code, expect) in cases {
         let out = kvraftd_once(&args, T);
@@ -160,15 +236,31 @@ async fn a_data_dir_of_another_node_is_refused() {
     cluster.kill(1);
     let data = cluster.node(1).data_dir.clone();
     let out = kvraftd_once(
-        &["--id", "2", "--data-dir", data.to_str().unwrap(), "--client-addr", "127.0.0.1:0", "--peer-addr", "127.0.0.1:0"],
+        &[
+            "--id",
+            "2",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--client-addr",
+            "127.0.0.1:0",
+            "--peer-addr",
+            "127.0.0.1:0",
+        ],
         T,
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("belongs to node 1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("belongs to node 1"),
+        "{}",
+        stderr(&out)
+    );
     // Nothing was lost: node 1 starts on it again with its data.
     cluster.start(1);
     cluster.wait_for_leader(&[1], T).await;
-    assert_eq!(cluster.client(&[1]).get("kept").await.unwrap().as_deref(), Some(&b"yes"[..]));
+    assert_eq!(
+        cluster.client(&[1]).get("kept").await.unwrap().as_deref(),
+        Some(&b"yes"[..])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,21 +277,34 @@ async fn a_node_from_another_cluster_is_refused_by_its_peers() {
     let peer1 = format!("127.0.0.1:{}", support::free_port());
     let peer2 = format!("127.0.0.1:{}", support::free_port());
     let spec = format!("1={peer1},2={peer2},3={peer3}");
-    cluster.add_node(1, Some(peer1), vec!["--initial-cluster".into(), spec.clone()]);
+    cluster.add_node(
+        1,
+        Some(peer1),
+        vec!["--initial-cluster".into(), spec.clone()],
+    );
     cluster.add_node(2, Some(peer2), vec!["--initial-cluster".into(), spec]);
     cluster.start(1);
     cluster.start(2);
     cluster.start(3);
     cluster.wait_for_leader(&[1, 2], T).await;
     cluster.client(&[1, 2]).set("k", "v").await.unwrap();
-    support::eventually(T, "node 3 refuses the other cluster, and they hear why", || {
-        let refusing = cluster.node_log(3).contains("refusing a peer");
-        let told = [1, 2].iter().any(|id| cluster.node_log(*id).contains("a peer refused this node"));
-        async move { refusing && told }
-    })
+    support::eventually(
+        T,
+        "node 3 refuses the other cluster, and they hear why",
+        || {
+            let refusing = cluster.node_log(3).contains("refusing a peer");
+            let told = [1, 2]
+                .iter()
+                .any(|id| cluster.node_log(*id).contains("a peer refused this node"));
+            async move { refusing && told }
+        },
+    )
     .await;
     let info3 = cluster.info(3).await.unwrap();
     assert_ne!(info3.leader_id, 1, "node 3 never joined the other cluster");
     assert_ne!(info3.leader_id, 2);
-    assert_eq!(cluster.client_with(&[3], T, true).get("k").await.unwrap(), None);
+    assert_eq!(
+        cluster.client_with(&[3], T, true).get("k").await.unwrap(),
+        None
+    );
 }

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use kvraft::client::ScanOptions;
-use support::{stdout, stderr, Cluster};
+use support::{stderr, stdout, Cluster};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -27,7 +27,10 @@ async fn three_static_members_elect_exactly_one_leader() {
     assert_eq!(leaders, vec![leader]);
     // One election with pre-vote: the bootstrap term is 1, the first leader's 2.
     // A little slack for an unlucky split vote on a loaded machine.
-    assert!(terms.iter().all(|t| *t == terms[0] && *t <= 3), "terms {terms:?}");
+    assert!(
+        terms.iter().all(|t| *t == terms[0] && *t <= 3),
+        "terms {terms:?}"
+    );
     // Every member publishes its client address through raft.
     cluster
         .wait_info(leader, T, "all client addresses known", |i| {
@@ -42,16 +45,30 @@ async fn set_get_delete_scan_through_every_node() {
     cluster.wait_for_leader(&[1, 2, 3], T).await;
     for writer in 1..=3u64 {
         let client = cluster.client(&[writer]);
-        client.set(format!("k{writer}"), format!("from{writer}")).await.unwrap();
+        client
+            .set(format!("k{writer}"), format!("from{writer}"))
+            .await
+            .unwrap();
         // A linearizable read on every node sees the acknowledged write.
         for reader in 1..=3u64 {
-            let value = cluster.client(&[reader]).get(format!("k{writer}")).await.unwrap();
-            assert_eq!(value.as_deref(), Some(format!("from{writer}").as_bytes()), "write via {writer}, read via {reader}");
+            let value = cluster
+                .client(&[reader])
+                .get(format!("k{writer}"))
+                .await
+                .unwrap();
+            assert_eq!(
+                value.as_deref(),
+                Some(format!("from{writer}").as_bytes()),
+                "write via {writer}, read via {reader}"
+            );
         }
     }
     let follower_client = cluster.client(&[2]);
     for i in 0..20 {
-        follower_client.set(format!("scan/{i:02}"), format!("v{i}")).await.unwrap();
+        follower_client
+            .set(format!("scan/{i:02}"), format!("v{i}"))
+            .await
+            .unwrap();
     }
     for reader in 1..=3u64 {
         let client = cluster.client(&[reader]);
@@ -87,7 +104,10 @@ async fn set_get_delete_scan_through_every_node() {
         assert_eq!(limited.len(), 3);
     }
     assert!(cluster.client(&[3]).delete("k1").await.unwrap());
-    assert!(!cluster.client(&[1]).delete("k1").await.unwrap(), "already gone");
+    assert!(
+        !cluster.client(&[1]).delete("k1").await.unwrap(),
+        "already gone"
+    );
     for reader in 1..=3u64 {
         assert_eq!(cluster.client(&[reader]).get("k1").await.unwrap(), None);
     }
@@ -102,7 +122,10 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     let out = cluster.cli(&all, &["set", "greeting", "hello world"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = cluster.cli(&[2], &["get", "greeting"]);
-    assert_eq!((out.status.code(), stdout(&out)), (Some(0), "hello world".to_string()));
+    assert_eq!(
+        (out.status.code(), stdout(&out)),
+        (Some(0), "hello world".to_string())
+    );
     let out = cluster.cli(&[3], &["get", "missing"]);
     assert_eq!(out.status.code(), Some(1), "a missing key exits 1");
     assert!(stderr(&out).contains("not found"));
@@ -116,7 +139,10 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     }
     let out = cluster.cli(&all, &["scan", "--prefix", "a/"]);
     assert_eq!(stdout(&out), "a/1\tx\na/2\ty");
-    let out = cluster.cli(&all, &["scan", "--from", "a/2", "--to", "b/2", "--limit", "5"]);
+    let out = cluster.cli(
+        &all,
+        &["scan", "--from", "a/2", "--to", "b/2", "--limit", "5"],
+    );
     assert_eq!(stdout(&out), "a/2\ty\nb/1\tz");
     let out = cluster.cli(&all, &["--serializable", "get", "a/1"]);
     assert_eq!(stdout(&out), "x");
@@ -124,7 +150,17 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     let out = cluster.cli(&[1], &["--output", "json", "info"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let info: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    for field in ["id", "role", "term", "leader_id", "commit_index", "applied_index", "snapshot_index", "last_index", "members"] {
+    for field in [
+        "id",
+        "role",
+        "term",
+        "leader_id",
+        "commit_index",
+        "applied_index",
+        "snapshot_index",
+        "last_index",
+        "members",
+    ] {
         assert!(!info[field].is_null(), "info lacks {field}: {info}");
     }
     assert_eq!(info["id"], 1);
@@ -145,13 +181,33 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     assert!(json["leader_id"].as_u64().unwrap() >= 1);
 
     let out = cluster.cli(&[2], &["ping"]);
-    assert!(stdout(&out).starts_with("pong from node 2 in "), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("pong from node 2 in "),
+        "{}",
+        stdout(&out)
+    );
     let out = cluster.cli(&all, &["delete", "a/1"]);
     assert_eq!(stdout(&out), "deleted");
     let out = cluster.cli(&all, &["get", "a/1"]);
     assert_eq!(out.status.code(), Some(1));
 
-    let out = cluster.cli(&all, &["--output", "json", "bench", "put", "--clients", "4", "--conns", "2", "--total", "200", "--key-space", "50"]);
+    let out = cluster.cli(
+        &all,
+        &[
+            "--output",
+            "json",
+            "bench",
+            "put",
+            "--clients",
+            "4",
+            "--conns",
+            "2",
+            "--total",
+            "200",
+            "--key-space",
+            "50",
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(json["errors"], 0);
@@ -182,5 +238,9 @@ async fn env_endpoints_and_failover_to_a_live_endpoint() {
     // Nothing listening at all: a network error (exit 3) that says what to check.
     let out = support::kvraft_cli(&dead, &["--timeout", "300ms", "get", "x"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("check that the nodes are running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("check that the nodes are running"),
+        "{}",
+        stderr(&out)
+    );
 }

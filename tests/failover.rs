@@ -25,7 +25,11 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     let term_before = cluster.info(leader).await.unwrap().term;
 
     cluster.kill(leader);
-    let survivors: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != leader).collect();
+    let survivors: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
     let new_leader = cluster.wait_for_leader(&survivors, T).await;
     assert_ne!(new_leader, leader);
     assert!(cluster.info(new_leader).await.unwrap().term > term_before);
@@ -39,7 +43,11 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     for id in &survivors {
         let reader = cluster.client(&[*id]);
         for (k, v) in &acked {
-            assert_eq!(reader.get(k.clone()).await.unwrap().as_deref(), Some(v.as_bytes()), "node {id} key {k}");
+            assert_eq!(
+                reader.get(k.clone()).await.unwrap().as_deref(),
+                Some(v.as_bytes()),
+                "node {id} key {k}"
+            );
         }
     }
 
@@ -47,10 +55,15 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     cluster.start(leader);
     let commit = cluster.info(new_leader).await.unwrap().commit_index;
     cluster
-        .wait_info(leader, T, "caught up", |i| i.applied_index >= commit && i.role == "follower")
+        .wait_info(leader, T, "caught up", |i| {
+            i.applied_index >= commit && i.role == "follower"
+        })
         .await;
     let local = cluster.client_with(&[leader], Duration::from_secs(5), true);
-    assert_eq!(local.get("after/49").await.unwrap().as_deref(), Some(&b"w49"[..]));
+    assert_eq!(
+        local.get("after/49").await.unwrap().as_deref(),
+        Some(&b"w49"[..])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,9 +105,16 @@ async fn kill_9_of_every_node_under_load_loses_no_acknowledged_write() {
     }
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     let info = cluster.info(leader).await.unwrap();
-    assert!(info.snapshot_index > 1, "snapshots were taken during the run: {info:?}");
+    assert!(
+        info.snapshot_index > 1,
+        "snapshots were taken during the run: {info:?}"
+    );
     let client = cluster.client(&[1, 2, 3]);
     for (k, v) in &acked {
-        assert_eq!(client.get(k.clone()).await.unwrap().as_deref(), Some(v.as_bytes()), "acknowledged {k} lost");
+        assert_eq!(
+            client.get(k.clone()).await.unwrap().as_deref(),
+            Some(v.as_bytes()),
+            "acknowledged {k} lost"
+        );
     }
 }

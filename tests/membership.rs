@@ -16,7 +16,9 @@ const T: Duration = Duration::from_secs(30);
 async fn wait_voter(cluster: &Cluster, ask: u64, id: u64) {
     cluster
         .wait_info(ask, T, &format!("node {id} is a voter"), |i| {
-            i.members.iter().any(|m| m.id == id && m.role == MemberRole::Voter as i32)
+            i.members
+                .iter()
+                .any(|m| m.id == id && m.role == MemberRole::Voter as i32)
         })
         .await;
 }
@@ -40,12 +42,27 @@ async fn join_nodes_to_a_single_node_cluster_with_add_node() {
         let info = cluster.wait_info(id, T, "listening", |_| true).await;
         assert_eq!((info.leader_id, info.members.len()), (0, 0), "{info:?}");
 
-        let out = cluster.cli(&[1], &["add-node", &id.to_string(), &peer, "--client-addr", &client_addr]);
+        let out = cluster.cli(
+            &[1],
+            &[
+                "add-node",
+                &id.to_string(),
+                &peer,
+                "--client-addr",
+                &client_addr,
+            ],
+        );
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(stdout(&out).contains(&format!("added node {id}")), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains(&format!("added node {id}")),
+            "{}",
+            stdout(&out)
+        );
         wait_voter(&cluster, 1, id).await;
         cluster
-            .wait_info(id, T, "has the data", |i| i.keys >= 30 && i.role == "follower")
+            .wait_info(id, T, "has the data", |i| {
+                i.keys >= 30 && i.role == "follower"
+            })
             .await;
     }
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
@@ -53,12 +70,24 @@ async fn join_nodes_to_a_single_node_cluster_with_add_node() {
     // The joined nodes serve linearizable reads and writes.
     let via3 = cluster.client(&[3]);
     via3.set("written-via-3", "ok").await.unwrap();
-    assert_eq!(cluster.client(&[2]).get("written-via-3").await.unwrap().as_deref(), Some(&b"ok"[..]));
+    assert_eq!(
+        cluster
+            .client(&[2])
+            .get("written-via-3")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"ok"[..])
+    );
     assert_eq!(via3.get("k7").await.unwrap().as_deref(), Some(&b"v7"[..]));
     // With three voters the cluster survives losing the original node.
     cluster.kill(1);
     cluster.wait_for_leader(&[2, 3], T).await;
-    cluster.client(&[2, 3]).set("after-node-1-died", "ok").await.unwrap();
+    cluster
+        .client(&[2, 3])
+        .set("after-node-1-died", "ok")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,8 +122,17 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
     };
 
     cluster.start(4);
-    let added = cluster.client(&[1, 2, 3]).add_node(4, &peer4, &client4).await.unwrap();
-    assert!(added.iter().any(|m| m.id == 4 && m.role == MemberRole::Learner as i32), "{added:?}");
+    let added = cluster
+        .client(&[1, 2, 3])
+        .add_node(4, &peer4, &client4)
+        .await
+        .unwrap();
+    assert!(
+        added
+            .iter()
+            .any(|m| m.id == 4 && m.role == MemberRole::Learner as i32),
+        "{added:?}"
+    );
     wait_voter(&cluster, 1, 4).await;
 
     // Remove a follower: it stops by itself.
@@ -102,14 +140,21 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
     let out = cluster.cli(&[1, 2, 3, 4], &["remove-node", &follower.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let exit = cluster.wait_exit(follower, T).expect("a removed node stops");
+    let exit = cluster
+        .wait_exit(follower, T)
+        .expect("a removed node stops");
     assert!(exit.success(), "a removed node exits cleanly: {exit:?}");
-    let remaining: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|id| *id != follower).collect();
+    let remaining: Vec<u64> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|id| *id != follower)
+        .collect();
 
     // Remove the leader (with the seed's spelling): it hands leadership over first.
     let out = cluster.cli(&remaining, &["remove_node", &leader.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    cluster.wait_exit(leader, T).expect("the removed leader stops");
+    cluster
+        .wait_exit(leader, T)
+        .expect("the removed leader stops");
     let remaining: Vec<u64> = remaining.into_iter().filter(|id| *id != leader).collect();
     let new_leader = cluster.wait_for_leader(&remaining, T).await;
     assert!(remaining.contains(&new_leader));
@@ -122,15 +167,27 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
     // A removed node refuses to start again on its old data dir.
     cluster.start(follower);
     cluster.wait_exit(follower, T).expect("refused at start");
-    assert!(cluster.node(follower).log().contains("was removed"), "{}", cluster.node(follower).log());
+    assert!(
+        cluster.node(follower).log().contains("was removed"),
+        "{}",
+        cluster.node(follower).log()
+    );
 
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 10, "traffic ran during the changes ({} writes)", acked.len());
+    assert!(
+        acked.len() > 10,
+        "traffic ran during the changes ({} writes)",
+        acked.len()
+    );
     let client = cluster.client(&remaining);
     for (k, v) in &acked {
-        assert_eq!(client.get(k.clone()).await.unwrap().as_deref(), Some(v.as_bytes()), "{k}");
+        assert_eq!(
+            client.get(k.clone()).await.unwrap().as_deref(),
+            Some(v.as_bytes()),
+            "{k}"
+        );
     }
 }
 
@@ -147,7 +204,10 @@ async fn wrong_membership_changes_are_refused_with_a_reason() {
         (vec!["add-node", "9", "127.0.0.1:99999"], "65535"),
         (vec!["add-node", "0", "127.0.0.1:1"], "positive"),
         (vec!["add-node", "9", &peer2], "already belongs to node 2"),
-        (vec!["add-node", "9", "127.0.0.1:1", "--client-addr", "nope"], "client address"),
+        (
+            vec!["add-node", "9", "127.0.0.1:1", "--client-addr", "nope"],
+            "client address",
+        ),
         (vec!["remove-node", "42"], "not a member"),
     ];
     for (args, expect) in cases {

@@ -6,7 +6,11 @@ use kvraft::config::DaemonArgs;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "kvraftd", version, about = "A kvraft node: a replicated key-value store on Raft")]
+#[command(
+    name = "kvraftd",
+    version,
+    about = "A kvraft node: a replicated key-value store on Raft"
+)]
 struct Cli {
     #[command(flatten)]
     daemon: DaemonArgs,
@@ -21,7 +25,10 @@ fn main() {
         eprintln!("kvraftd: --log {:?}: {e}", cli.log);
         std::process::exit(2);
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let config = cli.daemon.into_config().unwrap_or_else(|e| {
         eprintln!("kvraftd: {e}");
         std::process::exit(2);
@@ -38,7 +45,8 @@ fn main() {
                 return 1;
             }
         };
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
             _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),

@@ -60,7 +60,12 @@ fn key(n: u64, size: usize) -> Vec<u8> {
 
 /// Runs the benchmark and prints the summary.
 pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> Result<i32, Error> {
-    if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 || args.key_size == 0 {
+    if args.clients == 0
+        || args.conns == 0
+        || args.total == 0
+        || args.key_space == 0
+        || args.key_size == 0
+    {
         return Err(Error::InvalidArgument(
             "--clients, --conns, --total, --key-space and --key-size must be at least 1".into(),
         ));
@@ -78,9 +83,16 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
     let mut workers = Vec::new();
     for i in 0..args.clients {
         let client = connections[i % args.conns].clone();
-        let (issued, done, errors, value, args) = (issued.clone(), done.clone(), errors.clone(), value.clone(), args.clone());
+        let (issued, done, errors, value, args) = (
+            issued.clone(),
+            done.clone(),
+            errors.clone(),
+            value.clone(),
+            args.clone(),
+        );
         workers.push(tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut last_error = None;
             while issued.fetch_add(1, Ordering::Relaxed) < args.total {
                 let k = key(rand::rng().random_range(0..args.key_space), args.key_size);
@@ -103,7 +115,8 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
             (histogram, last_error)
         }));
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut last_error = None;
     for w in workers {
         let (h, e) = w.await.expect("bench worker panicked");
@@ -160,7 +173,11 @@ async fn progress_bar(done: Arc<AtomicU64>, total: u64) {
     loop {
         let n = done.load(Ordering::Relaxed).min(total);
         let filled = (n * WIDTH / total) as usize;
-        eprint!("\r[{}{}] {n}/{total}", "#".repeat(filled), " ".repeat(WIDTH as usize - filled));
+        eprint!(
+            "\r[{}{}] {n}/{total}",
+            "#".repeat(filled),
+            " ".repeat(WIDTH as usize - filled)
+        );
         let _ = std::io::stderr().flush();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -96,8 +96,12 @@ enum Command {
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (number, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, ""), |i| s.split_at(i));
-    let n: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 1m"))?;
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 1m"))?;
     let seconds = match unit {
         "ms" => n / 1000.0,
         "" | "s" => n,
@@ -129,7 +133,12 @@ pub fn main() -> i32 {
 
 async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
     let options = ClientOptions {
-        endpoints: cli.endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect(),
+        endpoints: cli
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect(),
         timeout: cli.timeout,
         serializable: cli.serializable,
     };
@@ -147,7 +156,12 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             }
         },
         Command::Delete { key } => printer.deleted(&key, client.delete(key.clone()).await?),
-        Command::Scan { prefix, from, to, limit } => {
+        Command::Scan {
+            prefix,
+            from,
+            to,
+            limit,
+        } => {
             let options = ScanOptions {
                 prefix: prefix.into_bytes(),
                 from: from.into_bytes(),
@@ -156,7 +170,11 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             };
             printer.pairs(&client.scan(options).await?)
         }
-        Command::AddNode { id, peer_addr, client_addr } => {
+        Command::AddNode {
+            id,
+            peer_addr,
+            client_addr,
+        } => {
             let members = client.add_node(id, &peer_addr, &client_addr).await?;
             printer.members_changed(&format!("added node {id} as a learner; the leader promotes it to voter once it has caught up"), &members)
         }
@@ -188,7 +206,9 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("5 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("abc").is_err());
     }

@@ -52,7 +52,10 @@ impl Printer {
     }
 
     pub(crate) fn value(&self, key: &str, value: &[u8]) {
-        self.emit(json!({"key": key, "value": text(value), "found": true}), || text(value));
+        self.emit(
+            json!({"key": key, "value": text(value), "found": true}),
+            || text(value),
+        );
     }
 
     pub(crate) fn not_found(&self, key: &str) {
@@ -136,7 +139,9 @@ impl Printer {
 
     pub(crate) fn ping(&self, node: u64, rtt: Duration) {
         let ms = rtt.as_secs_f64() * 1000.0;
-        self.emit(json!({"node_id": node, "rtt_ms": ms}), || format!("pong from node {node} in {ms:.3} ms"));
+        self.emit(json!({"node_id": node, "rtt_ms": ms}), || {
+            format!("pong from node {node} in {ms:.3} ms")
+        });
     }
 
     pub(crate) fn bench(&self, summary: Value, text: String) {
@@ -145,10 +150,20 @@ impl Printer {
 }
 
 fn members_table(members: &[Member], leader: u64) -> String {
-    let mut lines = vec![format!("{:<6} {:<8} {:<24} {:<24}", "ID", "ROLE", "PEER", "CLIENT")];
+    let mut lines = vec![format!(
+        "{:<6} {:<8} {:<24} {:<24}",
+        "ID", "ROLE", "PEER", "CLIENT"
+    )];
     for m in members {
-        let role = if m.id == leader { "leader" } else { role_name(m) };
-        lines.push(format!("{:<6} {:<8} {:<24} {:<24}", m.id, role, m.peer_addr, m.client_addr));
+        let role = if m.id == leader {
+            "leader"
+        } else {
+            role_name(m)
+        };
+        lines.push(format!(
+            "{:<6} {:<8} {:<24} {:<24}",
+            m.id, role, m.peer_addr, m.client_addr
+        ));
     }
     lines.join("\n")
 }

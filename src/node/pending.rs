@@ -50,7 +50,14 @@ impl Proposals {
         if let Some(index) = index {
             self.by_index.insert(index, id);
         }
-        self.waiting.insert(id, PendingProposal { reply, deadline, index });
+        self.waiting.insert(
+            id,
+            PendingProposal {
+                reply,
+                deadline,
+                index,
+            },
+        );
     }
 
     /// Number of proposals waiting.
@@ -160,7 +167,8 @@ impl Reads {
         }
         self.next_ctx += 1;
         let ctx = self.next_ctx.to_be_bytes().to_vec();
-        self.rounds.insert(ctx.clone(), (std::mem::take(&mut self.batch), deadline));
+        self.rounds
+            .insert(ctx.clone(), (std::mem::take(&mut self.batch), deadline));
         Some(ctx)
     }
 
@@ -238,7 +246,10 @@ mod tests {
         p.entry_applied(7, Some(id));
         assert_eq!(p.len(), 1);
         p.complete(id, Ok(ApplyResult::Set { revision: 7 }));
-        assert_eq!(rx.try_recv().unwrap().unwrap(), ApplyResult::Set { revision: 7 });
+        assert_eq!(
+            rx.try_recv().unwrap().unwrap(),
+            ApplyResult::Set { revision: 7 }
+        );
     }
 
     #[test]
@@ -249,7 +260,10 @@ mod tests {
         let now = Instant::now();
         p.insert(id, tx, now, None);
         p.expire(now + Duration::from_millis(1));
-        assert_eq!(rx.try_recv().unwrap().unwrap_err().code, ErrorCode::OutcomeUnknown);
+        assert_eq!(
+            rx.try_recv().unwrap().unwrap_err().code,
+            ErrorCode::OutcomeUnknown
+        );
     }
 
     #[test]

@@ -82,9 +82,15 @@ impl RaftLoop {
     pub fn run(mut self) -> Result<(), StorageError> {
         let result = self.run_rounds();
         let why = if self.removed {
-            WireError::new(ErrorCode::NodeRemoved, "this node was removed from the cluster; use another endpoint")
+            WireError::new(
+                ErrorCode::NodeRemoved,
+                "this node was removed from the cluster; use another endpoint",
+            )
         } else {
-            WireError::new(ErrorCode::ShuttingDown, "this node is shutting down; retry on another endpoint")
+            WireError::new(
+                ErrorCode::ShuttingDown,
+                "this node is shutting down; retry on another endpoint",
+            )
         };
         self.proposals.fail_all(why.clone());
         self.reads.fail_all(why);
@@ -149,7 +155,10 @@ impl RaftLoop {
             Inbox::Propose { command, reply } => self.propose(command, reply),
             Inbox::ReadIndex { reply } => {
                 if self.removed {
-                    let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
+                    let _ = reply.send(Err(WireError::new(
+                        ErrorCode::NodeRemoved,
+                        "this node was removed",
+                    )));
                 } else {
                     self.reads.push(reply);
                 }
@@ -161,10 +170,18 @@ impl RaftLoop {
             }
             Inbox::Unreachable(peer) => self.node.report_unreachable(peer),
             Inbox::SnapshotSent { to, ok } => {
-                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
                 self.node.report_snapshot(to, status);
             }
-            Inbox::RejectedByPeer { peer, reason, removed } => {
+            Inbox::RejectedByPeer {
+                peer,
+                reason,
+                removed,
+            } => {
                 if removed {
                     warn!(peer, %reason, "a peer says this node was removed from the cluster; stopping");
                     self.mark_removed();
@@ -182,7 +199,10 @@ impl RaftLoop {
         if ours == 0 && cluster_id != 0 {
             // A joining node learns its cluster from the first leader that
             // contacts it, and keeps it.
-            info!(cluster_id = format_args!("{cluster_id:016x}"), "joined cluster");
+            info!(
+                cluster_id = format_args!("{cluster_id:016x}"),
+                "joined cluster"
+            );
             let identity = NodeIdentity {
                 node_id: self.settings.id,
                 cluster_id,
@@ -219,7 +239,10 @@ impl RaftLoop {
     fn no_leader_error(&self) -> WireError {
         WireError::new(
             ErrorCode::NoLeader,
-            format!("node {} knows no leader right now; retry shortly", self.settings.id),
+            format!(
+                "node {} knows no leader right now; retry shortly",
+                self.settings.id
+            ),
         )
     }
 
@@ -232,9 +255,16 @@ impl RaftLoop {
         .encode_to_vec()
     }
 
-    fn propose(&mut self, command: Command, reply: oneshot::Sender<Result<ApplyResult, WireError>>) {
+    fn propose(
+        &mut self,
+        command: Command,
+        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
+    ) {
         if self.removed {
-            let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
+            let _ = reply.send(Err(WireError::new(
+                ErrorCode::NodeRemoved,
+                "this node was removed",
+            )));
             return;
         }
         if self.leader_id == 0 {
@@ -243,7 +273,10 @@ impl RaftLoop {
         }
         let id = self.proposals.next_id();
         let before = self.node.raft.raft_log.last_index();
-        match self.node.propose(self.context(id, None), command.encode_to_vec()) {
+        match self
+            .node
+            .propose(self.context(id, None), command.encode_to_vec())
+        {
             Ok(()) => {
                 let index = self.appended_index(before);
                 let deadline = Instant::now() + self.settings.request_timeout;
@@ -257,7 +290,10 @@ impl RaftLoop {
                 let _ = reply.send(Err(self.leader_hint(error)));
             }
             Err(e) => {
-                let _ = reply.send(Err(WireError::new(ErrorCode::Internal, format!("propose failed: {e}"))));
+                let _ = reply.send(Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("propose failed: {e}"),
+                )));
             }
         }
     }
@@ -296,7 +332,10 @@ impl RaftLoop {
             }
             let error = WireError::new(
                 ErrorCode::NotLeader,
-                format!("membership changes go through the leader, node {}", self.leader_id),
+                format!(
+                    "membership changes go through the leader, node {}",
+                    self.leader_id
+                ),
             );
             return Err(self.leader_hint(error));
         }
@@ -307,7 +346,10 @@ impl RaftLoop {
             ));
         }
         let (single, member) = {
-            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            let sm = self
+                .state_machine
+                .read()
+                .expect("state machine lock poisoned");
             let cs = sm.conf_state();
             let is_member = |id: u64| conf_ids(cs).any(|m| m == id);
             match change {
@@ -318,7 +360,10 @@ impl RaftLoop {
                     if is_member(member.id) {
                         return Err(WireError::new(
                             ErrorCode::MemberExists,
-                            format!("node {} is already a member; `kvraft members` lists them", member.id),
+                            format!(
+                                "node {} is already a member; `kvraft members` lists them",
+                                member.id
+                            ),
                         ));
                     }
                     if sm.is_removed(member.id) {
@@ -327,7 +372,11 @@ impl RaftLoop {
                             member.id
                         )));
                     }
-                    if let Some(other) = sm.members().iter().find(|m| m.peer_addr == member.peer_addr) {
+                    if let Some(other) = sm
+                        .members()
+                        .iter()
+                        .find(|m| m.peer_addr == member.peer_addr)
+                    {
                         return Err(WireError::invalid(format!(
                             "peer address {} already belongs to node {}",
                             member.peer_addr, other.id
@@ -383,13 +432,20 @@ impl RaftLoop {
 
     /// Proposes one simple change (no joint state needed) and checks raft took
     /// it: raft turns a second pending change into an empty entry silently.
-    fn propose_conf_change(&mut self, context: Vec<u8>, single: ConfChangeSingle) -> Result<(), WireError> {
+    fn propose_conf_change(
+        &mut self,
+        context: Vec<u8>,
+        single: ConfChangeSingle,
+    ) -> Result<(), WireError> {
         let mut cc = ConfChangeV2::default();
         cc.set_transition(ConfChangeTransition::Auto);
         cc.set_changes(vec![single].into());
-        self.node
-            .propose_conf_change(context, cc)
-            .map_err(|e| WireError::new(ErrorCode::ProposalDropped, format!("raft refused the change ({e}); retry")))?;
+        self.node.propose_conf_change(context, cc).map_err(|e| {
+            WireError::new(
+                ErrorCode::ProposalDropped,
+                format!("raft refused the change ({e}); retry"),
+            )
+        })?;
         if self.node.raft.pending_conf_index != self.node.raft.raft_log.last_index() {
             return Err(WireError::new(
                 ErrorCode::ConfChangeInProgress,
@@ -400,7 +456,10 @@ impl RaftLoop {
     }
 
     fn most_caught_up_voter(&self) -> Option<u64> {
-        let sm = self.state_machine.read().expect("state machine lock poisoned");
+        let sm = self
+            .state_machine
+            .read()
+            .expect("state machine lock poisoned");
         sm.conf_state()
             .voters
             .iter()
@@ -423,7 +482,10 @@ impl RaftLoop {
     fn promote_caught_up_learner(&mut self) {
         let committed = self.node.raft.raft_log.committed;
         let learner = {
-            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            let sm = self
+                .state_machine
+                .read()
+                .expect("state machine lock poisoned");
             sm.conf_state().learners.iter().copied().find(|id| {
                 self.node
                     .raft
@@ -447,11 +509,18 @@ impl RaftLoop {
     /// Every member publishes its own addresses through raft (static bootstrap
     /// knows only peer addresses, and addresses may change across restarts).
     fn publish_own_addresses(&mut self, now: Instant) {
-        if self.leader_id == 0 || self.last_publish.is_some_and(|t| now < t + PUBLISH_INTERVAL) {
+        if self.leader_id == 0
+            || self
+                .last_publish
+                .is_some_and(|t| now < t + PUBLISH_INTERVAL)
+        {
             return;
         }
         let current = {
-            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            let sm = self
+                .state_machine
+                .read()
+                .expect("state machine lock poisoned");
             sm.member(self.settings.id).cloned()
         };
         let Some(current) = current else { return };
@@ -470,7 +539,9 @@ impl RaftLoop {
         let command = Command {
             op: Some(command::Op::UpdateMember(update)),
         };
-        let _ = self.node.propose(self.context(0, None), command.encode_to_vec());
+        let _ = self
+            .node
+            .propose(self.context(0, None), command.encode_to_vec());
     }
 
     /// Handles one `Ready`, in the order raft-rs requires. Never reorder.
@@ -497,7 +568,8 @@ impl RaftLoop {
         let committed = ready.take_committed_entries();
         self.apply(committed);
         // 4. New entries and HardState: one write, one fsync.
-        self.storage.append(ready.entries(), ready.hs(), ready.must_sync())?;
+        self.storage
+            .append(ready.entries(), ready.hs(), ready.must_sync())?;
         // 5. Messages that promise the write above (votes, append acks,
         //    forwarded proposals): only now may they leave.
         let persisted = ready.take_persisted_messages();
@@ -519,7 +591,12 @@ impl RaftLoop {
 
     fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {
         if leader_id != self.leader_id {
-            info!(leader = leader_id, term = self.node.raft.term, ?role, "leader changed");
+            info!(
+                leader = leader_id,
+                term = self.node.raft.term,
+                ?role,
+                "leader changed"
+            );
             let previous = self.leader_id;
             self.leader_id = leader_id;
             if previous != 0 {
@@ -549,7 +626,10 @@ impl RaftLoop {
     }
 
     fn peer_addr(&self, id: u64) -> Option<String> {
-        let sm = self.state_machine.read().expect("state machine lock poisoned");
+        let sm = self
+            .state_machine
+            .read()
+            .expect("state machine lock poisoned");
         sm.member(id)
             .map(|m| m.peer_addr.clone())
             .or_else(|| self.learned_addrs.get(&id).cloned())
@@ -559,9 +639,19 @@ impl RaftLoop {
         let meta = snapshot.get_metadata().clone();
         let size = self.storage.install_snapshot(&snapshot)?;
         {
-            let mut sm = self.state_machine.write().expect("state machine lock poisoned");
-            sm.restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
-                .map_err(|e| StorageError::Corrupt(format!("snapshot from the leader does not decode: {e}")))?;
+            let mut sm = self
+                .state_machine
+                .write()
+                .expect("state machine lock poisoned");
+            sm.restore(
+                &snapshot.data,
+                meta.index,
+                meta.term,
+                meta.get_conf_state().clone(),
+            )
+            .map_err(|e| {
+                StorageError::Corrupt(format!("snapshot from the leader does not decode: {e}"))
+            })?;
             if sm.is_removed(self.settings.id) {
                 self.removed = true;
             }
@@ -572,7 +662,12 @@ impl RaftLoop {
             "this node caught up by snapshot while the write was in flight; it may or may not have been applied",
         ));
         self.applied_tx.send_replace(meta.index);
-        info!(index = meta.index, term = meta.term, bytes = size, "installed snapshot from the leader");
+        info!(
+            index = meta.index,
+            term = meta.term,
+            bytes = size,
+            "installed snapshot from the leader"
+        );
         if self.removed {
             self.mark_removed();
         }
@@ -611,7 +706,8 @@ impl RaftLoop {
                     }
                 },
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let result = self.apply_conf_change(&mut sm, &entry, context.and_then(|c| c.member));
+                    let result =
+                        self.apply_conf_change(&mut sm, &entry, context.and_then(|c| c.member));
                     if let Some(id) = ours {
                         replies.push((id, result));
                     }
@@ -649,7 +745,10 @@ impl RaftLoop {
             Err(e) => {
                 error!(index, error = %e, "skipping a membership entry that does not decode");
                 sm.advance(index, term);
-                return Err(WireError::new(ErrorCode::Internal, "membership entry does not decode"));
+                return Err(WireError::new(
+                    ErrorCode::Internal,
+                    "membership entry does not decode",
+                ));
             }
         };
         if change.changes.is_empty() && sm.conf_state().voters_outgoing.is_empty() {
@@ -674,7 +773,10 @@ impl RaftLoop {
             Err(e) => {
                 warn!(index, error = %e, "raft refused a committed membership change");
                 sm.advance(index, term);
-                Err(WireError::new(ErrorCode::Internal, format!("membership change failed: {e}")))
+                Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("membership change failed: {e}"),
+                ))
             }
         }
     }
@@ -698,13 +800,21 @@ impl RaftLoop {
         let asked = self.storage.take_snapshot_request();
         let last = self.storage.snapshot_index();
         let (applied, term, conf_state, data) = {
-            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            let sm = self
+                .state_machine
+                .read()
+                .expect("state machine lock poisoned");
             let applied = sm.applied_index();
             let due = applied >= last + self.settings.snapshot_threshold;
             if applied <= last || !(due || asked) {
                 return Ok(());
             }
-            (applied, sm.applied_term(), sm.conf_state().clone(), sm.snapshot_data())
+            (
+                applied,
+                sm.applied_term(),
+                sm.conf_state().clone(),
+                sm.snapshot_data(),
+            )
         };
         let started = Instant::now();
         let mut snapshot = Snapshot::default();
@@ -713,14 +823,19 @@ impl RaftLoop {
         meta.index = applied;
         meta.term = term;
         meta.set_conf_state(conf_state);
-        let size = self.storage.save_snapshot(&snapshot, self.settings.catchup_entries)?;
+        let size = self
+            .storage
+            .save_snapshot(&snapshot, self.settings.catchup_entries)?;
         info!(index = applied, bytes = size, took = ?started.elapsed(), "snapshot saved, log compacted");
         Ok(())
     }
 
     fn publish_status(&mut self) {
         let raft = &self.node.raft;
-        let sm = self.state_machine.read().expect("state machine lock poisoned");
+        let sm = self
+            .state_machine
+            .read()
+            .expect("state machine lock poisoned");
         let is_learner = sm.conf_state().learners.contains(&self.settings.id);
         let role = match raft.state {
             StateRole::Leader => Role::Leader,
@@ -734,7 +849,10 @@ impl RaftLoop {
             role,
             term: raft.term,
             leader_id: raft.leader_id,
-            leader_client_addr: sm.member(raft.leader_id).map(|m| m.client_addr.clone()).unwrap_or_default(),
+            leader_client_addr: sm
+                .member(raft.leader_id)
+                .map(|m| m.client_addr.clone())
+                .unwrap_or_default(),
             commit_index: raft.raft_log.committed,
             applied_index: sm.applied_index(),
             snapshot_index: self.storage.snapshot_index(),

@@ -18,7 +18,12 @@ use crate::proto::{response, ErrorCode, Request, Response};
 const RESPONSE_QUEUE: usize = 1024;
 
 /// Accepts client connections until `stop` turns true.
-pub async fn serve(listener: TcpListener, handle: NodeHandle, limits: Limits, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    handle: NodeHandle,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

@@ -49,10 +49,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     config.validate().map_err(StartError::Config)?;
     let client_listener = bind(&config.client_addr, "--client-addr").await?;
     let peer_listener = bind(&config.peer_addr, "--peer-addr").await?;
-    let client_addr = client_listener.local_addr().map_err(|e| StartError::Bind(e.to_string()))?;
-    let peer_addr = peer_listener.local_addr().map_err(|e| StartError::Bind(e.to_string()))?;
-    let advertise_client = advertised(&config.advertise_client_addr, client_addr, "--advertise-client-addr")?;
-    let advertise_peer = advertised(&config.advertise_peer_addr, peer_addr, "--advertise-peer-addr")?;
+    let client_addr = client_listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(e.to_string()))?;
+    let peer_addr = peer_listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(e.to_string()))?;
+    let advertise_client = advertised(
+        &config.advertise_client_addr,
+        client_addr,
+        "--advertise-client-addr",
+    )?;
+    let advertise_peer = advertised(
+        &config.advertise_peer_addr,
+        peer_addr,
+        "--advertise-peer-addr",
+    )?;
 
     let runtime = tokio::runtime::Handle::current();
     let config_for_loop = config.clone();
@@ -80,7 +92,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         max_key_size: config.max_key_size,
         max_value_size: config.max_value_size,
     };
-    tokio::spawn(client::serve(client_listener, handle.clone(), limits, stop_rx.clone()));
+    tokio::spawn(client::serve(
+        client_listener,
+        handle.clone(),
+        limits,
+        stop_rx.clone(),
+    ));
     tokio::spawn(peer::serve(
         peer_listener,
         peer::PeerContext {
@@ -131,7 +148,11 @@ async fn bind(addr: &str, flag: &str) -> Result<TcpListener, StartError> {
 
 /// The address to announce: the flag if given, else the bound address, which
 /// must then be one others can dial.
-fn advertised(flag_value: &Option<String>, bound: SocketAddr, flag: &str) -> Result<String, StartError> {
+fn advertised(
+    flag_value: &Option<String>,
+    bound: SocketAddr,
+    flag: &str,
+) -> Result<String, StartError> {
     match flag_value {
         Some(addr) => Ok(addr.clone()),
         None if bound.ip().is_unspecified() => Err(StartError::Config(format!(

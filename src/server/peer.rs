@@ -70,12 +70,22 @@ async fn connection(stream: TcpStream, context: PeerContext) {
                 envelope.from_id, envelope.cluster_id, context.node_id
             );
             warn!(%message, "refusing a peer");
-            let _ = frames.send(codec::encode(&PeerRejection { reason: Reason::ClusterMismatch as i32, message })).await;
+            let _ = frames
+                .send(codec::encode(&PeerRejection {
+                    reason: Reason::ClusterMismatch as i32,
+                    message,
+                }))
+                .await;
             return;
         }
         if context.handle.read(|sm| sm.is_removed(envelope.from_id)) {
             let message = format!("node {} was removed from the cluster", envelope.from_id);
-            let _ = frames.send(codec::encode(&PeerRejection { reason: Reason::Removed as i32, message })).await;
+            let _ = frames
+                .send(codec::encode(&PeerRejection {
+                    reason: Reason::Removed as i32,
+                    message,
+                }))
+                .await;
             return;
         }
         let message = match raft::prelude::Message::parse_from_bytes(&envelope.raft_message) {

@@ -12,11 +12,22 @@ use kvraft::proto::InfoResponse;
 use kvraft::{Client, ClientOptions};
 
 /// Raft timing for tests: 25 ms ticks, elections after 250-500 ms.
-pub const FAST_TIMING: &[&str] = &["--tick-ms", "25", "--election-ticks", "10", "--heartbeat-ticks", "2"];
+pub const FAST_TIMING: &[&str] = &[
+    "--tick-ms",
+    "25",
+    "--election-ticks",
+    "10",
+    "--heartbeat-ticks",
+    "2",
+];
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One node of a test cluster.
@@ -51,8 +62,15 @@ impl Cluster {
     pub fn start_static(n: u64, extra: &[&str]) -> Cluster {
         let mut cluster = Cluster::empty();
         let ids: Vec<u64> = (1..=n).collect();
-        let peers: Vec<(u64, String)> = ids.iter().map(|id| (*id, format!("127.0.0.1:{}", free_port()))).collect();
-        let spec = peers.iter().map(|(id, p)| format!("{id}={p}")).collect::<Vec<_>>().join(",");
+        let peers: Vec<(u64, String)> = ids
+            .iter()
+            .map(|id| (*id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let spec = peers
+            .iter()
+            .map(|(id, p)| format!("{id}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
         for (id, peer) in peers {
             let mut args: Vec<String> = vec!["--initial-cluster".into(), spec.clone()];
             args.extend(extra.iter().map(|s| s.to_string()));
@@ -88,11 +106,18 @@ impl Cluster {
     }
 
     pub fn node(&mut self, id: u64) -> &mut Node {
-        self.nodes.iter_mut().find(|n| n.id == id).expect("no such node")
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("no such node")
     }
 
     pub fn node_log(&self, id: u64) -> String {
-        self.nodes.iter().find(|n| n.id == id).map(|n| n.log()).unwrap_or_default()
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.log())
+            .unwrap_or_default()
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -103,7 +128,11 @@ impl Cluster {
     pub fn start(&mut self, id: u64) {
         let node = self.node(id);
         assert!(node.child.is_none(), "node {id} is already running");
-        let log = fs::OpenOptions::new().create(true).append(true).open(&node.log_path).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kvraftd"))
             .arg("--id")
             .arg(id.to_string())
@@ -178,7 +207,10 @@ impl Cluster {
 
     /// `info` of one node (short timeout, no failover).
     pub async fn info(&self, id: u64) -> Option<InfoResponse> {
-        self.client_with(&[id], Duration::from_millis(500), true).info().await.ok()
+        self.client_with(&[id], Duration::from_millis(500), true)
+            .info()
+            .await
+            .ok()
     }
 
     /// Waits until every listed node reports the same leader (one of them) in
@@ -212,7 +244,13 @@ impl Cluster {
     }
 
     /// Waits until `check` passes on node `id`'s info.
-    pub async fn wait_info(&self, id: u64, timeout: Duration, what: &str, check: impl Fn(&InfoResponse) -> bool) -> InfoResponse {
+    pub async fn wait_info(
+        &self,
+        id: u64,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&InfoResponse) -> bool,
+    ) -> InfoResponse {
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.info(id).await;
@@ -309,4 +347,3 @@ impl Drop for Cluster {
         }
     }
 }
-
