@@ -1,14 +1,33 @@
-//! The daemon's settings. Flags are parsed in [`DaemonArgs`]; a config file and
-//! `KVRAFT_*` environment variables layer under them in a later release, with
-//! the same names.
+//! The daemon's configuration, layered lowest to highest:
+//! built-in defaults < TOML file (`--config PATH`, else `/etc/kvraft/kvraft.toml`
+//! if it exists) < `KVRAFT_*` environment variables < command-line flags.
+//! Keys are snake_case and match the flags (`client_addr` = `--client-addr` =
+//! `KVRAFT_CLIENT_ADDR`). Unknown keys in the file are an error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgAction, Args};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
 
-/// Everything a node needs to start.
-#[derive(Debug, Clone)]
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/kvraft/kvraft.toml";
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything a node needs to start. Field names are the config keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     /// This node's id (non-zero, unique in the cluster, never reused).
     pub id: u64,
@@ -19,11 +38,14 @@ pub struct NodeConfig {
     /// Where peers connect.
     pub peer_addr: String,
     /// The client address other nodes and clients use; defaults to `client_addr`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_client_addr: Option<String>,
     /// The peer address other nodes use; defaults to `peer_addr`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_peer_addr: Option<String>,
     /// `ID=PEER_ADDR,...`: the initial members of a new cluster. Ignored once
     /// the data dir is initialised. Default: this node alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_cluster: Option<String>,
     /// Start empty and wait to be added with `kvraft add-node`.
     pub join: bool,
@@ -32,8 +54,8 @@ pub struct NodeConfig {
     /// Entries kept in the log behind a snapshot for slow followers (capped at
     /// half the snapshot threshold).
     pub snapshot_catchup_entries: u64,
-    /// One raft tick.
-    pub tick: Duration,
+    /// One raft tick, in milliseconds.
+    pub tick_ms: u64,
     /// Election timeout in ticks (randomised by raft between this and twice it).
     pub election_ticks: usize,
     /// Heartbeat interval in ticks.
@@ -44,8 +66,16 @@ pub struct NodeConfig {
     pub max_key_size: usize,
     /// Largest value accepted.
     pub max_value_size: usize,
-    /// How long a proposal or read may wait inside the node.
-    pub request_timeout: Duration,
+    /// Client connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
+    /// How long a proposal or read may wait inside the node, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// How long a graceful shutdown may take before the node exits anyway.
+    pub shutdown_timeout_ms: u64,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `kvraft=debug,raft=warn`.
+    pub log_filter: String,
+    /// Log line format.
+    pub log_format: LogFormat,
 }
 
 impl Default for NodeConfig {
@@ -61,69 +91,144 @@ impl Default for NodeConfig {
             join: false,
             snapshot_threshold: 10_000,
             snapshot_catchup_entries: 5_000,
-            tick: Duration::from_millis(100),
+            tick_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 1,
             max_frame_size: crate::codec::DEFAULT_MAX_FRAME,
             max_key_size: 8 * 1024,
             max_value_size: 1024 * 1024,
-            request_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            request_timeout_ms: 5_000,
+            shutdown_timeout_ms: 10_000,
+            log_filter: "info".into(),
+            log_format: LogFormat::Text,
         }
     }
 }
 
+/// A configuration value that is not allowed, by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The offending key.
+    pub key: &'static str,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
 impl NodeConfig {
+    /// One raft tick.
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+
+    /// How long a request may wait inside the node.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// How long a graceful shutdown may take.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
     /// The log entries kept behind a snapshot.
     pub fn catchup_entries(&self) -> u64 {
         self.snapshot_catchup_entries
             .min(self.snapshot_threshold / 2)
     }
 
-    /// Checks values that flags alone can't constrain.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks values that types alone can't constrain.
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.id == 0 {
-            return Err("--id must be a positive integer (0 is reserved by raft)".into());
+            return Err(invalid(
+                "id",
+                "must be a positive integer (0 is reserved by raft)",
+            ));
         }
         if self.snapshot_threshold == 0 {
-            return Err("--snapshot-threshold must be at least 1".into());
+            return Err(invalid("snapshot_threshold", "must be at least 1"));
         }
-        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
-            return Err(format!(
-                "--election-ticks ({}) must be greater than --heartbeat-ticks ({}), which must be at least 1",
-                self.election_ticks, self.heartbeat_ticks
+        if self.heartbeat_ticks == 0 {
+            return Err(invalid("heartbeat_ticks", "must be at least 1"));
+        }
+        if self.election_ticks <= self.heartbeat_ticks {
+            return Err(invalid(
+                "election_ticks",
+                format!(
+                    "({}) must be greater than heartbeat_ticks ({})",
+                    self.election_ticks, self.heartbeat_ticks
+                ),
             ));
         }
-        if self.tick.is_zero() {
-            return Err("--tick-ms must be at least 1".into());
+        if self.tick_ms == 0 {
+            return Err(invalid("tick_ms", "must be at least 1"));
         }
-        if self.max_key_size == 0 || self.max_value_size == 0 {
-            return Err("--max-key-size and --max-value-size must be at least 1".into());
-        }
-        if self.max_key_size + self.max_value_size + 64 > self.max_frame_size {
-            return Err(format!(
-                "--max-frame-size ({}) must exceed --max-key-size + --max-value-size + 64 ({})",
-                self.max_frame_size,
-                self.max_key_size + self.max_value_size + 64
-            ));
-        }
-        for (flag, addr) in [
-            ("--client-addr", &self.client_addr),
-            ("--peer-addr", &self.peer_addr),
+        for (key, value) in [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("shutdown_timeout_ms", self.shutdown_timeout_ms),
         ] {
-            check_host_port(addr).map_err(|e| format!("{flag} {addr}: {e}"))?;
-        }
-        for (flag, addr) in [
-            ("--advertise-client-addr", &self.advertise_client_addr),
-            ("--advertise-peer-addr", &self.advertise_peer_addr),
-        ] {
-            if let Some(addr) = addr {
-                check_host_port(addr).map_err(|e| format!("{flag} {addr}: {e}"))?;
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
             }
         }
-        if self.join && self.initial_cluster.is_some() {
-            return Err("--join and --initial-cluster exclude each other: a joining node learns the members from the cluster".into());
+        if self.max_key_size == 0 {
+            return Err(invalid("max_key_size", "must be at least 1"));
+        }
+        if self.max_value_size == 0 {
+            return Err(invalid("max_value_size", "must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_key_size + self.max_value_size + 64 > self.max_frame_size {
+            return Err(invalid(
+                "max_frame_size",
+                format!(
+                    "({}) must exceed max_key_size + max_value_size + 64 ({})",
+                    self.max_frame_size,
+                    self.max_key_size + self.max_value_size + 64
+                ),
+            ));
+        }
+        for (key, addr) in [
+            ("client_addr", &self.client_addr),
+            ("peer_addr", &self.peer_addr),
+        ] {
+            check_host_port(addr).map_err(|e| invalid(key, format!("{addr:?}: {e}")))?;
+        }
+        for (key, addr) in [
+            ("advertise_client_addr", &self.advertise_client_addr),
+            ("advertise_peer_addr", &self.advertise_peer_addr),
+        ] {
+            if let Some(addr) = addr {
+                check_host_port(addr).map_err(|e| invalid(key, format!("{addr:?}: {e}")))?;
+            }
+        }
+        if let Some(spec) = &self.initial_cluster {
+            parse_initial_cluster(spec).map_err(|e| invalid("initial_cluster", e))?;
+            if self.join {
+                return Err(invalid(
+                    "join",
+                    "join and initial_cluster exclude each other: a joining node learns the members from the cluster",
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
+            return Err(invalid("log_filter", format!("{:?}: {e}", self.log_filter)));
         }
         Ok(())
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the configuration always serialises")
     }
 }
 
@@ -151,111 +256,272 @@ pub fn parse_initial_cluster(spec: &str) -> Result<Vec<(u64, String)>, String> {
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (id, addr) = part
             .split_once('=')
-            .ok_or_else(|| format!("--initial-cluster entry {part:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
-            format!("--initial-cluster entry {part:?}: the id must be a positive integer")
-        })?;
-        check_host_port(addr.trim())
-            .map_err(|e| format!("--initial-cluster entry {part:?}: {e}"))?;
+            .ok_or_else(|| format!("entry {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| format!("entry {part:?}: the id must be a positive integer"))?;
+        check_host_port(addr.trim()).map_err(|e| format!("entry {part:?}: {e}"))?;
         if members.iter().any(|(other, _)| *other == id) {
-            return Err(format!("--initial-cluster names node {id} twice"));
+            return Err(format!("names node {id} twice"));
         }
         members.push((id, addr.trim().to_string()));
     }
     if members.is_empty() {
-        return Err(
-            "--initial-cluster is empty; give ID=HOST:PORT for every initial member".into(),
-        );
+        return Err("is empty; give ID=HOST:PORT for every initial member".into());
     }
     members.sort();
     Ok(members)
 }
 
-/// The flags of `kvraftd`.
-#[derive(Debug, Clone, Args)]
+/// The flags of `kvraftd`. Every setting flag is optional: an absent flag
+/// leaves the value from the lower layers.
+#[derive(Debug, Clone, Default, Args, Serialize)]
 pub struct DaemonArgs {
-    /// This node's id: a positive integer, unique in the cluster.
-    #[arg(long, default_value_t = 1)]
-    pub id: u64,
-    /// Directory for the raft log, snapshots and identity (created 0700).
-    #[arg(long, default_value = "kvraft-data")]
-    pub data_dir: PathBuf,
-    /// Address to listen on for clients.
-    #[arg(long, default_value = "127.0.0.1:7379")]
-    pub client_addr: String,
-    /// Address to listen on for peers.
-    #[arg(long, default_value = "127.0.0.1:7380")]
-    pub peer_addr: String,
-    /// Client address to announce to the cluster, if it differs from --client-addr.
+    /// Read this TOML config file (default: /etc/kvraft/kvraft.toml if it exists).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
     #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+    /// This node's id: a positive integer, unique in the cluster [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// Directory for the raft log, snapshots and identity, created 0700 [default: kvraft-data].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on for clients [default: 127.0.0.1:7379].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<String>,
+    /// Address to listen on for peers [default: 127.0.0.1:7380].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
+    /// Client address to announce, if it differs from --client-addr.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_client_addr: Option<String>,
-    /// Peer address to announce to the cluster, if it differs from --peer-addr.
+    /// Peer address to announce, if it differs from --peer-addr.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_peer_addr: Option<String>,
     /// Initial members of a new cluster, `ID=HOST:PEERPORT,...`, the same on every
     /// initial member. Default: this node alone. Ignored once the data dir exists.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_cluster: Option<String>,
     /// Start empty and wait to be added by `kvraft add-node`.
-    #[arg(long)]
+    #[arg(long, action = ArgAction::SetTrue)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
-    /// Take a snapshot and compact the log every this many applied entries.
-    #[arg(long, default_value_t = 10_000)]
-    pub snapshot_threshold: u64,
-    /// Log entries kept behind a snapshot for slow followers (at most half the threshold).
-    #[arg(long, default_value_t = 5_000)]
-    pub snapshot_catchup_entries: u64,
-    /// Raft tick length in milliseconds.
-    #[arg(long, default_value_t = 100)]
-    pub tick_ms: u64,
-    /// Election timeout in ticks (must be the same on every node).
-    #[arg(long, default_value_t = 10)]
-    pub election_ticks: usize,
-    /// Heartbeat interval in ticks (must be the same on every node).
-    #[arg(long, default_value_t = 1)]
-    pub heartbeat_ticks: usize,
-    /// Largest client frame in bytes.
-    #[arg(long, default_value_t = crate::codec::DEFAULT_MAX_FRAME)]
-    pub max_frame_size: usize,
-    /// Largest key in bytes.
-    #[arg(long, default_value_t = 8 * 1024)]
-    pub max_key_size: usize,
-    /// Largest value in bytes.
-    #[arg(long, default_value_t = 1024 * 1024)]
-    pub max_value_size: usize,
-    /// How long a request may wait inside the node, in milliseconds.
-    #[arg(long, default_value_t = 5_000)]
-    pub request_timeout_ms: u64,
+    /// Snapshot and compact the log every this many applied entries [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_threshold: Option<u64>,
+    /// Log entries kept behind a snapshot for slow followers, at most half the threshold [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_catchup_entries: Option<u64>,
+    /// Raft tick length in milliseconds [default: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tick_ms: Option<u64>,
+    /// Election timeout in ticks; the same on every node [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub election_ticks: Option<usize>,
+    /// Heartbeat interval in ticks; the same on every node [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ticks: Option<usize>,
+    /// Largest client frame in bytes [default: 4194304].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_size: Option<usize>,
+    /// Largest key in bytes [default: 8192].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_key_size: Option<usize>,
+    /// Largest value in bytes [default: 1048576].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_value_size: Option<usize>,
+    /// Client connections served at once [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// How long a request may wait inside the node, in milliseconds [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+    /// How long a graceful shutdown may take, in milliseconds [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// Log filter, e.g. `info` or `kvraft=debug,raft=warn` [default: info].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_filter: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
 }
 
-impl DaemonArgs {
-    /// The validated configuration.
-    pub fn into_config(self) -> Result<NodeConfig, String> {
-        let config = NodeConfig {
-            id: self.id,
-            data_dir: self.data_dir,
-            client_addr: self.client_addr,
-            peer_addr: self.peer_addr,
-            advertise_client_addr: self.advertise_client_addr,
-            advertise_peer_addr: self.advertise_peer_addr,
-            initial_cluster: self.initial_cluster,
-            join: self.join,
-            snapshot_threshold: self.snapshot_threshold,
-            snapshot_catchup_entries: self.snapshot_catchup_entries,
-            tick: Duration::from_millis(self.tick_ms),
-            election_ticks: self.election_ticks,
-            heartbeat_ticks: self.heartbeat_ticks,
-            max_frame_size: self.max_frame_size,
-            max_key_size: self.max_key_size,
-            max_value_size: self.max_value_size,
-            request_timeout: Duration::from_millis(self.request_timeout_ms),
+/// Every configuration key, for the environment provider.
+pub const KEYS: &[&str] = &[
+    "id",
+    "data_dir",
+    "client_addr",
+    "peer_addr",
+    "advertise_client_addr",
+    "advertise_peer_addr",
+    "initial_cluster",
+    "join",
+    "snapshot_threshold",
+    "snapshot_catchup_entries",
+    "tick_ms",
+    "election_ticks",
+    "heartbeat_ticks",
+    "max_frame_size",
+    "max_key_size",
+    "max_value_size",
+    "max_connections",
+    "request_timeout_ms",
+    "shutdown_timeout_ms",
+    "log_filter",
+    "log_format",
+];
+
+/// Where the configuration comes from; kept so SIGHUP can read it again.
+#[derive(Debug, Clone)]
+pub struct ConfigSources {
+    file: Option<PathBuf>,
+    file_required: bool,
+    flags: DaemonArgs,
+}
+
+impl ConfigSources {
+    /// The sources for these flags: `--config` if given (it must exist), else
+    /// the default file if it exists.
+    pub fn new(flags: DaemonArgs) -> Self {
+        let (file, file_required) = match &flags.config {
+            Some(path) => (Some(path.clone()), true),
+            None => (Some(PathBuf::from(DEFAULT_CONFIG_FILE)), false),
         };
-        config.validate()?;
-        if let Some(spec) = &config.initial_cluster {
-            parse_initial_cluster(spec)?;
+        ConfigSources {
+            file,
+            file_required,
+            flags,
         }
+    }
+
+    /// Like [`ConfigSources::new`] but with another default file (tests).
+    pub fn with_default_file(flags: DaemonArgs, default_file: &Path) -> Self {
+        let mut sources = Self::new(flags);
+        if !sources.file_required {
+            sources.file = Some(default_file.to_path_buf());
+        }
+        sources
+    }
+
+    fn figment(&self) -> Result<Figment, String> {
+        let mut figment = Figment::from(Named(
+            Serialized::defaults(NodeConfig::default()),
+            "built-in default",
+        ));
+        if let Some(file) = &self.file {
+            if file.exists() {
+                figment = figment.merge(Toml::file_exact(file));
+            } else if self.file_required {
+                return Err(format!(
+                    "--config {}: no such file; give the path of a TOML file (see packaging/kvraft.example.toml)",
+                    file.display()
+                ));
+            }
+        }
+        let env = Env::prefixed("KVRAFT_").only(KEYS);
+        Ok(figment
+            .merge(env)
+            .merge(Named(Serialized::globals(&self.flags), "command-line flag")))
+    }
+
+    /// Reads every layer and validates the result. Errors name the key, the
+    /// source that set it and what is allowed.
+    pub fn load(&self) -> Result<NodeConfig, String> {
+        let figment = self.figment()?;
+        let config: NodeConfig = figment.extract().map_err(|e| describe_figment_error(&e))?;
+        config.validate().map_err(|invalid| {
+            let source = figment
+                .find_metadata(invalid.key)
+                .map(|m| describe_source(m, invalid.key))
+                .unwrap_or_else(|| "built-in default".into());
+            format!("{} (from {source}) {}", invalid.key, invalid.message)
+        })?;
         Ok(config)
     }
+}
+
+/// A provider with a name of our choosing, so errors say "command-line flag"
+/// rather than the provider's type.
+struct Named<P>(P, &'static str);
+
+impl<P: figment::Provider> figment::Provider for Named<P> {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(self.1)
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        self.0.data()
+    }
+}
+
+/// "TOML file /etc/kvraft/kvraft.toml", "KVRAFT_ID environment variable", ...
+fn describe_source(metadata: &figment::Metadata, key: &str) -> String {
+    if metadata.name.contains("environment") {
+        return format!("environment variable KVRAFT_{}", key.to_uppercase());
+    }
+    match &metadata.source {
+        Some(source) => format!("{} {source}", metadata.name),
+        None => metadata.name.to_string(),
+    }
+}
+
+fn describe_figment_error(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| describe_source(m, &key))
+                .unwrap_or_default();
+            let what = match &e.kind {
+                figment::error::Kind::UnknownField(field, _) => {
+                    format!("unknown key `{field}`; the keys are: {}", KEYS.join(", "))
+                }
+                kind => kind.to_string(),
+            };
+            match (key.is_empty(), source.is_empty()) {
+                (false, false) => format!("{key} (from {source}): {what}"),
+                (false, true) => format!("{key}: {what}"),
+                (true, false) => format!("{source}: {what}"),
+                (true, true) => what,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
@@ -297,17 +563,22 @@ mod tests {
             election_ticks: 1,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("--election-ticks"));
+        assert_eq!(bad.validate().unwrap_err().key, "election_ticks");
         let bad = NodeConfig {
             max_value_size: 10 << 20,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("--max-frame-size"));
+        assert_eq!(bad.validate().unwrap_err().key, "max_frame_size");
         let bad = NodeConfig {
             id: 0,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("--id"));
+        assert_eq!(bad.validate().unwrap_err().key, "id");
+        let bad = NodeConfig {
+            log_filter: "kvraft=[".into(),
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().key, "log_filter");
     }
 
     #[test]
@@ -318,5 +589,22 @@ mod tests {
         };
         assert_eq!(c.catchup_entries(), 50);
         assert_eq!(NodeConfig::default().catchup_entries(), 5_000);
+    }
+
+    #[test]
+    fn every_key_is_listed_for_the_environment() {
+        let toml = NodeConfig {
+            advertise_client_addr: Some("a:1".into()),
+            advertise_peer_addr: Some("a:2".into()),
+            initial_cluster: Some("1=a:2".into()),
+            ..Default::default()
+        }
+        .to_toml();
+        let table: toml::Table = toml.parse().unwrap();
+        let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        keys.sort();
+        let mut listed = KEYS.to_vec();
+        listed.sort();
+        assert_eq!(keys, listed);
     }
 }

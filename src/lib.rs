@@ -15,6 +15,7 @@
 //! | [`server`] | the client and peer listeners and how the daemon is assembled |
 //! | [`client`] | [`Client`]: endpoints, failover, retries, deadlines, pipelining |
 //! | [`cli`] | the `kvraft` command line, including `bench` |
+//! | [`daemon`] | `kvraftd` as a system daemon: config layers, logging, systemd, signals |
 //! | `src/bin` | thin mains for `kvraftd` and `kvraft` |
 //!
 //! The path of a `set`: the client frames a [`proto::Request`]; a connection task
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod node;
 pub mod server;

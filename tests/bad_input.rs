@@ -192,18 +192,31 @@ async fn bad_daemon_flags_name_what_is_wrong() {
     let data = dir.path().join("d");
     let data = data.to_str().unwrap();
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
-        (vec!["--id", "0"], 2, "--id"),
+        (
+            vec!["--id", "0"],
+            2,
+            "id (from command-line flag) must be a positive integer",
+        ),
         (vec!["--id", "x"], 2, "invalid value"),
-        (vec!["--initial-cluster", "1=nohost"], 2, "HOST:PORT"),
+        (
+            vec!["--initial-cluster", "1=nohost"],
+            2,
+            "initial_cluster (from command-line flag) entry \"1=nohost\"",
+        ),
         (vec!["--initial-cluster", "1=a:1,1=b:2"], 2, "twice"),
-        (vec!["--client-addr", "127.0.0.1"], 2, "--client-addr"),
-        (vec!["--election-ticks", "1"], 2, "--election-ticks"),
+        (vec!["--client-addr", "127.0.0.1"], 2, "client_addr"),
+        (vec!["--election-ticks", "1"], 2, "election_ticks"),
         (
             vec!["--join", "--initial-cluster", "1=a:1"],
             2,
             "exclude each other",
         ),
         (vec!["--no-such-flag"], 2, "unexpected argument"),
+        (
+            vec!["--config", "/nonexistent/kvraft.toml"],
+            2,
+            "no such file",
+        ),
         (
             vec![
                 "--data-dir",

@@ -70,9 +70,15 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
             "--clients, --conns, --total, --key-space and --key-size must be at least 1".into(),
         ));
     }
-    // One Client per connection: each Client keeps one connection per endpoint.
+    // One Client per connection, each starting at a different endpoint
+    // (connection i on endpoint i mod n, as etcd's benchmark does).
     let connections: Vec<Client> = (0..args.conns)
-        .map(|_| Client::new(options.clone()))
+        .map(|i| {
+            let mut options = options.clone();
+            let n = options.endpoints.len();
+            options.endpoints.rotate_left(i % n);
+            Client::new(options)
+        })
         .collect::<Result<_, _>>()?;
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));

@@ -74,8 +74,12 @@ pub enum Inbox {
         /// We were removed from the cluster.
         removed: bool,
     },
-    /// Stop the loop.
-    Shutdown,
+    /// Stop gracefully: hand leadership over, let in-flight requests finish,
+    /// snapshot at the applied index, then stop, all before `deadline`.
+    Shutdown {
+        /// When the loop must have stopped.
+        deadline: std::time::Instant,
+    },
 }
 
 /// A membership change request.

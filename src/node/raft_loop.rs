@@ -75,25 +75,41 @@ pub struct RaftLoop {
     pub(crate) leader_id: u64,
     pub(crate) removed: bool,
     pub(crate) last_publish: Option<Instant>,
+    /// Counts loop rounds, so a watchdog can tell the loop is alive.
+    pub(crate) rounds: Arc<AtomicU64>,
+    /// Set once a graceful shutdown has begun.
+    pub(crate) shutdown: Option<Shutdown>,
+    /// Test hook: stop making progress this long after start.
+    pub(crate) wedge_after: Option<Duration>,
+}
+
+/// A graceful shutdown in progress.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shutdown {
+    /// Stop by then, whatever is still pending.
+    deadline: Instant,
+    /// Stop waiting for in-flight requests and the leadership transfer by then.
+    drain_until: Instant,
 }
 
 impl RaftLoop {
     /// Runs until shutdown, removal or a storage failure.
     pub fn run(mut self) -> Result<(), StorageError> {
-        let result = self.run_rounds();
+        let result = self.run_rounds().and_then(|()| self.final_snapshot());
         let why = if self.removed {
-            WireError::new(
-                ErrorCode::NodeRemoved,
-                "this node was removed from the cluster; use another endpoint",
-            )
+            "this node was removed from the cluster"
         } else {
-            WireError::new(
-                ErrorCode::ShuttingDown,
-                "this node is shutting down; retry on another endpoint",
-            )
+            "this node is shutting down"
         };
-        self.proposals.fail_all(why.clone());
-        self.reads.fail_all(why);
+        // Proposals already handed to raft may still commit elsewhere.
+        self.proposals.fail_all(WireError::new(
+            ErrorCode::OutcomeUnknown,
+            format!("{why} while the write was in flight; it may or may not have been applied"),
+        ));
+        self.reads.fail_all(WireError::new(
+            ErrorCode::ShuttingDown,
+            format!("{why}; retry on another endpoint"),
+        ));
         if let Err(e) = &result {
             error!(error = %e, "raft loop stopped on a storage error");
         }
@@ -103,22 +119,27 @@ impl RaftLoop {
 
     fn run_rounds(&mut self) -> Result<(), StorageError> {
         let tick = self.settings.tick;
+        let started = Instant::now();
         let mut next_tick = Instant::now() + tick;
         self.publish_status();
         loop {
+            if self
+                .wedge_after
+                .is_some_and(|after| started.elapsed() >= after)
+            {
+                warn!("test hook: wedging the raft loop");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            self.rounds.fetch_add(1, Ordering::Relaxed);
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.inbox.recv_timeout(wait) {
                 Ok(message) => {
-                    if !self.handle(message) {
-                        return Ok(());
-                    }
+                    self.handle(message);
                     for _ in 0..INBOX_BATCH {
                         match self.inbox.try_recv() {
-                            Ok(message) => {
-                                if !self.handle(message) {
-                                    return Ok(());
-                                }
-                            }
+                            Ok(message) => self.handle(message),
                             Err(_) => break,
                         }
                     }
@@ -138,14 +159,64 @@ impl RaftLoop {
             self.handle_ready()?;
             self.maybe_snapshot()?;
             self.publish_status();
-            if self.removed {
+            if self.removed || self.shutdown_done(now) {
                 return Ok(());
             }
         }
     }
 
-    /// Handles one inbox message; false means stop.
-    fn handle(&mut self, message: Inbox) -> bool {
+    /// Starts a graceful shutdown: a leader hands leadership to the most
+    /// caught-up voter so the cluster doesn't wait out an election timeout.
+    fn begin_shutdown(&mut self, deadline: Instant) {
+        let now = Instant::now();
+        // Leave half the time for the final snapshot.
+        let drain_until = now + deadline.saturating_duration_since(now) / 2;
+        self.shutdown = Some(Shutdown {
+            deadline,
+            drain_until,
+        });
+        if self.node.raft.state == StateRole::Leader {
+            if let Some(to) = self.most_caught_up_voter() {
+                info!(to, "shutting down: transferring leadership");
+                self.node.transfer_leader(to);
+            }
+        }
+    }
+
+    /// True once a shutdown may finish: leadership handed over (or nobody to
+    /// hand it to) and nothing in flight, or the drain time is up.
+    fn shutdown_done(&self, now: Instant) -> bool {
+        let Some(shutdown) = self.shutdown else {
+            return false;
+        };
+        if now >= shutdown.drain_until || now >= shutdown.deadline {
+            return true;
+        }
+        let leading =
+            self.node.raft.state == StateRole::Leader && self.most_caught_up_voter().is_some();
+        !leading && self.proposals.is_empty() && self.reads.is_empty()
+    }
+
+    /// On a graceful stop: snapshot at the applied index and compact, so the
+    /// next start replays nothing.
+    fn final_snapshot(&mut self) -> Result<(), StorageError> {
+        if self.shutdown.is_none() || self.removed {
+            return Ok(());
+        }
+        let applied = self
+            .state_machine
+            .read()
+            .expect("state machine lock poisoned")
+            .applied_index();
+        if applied > self.storage.snapshot_index() {
+            self.snapshot_now()?;
+        }
+        info!(index = applied, "shutdown snapshot at the applied index");
+        Ok(())
+    }
+
+    /// Handles one inbox message.
+    fn handle(&mut self, message: Inbox) {
         match message {
             Inbox::Raft {
                 message,
@@ -189,9 +260,8 @@ impl RaftLoop {
                     error!(peer, %reason, "a peer refused this node");
                 }
             }
-            Inbox::Shutdown => return false,
+            Inbox::Shutdown { deadline } => self.begin_shutdown(deadline),
         }
-        true
     }
 
     fn step(&mut self, message: raft::prelude::Message, from_peer_addr: String, cluster_id: u64) {
@@ -269,6 +339,13 @@ impl RaftLoop {
         }
         if self.leader_id == 0 {
             let _ = reply.send(Err(self.no_leader_error()));
+            return;
+        }
+        if self.shutdown.is_some() {
+            let _ = reply.send(Err(WireError::new(
+                ErrorCode::ShuttingDown,
+                "this node is shutting down; retry on another endpoint",
+            )));
             return;
         }
         let id = self.proposals.next_id();
@@ -799,34 +876,37 @@ impl RaftLoop {
     fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
         let asked = self.storage.take_snapshot_request();
         let last = self.storage.snapshot_index();
-        let (applied, term, conf_state, data) = {
+        let applied = self
+            .state_machine
+            .read()
+            .expect("state machine lock poisoned")
+            .applied_index();
+        let due = applied >= last + self.settings.snapshot_threshold;
+        if applied > last && (due || asked) {
+            self.snapshot_now()?;
+        }
+        Ok(())
+    }
+
+    /// Snapshots the state machine at its applied index and compacts the log.
+    fn snapshot_now(&mut self) -> Result<(), StorageError> {
+        let started = Instant::now();
+        let mut snapshot = Snapshot::default();
+        {
             let sm = self
                 .state_machine
                 .read()
                 .expect("state machine lock poisoned");
-            let applied = sm.applied_index();
-            let due = applied >= last + self.settings.snapshot_threshold;
-            if applied <= last || !(due || asked) {
-                return Ok(());
-            }
-            (
-                applied,
-                sm.applied_term(),
-                sm.conf_state().clone(),
-                sm.snapshot_data(),
-            )
-        };
-        let started = Instant::now();
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data.into();
-        let meta = snapshot.mut_metadata();
-        meta.index = applied;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
+            snapshot.data = sm.snapshot_data().into();
+            let meta = snapshot.mut_metadata();
+            meta.index = sm.applied_index();
+            meta.term = sm.applied_term();
+            meta.set_conf_state(sm.conf_state().clone());
+        }
         let size = self
             .storage
             .save_snapshot(&snapshot, self.settings.catchup_entries)?;
-        info!(index = applied, bytes = size, took = ?started.elapsed(), "snapshot saved, log compacted");
+        info!(index = snapshot.get_metadata().index, bytes = size, took = ?started.elapsed(), "snapshot saved, log compacted");
         Ok(())
     }
 

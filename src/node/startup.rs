@@ -19,13 +19,17 @@ use super::{NodeHandle, NodeStatus};
 use crate::config::{parse_initial_cluster, NodeConfig};
 use crate::proto::{Member, NodeIdentity};
 use crate::state_machine::StateMachine;
-use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
+use crate::storage::{DataDirLock, NodeIdentityFile, RaftStorage, StorageError};
 
 /// The log index and term a new cluster starts from. Starting above zero
 /// means a joining node's empty log never matches, so the leader sends it a
 /// snapshot, which carries the member list (as TiKV does).
 const BOOTSTRAP_INDEX: u64 = 1;
 const BOOTSTRAP_TERM: u64 = 1;
+
+/// Test hook: the raft loop stops making progress this many milliseconds after
+/// start (to test that the systemd watchdog pings stop).
+pub const WEDGE_HOOK: &str = "KVRAFT_TEST_WEDGE_RAFT_LOOP_AFTER_MS";
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +73,10 @@ pub struct Prepared {
     pub cluster_id: Arc<AtomicU64>,
     /// The raft loop's inbox, for the peer listener.
     pub inbox: mpsc::Sender<crate::node::Inbox>,
+    /// Counts raft loop rounds (for the watchdog).
+    pub rounds: Arc<AtomicU64>,
+    /// Keeps other daemons out of the data dir while this one runs.
+    pub lock: DataDirLock,
 }
 
 /// Opens (or creates) the node's data and builds its raft loop.
@@ -79,6 +87,7 @@ pub fn prepare(
     runtime: tokio::runtime::Handle,
 ) -> Result<Prepared, StartError> {
     crate::storage::create_private_dir(&config.data_dir)?;
+    let lock = DataDirLock::acquire(&config.data_dir)?;
     let identity_file = NodeIdentityFile::in_dir(&config.data_dir);
     let shown_dir = config.data_dir.display();
     let (storage, report) = RaftStorage::open(&config.data_dir)?;
@@ -205,6 +214,7 @@ pub fn prepare(
     });
     let cluster_id = Arc::new(AtomicU64::new(identity.cluster_id));
     let state_machine = Arc::new(RwLock::new(state_machine));
+    let rounds = Arc::new(AtomicU64::new(0));
     let local = LocalPeer {
         id: config.id,
         peer_addr: advertise_peer_addr.clone(),
@@ -221,10 +231,10 @@ pub fn prepare(
         cluster_id: cluster_id.clone(),
         settings: LoopSettings {
             id: config.id,
-            tick: config.tick,
+            tick: config.tick(),
             snapshot_threshold: config.snapshot_threshold,
             catchup_entries: config.catchup_entries(),
-            request_timeout: config.request_timeout,
+            request_timeout: config.request_timeout(),
             advertise_peer_addr,
             advertise_client_addr,
         },
@@ -234,19 +244,27 @@ pub fn prepare(
         leader_id: 0,
         removed: false,
         last_publish: None,
+        rounds: rounds.clone(),
+        shutdown: None,
+        wedge_after: std::env::var(WEDGE_HOOK)
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis),
     };
     let handle = NodeHandle::new(
         inbox_tx.clone(),
         state_machine,
         applied_rx,
         status_rx,
-        config.request_timeout,
+        config.request_timeout(),
     );
     Ok(Prepared {
         raft_loop,
         handle,
         cluster_id,
         inbox: inbox_tx,
+        rounds,
+        lock,
     })
 }
 

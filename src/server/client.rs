@@ -4,8 +4,10 @@
 
 use futures::{SinkExt, StreamExt};
 use prost::Message as _;
+use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
 use super::{requests, Limits};
@@ -17,20 +19,31 @@ use crate::proto::{response, ErrorCode, Request, Response};
 /// Responses queued per connection before request tasks wait for the writer.
 const RESPONSE_QUEUE: usize = 1024;
 
-/// Accepts client connections until `stop` turns true.
+/// Accepts client connections until `stop` turns true. At most
+/// `limits.max_connections` are served at once; more wait in the kernel's
+/// accept queue.
 pub async fn serve(
     listener: TcpListener,
     handle: NodeHandle,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let slot = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, handle.clone(), limits));
+                    let handle = handle.clone();
+                    tokio::spawn(async move {
+                        connection(stream, handle, limits).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => warn!(error = %e, "client accept failed"),
             }

@@ -10,7 +10,9 @@ pub mod peer;
 pub mod requests;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,7 +21,7 @@ use tracing::info;
 use crate::config::NodeConfig;
 use crate::node::startup::{prepare, StartError};
 use crate::node::{Inbox, NodeHandle};
-use crate::storage::StorageError;
+use crate::storage::{DataDirLock, StorageError};
 
 /// Request size limits enforced at the edge.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +32,8 @@ pub struct Limits {
     pub max_key_size: usize,
     /// Largest value.
     pub max_value_size: usize,
+    /// Client connections served at once.
+    pub max_connections: usize,
 }
 
 /// A started node.
@@ -40,13 +44,18 @@ pub struct RunningNode {
     pub peer_addr: SocketAddr,
     /// Talks to the raft loop.
     pub handle: NodeHandle,
+    /// Counts raft loop rounds: a watchdog pings only while it moves.
+    pub raft_rounds: Arc<AtomicU64>,
     stop_listeners: watch::Sender<bool>,
     raft_thread: std::thread::JoinHandle<Result<(), StorageError>>,
+    _lock: DataDirLock,
 }
 
 /// Binds the listeners, recovers or bootstraps the node and starts it.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
-    config.validate().map_err(StartError::Config)?;
+    config
+        .validate()
+        .map_err(|e| StartError::Config(format!("{} {}", e.key, e.message)))?;
     let client_listener = bind(&config.client_addr, "--client-addr").await?;
     let peer_listener = bind(&config.peer_addr, "--peer-addr").await?;
     let client_addr = client_listener
@@ -91,6 +100,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         max_frame_size: config.max_frame_size,
         max_key_size: config.max_key_size,
         max_value_size: config.max_value_size,
+        max_connections: config.max_connections,
     };
     tokio::spawn(client::serve(
         client_listener,
@@ -113,8 +123,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         client_addr,
         peer_addr,
         handle,
+        raft_rounds: prepared.rounds,
         stop_listeners,
         raft_thread,
+        _lock: prepared.lock,
     })
 }
 
@@ -126,10 +138,13 @@ impl RunningNode {
         let _ = status.wait_for(|s| s.stopped || s.removed).await;
     }
 
-    /// Stops listening, stops the raft loop and waits for it.
-    pub async fn shutdown(self) -> Result<(), StorageError> {
+    /// Stops accepting connections, then shuts the raft loop down gracefully
+    /// (leadership handed over, in-flight requests drained, a snapshot at the
+    /// applied index) within `timeout`, and waits for it.
+    pub async fn shutdown(self, timeout: Duration) -> Result<(), StorageError> {
         let _ = self.stop_listeners.send(true);
-        let _ = self.handle.send(Inbox::Shutdown);
+        let deadline = std::time::Instant::now() + timeout;
+        let _ = self.handle.send(Inbox::Shutdown { deadline });
         let thread = self.raft_thread;
         tokio::task::spawn_blocking(move || thread.join())
             .await

@@ -1,6 +1,7 @@
 //! Everything that lives on disk under a node's data dir:
 //!
 //! ```text
+//! DATA_DIR/LOCK              held (flock) by the running daemon (lock.rs)
 //! DATA_DIR/identity          which node and cluster this data dir belongs to (identity.rs)
 //! DATA_DIR/raft-log/         the raft log, HardState and log bounds, in raft-engine (raft_storage.rs)
 //! DATA_DIR/snapshots/*.snap  checksummed snapshots of the state machine (snapshot_files.rs)
@@ -12,11 +13,13 @@
 
 mod fs_util;
 pub mod identity;
+pub mod lock;
 pub mod raft_storage;
 pub mod snapshot_files;
 
 pub use fs_util::create_private_dir;
 pub use identity::NodeIdentityFile;
+pub use lock::DataDirLock;
 pub use raft_storage::RaftStorage;
 pub use snapshot_files::SnapshotFiles;
 

@@ -1,27 +1,34 @@
-//! Linearizability checker for key-value histories (Wing & Gong search with
-//! Lowe's memoization, as in Porcupine).
+//! Linearizability checker for key-value histories: the Wing & Gong search
+//! with Lowe's memoization, as in Porcupine.
 //!
 //! The model is a map of independent registers keyed by `Vec<u8>`, each
 //! initially absent (`None`). A `Write` sets a key, a `Delete` clears it and a
 //! `Read` returns its current value. Since keys are independent, a history is
 //! linearizable iff each key's sub-history is, so every key is checked on its
-//! own: the search is exponential in the worst case, and partitioning keeps
-//! each search small.
+//! own ([`check`]): the search is exponential in the worst case, and
+//! partitioning keeps each search small.
 //!
-//! Recording a history (from any number of client threads):
+//! Recording a history (from any number of client threads or tasks):
 //!
-//! * Take `invoke` from a clock shared by all threads (e.g. one [`Clock`])
-//!   just *before* sending the request, and `complete` just *after* receiving
-//!   the reply. Never use wall-clock time: it may jump backwards.
-//! * An operation whose outcome is unknown (timeout, lost connection) is
-//!   recorded with `complete: None`; it may have taken effect at any point
-//!   after `invoke`, or never. Reads whose outcome is unknown carry no
-//!   information and may be left out (they are dropped if present), as may
-//!   operations known to have failed without effect.
+//! * Take `invoke` from a clock shared by all threads (e.g. one [`Clock`],
+//!   which is `Copy`) just *before* sending the request, and `complete` just
+//!   *after* receiving the reply. Never use wall-clock time: it may jump.
+//! * An operation whose outcome is unknown (timeout, lost connection, error
+//!   after sending) is recorded with `complete: None`; it may have taken
+//!   effect at any point after `invoke`, or never. Reads whose outcome is
+//!   unknown carry no information and may be left out (they are ignored if
+//!   present), as may operations known to have failed without effect.
 //! * Let each thread collect its own `Vec<Op>` and merge them afterwards
 //!   ([`History`] implements `Extend<Op>`), or share an
-//!   `Arc<Mutex<History>>`. The order of ops in a history is irrelevant; only
+//!   `Arc<Mutex<Vec<Op>>>`. The order of ops in a history is irrelevant; only
 //!   the timestamps matter.
+//!
+//! Cost: valid histories are usually checked in near-linear time. A failing
+//! history makes the search exhaust every configuration before the failure
+//! point, roughly `ops * 2^(ops in flight on that key at once)`: with a few
+//! clients per key, a few hundred or thousand ops take milliseconds; with
+//! 20 concurrent writers on one key, seconds. Unique write values help, as
+//! do reads (they pin down the state).
 
 // Not every integration test uses every item of this support module.
 #![allow(dead_code)]
@@ -113,8 +120,8 @@ impl fmt::Display for Op {
     }
 }
 
-/// Monotonic nanoseconds since creation; `Copy`, so give each client thread
-/// the same clock to get comparable timestamps.
+/// Monotonic nanoseconds since creation. It is `Copy`: give every client
+/// thread a copy of the same clock to get comparable timestamps.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock(Instant);
 
@@ -134,7 +141,8 @@ impl Default for Clock {
     }
 }
 
-/// A collection of operations, in any order.
+/// A collection of operations, in any order. A plain `Vec<Op>` works as
+/// well; see [`check`].
 #[derive(Clone, Debug, Default)]
 pub struct History {
     ops: Vec<Op>,
@@ -182,8 +190,9 @@ impl FromIterator<Op> for History {
 }
 
 /// Why a history is not linearizable: the first key (in byte order) whose
-/// sub-history admits no linearization.
-#[derive(Clone, Debug)]
+/// sub-history admits no linearization. Its `Debug` form is the readable
+/// `Display` one, so that `unwrap()` and `{:?}` print a useful report.
+#[derive(Clone)]
 pub struct Violation {
     pub key: Vec<u8>,
     /// Ops of this key that were searched (unknown-outcome reads and
@@ -211,6 +220,12 @@ impl fmt::Display for Violation {
             write!(f, "\n  {op}")?;
         }
         Ok(())
+    }
+}
+
+impl fmt::Debug for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -247,7 +262,7 @@ const ABSENT: u32 = 0;
 const UNREAD: u32 = u32::MAX;
 
 /// Effect of one op on the register state (an interned value).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Step {
     Set(u32),
     Expect(u32),
@@ -311,9 +326,7 @@ impl EventList {
         }
         self.next[HEAD]
     }
-}
 
-impl EventList {
     /// Whether, once optional op `op` is linearized with resulting state
     /// `state`, a read of `state` could come next (it is a call before the
     /// first return of a required op). If not, there is no point in
@@ -338,6 +351,25 @@ impl EventList {
         }
         self.unlift(op);
         found
+    }
+
+    /// Whether an optional op with the same effect as the one called at
+    /// `entry` is called before it. Optional ops with the same effect also
+    /// have the same deadline, so once both are candidates they are
+    /// interchangeable (swap them in any valid linearization), and only the
+    /// first needs trying. Without this, every subset of e.g. pending
+    /// deletes would be a distinct configuration.
+    fn has_earlier_twin(&self, entry: usize, steps: &[Step], optional: &[bool]) -> bool {
+        let step = steps[(entry - 1) / 2];
+        let mut e = self.next[HEAD];
+        while e != entry {
+            let i = (e - 1) / 2;
+            if e % 2 == 1 && optional[i] && steps[i] == step {
+                return true;
+            }
+            e = self.next[e];
+        }
+        false
     }
 }
 
@@ -377,7 +409,7 @@ fn check_key(key: &[u8], all_ops: &[&Op]) -> Result<(), Violation> {
     // configuration, which makes failing searches explode. Instead, with M
     // such an op producing value x (None for a delete):
     //
-    // * If no read returned x after M's invocation, M is dropped: in any
+    // * If no read of x completed after M's invocation, M is dropped: in any
     //   linearization containing M, no read sits between M and the next
     //   mutation, so removing M keeps the linearization valid.
     // * If M is the only write of x (and x is not None, which is also the
@@ -486,7 +518,13 @@ fn check_key(key: &[u8], all_ops: &[&Op]) -> Result<(), Violation> {
         // op, or omit it if this is the return of an optional op.
         let attempt = match (is_call, steps[op]) {
             (true, _) if optional[op] != late => None,
-            (true, Step::Set(s)) if late && !list.read_follows(op, s, &steps, &optional) => None,
+            (true, Step::Set(s))
+                if late
+                    && (list.has_earlier_twin(entry, &steps, &optional)
+                        || !list.read_follows(op, s, &steps, &optional)) =>
+            {
+                None
+            }
             (true, Step::Set(s)) => Some((s, false)),
             (true, Step::Expect(s)) => (s == state).then_some((state, true)),
             (false, _) if !late => {
@@ -521,7 +559,8 @@ fn check_key(key: &[u8], all_ops: &[&Op]) -> Result<(), Violation> {
             // For an omission, the configuration without `op` is the
             // current one, not a failed one, so `op` is not left out there.
             let extra = (is_call && optional[op]).then_some(op);
-            if !dominated(&mut config, &optionals, extra, &cache) && cache.insert(config.clone()) {
+            if !dominated(&mut config, &optionals, extra, &cache) && !cache.contains(&config) {
+                cache.insert(config.clone());
                 stack.push(Frame {
                     op,
                     before: state,
@@ -780,6 +819,24 @@ mod tests {
         assert_violation(&[r(Some("a"), 0, 1), w_unknown("a", 2)]);
     }
 
+    #[test]
+    fn each_unknown_delete_takes_effect_at_most_once() {
+        // 12 deletes of unknown outcome, then writes each followed by a read
+        // of absent: each such read needs a delete of its own.
+        let history = |absent_reads: u64| {
+            let mut ops: Vec<Op> = (0..12).map(|i| d(i, None)).collect();
+            for j in 0..absent_reads {
+                let t = 100 + 10 * j;
+                ops.push(w(&format!("v{j}"), t, t + 1));
+                ops.push(r(Some(&format!("v{j}")), t + 2, t + 3));
+                ops.push(r(None, t + 4, t + 5));
+            }
+            ops
+        };
+        assert_ok(&history(12));
+        assert_violation(&history(13));
+    }
+
     /// Tiny deterministic PRNG (xorshift64) so the test needs no crates.
     fn rng(seed: &mut u64) -> u64 {
         *seed ^= *seed << 13;
@@ -837,15 +894,9 @@ mod tests {
     #[test]
     fn random_histories_of_hundreds_of_ops() {
         let mut seed = 0x9E37_79B9_7F4A_7C15;
-        for _ in 0..3 {
-            let mut ops = random_valid_history(400, &mut seed);
-            let t = std::time::Instant::now();
+        for _ in 0..2 {
+            let mut ops = random_valid_history(300, &mut seed);
             assert_ok(&ops);
-            eprintln!(
-                "ok {:?} unknown={}",
-                t.elapsed(),
-                ops.iter().filter(|o| o.complete.is_none()).count()
-            );
             // Make a late read return a value overwritten long before.
             let first = ops
                 .iter()
@@ -859,9 +910,8 @@ mod tests {
                 .unwrap();
             assert_ne!(ops[late].kind, OpKind::Read(Some(old.clone())));
             ops[late].kind = OpKind::Read(Some(old));
-            let t = std::time::Instant::now();
-            assert_violation(&ops);
-            eprintln!("bad {:?}", t.elapsed());
+            let v = assert_violation(&ops);
+            assert!(v.stuck.contains(&ops[late]), "{v}");
         }
     }
 }

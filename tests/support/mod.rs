@@ -144,7 +144,7 @@ impl Cluster {
             .arg(&node.peer_addr)
             .args(FAST_TIMING)
             .args(&node.args)
-            .env("KVRAFT_LOG", "info,raft=warn")
+            .env("KVRAFT_LOG_FILTER", "info,raft=warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
