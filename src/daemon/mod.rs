@@ -20,6 +20,7 @@ use crate::config::{ConfigSources, DaemonArgs, NodeConfig};
 #[command(
     name = "kvraftd",
     version,
+    args_override_self = true,
     about = "A kvraft node: a replicated key-value store on Raft",
     after_help = "Every flag is also a config file key and a KVRAFT_* environment variable \
                   (--client-addr = client_addr = KVRAFT_CLIENT_ADDR). \
@@ -51,7 +52,11 @@ pub fn main() -> i32 {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(config, sources, logging))
+    let code = runtime.block_on(run(config, sources, logging));
+    // Don't wait for blocking tasks: after a second signal the raft thread may
+    // still be busy, and exiting must not wait for it.
+    runtime.shutdown_background();
+    code
 }
 
 async fn run(config: NodeConfig, sources: ConfigSources, logging: logging::Logging) -> i32 {

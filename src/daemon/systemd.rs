@@ -31,11 +31,7 @@ pub fn notify_stopping() {
 /// keeps counting rounds: a wedged loop stops the pings and systemd restarts
 /// the node.
 pub fn spawn_watchdog(rounds: Arc<AtomicU64>) -> Option<JoinHandle<()>> {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) {
-        return None;
-    }
-    let interval = Duration::from_micros(usec / 2);
+    let interval = watchdog_timeout()? / 2;
     Some(tokio::spawn(async move {
         let mut last = rounds.load(Ordering::Relaxed);
         loop {
@@ -49,6 +45,21 @@ pub fn spawn_watchdog(rounds: Arc<AtomicU64>) -> Option<JoinHandle<()>> {
             }
         }
     }))
+}
+
+/// `WATCHDOG_USEC`, when it applies to this process. As sd_watchdog_enabled(3)
+/// says, `WATCHDOG_PID` restricts it only when set (sd-notify's own check
+/// also wants it set).
+fn watchdog_timeout() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC")
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|u| *u > 0)?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => Some(Duration::from_micros(usec)),
+    }
 }
 
 /// Keeps `STATUS=` current (role, term, leader, applied index), at most once a

@@ -38,12 +38,22 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     pub args: Vec<String>,
+    env_removed: Vec<String>,
     child: Option<Child>,
 }
 
 impl Node {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Starts this node without the harness's value of an environment variable.
+    pub fn env_remove(&mut self, name: &str) {
+        self.env_removed.push(name.to_string());
     }
 
     pub fn log(&self) -> String {
@@ -100,6 +110,7 @@ impl Cluster {
             client_addr,
             peer_addr,
             args,
+            env_removed: Vec::new(),
             child: None,
         });
         self.nodes.last_mut().unwrap()
@@ -133,7 +144,8 @@ impl Cluster {
             .append(true)
             .open(&node.log_path)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kvraftd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kvraftd"));
+        command
             .arg("--id")
             .arg(id.to_string())
             .arg("--data-dir")
@@ -147,9 +159,11 @@ impl Cluster {
             .env("KVRAFT_LOG_FILTER", "info,raft=warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kvraftd");
+            .stderr(log);
+        for name in &node.env_removed {
+            command.env_remove(name);
+        }
+        let child = command.spawn().expect("spawn kvraftd");
         node.child = Some(child);
     }
 
