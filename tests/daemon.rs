@@ -382,7 +382,8 @@ async fn sigterm_under_load_hands_leadership_over_snapshots_and_loses_nothing() 
         "restart starts from the shutdown snapshot"
     );
     let client = cluster.client(&[1, 2, 3]);
-    for (k, v) in acked.lock().unwrap().iter() {
+    let acked = acked.lock().unwrap().clone();
+    for (k, v) in &acked {
         assert_eq!(
             client.get(k.clone()).await.unwrap().as_deref(),
             Some(v.as_bytes()),
