@@ -146,15 +146,28 @@ impl Default for Proposals {
 }
 
 /// Linearizable reads: new ones gather into a batch that shares one ReadIndex
-/// round; rounds in flight are keyed by their unique context.
-#[derive(Default)]
+/// round; rounds in flight are keyed by their context, which must be unique
+/// across the cluster: the leader ignores a context it already has pending,
+/// and followers forward theirs to it.
 pub struct Reads {
+    node_id: u64,
     next_ctx: u64,
     batch: Vec<ReadReply>,
     rounds: HashMap<Vec<u8>, (Vec<ReadReply>, Instant)>,
 }
 
 impl Reads {
+    /// Read rounds of this node.
+    pub fn new(node_id: u64) -> Self {
+        Reads {
+            node_id,
+            // Random start: contexts from before a restart may still be pending.
+            next_ctx: rand::random::<u64>() >> 1,
+            batch: Vec::new(),
+            rounds: HashMap::new(),
+        }
+    }
+
     /// Queues a read for the next round.
     pub fn push(&mut self, reply: ReadReply) {
         self.batch.push(reply);
@@ -165,8 +178,10 @@ impl Reads {
         if self.batch.is_empty() {
             return None;
         }
-        self.next_ctx += 1;
-        let ctx = self.next_ctx.to_be_bytes().to_vec();
+        self.next_ctx = self.next_ctx.wrapping_add(1);
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.node_id.to_be_bytes());
+        ctx.extend_from_slice(&self.next_ctx.to_be_bytes());
         self.rounds
             .insert(ctx.clone(), (std::mem::take(&mut self.batch), deadline));
         Some(ctx)
@@ -267,8 +282,19 @@ mod tests {
     }
 
     #[test]
+    fn read_contexts_differ_across_nodes() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let (mut a, mut b) = (Reads::new(1), Reads::new(2));
+        a.next_ctx = 7;
+        b.next_ctx = 7;
+        a.push(oneshot::channel().0);
+        b.push(oneshot::channel().0);
+        assert_ne!(a.start_round(deadline), b.start_round(deadline));
+    }
+
+    #[test]
     fn reads_batch_into_one_round() {
-        let mut r = Reads::default();
+        let mut r = Reads::new(1);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         r.push(a);

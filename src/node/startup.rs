@@ -239,7 +239,7 @@ pub fn prepare(
             advertise_client_addr,
         },
         proposals: Proposals::new(),
-        reads: Reads::default(),
+        reads: Reads::new(config.id),
         learned_addrs: HashMap::new(),
         leader_id: 0,
         removed: false,
