@@ -21,9 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::codec;
 use crate::error::{is_callers_fault, is_retryable, Error};
 use crate::proto::{
-    request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest,
-    InfoResponse, KeyValue, Member, MembersRequest, PingRequest, RemoveNodeRequest, Request,
-    Response, ScanRequest, SetRequest,
+    request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest, InfoResponse, KeyValue,
+    Member, MembersRequest, PingRequest, RemoveNodeRequest, Request, Response, ScanRequest, SetRequest,
 };
 
 /// Default endpoint: a single local node with default flags.
@@ -101,11 +100,7 @@ impl Client {
     }
 
     /// Sets `key` to `value`; returns the log index that applied it.
-    pub async fn set(
-        &self,
-        key: impl Into<Vec<u8>>,
-        value: impl Into<Vec<u8>>,
-    ) -> Result<u64, Error> {
+    pub async fn set(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<u64, Error> {
         let command = request::Command::Set(SetRequest {
             key: key.into(),
             value: value.into(),
@@ -176,12 +171,7 @@ impl Client {
 
     /// Adds a node as a learner; the leader promotes it to voter once it has
     /// caught up. Returns the member list after the change.
-    pub async fn add_node(
-        &self,
-        node_id: u64,
-        peer_addr: &str,
-        client_addr: &str,
-    ) -> Result<Vec<Member>, Error> {
+    pub async fn add_node(&self, node_id: u64, peer_addr: &str, client_addr: &str) -> Result<Vec<Member>, Error> {
         let command = request::Command::AddNode(AddNodeRequest {
             node_id,
             peer_addr: peer_addr.into(),
@@ -215,10 +205,7 @@ impl Client {
 
     /// Status of the first node that answers.
     pub async fn info(&self) -> Result<InfoResponse, Error> {
-        match self
-            .call(request::Command::Info(InfoRequest {}), true)
-            .await?
-        {
+        match self.call(request::Command::Info(InfoRequest {}), true).await? {
             response::Result::Info(r) => Ok(r),
             other => Err(mismatch(other)),
         }
@@ -227,10 +214,7 @@ impl Client {
     /// Round trip to the first node that answers: its id and the time taken.
     pub async fn ping(&self) -> Result<(u64, Duration), Error> {
         let started = Instant::now();
-        match self
-            .call(request::Command::Ping(PingRequest {}), true)
-            .await?
-        {
+        match self.call(request::Command::Ping(PingRequest {}), true).await? {
             response::Result::Ping(r) => Ok((r.node_id, started.elapsed())),
             other => Err(mismatch(other)),
         }
@@ -273,9 +257,7 @@ impl Client {
         let endpoints = self.inner.endpoints.lock().unwrap();
         let i = self.inner.current.load(Ordering::Relaxed) % endpoints.len();
         if endpoints[i] == failed {
-            self.inner
-                .current
-                .store((i + 1) % endpoints.len(), Ordering::Relaxed);
+            self.inner.current.store((i + 1) % endpoints.len(), Ordering::Relaxed);
         }
     }
 
@@ -283,11 +265,7 @@ impl Client {
         self.inner.connections.lock().unwrap().remove(endpoint);
     }
 
-    async fn connection(
-        &self,
-        endpoint: &str,
-        deadline: Instant,
-    ) -> Result<Arc<Connection>, String> {
+    async fn connection(&self, endpoint: &str, deadline: Instant) -> Result<Arc<Connection>, String> {
         if let Some(c) = self.inner.connections.lock().unwrap().get(endpoint) {
             if !c.is_closed() {
                 return Ok(c.clone());
@@ -313,11 +291,7 @@ impl Client {
 
     /// Sends one command with failover and retries until the deadline.
     /// `idempotent` commands are retried even when their outcome is unknown.
-    async fn call(
-        &self,
-        command: request::Command,
-        idempotent: bool,
-    ) -> Result<response::Result, Error> {
+    async fn call(&self, command: request::Command, idempotent: bool) -> Result<response::Result, Error> {
         let timeout = self.inner.options.timeout;
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
@@ -359,8 +333,7 @@ impl Client {
                     ..
                 }) => {
                     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
-                    let retry =
-                        is_retryable(code) || (idempotent && code == ErrorCode::OutcomeUnknown);
+                    let retry = is_retryable(code) || (idempotent && code == ErrorCode::OutcomeUnknown);
                     if !retry {
                         return Err(match code {
                             ErrorCode::OutcomeUnknown => Error::OutcomeUnknown(e.message),
@@ -376,22 +349,15 @@ impl Client {
                         let i = self.add_endpoint(&e.leader_client_addr);
                         self.inner.current.store(i, Ordering::Relaxed);
                         // Give a leadership transfer a moment to complete.
-                        tokio::time::sleep(
-                            backoff.min(deadline.saturating_duration_since(Instant::now())),
-                        )
-                        .await;
+                        tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
                     } else {
                         self.rotate_from(&endpoint);
                     }
                     failures_in_a_row += 1;
                 }
-                Ok(Response {
-                    result: Some(r), ..
-                }) => return Ok(r),
+                Ok(Response { result: Some(r), .. }) => return Ok(r),
                 Ok(Response { result: None, .. }) => {
-                    return Err(Error::Protocol(format!(
-                        "{endpoint} sent a response without a result"
-                    )))
+                    return Err(Error::Protocol(format!("{endpoint} sent a response without a result")))
                 }
                 Err(Failure::Closed(reason)) => {
                     self.drop_connection(&endpoint);
@@ -399,9 +365,7 @@ impl Client {
                         return Err(Error::InvalidArgument(reason));
                     }
                     if !idempotent {
-                        return Err(Error::OutcomeUnknown(format!(
-                            "the connection to {endpoint} broke"
-                        )));
+                        return Err(Error::OutcomeUnknown(format!("the connection to {endpoint} broke")));
                     }
                     last_error = format!("{endpoint}: connection lost");
                     self.rotate_from(&endpoint);

@@ -19,16 +19,11 @@ pub const CLIENT_MAX_FRAME: usize = 256 * 1024 * 1024;
 
 /// The codec for a stream with this frame limit.
 pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(max_frame)
-        .new_codec()
+    LengthDelimitedCodec::builder().max_frame_length(max_frame).new_codec()
 }
 
 /// Wraps a byte stream into a frame stream with this limit.
-pub fn framed<T: AsyncRead + AsyncWrite>(
-    io: T,
-    max_frame: usize,
-) -> Framed<T, LengthDelimitedCodec> {
+pub fn framed<T: AsyncRead + AsyncWrite>(io: T, max_frame: usize) -> Framed<T, LengthDelimitedCodec> {
     Framed::new(io, codec(max_frame))
 }
 
@@ -56,9 +51,7 @@ mod tests {
     fn frames_round_trip_under_the_limit() {
         let mut codec = codec(16);
         let mut buf = BytesMut::new();
-        codec
-            .encode(Bytes::from_static(b"hello"), &mut buf)
-            .unwrap();
+        codec.encode(Bytes::from_static(b"hello"), &mut buf).unwrap();
         assert_eq!(&buf[..4], &[0, 0, 0, 5]);
         let frame = codec.decode(&mut buf).unwrap().unwrap();
         assert_eq!(&frame[..], b"hello");
@@ -83,8 +76,6 @@ mod tests {
     fn an_encoder_refuses_to_send_an_oversized_frame() {
         let mut codec = codec(4);
         let mut buf = BytesMut::new();
-        assert!(codec
-            .encode(Bytes::from_static(b"12345"), &mut buf)
-            .is_err());
+        assert!(codec.encode(Bytes::from_static(b"12345"), &mut buf).is_err());
     }
 }

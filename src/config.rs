@@ -140,17 +140,13 @@ impl NodeConfig {
 
     /// The log entries kept behind a snapshot.
     pub fn catchup_entries(&self) -> u64 {
-        self.snapshot_catchup_entries
-            .min(self.snapshot_threshold / 2)
+        self.snapshot_catchup_entries.min(self.snapshot_threshold / 2)
     }
 
     /// Checks values that types alone can't constrain.
     pub fn validate(&self) -> Result<(), Invalid> {
         if self.id == 0 {
-            return Err(invalid(
-                "id",
-                "must be a positive integer (0 is reserved by raft)",
-            ));
+            return Err(invalid("id", "must be a positive integer (0 is reserved by raft)"));
         }
         if self.snapshot_threshold == 0 {
             return Err(invalid("snapshot_threshold", "must be at least 1"));
@@ -197,10 +193,7 @@ impl NodeConfig {
                 ),
             ));
         }
-        for (key, addr) in [
-            ("client_addr", &self.client_addr),
-            ("peer_addr", &self.peer_addr),
-        ] {
+        for (key, addr) in [("client_addr", &self.client_addr), ("peer_addr", &self.peer_addr)] {
             check_host_port(addr).map_err(|e| invalid(key, format!("{addr:?}: {e}")))?;
         }
         for (key, addr) in [
@@ -238,11 +231,7 @@ pub fn check_host_port(addr: &str) -> Result<(), String> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| "expected HOST:PORT, e.g. 127.0.0.1:7380".to_string())?;
-    if host.is_empty()
-        || host.contains(char::is_whitespace)
-        || host.contains(',')
-        || host.contains('=')
-    {
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains(',') || host.contains('=') {
         return Err("expected HOST:PORT with a non-empty host name or IP address".into());
     }
     port.parse::<u16>()
@@ -433,10 +422,7 @@ impl ConfigSources {
     }
 
     fn figment(&self) -> Result<Figment, String> {
-        let mut figment = Figment::from(Named(
-            Serialized::defaults(NodeConfig::default()),
-            "built-in default",
-        ));
+        let mut figment = Figment::from(Named(Serialized::defaults(NodeConfig::default()), "built-in default"));
         if let Some(file) = &self.file {
             if file.exists() {
                 figment = figment.merge(Toml::file_exact(file));
@@ -478,9 +464,7 @@ impl<P: figment::Provider> figment::Provider for Named<P> {
         figment::Metadata::named(self.1)
     }
 
-    fn data(
-        &self,
-    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         self.0.data()
     }
 }
@@ -531,28 +515,12 @@ mod tests {
     #[test]
     fn parses_initial_cluster_and_names_bad_entries() {
         let m = parse_initial_cluster("2=127.0.0.1:2,1=node1:7380").unwrap();
-        assert_eq!(
-            m,
-            vec![
-                (1, "node1:7380".to_string()),
-                (2, "127.0.0.1:2".to_string())
-            ]
-        );
-        assert!(parse_initial_cluster("1=a:1,1=b:2")
-            .unwrap_err()
-            .contains("twice"));
-        assert!(parse_initial_cluster("x=a:1")
-            .unwrap_err()
-            .contains("positive integer"));
-        assert!(parse_initial_cluster("0=a:1")
-            .unwrap_err()
-            .contains("positive integer"));
-        assert!(parse_initial_cluster("1=a")
-            .unwrap_err()
-            .contains("HOST:PORT"));
-        assert!(parse_initial_cluster("1=a:99999")
-            .unwrap_err()
-            .contains("65535"));
+        assert_eq!(m, vec![(1, "node1:7380".to_string()), (2, "127.0.0.1:2".to_string())]);
+        assert!(parse_initial_cluster("1=a:1,1=b:2").unwrap_err().contains("twice"));
+        assert!(parse_initial_cluster("x=a:1").unwrap_err().contains("positive integer"));
+        assert!(parse_initial_cluster("0=a:1").unwrap_err().contains("positive integer"));
+        assert!(parse_initial_cluster("1=a").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_initial_cluster("1=a:99999").unwrap_err().contains("65535"));
         assert!(parse_initial_cluster("").unwrap_err().contains("empty"));
     }
 

@@ -108,13 +108,7 @@ impl StateMachine {
     /// Applies a membership change: the new ConfState, and the addresses of a
     /// node being added. Members that left the configuration are remembered as
     /// removed so they can be told to stop.
-    pub fn apply_conf_state(
-        &mut self,
-        index: u64,
-        term: u64,
-        conf_state: ConfState,
-        added: Option<Member>,
-    ) {
+    pub fn apply_conf_state(&mut self, index: u64, term: u64, conf_state: ConfState, added: Option<Member>) {
         self.advance(index, term);
         if let Some(member) = added {
             self.addresses.insert(member.id, member);
@@ -150,14 +144,7 @@ impl StateMachine {
 
     /// Keys in `[from, to)` (empty `to`: unbounded) that start with `prefix`, at
     /// most `limit` pairs (0: no limit) and about `max_bytes` of keys and values.
-    pub fn scan(
-        &self,
-        prefix: &[u8],
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-        max_bytes: usize,
-    ) -> ScanPage {
+    pub fn scan(&self, prefix: &[u8], from: &[u8], to: &[u8], limit: usize, max_bytes: usize) -> ScanPage {
         let start = if from > prefix { from } else { prefix };
         let upper = if to.is_empty() {
             Bound::Unbounded
@@ -171,9 +158,7 @@ impl StateMachine {
                 break;
             }
             let size = key.len() + value.len() + 8;
-            if (limit > 0 && page.pairs.len() >= limit)
-                || (!page.pairs.is_empty() && bytes + size > max_bytes)
-            {
+            if (limit > 0 && page.pairs.len() >= limit) || (!page.pairs.is_empty() && bytes + size > max_bytes) {
                 page.more = true;
                 break;
             }
@@ -250,11 +235,7 @@ impl StateMachine {
     ) -> Result<(), prost::DecodeError> {
         let snap = SnapshotData::decode(data)?;
         *self = StateMachine {
-            map: snap
-                .pairs
-                .into_iter()
-                .map(|kv| (kv.key, kv.value))
-                .collect(),
+            map: snap.pairs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
             addresses: snap.members.into_iter().map(|m| (m.id, m)).collect(),
             conf_state,
             removed: snap.removed.into_iter().collect(),
@@ -314,10 +295,7 @@ mod tests {
     #[test]
     fn applies_sets_and_deletes_in_order() {
         let mut sm = StateMachine::new(7);
-        assert_eq!(
-            sm.apply(2, 1, set("a", "1")),
-            ApplyResult::Set { revision: 2 }
-        );
+        assert_eq!(sm.apply(2, 1, set("a", "1")), ApplyResult::Set { revision: 2 });
         sm.apply(3, 1, set("a", "2"));
         assert_eq!(sm.get(b"a").unwrap(), b"2");
         assert_eq!(
@@ -350,14 +328,8 @@ mod tests {
                 .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            keys(&sm.scan(b"b/", b"", b"", 0, usize::MAX)),
-            ["b/1", "b/2", "b/3"]
-        );
-        assert_eq!(
-            keys(&sm.scan(b"", b"b/2", b"c", 0, usize::MAX)),
-            ["b/2", "b/3"]
-        );
+        assert_eq!(keys(&sm.scan(b"b/", b"", b"", 0, usize::MAX)), ["b/1", "b/2", "b/3"]);
+        assert_eq!(keys(&sm.scan(b"", b"b/2", b"c", 0, usize::MAX)), ["b/2", "b/3"]);
         let page = sm.scan(b"", b"", b"", 2, usize::MAX);
         assert_eq!(keys(&page), ["a", "b/1"]);
         assert!(page.more);
@@ -375,18 +347,9 @@ mod tests {
         cs.learners = vec![2];
         sm.apply_conf_state(2, 1, cs, Some(member(2)));
         let roles: Vec<(u64, i32)> = sm.members().iter().map(|m| (m.id, m.role)).collect();
-        assert_eq!(
-            roles,
-            [
-                (1, MemberRole::Voter as i32),
-                (2, MemberRole::Learner as i32)
-            ]
-        );
+        assert_eq!(roles, [(1, MemberRole::Voter as i32), (2, MemberRole::Learner as i32)]);
         sm.apply_conf_state(3, 1, voters(&[1, 2]), None);
-        assert!(sm
-            .members()
-            .iter()
-            .all(|m| m.role == MemberRole::Voter as i32));
+        assert!(sm.members().iter().all(|m| m.role == MemberRole::Voter as i32));
         sm.apply_conf_state(4, 1, voters(&[2]), None);
         assert_eq!(sm.members().len(), 1);
         assert!(sm.is_removed(1));
@@ -411,10 +374,7 @@ mod tests {
         );
         let m = sm.member(1).unwrap();
         assert_eq!(m.client_addr, "127.0.0.1:9999");
-        assert_eq!(
-            m.peer_addr, "127.0.0.1:7001",
-            "an empty peer address keeps the old one"
-        );
+        assert_eq!(m.peer_addr, "127.0.0.1:7001", "an empty peer address keeps the old one");
     }
 
     #[test]
@@ -432,8 +392,6 @@ mod tests {
         assert!(restored.is_removed(2));
         assert_eq!(restored.cluster_id(), 99);
         assert_eq!(restored.applied_index(), 4);
-        assert!(restored
-            .restore(b"\xff\xff\xff", 1, 1, ConfState::default())
-            .is_err());
+        assert!(restored.restore(b"\xff\xff\xff", 1, 1, ConfState::default()).is_err());
     }
 }

@@ -19,9 +19,7 @@ const T: Duration = Duration::from_secs(20);
 
 fn error_of(response: &Response) -> (ErrorCode, String) {
     match &response.result {
-        Some(response::Result::Error(e)) => {
-            (ErrorCode::try_from(e.code).unwrap(), e.message.clone())
-        }
+        Some(response::Result::Error(e)) => (ErrorCode::try_from(e.code).unwrap(), e.message.clone()),
         other => panic!("expected an error, got {other:?}"),
     }
 }
@@ -30,11 +28,7 @@ async fn read_response<S>(frames: &mut S) -> Response
 where
     S: futures::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
 {
-    let frame = tokio::time::timeout(T, frames.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let frame = tokio::time::timeout(T, frames.next()).await.unwrap().unwrap().unwrap();
     Response::decode(frame).unwrap()
 }
 
@@ -42,9 +36,7 @@ where
 async fn malformed_protobuf_gets_an_error_and_the_connection_survives() {
     let cluster = Cluster::start_static(1, &[]);
     cluster.wait_for_leader(&[1], T).await;
-    let stream = TcpStream::connect(&cluster.nodes[0].client_addr)
-        .await
-        .unwrap();
+    let stream = TcpStream::connect(&cluster.nodes[0].client_addr).await.unwrap();
     let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
 
     frames
@@ -57,10 +49,7 @@ async fn malformed_protobuf_gets_an_error_and_the_connection_survives() {
 
     // A well-formed request with no command.
     frames
-        .send(kvraft::codec::encode(&Request {
-            id: 7,
-            command: None,
-        }))
+        .send(kvraft::codec::encode(&Request { id: 7, command: None }))
         .await
         .unwrap();
     let response = read_response(&mut frames).await;
@@ -92,14 +81,9 @@ async fn an_oversized_frame_is_refused_before_it_is_read() {
         ],
     );
     cluster.wait_for_leader(&[1], T).await;
-    let mut stream = TcpStream::connect(&cluster.nodes[0].client_addr)
-        .await
-        .unwrap();
+    let mut stream = TcpStream::connect(&cluster.nodes[0].client_addr).await.unwrap();
     // Announce 100 MiB; send only the header.
-    stream
-        .write_all(&(100u32 << 20).to_be_bytes())
-        .await
-        .unwrap();
+    stream.write_all(&(100u32 << 20).to_be_bytes()).await.unwrap();
     let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
     let (code, message) = error_of(&read_response(&mut frames).await);
     assert_eq!(code, ErrorCode::FrameTooLarge);
@@ -117,11 +101,7 @@ async fn an_oversized_frame_is_refused_before_it_is_read() {
         matches!(&err, Error::InvalidArgument(m) if m.contains("--max-frame-size")),
         "{err}"
     );
-    assert_eq!(
-        client.get("big").await.unwrap(),
-        None,
-        "nothing was written"
-    );
+    assert_eq!(client.get("big").await.unwrap(), None, "nothing was written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,16 +119,10 @@ async fn empty_and_over_limit_keys_and_values_are_rejected_and_change_nothing() 
     ];
     for (key, value, expect) in cases {
         let err = client.set(key.clone(), value).await.unwrap_err();
-        assert!(
-            matches!(&err, Error::InvalidArgument(m) if m.contains(expect)),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains(expect)), "{err}");
         assert_eq!(err.exit_code(), 2);
     }
-    assert!(matches!(
-        client.get(Vec::new()).await,
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(client.get(Vec::new()).await, Err(Error::InvalidArgument(_))));
     assert!(matches!(
         client.delete(vec![b'k'; 65]).await,
         Err(Error::InvalidArgument(_))
@@ -158,10 +132,7 @@ async fn empty_and_over_limit_keys_and_values_are_rejected_and_change_nothing() 
     client.delete(vec![b'k'; 64]).await.unwrap();
 
     let after = cluster.info(1).await.unwrap();
-    assert_eq!(
-        after.keys, before.keys,
-        "no rejected request changed the map"
-    );
+    assert_eq!(after.keys, before.keys, "no rejected request changed the map");
     let out = cluster.cli(&[1, 2, 3], &["set", "", "v"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("key is empty"), "{}", stderr(&out));
@@ -206,17 +177,9 @@ async fn bad_daemon_flags_name_what_is_wrong() {
         (vec!["--initial-cluster", "1=a:1,1=b:2"], 2, "twice"),
         (vec!["--client-addr", "127.0.0.1"], 2, "client_addr"),
         (vec!["--election-ticks", "1"], 2, "election_ticks"),
-        (
-            vec!["--join", "--initial-cluster", "1=a:1"],
-            2,
-            "exclude each other",
-        ),
+        (vec!["--join", "--initial-cluster", "1=a:1"], 2, "exclude each other"),
         (vec!["--no-such-flag"], 2, "unexpected argument"),
-        (
-            vec!["--config", "/nonexistent/kvraft.toml"],
-            2,
-            "no such file",
-        ),
+        (vec!["--config", "/nonexistent/kvraft.toml"], 2, "no such file"),
         (
             vec![
                 "--data-dir",
@@ -262,11 +225,7 @@ async fn a_data_dir_of_another_node_is_refused() {
         T,
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("belongs to node 1"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("belongs to node 1"), "{}", stderr(&out));
     // Nothing was lost: node 1 starts on it again with its data.
     cluster.start(1);
     cluster.wait_for_leader(&[1], T).await;
@@ -290,34 +249,23 @@ async fn a_node_from_another_cluster_is_refused_by_its_peers() {
     let peer1 = format!("127.0.0.1:{}", support::free_port());
     let peer2 = format!("127.0.0.1:{}", support::free_port());
     let spec = format!("1={peer1},2={peer2},3={peer3}");
-    cluster.add_node(
-        1,
-        Some(peer1),
-        vec!["--initial-cluster".into(), spec.clone()],
-    );
+    cluster.add_node(1, Some(peer1), vec!["--initial-cluster".into(), spec.clone()]);
     cluster.add_node(2, Some(peer2), vec!["--initial-cluster".into(), spec]);
     cluster.start(1);
     cluster.start(2);
     cluster.start(3);
     cluster.wait_for_leader(&[1, 2], T).await;
     cluster.client(&[1, 2]).set("k", "v").await.unwrap();
-    support::eventually(
-        T,
-        "node 3 refuses the other cluster, and they hear why",
-        || {
-            let refusing = cluster.node_log(3).contains("refusing a peer");
-            let told = [1, 2]
-                .iter()
-                .any(|id| cluster.node_log(*id).contains("a peer refused this node"));
-            async move { refusing && told }
-        },
-    )
+    support::eventually(T, "node 3 refuses the other cluster, and they hear why", || {
+        let refusing = cluster.node_log(3).contains("refusing a peer");
+        let told = [1, 2]
+            .iter()
+            .any(|id| cluster.node_log(*id).contains("a peer refused this node"));
+        async move { refusing && told }
+    })
     .await;
     let info3 = cluster.info(3).await.unwrap();
     assert_ne!(info3.leader_id, 1, "node 3 never joined the other cluster");
     assert_ne!(info3.leader_id, 2);
-    assert_eq!(
-        cluster.client_with(&[3], T, true).get("k").await.unwrap(),
-        None
-    );
+    assert_eq!(cluster.client_with(&[3], T, true).get("k").await.unwrap(), None);
 }

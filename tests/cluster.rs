@@ -27,10 +27,7 @@ async fn three_static_members_elect_exactly_one_leader() {
     assert_eq!(leaders, vec![leader]);
     // One election with pre-vote: the bootstrap term is 1, the first leader's 2.
     // A little slack for an unlucky split vote on a loaded machine.
-    assert!(
-        terms.iter().all(|t| *t == terms[0] && *t <= 3),
-        "terms {terms:?}"
-    );
+    assert!(terms.iter().all(|t| *t == terms[0] && *t <= 3), "terms {terms:?}");
     // Every member publishes its client address through raft.
     cluster
         .wait_info(leader, T, "all client addresses known", |i| {
@@ -45,17 +42,10 @@ async fn set_get_delete_scan_through_every_node() {
     cluster.wait_for_leader(&[1, 2, 3], T).await;
     for writer in 1..=3u64 {
         let client = cluster.client(&[writer]);
-        client
-            .set(format!("k{writer}"), format!("from{writer}"))
-            .await
-            .unwrap();
+        client.set(format!("k{writer}"), format!("from{writer}")).await.unwrap();
         // A linearizable read on every node sees the acknowledged write.
         for reader in 1..=3u64 {
-            let value = cluster
-                .client(&[reader])
-                .get(format!("k{writer}"))
-                .await
-                .unwrap();
+            let value = cluster.client(&[reader]).get(format!("k{writer}")).await.unwrap();
             assert_eq!(
                 value.as_deref(),
                 Some(format!("from{writer}").as_bytes()),
@@ -104,10 +94,7 @@ async fn set_get_delete_scan_through_every_node() {
         assert_eq!(limited.len(), 3);
     }
     assert!(cluster.client(&[3]).delete("k1").await.unwrap());
-    assert!(
-        !cluster.client(&[1]).delete("k1").await.unwrap(),
-        "already gone"
-    );
+    assert!(!cluster.client(&[1]).delete("k1").await.unwrap(), "already gone");
     for reader in 1..=3u64 {
         assert_eq!(cluster.client(&[reader]).get("k1").await.unwrap(), None);
     }
@@ -122,10 +109,7 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     let out = cluster.cli(&all, &["set", "greeting", "hello world"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = cluster.cli(&[2], &["get", "greeting"]);
-    assert_eq!(
-        (out.status.code(), stdout(&out)),
-        (Some(0), "hello world".to_string())
-    );
+    assert_eq!((out.status.code(), stdout(&out)), (Some(0), "hello world".to_string()));
     let out = cluster.cli(&[3], &["get", "missing"]);
     assert_eq!(out.status.code(), Some(1), "a missing key exits 1");
     assert!(stderr(&out).contains("not found"));
@@ -139,10 +123,7 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     }
     let out = cluster.cli(&all, &["scan", "--prefix", "a/"]);
     assert_eq!(stdout(&out), "a/1\tx\na/2\ty");
-    let out = cluster.cli(
-        &all,
-        &["scan", "--from", "a/2", "--to", "b/2", "--limit", "5"],
-    );
+    let out = cluster.cli(&all, &["scan", "--from", "a/2", "--to", "b/2", "--limit", "5"]);
     assert_eq!(stdout(&out), "a/2\ty\nb/1\tz");
     let out = cluster.cli(&all, &["--serializable", "get", "a/1"]);
     assert_eq!(stdout(&out), "x");
@@ -181,11 +162,7 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     assert!(json["leader_id"].as_u64().unwrap() >= 1);
 
     let out = cluster.cli(&[2], &["ping"]);
-    assert!(
-        stdout(&out).starts_with("pong from node 2 in "),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).starts_with("pong from node 2 in "), "{}", stdout(&out));
     let out = cluster.cli(&all, &["delete", "a/1"]);
     assert_eq!(stdout(&out), "deleted");
     let out = cluster.cli(&all, &["get", "a/1"]);

@@ -41,12 +41,7 @@ fn config_layers_take_precedence_key_by_key() {
     )
     .unwrap();
     let out = print_config(
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--snapshot-threshold",
-            "333",
-        ],
+        &["--config", file.to_str().unwrap(), "--snapshot-threshold", "333"],
         &[
             ("KVRAFT_SNAPSHOT_THRESHOLD", "222"),
             ("KVRAFT_TICK_MS", "60"),
@@ -61,11 +56,7 @@ fn config_layers_take_precedence_key_by_key() {
         "flag beats env and file"
     );
     assert_eq!(config["tick_ms"].as_integer(), Some(60), "env beats file");
-    assert_eq!(
-        config["election_ticks"].as_integer(),
-        Some(20),
-        "file beats default"
-    );
+    assert_eq!(config["election_ticks"].as_integer(), Some(20), "file beats default");
     assert_eq!(config["client_addr"].as_str(), Some("127.0.0.1:1111"));
     assert_eq!(config["heartbeat_ticks"].as_integer(), Some(1), "default");
     assert_eq!(config["log_format"].as_str(), Some("json"));
@@ -88,9 +79,7 @@ fn config_errors_name_the_key_the_source_and_what_is_allowed() {
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(
-        err.contains("unknown key `client_adr`")
-            && err.contains("client_addr")
-            && err.contains(path),
+        err.contains("unknown key `client_adr`") && err.contains("client_addr") && err.contains(path),
         "{err}"
     );
 
@@ -109,7 +98,9 @@ fn config_errors_name_the_key_the_source_and_what_is_allowed() {
 
     let err = stderr(&print_config(&[], &[("KVRAFT_ELECTION_TICKS", "1")]));
     assert!(
-        err.contains("election_ticks (from environment variable KVRAFT_ELECTION_TICKS) (1) must be greater than heartbeat_ticks"),
+        err.contains(
+            "election_ticks (from environment variable KVRAFT_ELECTION_TICKS) (1) must be greater than heartbeat_ticks"
+        ),
         "{err}"
     );
 
@@ -134,9 +125,7 @@ impl NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let messages: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (m, s) = (messages.clone(), stop.clone());
@@ -219,10 +208,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "kvraftd did not exit within {timeout:?}"
-        );
+        assert!(Instant::now() < deadline, "kvraftd did not exit within {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -278,10 +264,7 @@ fn a_wedged_raft_loop_stops_the_watchdog_pings() {
         .unwrap()
         .contains("withholding the watchdog ping")
     {
-        assert!(
-            Instant::now() < deadline,
-            "the watchdog never noticed the wedged loop"
-        );
+        assert!(Instant::now() < deadline, "the watchdog never noticed the wedged loop");
         std::thread::sleep(Duration::from_millis(50));
     }
     let before = notify.count("WATCHDOG=1");
@@ -301,9 +284,7 @@ fn a_wedged_raft_loop_stops_the_watchdog_pings() {
     let status = wait_exit(&mut child, Duration::from_secs(5));
     assert_eq!(status.code(), Some(1));
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert!(std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("second signal"));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("second signal"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,10 +343,7 @@ async fn sigterm_under_load_hands_leadership_over_snapshots_and_loses_nothing() 
     assert!(log.contains("transferring leadership"), "{log}");
     let stopped_at: u64 = log
         .lines()
-        .find_map(|l| {
-            l.split("shutdown snapshot at the applied index index=")
-                .nth(1)
-        })
+        .find_map(|l| l.split("shutdown snapshot at the applied index index=").nth(1))
         .and_then(|rest| rest.trim().parse().ok())
         .expect("the shutdown snapshot is logged");
 
@@ -374,9 +352,7 @@ async fn sigterm_under_load_hands_leadership_over_snapshots_and_loses_nothing() 
         w.await.unwrap();
     }
     cluster.start(leader);
-    let info = cluster
-        .wait_info(leader, T, "restarted", |i| i.leader_id != 0)
-        .await;
+    let info = cluster.wait_info(leader, T, "restarted", |i| i.leader_id != 0).await;
     assert_eq!(
         info.snapshot_index, stopped_at,
         "restart starts from the shutdown snapshot"
@@ -398,19 +374,12 @@ async fn a_data_dir_in_use_is_refused_and_sighup_reloads_the_log_filter() {
     let config = dir.path().join("kvraft.toml");
     std::fs::write(&config, "log_filter = \"warn\"\n").unwrap();
     let mut cluster = Cluster::empty();
-    cluster.add_node(
-        1,
-        None,
-        vec!["--config".into(), config.to_str().unwrap().into()],
-    );
+    cluster.add_node(1, None, vec!["--config".into(), config.to_str().unwrap().into()]);
     // The harness's KVRAFT_LOG_FILTER would beat the file; this node reads the file.
     cluster.node(1).env_remove("KVRAFT_LOG_FILTER");
     cluster.start(1);
     cluster.wait_for_leader(&[1], T).await;
-    assert!(
-        !cluster.node_log(1).contains(" INFO "),
-        "filter from the file: warn"
-    );
+    assert!(!cluster.node_log(1).contains(" INFO "), "filter from the file: warn");
 
     let data = cluster.node(1).data_dir.clone();
     let out = kvraftd_once(
@@ -484,9 +453,7 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
     let roles: BTreeMap<u64, i32> = listed.iter().map(|m| (m.id, m.role)).collect();
     assert_eq!(roles.len(), 3);
     assert!(
-        roles
-            .values()
-            .all(|r| *r == kvraft::proto::MemberRole::Voter as i32),
+        roles.values().all(|r| *r == kvraft::proto::MemberRole::Voter as i32),
         "{roles:?}"
     );
     client.set("formed", "yes").await.unwrap();
@@ -517,16 +484,8 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("node 4 reachable"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        stderr(&out).contains("kvraftd --id 4 --join"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("node 4 reachable"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("kvraftd --id 4 --join"), "{}", stderr(&out));
 }
 
 #[test]

@@ -25,11 +25,7 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     let term_before = cluster.info(leader).await.unwrap().term;
 
     cluster.kill(leader);
-    let survivors: Vec<u64> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let survivors: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != leader).collect();
     let new_leader = cluster.wait_for_leader(&survivors, T).await;
     assert_ne!(new_leader, leader);
     assert!(cluster.info(new_leader).await.unwrap().term > term_before);
@@ -60,10 +56,7 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
         })
         .await;
     let local = cluster.client_with(&[leader], Duration::from_secs(5), true);
-    assert_eq!(
-        local.get("after/49").await.unwrap().as_deref(),
-        Some(&b"w49"[..])
-    );
+    assert_eq!(local.get("after/49").await.unwrap().as_deref(), Some(&b"w49"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,10 +98,7 @@ async fn kill_9_of_every_node_under_load_loses_no_acknowledged_write() {
     }
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     let info = cluster.info(leader).await.unwrap();
-    assert!(
-        info.snapshot_index > 1,
-        "snapshots were taken during the run: {info:?}"
-    );
+    assert!(info.snapshot_index > 1, "snapshots were taken during the run: {info:?}");
     let client = cluster.client(&[1, 2, 3]);
     for (k, v) in &acked {
         assert_eq!(

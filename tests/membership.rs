@@ -44,25 +44,13 @@ async fn join_nodes_to_a_single_node_cluster_with_add_node() {
 
         let out = cluster.cli(
             &[1],
-            &[
-                "add-node",
-                &id.to_string(),
-                &peer,
-                "--client-addr",
-                &client_addr,
-            ],
+            &["add-node", &id.to_string(), &peer, "--client-addr", &client_addr],
         );
         assert!(out.status.success(), "{}", stderr(&out));
-        assert!(
-            stdout(&out).contains(&format!("added node {id}")),
-            "{}",
-            stdout(&out)
-        );
+        assert!(stdout(&out).contains(&format!("added node {id}")), "{}", stdout(&out));
         wait_voter(&cluster, 1, id).await;
         cluster
-            .wait_info(id, T, "has the data", |i| {
-                i.keys >= 30 && i.role == "follower"
-            })
+            .wait_info(id, T, "has the data", |i| i.keys >= 30 && i.role == "follower")
             .await;
     }
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
@@ -71,23 +59,14 @@ async fn join_nodes_to_a_single_node_cluster_with_add_node() {
     let via3 = cluster.client(&[3]);
     via3.set("written-via-3", "ok").await.unwrap();
     assert_eq!(
-        cluster
-            .client(&[2])
-            .get("written-via-3")
-            .await
-            .unwrap()
-            .as_deref(),
+        cluster.client(&[2]).get("written-via-3").await.unwrap().as_deref(),
         Some(&b"ok"[..])
     );
     assert_eq!(via3.get("k7").await.unwrap().as_deref(), Some(&b"v7"[..]));
     // With three voters the cluster survives losing the original node.
     cluster.kill(1);
     cluster.wait_for_leader(&[2, 3], T).await;
-    cluster
-        .client(&[2, 3])
-        .set("after-node-1-died", "ok")
-        .await
-        .unwrap();
+    cluster.client(&[2, 3]).set("after-node-1-died", "ok").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,15 +101,9 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
     };
 
     cluster.start(4);
-    let added = cluster
-        .client(&[1, 2, 3])
-        .add_node(4, &peer4, &client4)
-        .await
-        .unwrap();
+    let added = cluster.client(&[1, 2, 3]).add_node(4, &peer4, &client4).await.unwrap();
     assert!(
-        added
-            .iter()
-            .any(|m| m.id == 4 && m.role == MemberRole::Learner as i32),
+        added.iter().any(|m| m.id == 4 && m.role == MemberRole::Learner as i32),
         "{added:?}"
     );
     wait_voter(&cluster, 1, 4).await;
@@ -140,21 +113,14 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
     let out = cluster.cli(&[1, 2, 3, 4], &["remove-node", &follower.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let exit = cluster
-        .wait_exit(follower, T)
-        .expect("a removed node stops");
+    let exit = cluster.wait_exit(follower, T).expect("a removed node stops");
     assert!(exit.success(), "a removed node exits cleanly: {exit:?}");
-    let remaining: Vec<u64> = [1, 2, 3, 4]
-        .into_iter()
-        .filter(|id| *id != follower)
-        .collect();
+    let remaining: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|id| *id != follower).collect();
 
     // Remove the leader (with the seed's spelling): it hands leadership over first.
     let out = cluster.cli(&remaining, &["remove_node", &leader.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    cluster
-        .wait_exit(leader, T)
-        .expect("the removed leader stops");
+    cluster.wait_exit(leader, T).expect("the removed leader stops");
     let remaining: Vec<u64> = remaining.into_iter().filter(|id| *id != leader).collect();
     let new_leader = cluster.wait_for_leader(&remaining, T).await;
     assert!(remaining.contains(&new_leader));

@@ -27,10 +27,7 @@ async fn a_follower_that_missed_two_thresholds_catches_up_by_snapshot() {
     cluster.kill(lagging);
 
     for i in 0..(threshold * 3 + 50) {
-        client
-            .set(format!("late/{i:04}"), format!("v{i}"))
-            .await
-            .unwrap();
+        client.set(format!("late/{i:04}"), format!("v{i}")).await.unwrap();
     }
     let leader_info = cluster.info(leader).await.unwrap();
     assert!(
@@ -56,29 +53,16 @@ async fn a_follower_that_missed_two_thresholds_catches_up_by_snapshot() {
         "node {lagging} caught up without a snapshot"
     );
     let local = cluster.client_with(&[lagging], Duration::from_secs(5), true);
-    assert_eq!(
-        local.get("late/0000").await.unwrap().as_deref(),
-        Some(&b"v0"[..])
-    );
-    assert_eq!(
-        local.get("early/0").await.unwrap().as_deref(),
-        Some(&b"x"[..])
-    );
+    assert_eq!(local.get("late/0000").await.unwrap().as_deref(), Some(&b"v0"[..]));
+    assert_eq!(local.get("early/0").await.unwrap().as_deref(), Some(&b"x"[..]));
     assert_eq!(
         cluster.info(lagging).await.unwrap().keys,
         cluster.info(leader).await.unwrap().keys
     );
 
     // And it keeps up with new writes through the log.
-    cluster
-        .client(&[lagging])
-        .set("after-catch-up", "yes")
-        .await
-        .unwrap();
-    assert_eq!(
-        local.get("after-catch-up").await.unwrap().as_deref(),
-        Some(&b"yes"[..])
-    );
+    cluster.client(&[lagging]).set("after-catch-up", "yes").await.unwrap();
+    assert_eq!(local.get("after-catch-up").await.unwrap().as_deref(), Some(&b"yes"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,10 +71,7 @@ async fn a_restarted_node_recovers_from_its_snapshot_and_log() {
     cluster.wait_for_leader(&[1], T).await;
     let client = cluster.client(&[1]);
     for i in 0..100 {
-        client
-            .set(format!("k{i:03}"), format!("{i}"))
-            .await
-            .unwrap();
+        client.set(format!("k{i:03}"), format!("{i}")).await.unwrap();
     }
     client.delete("k000").await.unwrap();
     let before = cluster.info(1).await.unwrap();
@@ -105,8 +86,5 @@ async fn a_restarted_node_recovers_from_its_snapshot_and_log() {
     assert!(after.applied_index >= before.applied_index);
     let client = cluster.client(&[1]);
     assert_eq!(client.get("k000").await.unwrap(), None);
-    assert_eq!(
-        client.get("k099").await.unwrap().as_deref(),
-        Some(&b"99"[..])
-    );
+    assert_eq!(client.get("k099").await.unwrap().as_deref(), Some(&b"99"[..]));
 }

@@ -60,12 +60,7 @@ fn key(n: u64, size: usize) -> Vec<u8> {
 
 /// Runs the benchmark and prints the summary.
 pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> Result<i32, Error> {
-    if args.clients == 0
-        || args.conns == 0
-        || args.total == 0
-        || args.key_space == 0
-        || args.key_size == 0
-    {
+    if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 || args.key_size == 0 {
         return Err(Error::InvalidArgument(
             "--clients, --conns, --total, --key-space and --key-size must be at least 1".into(),
         ));
@@ -97,8 +92,7 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
             args.clone(),
         );
         workers.push(tokio::spawn(async move {
-            let mut histogram =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut last_error = None;
             while issued.fetch_add(1, Ordering::Relaxed) < args.total {
                 let k = key(rand::rng().random_range(0..args.key_space), args.key_size);
@@ -121,8 +115,7 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
             (histogram, last_error)
         }));
     }
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut last_error = None;
     for w in workers {
         let (h, e) = w.await.expect("bench worker panicked");

@@ -176,7 +176,10 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             client_addr,
         } => {
             let members = client.add_node(id, &peer_addr, &client_addr).await?;
-            printer.members_changed(&format!("added node {id} as a learner; the leader promotes it to voter once it has caught up"), &members)
+            printer.members_changed(
+                &format!("added node {id} as a learner; the leader promotes it to voter once it has caught up"),
+                &members,
+            )
         }
         Command::RemoveNode { id } => {
             let members = client.remove_node(id).await?;
@@ -206,9 +209,7 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("5 parsecs")
-            .unwrap_err()
-            .contains("unknown unit"));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("abc").is_err());
     }

@@ -52,10 +52,7 @@ impl Printer {
     }
 
     pub(crate) fn value(&self, key: &str, value: &[u8]) {
-        self.emit(
-            json!({"key": key, "value": text(value), "found": true}),
-            || text(value),
-        );
+        self.emit(json!({"key": key, "value": text(value), "found": true}), || text(value));
     }
 
     pub(crate) fn not_found(&self, key: &str) {
@@ -150,16 +147,9 @@ impl Printer {
 }
 
 fn members_table(members: &[Member], leader: u64) -> String {
-    let mut lines = vec![format!(
-        "{:<6} {:<8} {:<24} {:<24}",
-        "ID", "ROLE", "PEER", "CLIENT"
-    )];
+    let mut lines = vec![format!("{:<6} {:<8} {:<24} {:<24}", "ID", "ROLE", "PEER", "CLIENT")];
     for m in members {
-        let role = if m.id == leader {
-            "leader"
-        } else {
-            role_name(m)
-        };
+        let role = if m.id == leader { "leader" } else { role_name(m) };
         lines.push(format!(
             "{:<6} {:<8} {:<24} {:<24}",
             m.id, role, m.peer_addr, m.client_addr

@@ -28,9 +28,7 @@ pub fn init(config: &NodeConfig) -> Logging {
                 .with(fmt::layer().with_writer(std::io::stderr).with_ansi(color))
                 .init()
         }
-        LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
-            .init(),
+        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
     Logging { filter: handle }
 }

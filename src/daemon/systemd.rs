@@ -51,11 +51,7 @@ pub fn spawn_watchdog(rounds: Arc<AtomicU64>) -> Option<JoinHandle<()>> {
 /// says, `WATCHDOG_PID` restricts it only when set (sd-notify's own check
 /// also wants it set).
 fn watchdog_timeout() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC")
-        .ok()?
-        .parse()
-        .ok()
-        .filter(|u| *u > 0)?;
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|u| *u > 0)?;
     match std::env::var("WATCHDOG_PID") {
         Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
         _ => Some(Duration::from_micros(usec)),

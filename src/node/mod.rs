@@ -190,10 +190,7 @@ impl NodeHandle {
     }
 
     /// Changes membership and waits until the change is applied.
-    pub async fn change_membership(
-        &self,
-        change: MembershipChange,
-    ) -> Result<ApplyResult, WireError> {
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<ApplyResult, WireError> {
         self.no_leader_check()?;
         let (reply, rx) = oneshot::channel();
         self.send(Inbox::ChangeMembership { change, reply })?;
@@ -208,8 +205,7 @@ impl NodeHandle {
         self.send(Inbox::ReadIndex { reply })?;
         let index = rx.await.map_err(|_| stopped())??;
         let mut applied = self.applied.clone();
-        let waited =
-            tokio::time::timeout(self.request_timeout, applied.wait_for(|a| *a >= index)).await;
+        let waited = tokio::time::timeout(self.request_timeout, applied.wait_for(|a| *a >= index)).await;
         match waited.map(|r| r.is_ok()) {
             Ok(true) => Ok(()),
             Ok(false) => Err(stopped()),
@@ -222,10 +218,7 @@ impl NodeHandle {
 
     /// Runs `f` on the state machine under its read lock.
     pub fn read<T>(&self, f: impl FnOnce(&StateMachine) -> T) -> T {
-        f(&self
-            .state_machine
-            .read()
-            .expect("state machine lock poisoned"))
+        f(&self.state_machine.read().expect("state machine lock poisoned"))
     }
 
     /// The latest status the raft loop published.
@@ -245,10 +238,7 @@ impl NodeHandle {
         if status.removed {
             return Err(WireError::new(
                 ErrorCode::NodeRemoved,
-                format!(
-                    "node {} was removed from the cluster; use another endpoint",
-                    status.id
-                ),
+                format!("node {} was removed from the cluster; use another endpoint", status.id),
             ));
         }
         if status.leader_id == 0 {

@@ -50,14 +50,7 @@ impl Proposals {
         if let Some(index) = index {
             self.by_index.insert(index, id);
         }
-        self.waiting.insert(
-            id,
-            PendingProposal {
-                reply,
-                deadline,
-                index,
-            },
-        );
+        self.waiting.insert(id, PendingProposal { reply, deadline, index });
     }
 
     /// Number of proposals waiting.
@@ -261,10 +254,7 @@ mod tests {
         p.entry_applied(7, Some(id));
         assert_eq!(p.len(), 1);
         p.complete(id, Ok(ApplyResult::Set { revision: 7 }));
-        assert_eq!(
-            rx.try_recv().unwrap().unwrap(),
-            ApplyResult::Set { revision: 7 }
-        );
+        assert_eq!(rx.try_recv().unwrap().unwrap(), ApplyResult::Set { revision: 7 });
     }
 
     #[test]
@@ -275,10 +265,7 @@ mod tests {
         let now = Instant::now();
         p.insert(id, tx, now, None);
         p.expire(now + Duration::from_millis(1));
-        assert_eq!(
-            rx.try_recv().unwrap().unwrap_err().code,
-            ErrorCode::OutcomeUnknown
-        );
+        assert_eq!(rx.try_recv().unwrap().unwrap_err().code, ErrorCode::OutcomeUnknown);
     }
 
     #[test]

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{
-    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry,
-    EntryType, Snapshot,
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry, EntryType, Snapshot,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 use raft_proto::ConfChangeI;
@@ -123,10 +122,7 @@ impl RaftLoop {
         let mut next_tick = Instant::now() + tick;
         self.publish_status();
         loop {
-            if self
-                .wedge_after
-                .is_some_and(|after| started.elapsed() >= after)
-            {
+            if self.wedge_after.is_some_and(|after| started.elapsed() >= after) {
                 warn!("test hook: wedging the raft loop");
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
@@ -171,10 +167,7 @@ impl RaftLoop {
         let now = Instant::now();
         // Leave half the time for the final snapshot.
         let drain_until = now + deadline.saturating_duration_since(now) / 2;
-        self.shutdown = Some(Shutdown {
-            deadline,
-            drain_until,
-        });
+        self.shutdown = Some(Shutdown { deadline, drain_until });
         if self.node.raft.state == StateRole::Leader {
             if let Some(to) = self.most_caught_up_voter() {
                 info!(to, "shutting down: transferring leadership");
@@ -192,8 +185,7 @@ impl RaftLoop {
         if now >= shutdown.drain_until || now >= shutdown.deadline {
             return true;
         }
-        let leading =
-            self.node.raft.state == StateRole::Leader && self.most_caught_up_voter().is_some();
+        let leading = self.node.raft.state == StateRole::Leader && self.most_caught_up_voter().is_some();
         !leading && self.proposals.is_empty() && self.reads.is_empty()
     }
 
@@ -226,10 +218,7 @@ impl RaftLoop {
             Inbox::Propose { command, reply } => self.propose(command, reply),
             Inbox::ReadIndex { reply } => {
                 if self.removed {
-                    let _ = reply.send(Err(WireError::new(
-                        ErrorCode::NodeRemoved,
-                        "this node was removed",
-                    )));
+                    let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
                 } else {
                     self.reads.push(reply);
                 }
@@ -248,11 +237,7 @@ impl RaftLoop {
                 };
                 self.node.report_snapshot(to, status);
             }
-            Inbox::RejectedByPeer {
-                peer,
-                reason,
-                removed,
-            } => {
+            Inbox::RejectedByPeer { peer, reason, removed } => {
                 if removed {
                     warn!(peer, %reason, "a peer says this node was removed from the cluster; stopping");
                     self.mark_removed();
@@ -269,10 +254,7 @@ impl RaftLoop {
         if ours == 0 && cluster_id != 0 {
             // A joining node learns its cluster from the first leader that
             // contacts it, and keeps it.
-            info!(
-                cluster_id = format_args!("{cluster_id:016x}"),
-                "joined cluster"
-            );
+            info!(cluster_id = format_args!("{cluster_id:016x}"), "joined cluster");
             let identity = NodeIdentity {
                 node_id: self.settings.id,
                 cluster_id,
@@ -309,10 +291,7 @@ impl RaftLoop {
     fn no_leader_error(&self) -> WireError {
         WireError::new(
             ErrorCode::NoLeader,
-            format!(
-                "node {} knows no leader right now; retry shortly",
-                self.settings.id
-            ),
+            format!("node {} knows no leader right now; retry shortly", self.settings.id),
         )
     }
 
@@ -325,16 +304,9 @@ impl RaftLoop {
         .encode_to_vec()
     }
 
-    fn propose(
-        &mut self,
-        command: Command,
-        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
-    ) {
+    fn propose(&mut self, command: Command, reply: oneshot::Sender<Result<ApplyResult, WireError>>) {
         if self.removed {
-            let _ = reply.send(Err(WireError::new(
-                ErrorCode::NodeRemoved,
-                "this node was removed",
-            )));
+            let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
             return;
         }
         if self.leader_id == 0 {
@@ -350,10 +322,7 @@ impl RaftLoop {
         }
         let id = self.proposals.next_id();
         let before = self.node.raft.raft_log.last_index();
-        match self
-            .node
-            .propose(self.context(id, None), command.encode_to_vec())
-        {
+        match self.node.propose(self.context(id, None), command.encode_to_vec()) {
             Ok(()) => {
                 let index = self.appended_index(before);
                 let deadline = Instant::now() + self.settings.request_timeout;
@@ -367,10 +336,7 @@ impl RaftLoop {
                 let _ = reply.send(Err(self.leader_hint(error)));
             }
             Err(e) => {
-                let _ = reply.send(Err(WireError::new(
-                    ErrorCode::Internal,
-                    format!("propose failed: {e}"),
-                )));
+                let _ = reply.send(Err(WireError::new(ErrorCode::Internal, format!("propose failed: {e}"))));
             }
         }
     }
@@ -409,10 +375,7 @@ impl RaftLoop {
             }
             let error = WireError::new(
                 ErrorCode::NotLeader,
-                format!(
-                    "membership changes go through the leader, node {}",
-                    self.leader_id
-                ),
+                format!("membership changes go through the leader, node {}", self.leader_id),
             );
             return Err(self.leader_hint(error));
         }
@@ -423,10 +386,7 @@ impl RaftLoop {
             ));
         }
         let (single, member) = {
-            let sm = self
-                .state_machine
-                .read()
-                .expect("state machine lock poisoned");
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
             let cs = sm.conf_state();
             let is_member = |id: u64| conf_ids(cs).any(|m| m == id);
             match change {
@@ -437,10 +397,7 @@ impl RaftLoop {
                     if is_member(member.id) {
                         return Err(WireError::new(
                             ErrorCode::MemberExists,
-                            format!(
-                                "node {} is already a member; `kvraft members` lists them",
-                                member.id
-                            ),
+                            format!("node {} is already a member; `kvraft members` lists them", member.id),
                         ));
                     }
                     if sm.is_removed(member.id) {
@@ -449,11 +406,7 @@ impl RaftLoop {
                             member.id
                         )));
                     }
-                    if let Some(other) = sm
-                        .members()
-                        .iter()
-                        .find(|m| m.peer_addr == member.peer_addr)
-                    {
+                    if let Some(other) = sm.members().iter().find(|m| m.peer_addr == member.peer_addr) {
                         return Err(WireError::invalid(format!(
                             "peer address {} already belongs to node {}",
                             member.peer_addr, other.id
@@ -509,11 +462,7 @@ impl RaftLoop {
 
     /// Proposes one simple change (no joint state needed) and checks raft took
     /// it: raft turns a second pending change into an empty entry silently.
-    fn propose_conf_change(
-        &mut self,
-        context: Vec<u8>,
-        single: ConfChangeSingle,
-    ) -> Result<(), WireError> {
+    fn propose_conf_change(&mut self, context: Vec<u8>, single: ConfChangeSingle) -> Result<(), WireError> {
         let mut cc = ConfChangeV2::default();
         cc.set_transition(ConfChangeTransition::Auto);
         cc.set_changes(vec![single].into());
@@ -533,10 +482,7 @@ impl RaftLoop {
     }
 
     fn most_caught_up_voter(&self) -> Option<u64> {
-        let sm = self
-            .state_machine
-            .read()
-            .expect("state machine lock poisoned");
+        let sm = self.state_machine.read().expect("state machine lock poisoned");
         sm.conf_state()
             .voters
             .iter()
@@ -559,10 +505,7 @@ impl RaftLoop {
     fn promote_caught_up_learner(&mut self) {
         let committed = self.node.raft.raft_log.committed;
         let learner = {
-            let sm = self
-                .state_machine
-                .read()
-                .expect("state machine lock poisoned");
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
             sm.conf_state().learners.iter().copied().find(|id| {
                 self.node
                     .raft
@@ -586,18 +529,11 @@ impl RaftLoop {
     /// Every member publishes its own addresses through raft (static bootstrap
     /// knows only peer addresses, and addresses may change across restarts).
     fn publish_own_addresses(&mut self, now: Instant) {
-        if self.leader_id == 0
-            || self
-                .last_publish
-                .is_some_and(|t| now < t + PUBLISH_INTERVAL)
-        {
+        if self.leader_id == 0 || self.last_publish.is_some_and(|t| now < t + PUBLISH_INTERVAL) {
             return;
         }
         let current = {
-            let sm = self
-                .state_machine
-                .read()
-                .expect("state machine lock poisoned");
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
             sm.member(self.settings.id).cloned()
         };
         let Some(current) = current else { return };
@@ -616,9 +552,7 @@ impl RaftLoop {
         let command = Command {
             op: Some(command::Op::UpdateMember(update)),
         };
-        let _ = self
-            .node
-            .propose(self.context(0, None), command.encode_to_vec());
+        let _ = self.node.propose(self.context(0, None), command.encode_to_vec());
     }
 
     /// Handles one `Ready`, in the order raft-rs requires. Never reorder.
@@ -645,8 +579,7 @@ impl RaftLoop {
         let committed = ready.take_committed_entries();
         self.apply(committed);
         // 4. New entries and HardState: one write, one fsync.
-        self.storage
-            .append(ready.entries(), ready.hs(), ready.must_sync())?;
+        self.storage.append(ready.entries(), ready.hs(), ready.must_sync())?;
         // 5. Messages that promise the write above (votes, append acks,
         //    forwarded proposals): only now may they leave.
         let persisted = ready.take_persisted_messages();
@@ -668,18 +601,14 @@ impl RaftLoop {
 
     fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {
         if leader_id != self.leader_id {
-            info!(
-                leader = leader_id,
-                term = self.node.raft.term,
-                ?role,
-                "leader changed"
-            );
+            info!(leader = leader_id, term = self.node.raft.term, ?role, "leader changed");
             let previous = self.leader_id;
             self.leader_id = leader_id;
             if previous != 0 {
                 // Forwarded proposals and read rounds went to the old leader.
-                self.proposals
-                    .fail_forwarded("the leader changed while the write was in flight; it may or may not have been applied");
+                self.proposals.fail_forwarded(
+                    "the leader changed while the write was in flight; it may or may not have been applied",
+                );
                 self.reads.fail_all(WireError::new(
                     ErrorCode::NoLeader,
                     "the leader changed during the read; retry",
@@ -703,10 +632,7 @@ impl RaftLoop {
     }
 
     fn peer_addr(&self, id: u64) -> Option<String> {
-        let sm = self
-            .state_machine
-            .read()
-            .expect("state machine lock poisoned");
+        let sm = self.state_machine.read().expect("state machine lock poisoned");
         sm.member(id)
             .map(|m| m.peer_addr.clone())
             .or_else(|| self.learned_addrs.get(&id).cloned())
@@ -716,19 +642,9 @@ impl RaftLoop {
         let meta = snapshot.get_metadata().clone();
         let size = self.storage.install_snapshot(&snapshot)?;
         {
-            let mut sm = self
-                .state_machine
-                .write()
-                .expect("state machine lock poisoned");
-            sm.restore(
-                &snapshot.data,
-                meta.index,
-                meta.term,
-                meta.get_conf_state().clone(),
-            )
-            .map_err(|e| {
-                StorageError::Corrupt(format!("snapshot from the leader does not decode: {e}"))
-            })?;
+            let mut sm = self.state_machine.write().expect("state machine lock poisoned");
+            sm.restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
+                .map_err(|e| StorageError::Corrupt(format!("snapshot from the leader does not decode: {e}")))?;
             if sm.is_removed(self.settings.id) {
                 self.removed = true;
             }
@@ -783,8 +699,7 @@ impl RaftLoop {
                     }
                 },
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let result =
-                        self.apply_conf_change(&mut sm, &entry, context.and_then(|c| c.member));
+                    let result = self.apply_conf_change(&mut sm, &entry, context.and_then(|c| c.member));
                     if let Some(id) = ours {
                         replies.push((id, result));
                     }
@@ -822,10 +737,7 @@ impl RaftLoop {
             Err(e) => {
                 error!(index, error = %e, "skipping a membership entry that does not decode");
                 sm.advance(index, term);
-                return Err(WireError::new(
-                    ErrorCode::Internal,
-                    "membership entry does not decode",
-                ));
+                return Err(WireError::new(ErrorCode::Internal, "membership entry does not decode"));
             }
         };
         if change.changes.is_empty() && sm.conf_state().voters_outgoing.is_empty() {
@@ -893,29 +805,21 @@ impl RaftLoop {
         let started = Instant::now();
         let mut snapshot = Snapshot::default();
         {
-            let sm = self
-                .state_machine
-                .read()
-                .expect("state machine lock poisoned");
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
             snapshot.data = sm.snapshot_data().into();
             let meta = snapshot.mut_metadata();
             meta.index = sm.applied_index();
             meta.term = sm.applied_term();
             meta.set_conf_state(sm.conf_state().clone());
         }
-        let size = self
-            .storage
-            .save_snapshot(&snapshot, self.settings.catchup_entries)?;
+        let size = self.storage.save_snapshot(&snapshot, self.settings.catchup_entries)?;
         info!(index = snapshot.get_metadata().index, bytes = size, took = ?started.elapsed(), "snapshot saved, log compacted");
         Ok(())
     }
 
     fn publish_status(&mut self) {
         let raft = &self.node.raft;
-        let sm = self
-            .state_machine
-            .read()
-            .expect("state machine lock poisoned");
+        let sm = self.state_machine.read().expect("state machine lock poisoned");
         let is_learner = sm.conf_state().learners.contains(&self.settings.id);
         let role = match raft.state {
             StateRole::Leader => Role::Leader,

@@ -172,17 +172,8 @@ pub fn prepare(
     if let Some(snapshot) = storage.newest_snapshot() {
         let meta = snapshot.get_metadata();
         state_machine
-            .restore(
-                &snapshot.data,
-                meta.index,
-                meta.term,
-                meta.get_conf_state().clone(),
-            )
-            .map_err(|e| {
-                StorageError::Corrupt(format!(
-                    "the newest snapshot in {shown_dir} does not decode: {e}"
-                ))
-            })?;
+            .restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
+            .map_err(|e| StorageError::Corrupt(format!("the newest snapshot in {shown_dir} does not decode: {e}")))?;
     }
     let applied = state_machine.applied_index();
 
@@ -199,10 +190,7 @@ pub fn prepare(
         ..Default::default()
     };
     raft_config.validate()?;
-    let logger = slog::Logger::root(
-        tracing_slog::TracingSlogDrain,
-        slog::o!("node" => config.id),
-    );
+    let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!("node" => config.id));
     let node = RawNode::new(&raft_config, storage.clone(), &logger)?;
 
     let (inbox_tx, inbox_rx) = mpsc::channel();

@@ -49,12 +49,7 @@ pub struct Transport {
 
 impl Transport {
     /// A transport whose peer tasks run on `runtime` and report to `inbox`.
-    pub fn new(
-        local: LocalPeer,
-        cluster_id: u64,
-        runtime: tokio::runtime::Handle,
-        inbox: mpsc::Sender<Inbox>,
-    ) -> Self {
+    pub fn new(local: LocalPeer, cluster_id: u64, runtime: tokio::runtime::Handle, inbox: mpsc::Sender<Inbox>) -> Self {
         Transport {
             local,
             cluster_id,
@@ -123,24 +118,23 @@ impl PeerTask {
     async fn run(self, mut queue: tokio_mpsc::Receiver<Message>) {
         let mut backoff = Duration::from_millis(20);
         loop {
-            let stream =
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
-                    Ok(Ok(stream)) => stream,
-                    failed => {
-                        let why = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "connect timed out".into(),
-                        };
-                        debug!(to = self.to, addr = %self.addr, %why, "peer unreachable");
-                        // Whatever is queued can't go out now; raft resends.
-                        if !self.drop_queued(&mut queue) {
-                            return;
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        continue;
+            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
+                Ok(Ok(stream)) => stream,
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".into(),
+                    };
+                    debug!(to = self.to, addr = %self.addr, %why, "peer unreachable");
+                    // Whatever is queued can't go out now; raft resends.
+                    if !self.drop_queued(&mut queue) {
+                        return;
                     }
-                };
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let (mut sink, mut replies) = codec::framed(stream, codec::PEER_MAX_FRAME).split();
             loop {
@@ -206,9 +200,7 @@ impl PeerTask {
             cluster_id: self.cluster_id,
             from_id: self.local.id,
             from_peer_addr: self.local.peer_addr.clone(),
-            raft_message: message
-                .write_to_bytes()
-                .expect("raft messages always encode"),
+            raft_message: message.write_to_bytes().expect("raft messages always encode"),
         })
     }
 
@@ -221,10 +213,7 @@ impl PeerTask {
                 Ok(m) => {
                     dropped = true;
                     if m.get_msg_type() == MessageType::MsgSnapshot {
-                        let _ = self.inbox.send(Inbox::SnapshotSent {
-                            to: m.to,
-                            ok: false,
-                        });
+                        let _ = self.inbox.send(Inbox::SnapshotSent { to: m.to, ok: false });
                     }
                 }
                 Err(tokio_mpsc::error::TryRecvError::Empty) => break,

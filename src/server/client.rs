@@ -22,12 +22,7 @@ const RESPONSE_QUEUE: usize = 1024;
 /// Accepts client connections until `stop` turns true. At most
 /// `limits.max_connections` are served at once; more wait in the kernel's
 /// accept queue.
-pub async fn serve(
-    listener: TcpListener,
-    handle: NodeHandle,
-    limits: Limits,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, handle: NodeHandle, limits: Limits, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let slot = tokio::select! {

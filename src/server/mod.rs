@@ -64,24 +64,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let peer_addr = peer_listener
         .local_addr()
         .map_err(|e| StartError::Bind(e.to_string()))?;
-    let advertise_client = advertised(
-        &config.advertise_client_addr,
-        client_addr,
-        "--advertise-client-addr",
-    )?;
-    let advertise_peer = advertised(
-        &config.advertise_peer_addr,
-        peer_addr,
-        "--advertise-peer-addr",
-    )?;
+    let advertise_client = advertised(&config.advertise_client_addr, client_addr, "--advertise-client-addr")?;
+    let advertise_peer = advertised(&config.advertise_peer_addr, peer_addr, "--advertise-peer-addr")?;
 
     let runtime = tokio::runtime::Handle::current();
     let config_for_loop = config.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        prepare(&config_for_loop, advertise_client, advertise_peer, runtime)
-    })
-    .await
-    .expect("startup task panicked")?;
+    let prepared =
+        tokio::task::spawn_blocking(move || prepare(&config_for_loop, advertise_client, advertise_peer, runtime))
+            .await
+            .expect("startup task panicked")?;
 
     let handle = prepared.handle.clone();
     let raft_loop = prepared.raft_loop;
@@ -102,12 +93,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         max_value_size: config.max_value_size,
         max_connections: config.max_connections,
     };
-    tokio::spawn(client::serve(
-        client_listener,
-        handle.clone(),
-        limits,
-        stop_rx.clone(),
-    ));
+    tokio::spawn(client::serve(client_listener, handle.clone(), limits, stop_rx.clone()));
     tokio::spawn(peer::serve(
         peer_listener,
         peer::PeerContext {
@@ -163,11 +149,7 @@ async fn bind(addr: &str, flag: &str) -> Result<TcpListener, StartError> {
 
 /// The address to announce: the flag if given, else the bound address, which
 /// must then be one others can dial.
-fn advertised(
-    flag_value: &Option<String>,
-    bound: SocketAddr,
-    flag: &str,
-) -> Result<String, StartError> {
+fn advertised(flag_value: &Option<String>, bound: SocketAddr, flag: &str) -> Result<String, StartError> {
     match flag_value {
         Some(addr) => Ok(addr.clone()),
         None if bound.ip().is_unspecified() => Err(StartError::Config(format!(

@@ -6,9 +6,8 @@ use crate::config::check_host_port;
 use crate::error::WireError;
 use crate::node::{MembershipChange, NodeHandle, NodeStatus};
 use crate::proto::{
-    command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, GetResponse,
-    InfoResponse, Member, MembersResponse, PingResponse, RemoveNodeResponse, Request, Response,
-    ScanResponse, SetResponse,
+    command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, GetResponse, InfoResponse, Member,
+    MembersResponse, PingResponse, RemoveNodeResponse, Request, Response, ScanResponse, SetResponse,
 };
 use crate::state_machine::ApplyResult;
 
@@ -34,9 +33,7 @@ pub async fn dispatch(request: Request, handle: &NodeHandle, limits: Limits) -> 
 
 fn check_key(key: &[u8], limits: Limits) -> Result<(), WireError> {
     if key.is_empty() {
-        return Err(WireError::invalid(
-            "the key is empty; keys must be at least one byte",
-        ));
+        return Err(WireError::invalid("the key is empty; keys must be at least one byte"));
     }
     if key.len() > limits.max_key_size {
         return Err(WireError::invalid(format!(
@@ -49,17 +46,10 @@ fn check_key(key: &[u8], limits: Limits) -> Result<(), WireError> {
 }
 
 fn unexpected(result: ApplyResult) -> WireError {
-    WireError::new(
-        ErrorCode::Internal,
-        format!("unexpected apply result {result:?}"),
-    )
+    WireError::new(ErrorCode::Internal, format!("unexpected apply result {result:?}"))
 }
 
-async fn run(
-    command: request::Command,
-    handle: &NodeHandle,
-    limits: Limits,
-) -> Result<response::Result, WireError> {
+async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> Result<response::Result, WireError> {
     use request::Command as C;
     match command {
         C::Set(set) => {
@@ -75,9 +65,7 @@ async fn run(
                 op: Some(command::Op::Set(set)),
             };
             match handle.propose(op).await? {
-                ApplyResult::Set { revision } => {
-                    Ok(response::Result::Set(SetResponse { revision }))
-                }
+                ApplyResult::Set { revision } => Ok(response::Result::Set(SetResponse { revision })),
                 other => Err(unexpected(other)),
             }
         }
@@ -88,10 +76,7 @@ async fn run(
             };
             match handle.propose(op).await? {
                 ApplyResult::Delete { existed, revision } => {
-                    Ok(response::Result::Delete(DeleteResponse {
-                        existed,
-                        revision,
-                    }))
+                    Ok(response::Result::Delete(DeleteResponse { existed, revision }))
                 }
                 other => Err(unexpected(other)),
             }
@@ -116,28 +101,18 @@ async fn run(
             }
             // Leave room in the response frame for framing and field overhead.
             let max_bytes = limits.max_frame_size / 2;
-            let page = handle.read(|sm| {
-                sm.scan(
-                    &scan.prefix,
-                    &scan.from,
-                    &scan.to,
-                    scan.limit as usize,
-                    max_bytes,
-                )
-            });
+            let page = handle.read(|sm| sm.scan(&scan.prefix, &scan.from, &scan.to, scan.limit as usize, max_bytes));
             Ok(response::Result::Scan(ScanResponse {
                 pairs: page.pairs,
                 more: page.more,
             }))
         }
         C::AddNode(add) => {
-            check_host_port(&add.peer_addr).map_err(|e| {
-                WireError::invalid(format!("peer address {:?}: {e}", add.peer_addr))
-            })?;
+            check_host_port(&add.peer_addr)
+                .map_err(|e| WireError::invalid(format!("peer address {:?}: {e}", add.peer_addr)))?;
             if !add.client_addr.is_empty() {
-                check_host_port(&add.client_addr).map_err(|e| {
-                    WireError::invalid(format!("client address {:?}: {e}", add.client_addr))
-                })?;
+                check_host_port(&add.client_addr)
+                    .map_err(|e| WireError::invalid(format!("client address {:?}: {e}", add.client_addr)))?;
             }
             let member = Member {
                 id: add.node_id,
@@ -145,13 +120,8 @@ async fn run(
                 client_addr: add.client_addr,
                 role: 0,
             };
-            match handle
-                .change_membership(MembershipChange::Add(member))
-                .await?
-            {
-                ApplyResult::Members(members) => {
-                    Ok(response::Result::AddNode(AddNodeResponse { members }))
-                }
+            match handle.change_membership(MembershipChange::Add(member)).await? {
+                ApplyResult::Members(members) => Ok(response::Result::AddNode(AddNodeResponse { members })),
                 other => Err(unexpected(other)),
             }
         }
@@ -159,9 +129,7 @@ async fn run(
             .change_membership(MembershipChange::Remove(remove.node_id))
             .await?
         {
-            ApplyResult::Members(members) => {
-                Ok(response::Result::RemoveNode(RemoveNodeResponse { members }))
-            }
+            ApplyResult::Members(members) => Ok(response::Result::RemoveNode(RemoveNodeResponse { members })),
             other => Err(unexpected(other)),
         },
         C::Members(members) => {

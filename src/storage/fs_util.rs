@@ -14,8 +14,7 @@ pub fn atomic_write(path: &Path, contents: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
     let shown = path.display().to_string();
     {
-        let mut file =
-            File::create(&tmp).map_err(StorageError::io(format!("create {shown}.tmp")))?;
+        let mut file = File::create(&tmp).map_err(StorageError::io(format!("create {shown}.tmp")))?;
         file.write_all(contents)
             .map_err(StorageError::io(format!("write {shown}.tmp")))?;
         file.sync_all()

@@ -48,9 +48,7 @@ impl NodeIdentityFile {
         if crc32fast::hash(&bytes[12..]) != crc {
             return Err(corrupt());
         }
-        NodeIdentity::decode(&bytes[12..])
-            .map(Some)
-            .map_err(|_| corrupt())
+        NodeIdentity::decode(&bytes[12..]).map(Some).map_err(|_| corrupt())
     }
 
     /// Writes it atomically.

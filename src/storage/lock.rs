@@ -40,8 +40,7 @@ impl DataDirLock {
             )));
         }
         file.set_len(0).map_err(StorageError::io("truncate LOCK"))?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(StorageError::io("seek LOCK"))?;
+        file.seek(SeekFrom::Start(0)).map_err(StorageError::io("seek LOCK"))?;
         write!(file, "{}", std::process::id()).map_err(StorageError::io("write LOCK"))?;
         Ok(DataDirLock { _file: file })
     }
@@ -56,10 +55,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = DataDirLock::acquire(dir.path()).unwrap();
         let err = DataDirLock::acquire(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("pid {}", std::process::id())),
-            "{err}"
-        );
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
         drop(first);
         DataDirLock::acquire(dir.path()).expect("free again once released");
     }

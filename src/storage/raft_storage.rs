@@ -81,12 +81,8 @@ impl RaftStorage {
         let snapshots = SnapshotFiles::open(&data_dir.join("snapshots"))?;
         let (snapshot, damaged_snapshots) = snapshots.load_newest()?;
 
-        let hard_state: HardState = engine
-            .get_message(GROUP, KEY_HARD_STATE)?
-            .unwrap_or_default();
-        let truncated: SnapshotMetadata = engine
-            .get_message(GROUP, KEY_TRUNCATED)?
-            .unwrap_or_default();
+        let hard_state: HardState = engine.get_message(GROUP, KEY_HARD_STATE)?.unwrap_or_default();
+        let truncated: SnapshotMetadata = engine.get_message(GROUP, KEY_TRUNCATED)?.unwrap_or_default();
         let storage = RaftStorage {
             engine,
             snapshots,
@@ -194,12 +190,7 @@ impl RaftStorage {
 
     /// Appends entries (truncating any conflicting suffix) and stores the
     /// HardState in one write, fsynced when `sync`.
-    pub fn append(
-        &self,
-        entries: &[Entry],
-        hard_state: Option<&HardState>,
-        sync: bool,
-    ) -> Result<(), StorageError> {
+    pub fn append(&self, entries: &[Entry], hard_state: Option<&HardState>, sync: bool) -> Result<(), StorageError> {
         let mut batch = LogBatch::default();
         if !entries.is_empty() {
             batch.add_entries::<EntryExt>(GROUP, entries)?;
@@ -231,11 +222,7 @@ impl RaftStorage {
     /// Saves a snapshot taken from the local state machine, then compacts the
     /// log behind it, keeping `keep_entries` entries for slow followers.
     /// Returns the snapshot file size.
-    pub fn save_snapshot(
-        &self,
-        snapshot: &Snapshot,
-        keep_entries: u64,
-    ) -> Result<u64, StorageError> {
+    pub fn save_snapshot(&self, snapshot: &Snapshot, keep_entries: u64) -> Result<u64, StorageError> {
         let size = self.snapshots.save(snapshot)?;
         let index = snapshot.get_metadata().index;
         let new_truncated = index.saturating_sub(keep_entries);
@@ -342,9 +329,7 @@ impl raft::Storage for RaftStorage {
         self.engine
             .fetch_entries_to::<EntryExt>(GROUP, low, high, max_size, &mut entries)
             .map_err(|e| match e {
-                raft_engine::Error::EntryCompacted => {
-                    raft::Error::Store(RaftStorageError::Compacted)
-                }
+                raft_engine::Error::EntryCompacted => raft::Error::Store(RaftStorageError::Compacted),
                 other => raft::Error::Store(RaftStorageError::Other(Box::new(other))),
             })?;
         Ok(entries)
@@ -390,9 +375,7 @@ impl raft::Storage for RaftStorage {
                 // The raft loop sees the flag and snapshots the state machine;
                 // raft asks again on its next attempt.
                 st.snapshot_wanted = true;
-                Err(raft::Error::Store(
-                    RaftStorageError::SnapshotTemporarilyUnavailable,
-                ))
+                Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable))
             }
         }
     }
@@ -451,8 +434,7 @@ mod tests {
         {
             let s = open(dir.path());
             assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 0));
-            s.append(&entries(1..=5, 1), Some(&hs(1, 2, 3)), true)
-                .unwrap();
+            s.append(&entries(1..=5, 1), Some(&hs(1, 2, 3)), true).unwrap();
             assert_eq!(all(&s).len(), 5);
             assert_eq!(s.term(4).unwrap(), 1);
         }
@@ -460,9 +442,7 @@ mod tests {
         assert_eq!(all(&s), (1..=5).map(|i| (i, 1)).collect::<Vec<_>>());
         let state = s.initial_state().unwrap();
         assert_eq!(state.hard_state, hs(1, 2, 3));
-        let e = s
-            .entries(3, 4, None, GetEntriesContext::empty(false))
-            .unwrap();
+        let e = s.entries(3, 4, None, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(&e[0].data[..], b"e3t1");
     }
 
@@ -475,11 +455,7 @@ mod tests {
         let expect: Vec<(u64, u64)> = (1..=5).map(|i| (i, 1)).chain([(6, 2), (7, 2)]).collect();
         assert_eq!(all(&s), expect);
         drop(s);
-        assert_eq!(
-            all(&open(dir.path())),
-            expect,
-            "truncation survives a restart"
-        );
+        assert_eq!(all(&open(dir.path())), expect, "truncation survives a restart");
     }
 
     #[test]
@@ -487,9 +463,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         s.append(&entries(1..=10, 1), None, true).unwrap();
-        let one = s
-            .entries(1, 11, Some(1), GetEntriesContext::empty(false))
-            .unwrap();
+        let one = s.entries(1, 11, Some(1), GetEntriesContext::empty(false)).unwrap();
         assert_eq!(one.len(), 1);
         assert!(matches!(
             s.entries(1, 12, None, GetEntriesContext::empty(false)),
@@ -502,15 +476,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path());
-            s.append(&entries(1..=100, 3), Some(&hs(3, 1, 90)), true)
-                .unwrap();
+            s.append(&entries(1..=100, 3), Some(&hs(3, 1, 90)), true).unwrap();
             s.save_snapshot(&snapshot_at(90, 3), 20).unwrap();
             assert_eq!(s.first_index().unwrap(), 71);
-            assert_eq!(
-                s.term(70).unwrap(),
-                3,
-                "term of the truncation point is kept"
-            );
+            assert_eq!(s.term(70).unwrap(), 3, "term of the truncation point is kept");
             assert!(matches!(
                 s.term(69),
                 Err(raft::Error::Store(RaftStorageError::Compacted))
@@ -522,10 +491,7 @@ mod tests {
             assert_eq!(s.snapshot(0, 2).unwrap().get_metadata().index, 90);
             assert!(s.snapshot(95, 2).is_err(), "a newer snapshot is asked for");
             assert!(s.take_snapshot_request());
-            assert!(
-                s.snapshot(0, 4).is_err(),
-                "node 4 is not in the snapshot's membership"
-            );
+            assert!(s.snapshot(0, 4).is_err(), "node 4 is not in the snapshot's membership");
             assert!(s.take_snapshot_request());
             assert!(!s.take_snapshot_request());
         }
@@ -541,13 +507,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path());
-            s.append(&entries(1..=10, 1), Some(&hs(1, 0, 5)), true)
-                .unwrap();
+            s.append(&entries(1..=10, 1), Some(&hs(1, 0, 5)), true).unwrap();
             s.install_snapshot(&snapshot_at(50, 4)).unwrap();
-            assert_eq!(
-                (s.first_index().unwrap(), s.last_index().unwrap()),
-                (51, 50)
-            );
+            assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (51, 50));
             assert_eq!(s.term(50).unwrap(), 4);
             assert_eq!(s.hard_state().commit, 50);
             s.append(&entries(51..=52, 4), None, true).unwrap();
@@ -561,17 +523,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path());
-            s.append(&entries(1..=10, 1), Some(&hs(1, 0, 5)), true)
-                .unwrap();
+            s.append(&entries(1..=10, 1), Some(&hs(1, 0, 5)), true).unwrap();
             // Crash right after the file is durable, before the log reset.
             s.snapshots.save(&snapshot_at(50, 4)).unwrap();
         }
         let (s, report) = RaftStorage::open(dir.path()).unwrap();
         assert!(report.completed_snapshot_install);
-        assert_eq!(
-            (s.first_index().unwrap(), s.last_index().unwrap()),
-            (51, 50)
-        );
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (51, 50));
         assert!(s.hard_state().commit >= 50);
     }
 
@@ -598,10 +556,7 @@ mod tests {
         let bytes = std::fs::read(newest).unwrap();
         let end = bytes.iter().rposition(|b| *b != 0).unwrap() as u64 + 1;
         assert!(end <= len);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(newest)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(newest).unwrap();
         f.set_len(end - 5).unwrap();
         drop(f);
 
@@ -612,8 +567,7 @@ mod tests {
             "the torn entry is gone, earlier ones stay: last={last}"
         );
         assert_eq!(all(&s).len() as u64, last);
-        s.append(&entries(last + 1..=last + 3, 2), None, true)
-            .unwrap();
+        s.append(&entries(last + 1..=last + 3, 2), None, true).unwrap();
         drop(s);
         assert_eq!(open(dir.path()).last_index().unwrap(), last + 3);
     }

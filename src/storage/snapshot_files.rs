@@ -25,9 +25,7 @@ impl SnapshotFiles {
     /// Opens (creating if needed) the snapshot directory.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         create_private_dir(dir)?;
-        Ok(SnapshotFiles {
-            dir: dir.to_path_buf(),
-        })
+        Ok(SnapshotFiles { dir: dir.to_path_buf() })
     }
 
     fn path_for(&self, index: u64, term: u64) -> PathBuf {
@@ -89,9 +87,7 @@ impl SnapshotFiles {
 
 fn read_file(path: &Path) -> Result<Snapshot, StorageError> {
     let bytes = fs::read(path).map_err(StorageError::io(format!("read {}", path.display())))?;
-    let corrupt = |what: &str| {
-        StorageError::Corrupt(format!("snapshot {} is damaged: {what}", path.display()))
-    };
+    let corrupt = |what: &str| StorageError::Corrupt(format!("snapshot {} is damaged: {what}", path.display()));
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
         return Err(corrupt("bad header"));
     }

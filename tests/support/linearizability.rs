@@ -62,12 +62,7 @@ pub struct Op {
 
 impl Op {
     /// A write; `complete: None` if the client never learned the outcome.
-    pub fn write(
-        key: impl Into<Vec<u8>>,
-        value: impl Into<Vec<u8>>,
-        invoke: u64,
-        complete: Option<u64>,
-    ) -> Self {
+    pub fn write(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, invoke: u64, complete: Option<u64>) -> Self {
         let kind = OpKind::Write(value.into());
         Op {
             key: key.into(),
@@ -78,12 +73,7 @@ impl Op {
     }
 
     /// A read that completed and returned `result`.
-    pub fn read(
-        key: impl Into<Vec<u8>>,
-        result: Option<Vec<u8>>,
-        invoke: u64,
-        complete: u64,
-    ) -> Self {
+    pub fn read(key: impl Into<Vec<u8>>, result: Option<Vec<u8>>, invoke: u64, complete: u64) -> Self {
         let kind = OpKind::Read(result);
         Op {
             key: key.into(),
@@ -448,12 +438,7 @@ fn check_key(key: &[u8], all_ops: &[&Op]) -> Result<(), Violation> {
     // are indistinguishable (no read accepts them), and merging them lets
     // the cache identify e.g. the two orders of concurrent blind writes. A
     // read of a value never written gets an id no op sets.
-    let ids: HashMap<&[u8], u32> = reads
-        .keys()
-        .flatten()
-        .zip(1..)
-        .map(|(&v, id)| (v, id))
-        .collect();
+    let ids: HashMap<&[u8], u32> = reads.keys().flatten().zip(1..).map(|(&v, id)| (v, id)).collect();
     let id = |v: &[u8]| ids.get(v).copied().unwrap_or(UNREAD);
     let steps: Vec<Step> = ops
         .iter()
@@ -639,12 +624,7 @@ fn check_key(key: &[u8], all_ops: &[&Op]) -> Result<(), Violation> {
 /// failed but is being explored, when `extra` does not change the state;
 /// then linearizing `extra` is pointless anyway, as the current
 /// configuration can do anything the larger one can.
-fn dominated(
-    config: &mut [u64],
-    optionals: &[usize],
-    extra: Option<usize>,
-    cache: &HashSet<Vec<u64>>,
-) -> bool {
+fn dominated(config: &mut [u64], optionals: &[usize], extra: Option<usize>, cache: &HashSet<Vec<u64>>) -> bool {
     optionals.iter().copied().chain(extra).any(|d| {
         config[d / 64] &= !(1 << (d % 64));
         let hit = cache.contains(&*config);
@@ -767,15 +747,9 @@ mod tests {
     #[test]
     fn rejects_stale_read_after_completed_write() {
         let v = assert_violation(&[w("a", 0, 1), w("b", 2, 3), r(Some("a"), 4, 5)]);
-        assert_eq!(
-            (v.key.as_slice(), v.ops_checked, v.longest_prefix),
-            (&b"k"[..], 3, 2)
-        );
+        assert_eq!((v.key.as_slice(), v.ops_checked, v.longest_prefix), (&b"k"[..], 3, 2));
         assert_eq!(v.stuck, vec![r(Some("a"), 4, 5)]);
-        assert!(
-            v.to_string().contains("read \"k\" -> \"a\" @ [4, 5]"),
-            "{v}"
-        );
+        assert!(v.to_string().contains("read \"k\" -> \"a\" @ [4, 5]"), "{v}");
         assert_violation(&[w("a", 0, 1), r(None, 2, 3)]);
         assert_violation(&[w("a", 0, 1), d(2, Some(3)), r(Some("a"), 4, 5)]);
     }
@@ -904,10 +878,7 @@ mod tests {
             let OpKind::Write(old) = first.unwrap().kind.clone() else {
                 unreachable!()
             };
-            let late = ops
-                .iter()
-                .rposition(|op| matches!(op.kind, OpKind::Read(_)))
-                .unwrap();
+            let late = ops.iter().rposition(|op| matches!(op.kind, OpKind::Read(_))).unwrap();
             assert_ne!(ops[late].kind, OpKind::Read(Some(old.clone())));
             ops[late].kind = OpKind::Read(Some(old));
             let v = assert_violation(&ops);

@@ -12,22 +12,11 @@ use kvraft::proto::InfoResponse;
 use kvraft::{Client, ClientOptions};
 
 /// Raft timing for tests: 25 ms ticks, elections after 250-500 ms.
-pub const FAST_TIMING: &[&str] = &[
-    "--tick-ms",
-    "25",
-    "--election-ticks",
-    "10",
-    "--heartbeat-ticks",
-    "2",
-];
+pub const FAST_TIMING: &[&str] = &["--tick-ms", "25", "--election-ticks", "10", "--heartbeat-ticks", "2"];
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One node of a test cluster.
@@ -117,10 +106,7 @@ impl Cluster {
     }
 
     pub fn node(&mut self, id: u64) -> &mut Node {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.id == id)
-            .expect("no such node")
+        self.nodes.iter_mut().find(|n| n.id == id).expect("no such node")
     }
 
     pub fn node_log(&self, id: u64) -> String {
