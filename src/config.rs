@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub max_value_size: usize,
     /// Client connections served at once; more wait in the accept queue.
     pub max_connections: usize,
+    /// Where `/metrics`, `/health` and `/ready` are served; empty turns it off.
+    pub metrics_addr: String,
     /// How long a proposal or read may wait inside the node, in milliseconds.
     pub request_timeout_ms: u64,
     /// How long a graceful shutdown may take before the node exits anyway.
@@ -98,6 +100,7 @@ impl Default for NodeConfig {
             max_key_size: 8 * 1024,
             max_value_size: 1024 * 1024,
             max_connections: 10_000,
+            metrics_addr: "127.0.0.1:9379".into(),
             request_timeout_ms: 5_000,
             shutdown_timeout_ms: 10_000,
             log_filter: "info".into(),
@@ -192,6 +195,10 @@ impl NodeConfig {
                     self.max_key_size + self.max_value_size + 64
                 ),
             ));
+        }
+        if !self.metrics_addr.is_empty() {
+            check_host_port(&self.metrics_addr)
+                .map_err(|e| invalid("metrics_addr", format!("{:?}: {e}", self.metrics_addr)))?;
         }
         for (key, addr) in [("client_addr", &self.client_addr), ("peer_addr", &self.peer_addr)] {
             check_host_port(addr).map_err(|e| invalid(key, format!("{addr:?}: {e}")))?;
@@ -346,6 +353,10 @@ pub struct DaemonArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Where /metrics, /health and /ready are served; "" turns it off [default: 127.0.0.1:9379].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
     /// How long a request may wait inside the node, in milliseconds [default: 5000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -383,6 +394,7 @@ pub const KEYS: &[&str] = &[
     "max_key_size",
     "max_value_size",
     "max_connections",
+    "metrics_addr",
     "request_timeout_ms",
     "shutdown_timeout_ms",
     "log_filter",

@@ -13,6 +13,7 @@
 //! | [`storage`] | the durable raft log (raft-engine), snapshot files, the data dir's identity |
 //! | [`state_machine`] | the ordered map, membership, apply and snapshot/restore |
 //! | [`server`] | the client and peer listeners and how the daemon is assembled |
+//! | [`metrics`] | every metric name, the recorder, zero-valued series at start |
 //! | [`client`] | [`Client`]: endpoints, failover, retries, deadlines, pipelining |
 //! | [`cli`] | the `kvraft` command line, including `bench` |
 //! | [`daemon`] | `kvraftd` as a system daemon: config layers, logging, systemd, signals |
@@ -34,6 +35,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod state_machine;

@@ -192,6 +192,7 @@ fn spawn_single(data_dir: &std::path::Path, env: &[(&str, &str)], log: &std::pat
         .arg(data_dir)
         .args(["--client-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
         .args(support::FAST_TIMING)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())

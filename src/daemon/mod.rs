@@ -48,18 +48,30 @@ pub fn main() -> i32 {
         return 0;
     }
     let logging = logging::init(&config);
+    let prometheus = match crate::metrics::install() {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("kvraftd: {e}");
+            return 1;
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = runtime.block_on(run(config, sources, logging));
+    let code = runtime.block_on(run(config, sources, logging, prometheus));
     // Don't wait for blocking tasks: after a second signal the raft thread may
     // still be busy, and exiting must not wait for it.
     runtime.shutdown_background();
     code
 }
 
-async fn run(config: NodeConfig, sources: ConfigSources, logging: logging::Logging) -> i32 {
+async fn run(
+    config: NodeConfig,
+    sources: ConfigSources,
+    logging: logging::Logging,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+) -> i32 {
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
@@ -72,6 +84,29 @@ async fn run(config: NodeConfig, sources: ConfigSources, logging: logging::Loggi
         Err(e) => {
             eprintln!("kvraftd: {e}");
             return 1;
+        }
+    };
+    let _http = if config.metrics_addr.is_empty() {
+        None
+    } else {
+        match tokio::net::TcpListener::bind(&config.metrics_addr).await {
+            Ok(listener) => {
+                info!(addr = %config.metrics_addr, "serving /metrics, /health and /ready");
+                let endpoints = crate::server::http::Endpoints {
+                    prometheus,
+                    handle: node.handle.clone(),
+                    raft_rounds: node.raft_rounds.clone(),
+                };
+                Some(tokio::spawn(crate::server::http::serve(listener, endpoints)))
+            }
+            Err(e) => {
+                eprintln!(
+                    "kvraftd: metrics_addr {}: cannot listen ({e}); set another --metrics-addr, or \"\" to turn it off",
+                    config.metrics_addr
+                );
+                let _ = node.shutdown(Duration::from_secs(1)).await;
+                return 1;
+            }
         }
     };
     // Ready once storage is recovered, listeners are bound and the raft loop

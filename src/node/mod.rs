@@ -41,6 +41,8 @@ pub enum Inbox {
     Propose {
         /// The command.
         command: Command,
+        /// The request's span; the raft loop records its progress there.
+        span: tracing::Span,
         /// Where the result goes.
         reply: oneshot::Sender<Result<ApplyResult, WireError>>,
     },
@@ -185,7 +187,11 @@ impl NodeHandle {
     pub async fn propose(&self, command: Command) -> Result<ApplyResult, WireError> {
         self.no_leader_check()?;
         let (reply, rx) = oneshot::channel();
-        self.send(Inbox::Propose { command, reply })?;
+        self.send(Inbox::Propose {
+            command,
+            span: tracing::Span::current(),
+            reply,
+        })?;
         rx.await.map_err(|_| stopped())?
     }
 

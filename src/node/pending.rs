@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::error::WireError;
+use crate::metrics;
 use crate::proto::ErrorCode;
 use crate::state_machine::ApplyResult;
 
@@ -16,6 +17,9 @@ type ReadReply = oneshot::Sender<Result<u64, WireError>>;
 
 struct PendingProposal {
     reply: ProposalReply,
+    /// The client request's span, for the "committed" and "applied" events.
+    span: tracing::Span,
+    proposed_at: Instant,
     deadline: Instant,
     /// The log index, when this node was leader and appended the entry itself.
     index: Option<u64>,
@@ -46,11 +50,27 @@ impl Proposals {
     }
 
     /// Starts waiting for a proposal.
-    pub fn insert(&mut self, id: u64, reply: ProposalReply, deadline: Instant, index: Option<u64>) {
+    pub fn insert(
+        &mut self,
+        id: u64,
+        reply: ProposalReply,
+        deadline: Instant,
+        index: Option<u64>,
+        span: tracing::Span,
+    ) {
         if let Some(index) = index {
             self.by_index.insert(index, id);
         }
-        self.waiting.insert(id, PendingProposal { reply, deadline, index });
+        self.waiting.insert(
+            id,
+            PendingProposal {
+                reply,
+                span,
+                proposed_at: Instant::now(),
+                deadline,
+                index,
+            },
+        );
     }
 
     /// Number of proposals waiting.
@@ -63,13 +83,32 @@ impl Proposals {
         self.waiting.is_empty()
     }
 
-    /// Answers a proposal (if it is still waiting).
+    /// Notes that a proposal's entry is committed (for the commit latency).
+    pub fn committed(&self, id: u64) {
+        if let Some(p) = self.waiting.get(&id) {
+            tracing::debug!(parent: &p.span, "committed");
+            metrics::observe(metrics::COMMIT_LATENCY, p.proposed_at.elapsed());
+        }
+    }
+
+    /// Answers a proposal (if it is still waiting) with its applied result.
     pub fn complete(&mut self, id: u64, result: Result<ApplyResult, WireError>) {
         if let Some(p) = self.waiting.remove(&id) {
             if let Some(index) = p.index {
                 self.by_index.remove(&index);
             }
+            if result.is_ok() {
+                tracing::debug!(parent: &p.span, "applied");
+                metrics::observe(metrics::APPLY_LATENCY, p.proposed_at.elapsed());
+            }
             let _ = p.reply.send(result);
+        }
+    }
+
+    fn fail(&mut self, id: u64, reason: &'static str, error: WireError) {
+        if self.waiting.contains_key(&id) {
+            metrics::proposal_failed(reason);
+            self.complete(id, Err(error));
         }
     }
 
@@ -79,12 +118,13 @@ impl Proposals {
     pub fn entry_applied(&mut self, index: u64, applied_id: Option<u64>) {
         if let Some(id) = self.by_index.remove(&index) {
             if applied_id != Some(id) {
-                if let Some(p) = self.waiting.remove(&id) {
-                    let _ = p.reply.send(Err(WireError::new(
-                        ErrorCode::ProposalDropped,
-                        format!("the proposal at index {index} was replaced after a leader change and was not applied; retry"),
-                    )));
-                }
+                let error = WireError::new(
+                    ErrorCode::ProposalDropped,
+                    format!(
+                        "the proposal at index {index} was replaced after a leader change and was not applied; retry"
+                    ),
+                );
+                self.fail(id, "dropped", error);
             }
         }
     }
@@ -98,13 +138,11 @@ impl Proposals {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            self.complete(
-                id,
-                Err(WireError::new(
-                    ErrorCode::OutcomeUnknown,
-                    "the write was not applied within the request timeout; it may still be applied later",
-                )),
+            let error = WireError::new(
+                ErrorCode::OutcomeUnknown,
+                "the write was not applied within the request timeout; it may still be applied later",
             );
+            self.fail(id, "timeout", error);
         }
     }
 
@@ -119,14 +157,15 @@ impl Proposals {
             .map(|(id, _)| *id)
             .collect();
         for id in forwarded {
-            self.complete(id, Err(WireError::new(ErrorCode::OutcomeUnknown, why)));
+            self.fail(id, "leader_changed", WireError::new(ErrorCode::OutcomeUnknown, why));
         }
     }
 
-    /// Fails everything with this error.
-    pub fn fail_all(&mut self, error: WireError) {
+    /// Fails everything with this error, counted under `reason`.
+    pub fn fail_all(&mut self, reason: &'static str, error: WireError) {
         self.by_index.clear();
         for (_, p) in self.waiting.drain() {
+            metrics::proposal_failed(reason);
             let _ = p.reply.send(Err(error.clone()));
         }
     }
@@ -238,7 +277,13 @@ mod tests {
         let mut p = Proposals::new();
         let (tx, mut rx) = oneshot::channel();
         let id = p.next_id();
-        p.insert(id, tx, Instant::now() + Duration::from_secs(5), Some(7));
+        p.insert(
+            id,
+            tx,
+            Instant::now() + Duration::from_secs(5),
+            Some(7),
+            tracing::Span::none(),
+        );
         p.entry_applied(7, Some(id + 1));
         let err = rx.try_recv().unwrap().unwrap_err();
         assert_eq!(err.code, ErrorCode::ProposalDropped);
@@ -250,7 +295,13 @@ mod tests {
         let mut p = Proposals::new();
         let (tx, mut rx) = oneshot::channel();
         let id = p.next_id();
-        p.insert(id, tx, Instant::now() + Duration::from_secs(5), Some(7));
+        p.insert(
+            id,
+            tx,
+            Instant::now() + Duration::from_secs(5),
+            Some(7),
+            tracing::Span::none(),
+        );
         p.entry_applied(7, Some(id));
         assert_eq!(p.len(), 1);
         p.complete(id, Ok(ApplyResult::Set { revision: 7 }));
@@ -263,7 +314,7 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         let id = p.next_id();
         let now = Instant::now();
-        p.insert(id, tx, now, None);
+        p.insert(id, tx, now, None, tracing::Span::none());
         p.expire(now + Duration::from_millis(1));
         assert_eq!(rx.try_recv().unwrap().unwrap_err().code, ErrorCode::OutcomeUnknown);
     }

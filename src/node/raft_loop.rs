@@ -23,9 +23,11 @@ use super::pending::{Proposals, Reads};
 use super::transport::Transport;
 use super::{Inbox, MembershipChange, NodeStatus, Role};
 use crate::error::WireError;
+use crate::metrics;
 use crate::proto::{command, Command, ErrorCode, Member, NodeIdentity, ProposalContext};
 use crate::state_machine::{conf_ids, ApplyResult, StateMachine};
 use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
+use ::metrics::{counter, gauge, histogram};
 
 /// A learner is promoted once its log is within this many entries of the
 /// leader's commit index.
@@ -72,6 +74,8 @@ pub struct RaftLoop {
     /// member list (a joining node answers the leader before it knows members).
     pub(crate) learned_addrs: HashMap<u64, String>,
     pub(crate) leader_id: u64,
+    /// The role as of the last `Ready` (to count campaigns).
+    pub(crate) role: StateRole,
     pub(crate) removed: bool,
     pub(crate) last_publish: Option<Instant>,
     /// Counts loop rounds, so a watchdog can tell the loop is alive.
@@ -101,10 +105,13 @@ impl RaftLoop {
             "this node is shutting down"
         };
         // Proposals already handed to raft may still commit elsewhere.
-        self.proposals.fail_all(WireError::new(
-            ErrorCode::OutcomeUnknown,
-            format!("{why} while the write was in flight; it may or may not have been applied"),
-        ));
+        self.proposals.fail_all(
+            "shutdown",
+            WireError::new(
+                ErrorCode::OutcomeUnknown,
+                format!("{why} while the write was in flight; it may or may not have been applied"),
+            ),
+        );
         self.reads.fail_all(WireError::new(
             ErrorCode::ShuttingDown,
             format!("{why}; retry on another endpoint"),
@@ -215,7 +222,7 @@ impl RaftLoop {
                 from_peer_addr,
                 cluster_id,
             } => self.step(*message, from_peer_addr, cluster_id),
-            Inbox::Propose { command, reply } => self.propose(command, reply),
+            Inbox::Propose { command, span, reply } => self.propose(command, span, reply),
             Inbox::ReadIndex { reply } => {
                 if self.removed {
                     let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
@@ -230,6 +237,9 @@ impl RaftLoop {
             }
             Inbox::Unreachable(peer) => self.node.report_unreachable(peer),
             Inbox::SnapshotSent { to, ok } => {
+                if ok {
+                    counter!(metrics::SNAPSHOTS, "kind" => "sent").increment(1);
+                }
                 let status = if ok {
                     SnapshotStatus::Finish
                 } else {
@@ -304,16 +314,23 @@ impl RaftLoop {
         .encode_to_vec()
     }
 
-    fn propose(&mut self, command: Command, reply: oneshot::Sender<Result<ApplyResult, WireError>>) {
+    fn propose(
+        &mut self,
+        command: Command,
+        span: tracing::Span,
+        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
+    ) {
         if self.removed {
             let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
             return;
         }
         if self.leader_id == 0 {
+            metrics::proposal_failed("no_leader");
             let _ = reply.send(Err(self.no_leader_error()));
             return;
         }
         if self.shutdown.is_some() {
+            metrics::proposal_failed("shutdown");
             let _ = reply.send(Err(WireError::new(
                 ErrorCode::ShuttingDown,
                 "this node is shutting down; retry on another endpoint",
@@ -326,9 +343,11 @@ impl RaftLoop {
             Ok(()) => {
                 let index = self.appended_index(before);
                 let deadline = Instant::now() + self.settings.request_timeout;
-                self.proposals.insert(id, reply, deadline, index);
+                debug!(parent: &span, proposal_id = id, index, "proposed");
+                self.proposals.insert(id, reply, deadline, index, span);
             }
             Err(raft::Error::ProposalDropped) => {
+                metrics::proposal_failed("dropped");
                 let error = WireError::new(
                     ErrorCode::ProposalDropped,
                     "raft dropped the proposal (leader change or leadership transfer under way); retry",
@@ -356,7 +375,8 @@ impl RaftLoop {
         match result {
             Ok((id, index)) => {
                 let deadline = Instant::now() + self.settings.request_timeout;
-                self.proposals.insert(id, reply, deadline, Some(index));
+                self.proposals
+                    .insert(id, reply, deadline, Some(index), tracing::Span::current());
                 Ok(())
             }
             Err(e) => {
@@ -600,6 +620,14 @@ impl RaftLoop {
     }
 
     fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {
+        let campaigning = |r: StateRole| matches!(r, StateRole::PreCandidate | StateRole::Candidate);
+        if campaigning(role) && !campaigning(self.role) {
+            counter!(metrics::ELECTIONS).increment(1);
+        }
+        self.role = role;
+        if leader_id != self.leader_id && leader_id != 0 {
+            counter!(metrics::LEADER_CHANGES).increment(1);
+        }
         if leader_id != self.leader_id {
             info!(leader = leader_id, term = self.node.raft.term, ?role, "leader changed");
             let previous = self.leader_id;
@@ -639,6 +667,8 @@ impl RaftLoop {
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        let started = Instant::now();
+        counter!(metrics::SNAPSHOTS, "kind" => "received").increment(1);
         let meta = snapshot.get_metadata().clone();
         let size = self.storage.install_snapshot(&snapshot)?;
         {
@@ -650,11 +680,17 @@ impl RaftLoop {
             }
         }
         // Proposals may be inside the snapshot: we can't tell which applied.
-        self.proposals.fail_all(WireError::new(
-            ErrorCode::OutcomeUnknown,
-            "this node caught up by snapshot while the write was in flight; it may or may not have been applied",
-        ));
+        self.proposals.fail_all(
+            "snapshot",
+            WireError::new(
+                ErrorCode::OutcomeUnknown,
+                "this node caught up by snapshot while the write was in flight; it may or may not have been applied",
+            ),
+        );
         self.applied_tx.send_replace(meta.index);
+        counter!(metrics::SNAPSHOTS, "kind" => "applied").increment(1);
+        histogram!(metrics::SNAPSHOT_DURATION, "kind" => "applied").record(started.elapsed().as_secs_f64());
+        gauge!(metrics::SNAPSHOT_SIZE).set(size as f64);
         info!(
             index = meta.index,
             term = meta.term,
@@ -684,6 +720,9 @@ impl RaftLoop {
                 .filter(|c| c.node_id == self.settings.id && c.proposal_id != 0)
                 .map(|c| c.proposal_id);
             self.proposals.entry_applied(index, ours);
+            if let Some(id) = ours {
+                self.proposals.committed(id);
+            }
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => sm.advance(index, term),
                 EntryType::EntryNormal => match Command::decode(&entry.data[..]) {
@@ -813,6 +852,9 @@ impl RaftLoop {
             meta.set_conf_state(sm.conf_state().clone());
         }
         let size = self.storage.save_snapshot(&snapshot, self.settings.catchup_entries)?;
+        counter!(metrics::SNAPSHOTS, "kind" => "created").increment(1);
+        histogram!(metrics::SNAPSHOT_DURATION, "kind" => "created").record(started.elapsed().as_secs_f64());
+        gauge!(metrics::SNAPSHOT_SIZE).set(size as f64);
         info!(index = snapshot.get_metadata().index, bytes = size, took = ?started.elapsed(), "snapshot saved, log compacted");
         Ok(())
     }
@@ -827,6 +869,19 @@ impl RaftLoop {
             StateRole::Follower if is_learner => Role::Learner,
             StateRole::Follower => Role::Follower,
         };
+        let leader = role == Role::Leader;
+        gauge!(metrics::TERM).set(raft.term as f64);
+        gauge!(metrics::IS_LEADER).set(if leader { 1.0 } else { 0.0 });
+        gauge!(metrics::HAS_LEADER).set(if raft.leader_id != 0 { 1.0 } else { 0.0 });
+        gauge!(metrics::COMMIT_INDEX).set(raft.raft_log.committed as f64);
+        gauge!(metrics::APPLIED_INDEX).set(sm.applied_index() as f64);
+        gauge!(metrics::LOG_FIRST_INDEX).set(raft.raft_log.first_index() as f64);
+        gauge!(metrics::LOG_LAST_INDEX).set(raft.raft_log.last_index() as f64);
+        gauge!(metrics::PROPOSALS_PENDING).set(self.proposals.len() as f64);
+        gauge!(metrics::KEYS).set(sm.len() as f64);
+        let cs = sm.conf_state();
+        gauge!(metrics::MEMBERS, "role" => "voter").set(cs.voters.len() as f64);
+        gauge!(metrics::MEMBERS, "role" => "learner").set(cs.learners.len() as f64);
         let status = NodeStatus {
             id: self.settings.id,
             cluster_id: self.cluster_id.load(Ordering::Acquire),

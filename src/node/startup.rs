@@ -230,6 +230,7 @@ pub fn prepare(
         reads: Reads::new(config.id),
         learned_addrs: HashMap::new(),
         leader_id: 0,
+        role: raft::StateRole::Follower,
         removed: false,
         last_publish: None,
         rounds: rounds.clone(),

@@ -17,7 +17,9 @@ use tracing::{debug, info};
 
 use super::Inbox;
 use crate::codec;
+use crate::metrics;
 use crate::proto::{peer_rejection, PeerEnvelope, PeerRejection};
+use ::metrics::counter;
 
 /// Messages queued per peer before we start dropping (raft retransmits).
 const QUEUE: usize = 4096;
@@ -91,6 +93,7 @@ impl Transport {
                 cluster_id: self.cluster_id,
                 inbox: self.inbox.clone(),
             };
+            metrics::zero_peer(to);
             self.runtime.spawn(task.run(rx));
             Peer {
                 addr: addr.to_string(),
@@ -126,6 +129,7 @@ impl PeerTask {
                         _ => "connect timed out".into(),
                     };
                     debug!(to = self.to, addr = %self.addr, %why, "peer unreachable");
+                    self.count_failure();
                     // Whatever is queued can't go out now; raft resends.
                     if !self.drop_queued(&mut queue) {
                         return;
@@ -154,8 +158,11 @@ impl PeerTask {
                             .map(|m| m.to)
                             .collect();
                         let mut failed = false;
+                        let mut bytes = 0u64;
                         for m in &batch {
-                            if sink.feed(self.envelope(m)).await.is_err() {
+                            let frame = self.envelope(m);
+                            bytes += frame.len() as u64 + 4;
+                            if sink.feed(frame).await.is_err() {
                                 failed = true;
                                 break;
                             }
@@ -167,9 +174,11 @@ impl PeerTask {
                             let _ = self.inbox.send(Inbox::SnapshotSent { to, ok: !failed });
                         }
                         if failed {
+                            self.count_failure();
                             let _ = self.inbox.send(Inbox::Unreachable(self.to));
                             break;
                         }
+                        counter!(metrics::PEER_SENT_BYTES, "peer" => self.to.to_string()).increment(bytes);
                         backoff = Duration::from_millis(20);
                     }
                     reply = replies.next() => {
@@ -193,6 +202,10 @@ impl PeerTask {
                 }
             }
         }
+    }
+
+    fn count_failure(&self) {
+        counter!(metrics::PEER_SEND_FAILURES, "peer" => self.to.to_string()).increment(1);
     }
 
     fn envelope(&self, message: &Message) -> bytes::Bytes {

@@ -4,8 +4,10 @@
 //! - [`client`]: client connections (a task per connection, many requests in flight).
 //! - [`requests`]: validates a request and routes it to the node.
 //! - [`peer`]: inbound peer connections feeding the raft loop.
+//! - [`http`]: `/metrics`, `/health` and `/ready`.
 
 pub mod client;
+pub mod http;
 pub mod peer;
 pub mod requests;
 

@@ -13,8 +13,10 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::codec;
+use crate::metrics;
 use crate::node::{Inbox, NodeHandle};
 use crate::proto::{peer_rejection::Reason, PeerEnvelope, PeerRejection};
+use ::metrics::counter;
 
 /// What a peer connection needs.
 #[derive(Clone)]
@@ -56,6 +58,7 @@ async fn connection(stream: TcpStream, context: PeerContext) {
                 return;
             }
         };
+        let frame_len = frame.len() as u64 + 4;
         let envelope = match PeerEnvelope::decode(frame) {
             Ok(e) => e,
             Err(e) => {
@@ -88,6 +91,7 @@ async fn connection(stream: TcpStream, context: PeerContext) {
                 .await;
             return;
         }
+        counter!(metrics::PEER_RECEIVED_BYTES, "peer" => envelope.from_id.to_string()).increment(frame_len);
         let message = match raft::prelude::Message::parse_from_bytes(&envelope.raft_message) {
             Ok(m) => m,
             Err(e) => {

@@ -1,9 +1,15 @@
 //! One client request: validate it, route it to the node, build the response.
 //! A rejected request never reaches raft, so it changes nothing.
 
+use std::time::Instant;
+
+use ::metrics::{counter, histogram};
+use tracing::{debug, info_span, Instrument};
+
 use super::Limits;
 use crate::config::check_host_port;
 use crate::error::WireError;
+use crate::metrics;
 use crate::node::{MembershipChange, NodeHandle, NodeStatus};
 use crate::proto::{
     command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, GetResponse, InfoResponse, Member,
@@ -12,22 +18,59 @@ use crate::proto::{
 use crate::state_machine::ApplyResult;
 
 /// Handles one request and returns its response (never fails: errors become
-/// error responses).
+/// error responses). Each request runs in a span carrying its id, operation and
+/// this node's id; the raft loop adds "proposed", "committed" and "applied"
+/// events to it.
 pub async fn dispatch(request: Request, handle: &NodeHandle, limits: Limits) -> Response {
     let id = request.id;
-    let result = match request.command {
-        Some(command) => run(command, handle, limits).await,
-        None => Err(WireError::new(
+    let Some(command) = request.command else {
+        let error = WireError::new(
             ErrorCode::MalformedRequest,
             "the request has no command; set one of set/get/delete/scan/add_node/remove_node/members/info/ping",
-        )),
+        );
+        return Response {
+            id,
+            result: Some(response::Result::Error(error.into())),
+        };
     };
+    let op = op_name(&command);
+    let span = info_span!("request", request_id = id, op, node = handle.status().id);
+    let started = Instant::now();
+    let result = async {
+        debug!("received");
+        run(command, handle, limits).await
+    }
+    .instrument(span.clone())
+    .await;
+    let outcome = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.code.as_str_name().to_ascii_lowercase(),
+    };
+    debug!(parent: &span, %outcome, "replied");
+    counter!(metrics::REQUESTS, "op" => op, "outcome" => outcome).increment(1);
+    histogram!(metrics::REQUEST_DURATION, "op" => op).record(started.elapsed().as_secs_f64());
     Response {
         id,
         result: Some(match result {
             Ok(r) => r,
             Err(e) => response::Result::Error(e.into()),
         }),
+    }
+}
+
+/// The `op` label of a command.
+fn op_name(command: &request::Command) -> &'static str {
+    use request::Command as C;
+    match command {
+        C::Set(_) => "set",
+        C::Get(_) => "get",
+        C::Delete(_) => "delete",
+        C::Scan(_) => "scan",
+        C::AddNode(_) => "add_node",
+        C::RemoveNode(_) => "remove_node",
+        C::Members(_) => "members",
+        C::Info(_) => "info",
+        C::Ping(_) => "ping",
     }
 }
 

@@ -201,7 +201,11 @@ impl RaftStorage {
         if batch.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         self.engine.write(&mut batch, sync)?;
+        if sync {
+            crate::metrics::observe(crate::metrics::WAL_FSYNC_DURATION, started.elapsed());
+        }
         if let Some(hs) = hard_state {
             self.write_state().hard_state = hs.clone();
         }

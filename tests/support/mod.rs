@@ -24,6 +24,7 @@ pub struct Node {
     pub id: u64,
     pub client_addr: String,
     pub peer_addr: String,
+    pub metrics_addr: String,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     pub args: Vec<String>,
@@ -98,6 +99,7 @@ impl Cluster {
             log_path: self.dir.path().join(format!("node{id}.log")),
             client_addr,
             peer_addr,
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
             args,
             env_removed: Vec::new(),
             child: None,
@@ -140,6 +142,8 @@ impl Cluster {
             .arg(&node.client_addr)
             .arg("--peer-addr")
             .arg(&node.peer_addr)
+            .arg("--metrics-addr")
+            .arg(&node.metrics_addr)
             .args(FAST_TIMING)
             .args(&node.args)
             .env("KVRAFT_LOG_FILTER", "info,raft=warn")

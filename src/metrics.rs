@@ -1,0 +1,226 @@
+//! Every metric kvraft exports, named in one place: prefix `kvraft_`, base
+//! units (seconds, bytes), counters end in `_total`, labels lower-case.
+//!
+//! The recorder is global (one node per process). Every series is created at
+//! start-up with a zero value, so dashboards and alerts see no gaps.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const COMMIT_LATENCY: &str = "kvraft_commit_latency_seconds";
+pub const APPLY_LATENCY: &str = "kvraft_apply_latency_seconds";
+pub const REQUESTS: &str = "kvraft_requests_total";
+pub const REQUEST_DURATION: &str = "kvraft_request_duration_seconds";
+pub const ELECTIONS: &str = "kvraft_elections_total";
+pub const LEADER_CHANGES: &str = "kvraft_leader_changes_total";
+pub const TERM: &str = "kvraft_term";
+pub const IS_LEADER: &str = "kvraft_is_leader";
+pub const HAS_LEADER: &str = "kvraft_has_leader";
+pub const SNAPSHOT_SIZE: &str = "kvraft_snapshot_size_bytes";
+pub const SNAPSHOT_DURATION: &str = "kvraft_snapshot_duration_seconds";
+pub const SNAPSHOTS: &str = "kvraft_snapshots_total";
+pub const WAL_FSYNC_DURATION: &str = "kvraft_wal_fsync_duration_seconds";
+pub const COMMIT_INDEX: &str = "kvraft_commit_index";
+pub const APPLIED_INDEX: &str = "kvraft_applied_index";
+pub const LOG_FIRST_INDEX: &str = "kvraft_log_first_index";
+pub const LOG_LAST_INDEX: &str = "kvraft_log_last_index";
+pub const PROPOSALS_PENDING: &str = "kvraft_proposals_pending";
+pub const PROPOSALS_FAILED: &str = "kvraft_proposals_failed_total";
+pub const PEER_SENT_BYTES: &str = "kvraft_peer_sent_bytes_total";
+pub const PEER_RECEIVED_BYTES: &str = "kvraft_peer_received_bytes_total";
+pub const PEER_SEND_FAILURES: &str = "kvraft_peer_send_failures_total";
+pub const KEYS: &str = "kvraft_keys";
+pub const MEMBERS: &str = "kvraft_members";
+pub const PROCESS_RESIDENT_MEMORY: &str = "kvraft_process_resident_memory_bytes";
+pub const PROCESS_CPU: &str = "kvraft_process_cpu_seconds_total";
+pub const PROCESS_OPEN_FDS: &str = "kvraft_process_open_fds";
+
+/// Client operations, as the `op` label.
+pub const OPS: &[&str] = &[
+    "set",
+    "get",
+    "delete",
+    "scan",
+    "add_node",
+    "remove_node",
+    "members",
+    "info",
+    "ping",
+];
+/// Snapshot events, as the `kind` label.
+pub const SNAPSHOT_KINDS: &[&str] = &["created", "sent", "received", "applied"];
+/// Why a proposal failed, as the `reason` label.
+pub const FAILURE_REASONS: &[&str] = &[
+    "dropped",
+    "no_leader",
+    "timeout",
+    "leader_changed",
+    "shutdown",
+    "snapshot",
+];
+
+/// Latency buckets from 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the global recorder and creates every series at zero.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    describe();
+    zero();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_histogram!(
+        COMMIT_LATENCY,
+        Unit::Seconds,
+        "Time from proposing an entry to learning it is committed."
+    );
+    describe_histogram!(
+        APPLY_LATENCY,
+        Unit::Seconds,
+        "Time from proposing an entry to replying after it was applied."
+    );
+    describe_counter!(REQUESTS, "Client requests handled, by operation and outcome.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Client request handling time, by operation."
+    );
+    describe_counter!(ELECTIONS, "Campaigns (pre-vote or vote) this node started.");
+    describe_counter!(LEADER_CHANGES, "Times this node saw a new leader.");
+    describe_gauge!(TERM, "Current raft term.");
+    describe_gauge!(IS_LEADER, "1 if this node is the leader.");
+    describe_gauge!(HAS_LEADER, "1 if this node knows a leader.");
+    describe_gauge!(SNAPSHOT_SIZE, Unit::Bytes, "Size of the last snapshot written.");
+    describe_histogram!(
+        SNAPSHOT_DURATION,
+        Unit::Seconds,
+        "Time to create or apply a snapshot, by kind."
+    );
+    describe_counter!(SNAPSHOTS, "Snapshots created, sent, received and applied.");
+    describe_histogram!(
+        WAL_FSYNC_DURATION,
+        Unit::Seconds,
+        "Time of a durable raft log write (write + fsync)."
+    );
+    describe_gauge!(COMMIT_INDEX, "Highest log index known committed.");
+    describe_gauge!(APPLIED_INDEX, "Highest log index applied to the state machine.");
+    describe_gauge!(LOG_FIRST_INDEX, "First index in the raft log.");
+    describe_gauge!(LOG_LAST_INDEX, "Last index in the raft log.");
+    describe_gauge!(PROPOSALS_PENDING, "Proposals waiting to be applied on this node.");
+    describe_counter!(PROPOSALS_FAILED, "Proposals that failed, by reason.");
+    describe_counter!(PEER_SENT_BYTES, Unit::Bytes, "Bytes sent to a peer.");
+    describe_counter!(PEER_RECEIVED_BYTES, Unit::Bytes, "Bytes received from a peer.");
+    describe_counter!(PEER_SEND_FAILURES, "Failed connects or writes to a peer.");
+    describe_gauge!(KEYS, "Keys in the state machine.");
+    describe_gauge!(MEMBERS, "Cluster members, by role.");
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY,
+        Unit::Bytes,
+        "Resident memory of the kvraftd process."
+    );
+    describe_counter!(
+        PROCESS_CPU,
+        Unit::Seconds,
+        "CPU time (user + system) of the kvraftd process."
+    );
+    describe_gauge!(PROCESS_OPEN_FDS, "Open file descriptors of the kvraftd process.");
+}
+
+fn zero() {
+    for name in [COMMIT_LATENCY, APPLY_LATENCY, WAL_FSYNC_DURATION] {
+        let _ = histogram!(name);
+    }
+    for op in OPS {
+        counter!(REQUESTS, "op" => *op, "outcome" => "ok").absolute(0);
+        let _ = histogram!(REQUEST_DURATION, "op" => *op);
+    }
+    for name in [ELECTIONS, LEADER_CHANGES, PROCESS_CPU] {
+        counter!(name).absolute(0);
+    }
+    for name in [
+        TERM,
+        IS_LEADER,
+        HAS_LEADER,
+        SNAPSHOT_SIZE,
+        COMMIT_INDEX,
+        APPLIED_INDEX,
+        LOG_FIRST_INDEX,
+        LOG_LAST_INDEX,
+        PROPOSALS_PENDING,
+        KEYS,
+        PROCESS_RESIDENT_MEMORY,
+        PROCESS_OPEN_FDS,
+    ] {
+        gauge!(name).set(0.0);
+    }
+    for kind in SNAPSHOT_KINDS {
+        counter!(SNAPSHOTS, "kind" => *kind).absolute(0);
+    }
+    for kind in ["created", "applied"] {
+        let _ = histogram!(SNAPSHOT_DURATION, "kind" => kind);
+    }
+    for reason in FAILURE_REASONS {
+        counter!(PROPOSALS_FAILED, "reason" => *reason).absolute(0);
+    }
+    for role in ["voter", "learner"] {
+        gauge!(MEMBERS, "role" => role).set(0.0);
+    }
+}
+
+/// Creates the per-peer series at zero when a peer becomes known.
+pub fn zero_peer(peer: u64) {
+    let peer = peer.to_string();
+    counter!(PEER_SENT_BYTES, "peer" => peer.clone()).absolute(0);
+    counter!(PEER_RECEIVED_BYTES, "peer" => peer.clone()).absolute(0);
+    counter!(PEER_SEND_FAILURES, "peer" => peer).absolute(0);
+}
+
+/// Counts a failed proposal.
+pub fn proposal_failed(reason: &'static str) {
+    counter!(PROPOSALS_FAILED, "reason" => reason).increment(1);
+}
+
+/// Records a duration in a histogram.
+pub fn observe(name: &'static str, elapsed: Duration) {
+    histogram!(name).record(elapsed.as_secs_f64());
+}
+
+/// Refreshes the process series from /proc (called before each scrape).
+pub fn update_process() {
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+        if let Some(pages) = statm.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()) {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+            gauge!(PROCESS_RESIDENT_MEMORY).set(pages * page);
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may contain spaces): utime is
+        // the 14th field overall, stime the 15th.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: u64 = [11, 12]
+                .iter()
+                .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+                .sum();
+            // SAFETY: sysconf has no preconditions.
+            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            // Counters hold integers: whole seconds are enough for rate() over
+            // the usual 1-5 minute windows.
+            counter!(PROCESS_CPU).absolute((ticks as f64 / per_second) as u64);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge!(PROCESS_OPEN_FDS).set(fds.count() as f64);
+    }
+}
