@@ -21,6 +21,7 @@ pub const HAS_LEADER: &str = "kvraft_has_leader";
 pub const SNAPSHOT_SIZE: &str = "kvraft_snapshot_size_bytes";
 pub const SNAPSHOT_DURATION: &str = "kvraft_snapshot_duration_seconds";
 pub const SNAPSHOTS: &str = "kvraft_snapshots_total";
+pub const SNAPSHOT_FAILURES: &str = "kvraft_snapshot_failures_total";
 pub const WAL_FSYNC_DURATION: &str = "kvraft_wal_fsync_duration_seconds";
 pub const COMMIT_INDEX: &str = "kvraft_commit_index";
 pub const APPLIED_INDEX: &str = "kvraft_applied_index";
@@ -107,6 +108,10 @@ fn describe() {
         "Time to create or apply a snapshot, by kind."
     );
     describe_counter!(SNAPSHOTS, "Snapshots created, sent, received and applied.");
+    describe_counter!(
+        SNAPSHOT_FAILURES,
+        "Snapshots that failed to be created, sent or applied."
+    );
     describe_histogram!(
         WAL_FSYNC_DURATION,
         Unit::Seconds,
@@ -165,6 +170,9 @@ fn zero() {
     }
     for kind in SNAPSHOT_KINDS {
         counter!(SNAPSHOTS, "kind" => *kind).absolute(0);
+    }
+    for kind in ["create", "send", "apply"] {
+        counter!(SNAPSHOT_FAILURES, "kind" => kind).absolute(0);
     }
     for kind in ["created", "applied"] {
         let _ = histogram!(SNAPSHOT_DURATION, "kind" => kind);

@@ -74,8 +74,6 @@ pub struct RaftLoop {
     /// member list (a joining node answers the leader before it knows members).
     pub(crate) learned_addrs: HashMap<u64, String>,
     pub(crate) leader_id: u64,
-    /// The role as of the last `Ready` (to count campaigns).
-    pub(crate) role: StateRole,
     pub(crate) removed: bool,
     pub(crate) last_publish: Option<Instant>,
     /// Counts loop rounds, so a watchdog can tell the loop is alive.
@@ -152,7 +150,9 @@ impl RaftLoop {
             }
             let now = Instant::now();
             if now >= next_tick {
+                let before = (self.node.raft.state, self.node.raft.term);
                 self.node.tick();
+                self.count_campaign(before);
                 next_tick = now + tick;
                 self.on_tick(now);
             }
@@ -208,7 +208,8 @@ impl RaftLoop {
             .expect("state machine lock poisoned")
             .applied_index();
         if applied > self.storage.snapshot_index() {
-            self.snapshot_now()?;
+            self.snapshot_now()
+                .inspect_err(|_| counter!(metrics::SNAPSHOT_FAILURES, "kind" => "create").increment(1))?;
         }
         info!(index = applied, "shutdown snapshot at the applied index");
         Ok(())
@@ -239,6 +240,8 @@ impl RaftLoop {
             Inbox::SnapshotSent { to, ok } => {
                 if ok {
                     counter!(metrics::SNAPSHOTS, "kind" => "sent").increment(1);
+                } else {
+                    counter!(metrics::SNAPSHOT_FAILURES, "kind" => "send").increment(1);
                 }
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -282,7 +285,10 @@ impl RaftLoop {
         if !from_peer_addr.is_empty() {
             self.learned_addrs.insert(message.from, from_peer_addr);
         }
-        if let Err(e) = self.node.step(message) {
+        let before = (self.node.raft.state, self.node.raft.term);
+        let stepped = self.node.step(message);
+        self.count_campaign(before);
+        if let Err(e) = stepped {
             debug!(error = %e, "raft refused a message");
         }
     }
@@ -593,7 +599,8 @@ impl RaftLoop {
         // 2. A snapshot from the leader replaces the state machine.
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
-            self.install_snapshot(snapshot)?;
+            self.install_snapshot(snapshot)
+                .inspect_err(|_| counter!(metrics::SNAPSHOT_FAILURES, "kind" => "apply").increment(1))?;
         }
         // 3. Committed entries are already durable here, so apply them now.
         let committed = ready.take_committed_entries();
@@ -619,12 +626,20 @@ impl RaftLoop {
         Ok(())
     }
 
-    fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {
+    /// Counts a campaign this node started in the last tick or step: it turned
+    /// (pre-)candidate, or its term rose without a message from a higher term
+    /// (a one-node cluster campaigns and wins within one tick).
+    fn count_campaign(&self, (state, term): (StateRole, u64)) {
         let campaigning = |r: StateRole| matches!(r, StateRole::PreCandidate | StateRole::Candidate);
-        if campaigning(role) && !campaigning(self.role) {
+        let raft = &self.node.raft;
+        let started = (campaigning(raft.state) && !campaigning(state))
+            || (raft.state == StateRole::Leader && state != StateRole::Leader && raft.term > term);
+        if started {
             counter!(metrics::ELECTIONS).increment(1);
         }
-        self.role = role;
+    }
+
+    fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {
         if leader_id != self.leader_id && leader_id != 0 {
             counter!(metrics::LEADER_CHANGES).increment(1);
         }
@@ -653,6 +668,7 @@ impl RaftLoop {
             if !self.transport.send(message, addr.as_deref()) {
                 self.node.report_unreachable(to);
                 if is_snapshot {
+                    counter!(metrics::SNAPSHOT_FAILURES, "kind" => "send").increment(1);
                     self.node.report_snapshot(to, SnapshotStatus::Failure);
                 }
             }
@@ -834,7 +850,8 @@ impl RaftLoop {
             .applied_index();
         let due = applied >= last + self.settings.snapshot_threshold;
         if applied > last && (due || asked) {
-            self.snapshot_now()?;
+            self.snapshot_now()
+                .inspect_err(|_| counter!(metrics::SNAPSHOT_FAILURES, "kind" => "create").increment(1))?;
         }
         Ok(())
     }

@@ -230,7 +230,6 @@ pub fn prepare(
         reads: Reads::new(config.id),
         learned_addrs: HashMap::new(),
         leader_id: 0,
-        role: raft::StateRole::Follower,
         removed: false,
         last_publish: None,
         rounds: rounds.clone(),

@@ -191,11 +191,11 @@ impl PeerTask {
                                     reason: rejection.message,
                                     removed: rejection.reason == peer_rejection::Reason::Removed as i32,
                                 });
+                                // A refusal is not transient: retry slowly.
+                                backoff = MAX_BACKOFF;
                             }
                         }
                         let _ = self.inbox.send(Inbox::Unreachable(self.to));
-                        // A refusal is not transient: retry slowly.
-                        backoff = MAX_BACKOFF;
                         tokio::time::sleep(backoff).await;
                         break;
                     }

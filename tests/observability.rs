@@ -1,0 +1,343 @@
+//! Metrics, health and readiness of live nodes; a real Prometheus scraping a
+//! live cluster and answering every dashboard panel's query; the alert rules'
+//! own tests.
+//!
+//! Prometheus and promtool come from Debian's `prometheus` package, which
+//! `.ci/run` installs. Without them these tests say so and pass, unless
+//! KVRAFT_REQUIRE_PROMETHEUS=1 (set in CI), where a missing tool fails.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{http_get, metric_sum, url_encode, Cluster};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Every series the issue asks for (process series included).
+const REQUIRED: &[&str] = &[
+    "kvraft_commit_latency_seconds_bucket",
+    "kvraft_apply_latency_seconds_bucket",
+    "kvraft_requests_total",
+    "kvraft_request_duration_seconds_bucket",
+    "kvraft_elections_total",
+    "kvraft_leader_changes_total",
+    "kvraft_term",
+    "kvraft_is_leader",
+    "kvraft_has_leader",
+    "kvraft_snapshot_size_bytes",
+    "kvraft_snapshot_duration_seconds_bucket",
+    "kvraft_snapshots_total",
+    "kvraft_snapshot_failures_total",
+    "kvraft_wal_fsync_duration_seconds_bucket",
+    "kvraft_commit_index",
+    "kvraft_applied_index",
+    "kvraft_log_first_index",
+    "kvraft_log_last_index",
+    "kvraft_proposals_pending",
+    "kvraft_proposals_failed_total",
+    "kvraft_peer_sent_bytes_total",
+    "kvraft_peer_received_bytes_total",
+    "kvraft_peer_send_failures_total",
+    "kvraft_keys",
+    "kvraft_members",
+    "kvraft_process_resident_memory_bytes",
+    "kvraft_process_cpu_seconds_total",
+    "kvraft_process_open_fds",
+];
+
+fn tool(name: &str) -> Option<String> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if found.is_none() {
+        assert!(
+            std::env::var("KVRAFT_REQUIRE_PROMETHEUS").is_err(),
+            "{name} is required (KVRAFT_REQUIRE_PROMETHEUS is set): apt-get install prometheus"
+        );
+        eprintln!("SKIPPED: {name} not installed (apt-get install prometheus)");
+    }
+    found
+}
+
+/// `/metrics` of a node, waiting for its endpoint to come up.
+fn scrape(cluster: &Cluster, id: u64) -> String {
+    let addr = cluster.nodes.iter().find(|n| n.id == id).unwrap().metrics_addr.clone();
+    let deadline = Instant::now() + T;
+    loop {
+        match http_get(&addr, "/metrics") {
+            Ok((200, body)) => return body,
+            other => assert!(Instant::now() < deadline, "no /metrics from node {id}: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn promtool_check_metrics(promtool: &str, text: &str) {
+    use std::io::Write;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics: {report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_exists_at_start_and_moves_with_traffic_a_leader_kill_and_snapshots() {
+    let mut cluster = Cluster::start_static(3, &["--snapshot-threshold", "50"]);
+    // Before any client traffic every series is there (zero or not).
+    let fresh = scrape(&cluster, 1);
+    for name in REQUIRED.iter().filter(|n| !n.starts_with("kvraft_peer_")) {
+        assert!(metric_sum(&fresh, name, &[]).is_some(), "{name} missing at start");
+    }
+    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let client = cluster.client(&[1, 2, 3]);
+    for i in 0..120 {
+        client.set(format!("k{i}"), "v").await.unwrap();
+        client.get(format!("k{i}")).await.unwrap();
+    }
+    assert!(client.set("", "v").await.is_err(), "one invalid request");
+    let before_kill = scrape(&cluster, leader);
+    cluster.kill(leader);
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let new_leader = cluster.wait_for_leader(&survivors, T).await;
+    let client = cluster.client(&survivors);
+    for i in 0..60 {
+        client.set(format!("after{i}"), "v").await.unwrap();
+    }
+
+    let leader_text = scrape(&cluster, new_leader);
+    let texts: Vec<String> = survivors.iter().map(|id| scrape(&cluster, *id)).collect();
+    for text in &texts {
+        for name in REQUIRED {
+            assert!(metric_sum(text, name, &[]).is_some(), "{name} missing");
+        }
+        assert_eq!(metric_sum(text, "kvraft_has_leader", &[]), Some(1.0));
+        assert_eq!(metric_sum(text, "kvraft_members", &[("role", "voter")]), Some(3.0));
+        assert!(
+            metric_sum(text, "kvraft_leader_changes_total", &[]).unwrap() >= 2.0,
+            "first leader and the new one"
+        );
+        assert!(metric_sum(text, "kvraft_snapshots_total", &[("kind", "created")]).unwrap() >= 1.0);
+        assert!(metric_sum(text, "kvraft_snapshot_size_bytes", &[]).unwrap() > 0.0);
+        assert!(metric_sum(text, "kvraft_wal_fsync_duration_seconds_count", &[]).unwrap() > 0.0);
+        assert!(metric_sum(text, "kvraft_peer_sent_bytes_total", &[]).unwrap() > 0.0);
+        assert!(metric_sum(text, "kvraft_peer_received_bytes_total", &[]).unwrap() > 0.0);
+        assert!(metric_sum(text, "kvraft_process_resident_memory_bytes", &[]).unwrap() > 1e6);
+        assert!(metric_sum(text, "kvraft_process_open_fds", &[]).unwrap() > 5.0);
+        assert!(metric_sum(text, "kvraft_applied_index", &[]).unwrap() >= 180.0);
+    }
+    let is_leader: f64 = texts
+        .iter()
+        .map(|t| metric_sum(t, "kvraft_is_leader", &[]).unwrap())
+        .sum();
+    assert_eq!(is_leader, 1.0);
+    assert!(
+        metric_sum(&leader_text, "kvraft_elections_total", &[]).unwrap() >= 1.0,
+        "the new leader campaigned"
+    );
+    support::eventually(T, "a survivor counts failed sends to the killed leader", || {
+        let failed: f64 = survivors
+            .iter()
+            .map(|id| metric_sum(&scrape(&cluster, *id), "kvraft_peer_send_failures_total", &[]).unwrap())
+            .sum();
+        async move { failed >= 1.0 }
+    })
+    .await;
+    assert!(metric_sum(&leader_text, "kvraft_commit_latency_seconds_count", &[]).unwrap() >= 1.0);
+    assert!(metric_sum(&leader_text, "kvraft_apply_latency_seconds_count", &[]).unwrap() >= 1.0);
+    let sets: f64 = texts
+        .iter()
+        .chain([&before_kill])
+        .map(|t| metric_sum(t, "kvraft_requests_total", &[("op", "set"), ("outcome", "ok")]).unwrap())
+        .sum();
+    assert!(sets >= 180.0, "{sets} sets counted");
+    let invalid: f64 = texts
+        .iter()
+        .chain([&before_kill])
+        .map(|t| metric_sum(t, "kvraft_requests_total", &[("outcome", "invalid_argument")]).unwrap_or(0.0))
+        .sum();
+    assert_eq!(invalid, 1.0);
+
+    for id in &survivors {
+        let addr = cluster.nodes.iter().find(|n| n.id == *id).unwrap().metrics_addr.clone();
+        assert_eq!(http_get(&addr, "/health").unwrap().0, 200);
+        let (status, body) = http_get(&addr, "/ready").unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(http_get(&addr, "/nope").unwrap().0, 404);
+    }
+    if let Some(promtool) = tool("promtool") {
+        for text in &texts {
+            promtool_check_metrics(&promtool, text);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_quorum_is_healthy_but_not_ready() {
+    let mut cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    cluster.kill(2);
+    cluster.kill(3);
+    let addr = cluster.nodes[0].metrics_addr.clone();
+    support::eventually(T, "node 1 loses its leader and says it is not ready", || {
+        let ready = http_get(&addr, "/ready").map(|r| r.0).unwrap_or(0);
+        async move { ready == 503 }
+    })
+    .await;
+    assert_eq!(http_get(&addr, "/health").unwrap().0, 200, "alive, just not ready");
+    let text = http_get(&addr, "/metrics").unwrap().1;
+    assert_eq!(metric_sum(&text, "kvraft_has_leader", &[]), Some(0.0));
+}
+
+fn dashboard_queries() -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana/dashboards/kvraft.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(dashboard["refresh"], "10s");
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(variables, ["datasource", "instance"]);
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$instance", ".*")
+                .replace("$__rate_interval", "30s");
+            queries.push((panel["title"].as_str().unwrap().to_string(), expr));
+        }
+    }
+    queries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_live_cluster_and_every_dashboard_panel_returns_data() {
+    let Some(prometheus) = tool("prometheus") else { return };
+    let Some(promtool) = tool("promtool") else { return };
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/prometheus");
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(&args)
+            .current_dir(&rules)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    let cluster = Cluster::start_static(3, &["--snapshot-threshold", "40"]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets: Vec<String> = cluster.nodes.iter().map(|n| format!("'{}'", n.metrics_addr)).collect();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: kvraft\n    static_configs:\n      - targets: [{}]\n",
+            rules.join("alerts.yml").display(),
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let web = format!("127.0.0.1:{}", support::free_port());
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = KillOnDrop(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    let query = |expr: &str| -> Option<serde_json::Value> {
+        let (status, body) = http_get(&web, &format!("/api/v1/query?query={}", url_encode(expr))).ok()?;
+        (status == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+    };
+    let deadline = Instant::now() + T;
+    loop {
+        let up = query("sum(up{job=\"kvraft\"})")
+            .and_then(|v| v["data"]["result"][0]["value"][1].as_str().map(String::from));
+        if up.as_deref() == Some("3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "prometheus never saw 3 targets up ({up:?})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Traffic, with snapshots, so rates and quantiles have something to show.
+    let client = cluster.client(&[1, 2, 3]);
+    for i in 0..150 {
+        client.set(format!("k{i}"), "v").await.unwrap();
+        client.get(format!("k{i}")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 30, "{} queries", queries.len());
+    let mut empty = Vec::new();
+    for (title, expr) in &queries {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let result = query(expr);
+            let series = result
+                .as_ref()
+                .filter(|v| v["status"] == "success")
+                .and_then(|v| v["data"]["result"].as_array().map(|r| r.len()))
+                .unwrap_or(0);
+            if series > 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                empty.push(format!("{title}: {expr} -> {result:?}"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
+    // The alert rules load and evaluate against the live series; a healthy
+    // cluster fires none of them.
+    let alerts = query("ALERTS{alertstate=\"firing\"}").unwrap();
+    assert_eq!(
+        alerts["data"]["result"].as_array().map(|a| a.len()),
+        Some(0),
+        "{alerts}"
+    );
+}
