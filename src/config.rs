@@ -78,6 +78,9 @@ pub struct NodeConfig {
     pub log_filter: String,
     /// Log line format.
     pub log_format: LogFormat,
+    /// OTLP/HTTP collector base URL (e.g. `http://127.0.0.1:4318`) for request
+    /// traces; empty turns tracing export off.
+    pub otlp_endpoint: String,
 }
 
 impl Default for NodeConfig {
@@ -105,6 +108,7 @@ impl Default for NodeConfig {
             shutdown_timeout_ms: 10_000,
             log_filter: "info".into(),
             log_format: LogFormat::Text,
+            otlp_endpoint: String::new(),
         }
     }
 }
@@ -219,6 +223,15 @@ impl NodeConfig {
                     "join and initial_cluster exclude each other: a joining node learns the members from the cluster",
                 ));
             }
+        }
+        if !self.otlp_endpoint.is_empty() && !self.otlp_endpoint.starts_with("http://") {
+            return Err(invalid(
+                "otlp_endpoint",
+                format!(
+                    "{:?}: expected an http:// URL such as http://127.0.0.1:4318",
+                    self.otlp_endpoint
+                ),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
             return Err(invalid("log_filter", format!("{:?}: {e}", self.log_filter)));
@@ -373,6 +386,10 @@ pub struct DaemonArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/HTTP collector URL for request traces, e.g. http://127.0.0.1:4318 [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Every configuration key, for the environment provider.
@@ -399,6 +416,7 @@ pub const KEYS: &[&str] = &[
     "shutdown_timeout_ms",
     "log_filter",
     "log_format",
+    "otlp_endpoint",
 ];
 
 /// Where the configuration comes from; kept so SIGHUP can read it again.

@@ -341,3 +341,115 @@ async fn prometheus_scrapes_a_live_cluster_and_every_dashboard_panel_returns_dat
         "{alerts}"
     );
 }
+
+/// A minimal OTLP/HTTP receiver: stores every POST body, answers `{}`.
+fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let store = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    store.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                    let reply = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+                    if stream.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_for_a_set_reach_an_otlp_receiver_with_the_request_id() {
+    use futures::{SinkExt, StreamExt};
+    use kvraft::proto::{request, response, Request, Response, SetRequest};
+    use prost::Message;
+
+    let (receiver, bodies) = otlp_receiver();
+    let mut cluster = Cluster::empty();
+    cluster.add_node(1, None, vec!["--otlp-endpoint".into(), format!("http://{receiver}")]);
+    cluster.node(1).env("OTEL_BSP_SCHEDULE_DELAY", "200");
+    cluster.start(1);
+    cluster.wait_for_leader(&[1], T).await;
+
+    // A set with a request id of our choosing, on the raw protocol.
+    let request_id = 987_654_321u64;
+    let stream = tokio::net::TcpStream::connect(&cluster.nodes[0].client_addr)
+        .await
+        .unwrap();
+    let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
+    let set = Request {
+        id: request_id,
+        command: Some(request::Command::Set(SetRequest {
+            key: b"traced".to_vec(),
+            value: b"yes".to_vec(),
+        })),
+    };
+    frames.send(kvraft::codec::encode(&set)).await.unwrap();
+    let reply = Response::decode(frames.next().await.unwrap().unwrap()).unwrap();
+    assert_eq!(reply.id, request_id);
+    assert!(matches!(reply.result, Some(response::Result::Set(_))), "{reply:?}");
+
+    let deadline = Instant::now() + T;
+    let span = loop {
+        let found = bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|b| b.contains(&request_id.to_string()))
+            .cloned();
+        if let Some(body) = found {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no span with request id {request_id} arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let json: serde_json::Value = serde_json::from_str(&span).unwrap();
+    let text = json.to_string();
+    for expected in [
+        "\"request\"",
+        "request_id",
+        "\"set\"",
+        "received",
+        "proposed",
+        "committed",
+        "applied",
+        "replied",
+    ] {
+        assert!(text.contains(expected), "the span lacks {expected}: {text}");
+    }
+    assert!(text.contains("service.name") && text.contains("\"kvraft\""), "{text}");
+    assert!(text.contains("service.instance.id"), "{text}");
+}

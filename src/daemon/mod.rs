@@ -47,7 +47,13 @@ pub fn main() -> i32 {
         print!("{}", config.to_toml());
         return 0;
     }
-    let logging = logging::init(&config);
+    let logging = match logging::init(&config) {
+        Ok(logging) => logging,
+        Err(e) => {
+            eprintln!("kvraftd: {e}");
+            return 2;
+        }
+    };
     let prometheus = match crate::metrics::install() {
         Ok(handle) => handle,
         Err(e) => {
@@ -59,7 +65,8 @@ pub fn main() -> i32 {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = runtime.block_on(run(config, sources, logging, prometheus));
+    let code = runtime.block_on(run(config, sources, &logging, prometheus));
+    logging.shutdown();
     // Don't wait for blocking tasks: after a second signal the raft thread may
     // still be busy, and exiting must not wait for it.
     runtime.shutdown_background();
@@ -69,7 +76,7 @@ pub fn main() -> i32 {
 async fn run(
     config: NodeConfig,
     sources: ConfigSources,
-    logging: logging::Logging,
+    logging: &logging::Logging,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
 ) -> i32 {
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {

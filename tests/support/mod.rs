@@ -29,6 +29,7 @@ pub struct Node {
     pub log_path: PathBuf,
     pub args: Vec<String>,
     env_removed: Vec<String>,
+    env_extra: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -39,6 +40,11 @@ impl Node {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Starts this node with an extra environment variable.
+    pub fn env(&mut self, name: &str, value: &str) {
+        self.env_extra.push((name.to_string(), value.to_string()));
     }
 
     /// Starts this node without the harness's value of an environment variable.
@@ -102,6 +108,7 @@ impl Cluster {
             metrics_addr: format!("127.0.0.1:{}", free_port()),
             args,
             env_removed: Vec::new(),
+            env_extra: Vec::new(),
             child: None,
         });
         self.nodes.last_mut().unwrap()
@@ -152,6 +159,9 @@ impl Cluster {
             .stderr(log);
         for name in &node.env_removed {
             command.env_remove(name);
+        }
+        for (name, value) in &node.env_extra {
+            command.env(name, value);
         }
         let child = command.spawn().expect("spawn kvraftd");
         node.child = Some(child);
