@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use prost::Message as _;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -407,25 +407,11 @@ struct Connection {
 
 impl Connection {
     fn start(stream: TcpStream) -> Connection {
-        let (mut sink, mut frames) = codec::framed(stream, codec::CLIENT_MAX_FRAME).split();
-        let (outgoing, mut rx) = mpsc::channel::<Request>(1024);
+        let (sink, mut frames) = codec::framed(stream, codec::CLIENT_MAX_FRAME).split();
+        let (outgoing, rx) = mpsc::channel::<Request>(1024);
         let waiters: Waiters = Arc::default();
         let close_reason: Arc<Mutex<Option<String>>> = Arc::default();
-        tokio::spawn(async move {
-            while let Some(request) = rx.recv().await {
-                if sink.feed(codec::encode(&request)).await.is_err() {
-                    return;
-                }
-                while let Ok(more) = rx.try_recv() {
-                    if sink.feed(codec::encode(&more)).await.is_err() {
-                        return;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(codec::write_frames(rx, sink));
         let reader_waiters = waiters.clone();
         let reader_reason = close_reason.clone();
         tokio::spawn(async move {

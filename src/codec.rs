@@ -32,6 +32,29 @@ pub fn encode<M: prost::Message>(message: &M) -> Bytes {
     Bytes::from(message.encode_to_vec())
 }
 
+/// Writes every message from `queue` to `sink` until the queue closes or a
+/// write fails, batching what is ready into one flush.
+pub async fn write_frames<M, S>(mut queue: tokio::sync::mpsc::Receiver<M>, mut sink: S)
+where
+    M: prost::Message,
+    S: futures::Sink<Bytes> + Unpin,
+{
+    use futures::SinkExt;
+    while let Some(message) = queue.recv().await {
+        if sink.feed(encode(&message)).await.is_err() {
+            return;
+        }
+        while let Ok(more) = queue.try_recv() {
+            if sink.feed(encode(&more)).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// True if a codec error means the length prefix was over the limit (the
 /// stream can't be resynchronised after that).
 pub fn is_frame_too_large(error: &std::io::Error) -> bool {

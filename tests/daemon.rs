@@ -360,13 +360,7 @@ async fn sigterm_under_load_hands_leadership_over_snapshots_and_loses_nothing() 
     );
     let client = cluster.client(&[1, 2, 3]);
     let acked = acked.lock().unwrap().clone();
-    for (k, v) in &acked {
-        assert_eq!(
-            client.get(k.clone()).await.unwrap().as_deref(),
-            Some(v.as_bytes()),
-            "{k}"
-        );
-    }
+    support::assert_all_readable(&client, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,13 +148,7 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
         acked.len()
     );
     let client = cluster.client(&remaining);
-    for (k, v) in &acked {
-        assert_eq!(
-            client.get(k.clone()).await.unwrap().as_deref(),
-            Some(v.as_bytes()),
-            "{k}"
-        );
-    }
+    support::assert_all_readable(&client, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

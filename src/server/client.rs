@@ -2,7 +2,7 @@
 //! in its own task (so a slow write never holds up a read behind it), and a
 //! writer task sends responses in completion order, matched by request id.
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use prost::Message as _;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -55,24 +55,9 @@ fn error_response(id: u64, error: WireError) -> Response {
 
 async fn connection(stream: TcpStream, handle: NodeHandle, limits: Limits) {
     let remote = stream.peer_addr().ok();
-    let (mut sink, mut frames) = codec::framed(stream, limits.max_frame_size).split();
-    let (tx, mut rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
-    let writer = tokio::spawn(async move {
-        while let Some(response) = rx.recv().await {
-            if sink.feed(codec::encode(&response)).await.is_err() {
-                return;
-            }
-            // Batch what is ready into one flush.
-            while let Ok(more) = rx.try_recv() {
-                if sink.feed(codec::encode(&more)).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (sink, mut frames) = codec::framed(stream, limits.max_frame_size).split();
+    let (tx, rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
+    let writer = tokio::spawn(codec::write_frames(rx, sink));
     while let Some(frame) = frames.next().await {
         match frame {
             Ok(bytes) => match Request::decode(bytes) {

@@ -414,3 +414,14 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
     }
     found
 }
+
+/// Asserts that every acknowledged write reads back with its value.
+pub async fn assert_all_readable(client: &Client, acked: &[(String, String)]) {
+    for (k, v) in acked {
+        assert_eq!(
+            client.get(k.clone()).await.unwrap().as_deref(),
+            Some(v.as_bytes()),
+            "acknowledged write {k} lost"
+        );
+    }
+}
