@@ -505,6 +505,9 @@ fn describe_source(metadata: &figment::Metadata, key: &str) -> String {
         return format!("environment variable KVRAFT_{}", key.to_uppercase());
     }
     match &metadata.source {
+        // figment shows file paths relative to the working directory; the
+        // whole path is clearer in a daemon's log.
+        Some(figment::Source::File(path)) => format!("{} {}", metadata.name, path.display()),
         Some(source) => format!("{} {source}", metadata.name),
         None => metadata.name.to_string(),
     }
