@@ -162,8 +162,15 @@ async fn every_series_exists_at_start_and_moves_with_traffic_a_leader_kill_and_s
         async move { failed >= 1.0 }
     })
     .await;
-    assert!(metric_sum(&leader_text, "kvraft_commit_latency_seconds_count", &[]).unwrap() >= 1.0);
-    assert!(metric_sum(&leader_text, "kvraft_apply_latency_seconds_count", &[]).unwrap() >= 1.0);
+    // Latencies are recorded where a proposal was made: whichever node the
+    // client talked to.
+    for name in [
+        "kvraft_commit_latency_seconds_count",
+        "kvraft_apply_latency_seconds_count",
+    ] {
+        let observed: f64 = texts.iter().map(|t| metric_sum(t, name, &[]).unwrap()).sum();
+        assert!(observed >= 60.0, "{name}: {observed}");
+    }
     let sets: f64 = texts
         .iter()
         .chain([&before_kill])
