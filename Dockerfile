@@ -13,7 +13,7 @@
 #              chmod 0700 packaging/docker/prebuilt/var/lib/kvraft
 #              docker build --target prebuilt -t kvraft .
 #
-# The `prebuilt` stage comes first on purpose: the classic builder (no
+# The `base` and `prebuilt` stages come first on purpose: the classic builder (no
 # BuildKit) runs every stage up to the target in file order, so a target after
 # the Rust stage would try to pull the Rust image. On the default target the
 # classic builder also runs this stage; its directories always exist (tracked
@@ -23,14 +23,11 @@
 
 ARG RUST_IMAGE=rust:1-bookworm
 
-# ---------------------------------------------------------------- prebuilt --
-FROM scratch AS prebuilt
+# -------------------------------------------------------------------- base --
+# What both final images share: users, the runtime settings, the volume and
+# the health check. A local stage, so nothing is pulled.
+FROM scratch AS base
 COPY packaging/docker/etc/ /etc/
-COPY packaging/docker/prebuilt/usr/ /usr/
-# Copying var/ (not var/lib/kvraft/) keeps the directory's mode 0700; a named
-# volume mounted there takes this owner and mode when it is first created.
-COPY --chown=10001:10001 packaging/docker/prebuilt/var/ /var/
-USER 10001:10001
 # Listen on every interface of the container: clients 7379, peers 7380,
 # /metrics /health /ready 9379. Listening on 0.0.0.0 requires the advertise
 # addresses (KVRAFT_ADVERTISE_CLIENT_ADDR / _PEER_ADDR or the flags).
@@ -38,7 +35,6 @@ ENV KVRAFT_DATA_DIR=/var/lib/kvraft \
     KVRAFT_CLIENT_ADDR=0.0.0.0:7379 \
     KVRAFT_PEER_ADDR=0.0.0.0:7380 \
     KVRAFT_METRICS_ADDR=0.0.0.0:9379
-VOLUME ["/var/lib/kvraft"]
 EXPOSE 7379 7380 9379
 # Up = the node answers on its client port (a node without a leader still
 # answers: readiness does not wait for a leader, as under systemd).
@@ -48,6 +44,15 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
 # shutdown_timeout_ms (10 s); give it `--stop-timeout 30` / stop_grace_period.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/kvraftd"]
+
+# ---------------------------------------------------------------- prebuilt --
+FROM base AS prebuilt
+COPY packaging/docker/prebuilt/usr/ /usr/
+# Copying var/ (not var/lib/kvraft/) keeps the directory's mode 0700; a named
+# volume mounted there takes this owner and mode when it is first created.
+COPY --chown=10001:10001 packaging/docker/prebuilt/var/ /var/
+USER 10001:10001
+VOLUME ["/var/lib/kvraft"]
 
 # ----------------------------------------------------------------- builder --
 FROM ${RUST_IMAGE} AS builder
@@ -69,18 +74,8 @@ RUN set -eux; \
     /out/usr/bin/kvraftd --version
 
 # ----------------------------------------------------------------- runtime --
-FROM scratch AS runtime
-COPY packaging/docker/etc/ /etc/
+FROM base AS runtime
 COPY --from=builder /out/usr/ /usr/
 COPY --from=builder --chown=10001:10001 /out/var/ /var/
 USER 10001:10001
-ENV KVRAFT_DATA_DIR=/var/lib/kvraft \
-    KVRAFT_CLIENT_ADDR=0.0.0.0:7379 \
-    KVRAFT_PEER_ADDR=0.0.0.0:7380 \
-    KVRAFT_METRICS_ADDR=0.0.0.0:9379
 VOLUME ["/var/lib/kvraft"]
-EXPOSE 7379 7380 9379
-HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["/usr/bin/kvraft", "--endpoints", "127.0.0.1:7379", "--timeout", "3s", "ping"]
-STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/bin/kvraftd"]
