@@ -15,8 +15,22 @@ use kvraft::{Client, ClientOptions};
 pub const FAST_TIMING: &[&str] = &["--tick-ms", "25", "--election-ticks", "10", "--heartbeat-ticks", "2"];
 
 /// A port nobody listens on right now.
+///
+/// Ports come from 20000-31999, below Linux's ephemeral range (32768-60999):
+/// a port the kernel picked with bind(0) could be taken as the source port of
+/// an outgoing connection before the node binds it. A process-wide counter
+/// keeps the tests of one binary apart; the start depends on the pid.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (start.wrapping_add(n) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One node of a test cluster.
