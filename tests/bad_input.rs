@@ -109,7 +109,7 @@ async fn empty_and_over_limit_keys_and_values_are_rejected_and_change_nothing() 
     let cluster = Cluster::start_static(3, &["--max-value-size", "1024", "--max-key-size", "64"]);
     cluster.wait_for_leader(&[1, 2, 3], T).await;
     let client = cluster.client(&[1, 2, 3]);
-    client.set("present", "1").await.unwrap();
+    support::put(&client, "present", "1").await;
     let before = cluster.info(1).await.unwrap();
 
     let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
@@ -128,7 +128,7 @@ async fn empty_and_over_limit_keys_and_values_are_rejected_and_change_nothing() 
         Err(Error::InvalidArgument(_))
     ));
     // Exactly at the limits is fine.
-    client.set(vec![b'k'; 64], vec![b'v'; 1024]).await.unwrap();
+    support::put(&client, vec![b'k'; 64], vec![b'v'; 1024]).await;
     client.delete(vec![b'k'; 64]).await.unwrap();
 
     let after = cluster.info(1).await.unwrap();
@@ -208,7 +208,7 @@ async fn bad_daemon_flags_name_what_is_wrong() {
 async fn a_data_dir_of_another_node_is_refused() {
     let mut cluster = Cluster::start_static(1, &[]);
     cluster.wait_for_leader(&[1], T).await;
-    cluster.client(&[1]).set("kept", "yes").await.unwrap();
+    support::put(&cluster.client(&[1]), "kept", "yes").await;
     cluster.kill(1);
     let data = cluster.node(1).data_dir.clone();
     let out = kvraftd_once(
@@ -255,7 +255,7 @@ async fn a_node_from_another_cluster_is_refused_by_its_peers() {
     cluster.start(2);
     cluster.start(3);
     cluster.wait_for_leader(&[1, 2], T).await;
-    cluster.client(&[1, 2]).set("k", "v").await.unwrap();
+    support::put(&cluster.client(&[1, 2]), "k", "v").await;
     support::eventually(T, "node 3 refuses the other cluster, and they hear why", || {
         let refusing = cluster.node_log(3).contains("refusing a peer");
         let told = [1, 2]

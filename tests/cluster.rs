@@ -42,7 +42,7 @@ async fn set_get_delete_scan_through_every_node() {
     cluster.wait_for_leader(&[1, 2, 3], T).await;
     for writer in 1..=3u64 {
         let client = cluster.client(&[writer]);
-        client.set(format!("k{writer}"), format!("from{writer}")).await.unwrap();
+        support::put(&client, format!("k{writer}"), format!("from{writer}")).await;
         // A linearizable read on every node sees the acknowledged write.
         for reader in 1..=3u64 {
             let value = cluster.client(&[reader]).get(format!("k{writer}")).await.unwrap();

@@ -451,7 +451,7 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
         roles.values().all(|r| *r == kvraft::proto::MemberRole::Voter as i32),
         "{roles:?}"
     );
-    client.set("formed", "yes").await.unwrap();
+    support::put(&client, "formed", "yes").await;
 
     let before = cluster.info(1).await.unwrap().last_index;
     let out = run(&members);

@@ -19,7 +19,7 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     let mut acked = BTreeMap::new();
     for i in 0..100 {
         let (k, v) = (format!("before/{i}"), format!("v{i}"));
-        client.set(k.clone(), v.clone()).await.unwrap();
+        support::put(&client, k.clone(), v.clone()).await;
         acked.insert(k, v);
     }
     let term_before = cluster.info(leader).await.unwrap().term;
@@ -33,7 +33,7 @@ async fn killing_the_leader_elects_a_new_one_and_loses_no_acknowledged_write() {
     let client = cluster.client(&survivors);
     for i in 0..50 {
         let (k, v) = (format!("after/{i}"), format!("w{i}"));
-        client.set(k.clone(), v.clone()).await.unwrap();
+        support::put(&client, k.clone(), v.clone()).await;
         acked.insert(k, v);
     }
     for id in &survivors {

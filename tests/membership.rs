@@ -31,7 +31,7 @@ async fn join_nodes_to_a_single_node_cluster_with_add_node() {
     cluster.wait_for_leader(&[1], T).await;
     let client = cluster.client(&[1]);
     for i in 0..30 {
-        client.set(format!("k{i}"), format!("v{i}")).await.unwrap();
+        support::put(&client, format!("k{i}"), format!("v{i}")).await;
     }
 
     for id in [2u64, 3] {
@@ -57,7 +57,7 @@ async fn join_nodes_to_a_single_node_cluster_with_add_node() {
     assert_eq!(leader, 1, "adding members does not move leadership");
     // The joined nodes serve linearizable reads and writes.
     let via3 = cluster.client(&[3]);
-    via3.set("written-via-3", "ok").await.unwrap();
+    support::put(&via3, "written-via-3", "ok").await;
     assert_eq!(
         cluster.client(&[2]).get("written-via-3").await.unwrap().as_deref(),
         Some(&b"ok"[..])
@@ -66,7 +66,7 @@ async fn join_nodes_to_a_single_node_cluster_with_add_node() {
     // With three voters the cluster survives losing the original node.
     cluster.kill(1);
     cluster.wait_for_leader(&[2, 3], T).await;
-    cluster.client(&[2, 3]).set("after-node-1-died", "ok").await.unwrap();
+    support::put(&cluster.client(&[2, 3]), "after-node-1-died", "ok").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

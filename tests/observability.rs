@@ -111,7 +111,7 @@ async fn every_series_exists_at_start_and_moves_with_traffic_a_leader_kill_and_s
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     let client = cluster.client(&[1, 2, 3]);
     for i in 0..120 {
-        client.set(format!("k{i}"), "v").await.unwrap();
+        support::put(&client, format!("k{i}"), "v").await;
         client.get(format!("k{i}")).await.unwrap();
     }
     assert!(client.set("", "v").await.is_err(), "one invalid request");
@@ -121,7 +121,7 @@ async fn every_series_exists_at_start_and_moves_with_traffic_a_leader_kill_and_s
     let new_leader = cluster.wait_for_leader(&survivors, T).await;
     let client = cluster.client(&survivors);
     for i in 0..60 {
-        client.set(format!("after{i}"), "v").await.unwrap();
+        support::put(&client, format!("after{i}"), "v").await;
     }
 
     let leader_text = scrape(&cluster, new_leader);
@@ -311,7 +311,7 @@ async fn prometheus_scrapes_a_live_cluster_and_every_dashboard_panel_returns_dat
     // Traffic, with snapshots, so rates and quantiles have something to show.
     let client = cluster.client(&[1, 2, 3]);
     for i in 0..150 {
-        client.set(format!("k{i}"), "v").await.unwrap();
+        support::put(&client, format!("k{i}"), "v").await;
         client.get(format!("k{i}")).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -18,7 +18,7 @@ async fn a_follower_that_missed_two_thresholds_catches_up_by_snapshot() {
     let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != lagging).collect();
     let client = cluster.client(&others);
     for i in 0..20 {
-        client.set(format!("early/{i}"), "x").await.unwrap();
+        support::put(&client, format!("early/{i}"), "x").await;
     }
     cluster
         .wait_info(lagging, T, "applied the early writes", |i| i.keys >= 20)
@@ -27,7 +27,7 @@ async fn a_follower_that_missed_two_thresholds_catches_up_by_snapshot() {
     cluster.kill(lagging);
 
     for i in 0..(threshold * 3 + 50) {
-        client.set(format!("late/{i:04}"), format!("v{i}")).await.unwrap();
+        support::put(&client, format!("late/{i:04}"), format!("v{i}")).await;
     }
     let leader_info = cluster.info(leader).await.unwrap();
     assert!(
@@ -61,7 +61,7 @@ async fn a_follower_that_missed_two_thresholds_catches_up_by_snapshot() {
     );
 
     // And it keeps up with new writes through the log.
-    cluster.client(&[lagging]).set("after-catch-up", "yes").await.unwrap();
+    support::put(&cluster.client(&[lagging]), "after-catch-up", "yes").await;
     assert_eq!(local.get("after-catch-up").await.unwrap().as_deref(), Some(&b"yes"[..]));
 }
 
@@ -71,7 +71,7 @@ async fn a_restarted_node_recovers_from_its_snapshot_and_log() {
     cluster.wait_for_leader(&[1], T).await;
     let client = cluster.client(&[1]);
     for i in 0..100 {
-        client.set(format!("k{i:03}"), format!("{i}")).await.unwrap();
+        support::put(&client, format!("k{i:03}"), format!("{i}")).await;
     }
     client.delete("k000").await.unwrap();
     let before = cluster.info(1).await.unwrap();

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use kvraft::proto::InfoResponse;
 use kvraft::{Client, ClientOptions};
 
-/// Raft timing for tests: 25 ms ticks, elections after 250-500 ms.
-pub const FAST_TIMING: &[&str] = &["--tick-ms", "25", "--election-ticks", "10", "--heartbeat-ticks", "2"];
+/// Raft timing for tests: 25 ms ticks, heartbeats every 50 ms, elections after
+/// 0.5-1 s (shorter timeouts made leaders step down on a loaded 2-core CI machine).
+pub const FAST_TIMING: &[&str] = &["--tick-ms", "25", "--election-ticks", "20", "--heartbeat-ticks", "2"];
 
 /// A port nobody listens on right now.
 ///
@@ -437,5 +438,21 @@ pub async fn assert_all_readable(client: &Client, acked: &[(String, String)]) {
             Some(v.as_bytes()),
             "acknowledged write {k} lost"
         );
+    }
+}
+
+/// Sets `key` to `value`, retrying while the outcome is unknown or no node
+/// answers (a leader change under load). Safe because each test key has one
+/// writer: a write that did land is only written again with the same value.
+pub async fn put(client: &Client, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.set(key.as_ref().to_vec(), value.as_ref().to_vec()).await {
+            Ok(_) => return,
+            Err(e @ (kvraft::Error::OutcomeUnknown(_) | kvraft::Error::Unavailable { .. })) => {
+                assert!(Instant::now() < deadline, "set never succeeded: {e}");
+            }
+            Err(e) => panic!("set failed: {e}"),
+        }
     }
 }
