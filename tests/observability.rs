@@ -314,8 +314,8 @@ async fn prometheus_scrapes_a_live_cluster_and_every_dashboard_panel_returns_dat
         support::put(&client, format!("k{i}"), "v").await;
         client.get(format!("k{i}")).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
 
+    // Each query below is polled until it has data (rates need two scrapes).
     let queries = dashboard_queries();
     assert!(queries.len() >= 30, "{} queries", queries.len());
     let mut empty = Vec::new();
