@@ -13,17 +13,18 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use prost::Message as _;
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::codec;
+use crate::codec::{self, ByteStream, FrameReader, ReadError};
 use crate::error::{is_callers_fault, is_retryable, Error};
 use crate::proto::{
     request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest, InfoResponse, KeyValue,
     Member, MembersRequest, PingRequest, RemoveNodeRequest, Request, Response, ScanRequest, SetRequest,
 };
+use crate::tls::client::{explain_client_error, ClientTls, ClientTlsOptions};
 
 /// Default endpoint: a single local node with default flags.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7379";
@@ -37,6 +38,8 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Read the contacted node's local copy instead of a linearizable read.
     pub serializable: bool,
+    /// TLS settings; off unless a CA is given.
+    pub tls: ClientTlsOptions,
 }
 
 impl Default for ClientOptions {
@@ -45,6 +48,7 @@ impl Default for ClientOptions {
             endpoints: vec![DEFAULT_ENDPOINT.to_string()],
             timeout: Duration::from_secs(5),
             serializable: false,
+            tls: ClientTlsOptions::default(),
         }
     }
 }
@@ -70,6 +74,7 @@ pub struct Client {
 
 struct Inner {
     options: ClientOptions,
+    tls: Option<ClientTls>,
     endpoints: Mutex<Vec<String>>,
     current: AtomicUsize,
     connections: Mutex<HashMap<String, Arc<Connection>>>,
@@ -88,8 +93,11 @@ impl Client {
             crate::config::check_host_port(endpoint)
                 .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?;
         }
+        crate::tls::install_crypto_provider();
+        let tls = ClientTls::new(&options.tls).map_err(|e| Error::Tls(e.to_string()))?;
         Ok(Client {
             inner: Arc::new(Inner {
+                tls,
                 endpoints: Mutex::new(options.endpoints.clone()),
                 options,
                 current: AtomicUsize::new(0),
@@ -265,7 +273,7 @@ impl Client {
         self.inner.connections.lock().unwrap().remove(endpoint);
     }
 
-    async fn connection(&self, endpoint: &str, deadline: Instant) -> Result<Arc<Connection>, String> {
+    async fn connection(&self, endpoint: &str, deadline: Instant) -> Result<Arc<Connection>, ConnectFailure> {
         if let Some(c) = self.inner.connections.lock().unwrap().get(endpoint) {
             if !c.is_closed() {
                 return Ok(c.clone());
@@ -276,11 +284,25 @@ impl Client {
             .min(Duration::from_secs(2));
         let stream = match tokio::time::timeout(budget, TcpStream::connect(endpoint)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("connect timed out".into()),
+            Ok(Err(e)) => return Err(ConnectFailure::Retry(e.to_string())),
+            Err(_) => return Err(ConnectFailure::Retry("connect timed out".into())),
         };
         let _ = stream.set_nodelay(true);
-        let connection = Arc::new(Connection::start(stream));
+        let stream: Box<dyn ByteStream> = match &self.inner.tls {
+            None => Box::new(stream),
+            Some(tls) => match tokio::time::timeout(budget, tls.handshake(endpoint, stream)).await {
+                Ok(Ok(stream)) => Box::new(stream),
+                Ok(Err(e)) if e.settings => return Err(ConnectFailure::Tls(e.message)),
+                Ok(Err(e)) => return Err(ConnectFailure::Retry(e.message)),
+                Err(_) => return Err(ConnectFailure::Retry("TLS handshake timed out".into())),
+            },
+        };
+        let tls_name = self.inner.tls.as_ref().map(|tls| {
+            tls.name_for(endpoint)
+                .map(|n| n.to_str().into_owned())
+                .unwrap_or_default()
+        });
+        let connection = Arc::new(Connection::start(stream, endpoint.to_string(), tls_name));
         self.inner
             .connections
             .lock()
@@ -307,14 +329,15 @@ impl Client {
                 });
             }
             // After a full round of failed endpoints, wait before going again.
-            if failures_in_a_row > 0 && failures_in_a_row % self.endpoints().len() == 0 {
+            if failures_in_a_row > 0 && failures_in_a_row.is_multiple_of(self.endpoints().len()) {
                 tokio::time::sleep(backoff.min(deadline - now)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
             let endpoint = self.current_endpoint();
             let connection = match self.connection(&endpoint, deadline).await {
                 Ok(c) => c,
-                Err(e) => {
+                Err(ConnectFailure::Tls(message)) => return Err(Error::Tls(message)),
+                Err(ConnectFailure::Retry(e)) => {
                     last_error = format!("{endpoint}: {e}");
                     self.rotate_from(&endpoint);
                     failures_in_a_row += 1;
@@ -337,6 +360,8 @@ impl Client {
                     if !retry {
                         return Err(match code {
                             ErrorCode::OutcomeUnknown => Error::OutcomeUnknown(e.message),
+                            ErrorCode::PermissionDenied => Error::PermissionDenied(e.message),
+                            ErrorCode::Unauthenticated => Error::Tls(e.message),
                             c if is_callers_fault(c) => Error::InvalidArgument(e.message),
                             _ => Error::Server {
                                 code,
@@ -361,8 +386,15 @@ impl Client {
                 }
                 Err(Failure::Closed(reason)) => {
                     self.drop_connection(&endpoint);
-                    if let Some(reason) = reason {
-                        return Err(Error::InvalidArgument(reason));
+                    match reason {
+                        Some(CloseReason::Invalid(reason)) => return Err(Error::InvalidArgument(reason)),
+                        Some(CloseReason::Tls(reason)) => return Err(Error::Tls(reason)),
+                        Some(CloseReason::NotRun(reason)) => {
+                            // The server promised the request did not run.
+                            last_error = format!("{endpoint}: {reason}");
+                            continue;
+                        }
+                        None => {}
                     }
                     if !idempotent {
                         return Err(Error::OutcomeUnknown(format!("the connection to {endpoint} broke")));
@@ -390,8 +422,37 @@ fn mismatch(result: response::Result) -> Error {
 
 enum Failure {
     /// The connection closed; with the server's reason if it gave one.
-    Closed(Option<String>),
+    Closed(Option<CloseReason>),
     Timeout,
+}
+
+/// Why a connection can't be made.
+enum ConnectFailure {
+    /// TLS settings don't fit the server: retrying can't help.
+    Tls(String),
+    /// A network failure; another endpoint or a later try may work.
+    Retry(String),
+}
+
+/// Why the server ended a connection, when it said so (or TLS did).
+#[derive(Debug, Clone)]
+enum CloseReason {
+    /// The request was refused for good (e.g. a frame over the limit).
+    Invalid(String),
+    /// TLS: a certificate refused, TLS required, ...
+    Tls(String),
+    /// The server closed an idle connection: unanswered requests did not run.
+    NotRun(String),
+}
+
+impl CloseReason {
+    fn of(error: crate::proto::Error) -> CloseReason {
+        match ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Unspecified) {
+            ErrorCode::Unauthenticated => CloseReason::Tls(error.message),
+            code if is_retryable(code) => CloseReason::NotRun(error.message),
+            _ => CloseReason::Invalid(error.message),
+        }
+    }
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
@@ -402,20 +463,47 @@ struct Connection {
     outgoing: mpsc::Sender<Request>,
     waiters: Waiters,
     /// Why the server closed the connection, if it said (e.g. frame too large).
-    close_reason: Arc<Mutex<Option<String>>>,
+    close_reason: Arc<Mutex<Option<CloseReason>>>,
+    /// Set once the reader has stopped: the connection is of no further use.
+    reader_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Connection {
-    fn start(stream: TcpStream) -> Connection {
-        let (sink, mut frames) = codec::framed(stream, codec::CLIENT_MAX_FRAME).split();
+    /// Serves a connected (and, with TLS, handshaken) stream to `endpoint`;
+    /// `tls_name` is the name its certificate was checked against.
+    fn start(stream: Box<dyn ByteStream>, endpoint: String, tls_name: Option<String>) -> Connection {
+        let (read_half, write_half) = tokio::io::split(stream);
+        let sink = tokio_util::codec::FramedWrite::new(write_half, codec::codec(codec::CLIENT_MAX_FRAME));
+        let mut frames = FrameReader::new(BufReader::new(read_half), codec::CLIENT_MAX_FRAME);
         let (outgoing, rx) = mpsc::channel::<Request>(1024);
         let waiters: Waiters = Arc::default();
-        let close_reason: Arc<Mutex<Option<String>>> = Arc::default();
+        let close_reason: Arc<Mutex<Option<CloseReason>>> = Arc::default();
+        let reader_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(codec::write_frames(rx, sink));
         let reader_waiters = waiters.clone();
         let reader_reason = close_reason.clone();
+        let done = reader_done.clone();
         tokio::spawn(async move {
-            while let Some(Ok(frame)) = frames.next().await {
+            loop {
+                let frame = match frames.next_frame().await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(ReadError::Io(e)) => {
+                        // A TLS alert after the handshake is how TLS 1.3
+                        // reports a refused client certificate.
+                        if let Some(name) = &tls_name {
+                            if crate::tls::client::rustls_error(&e).is_some() {
+                                let explained = explain_client_error(&e, &endpoint, name);
+                                reader_reason
+                                    .lock()
+                                    .unwrap()
+                                    .get_or_insert(CloseReason::Tls(explained.message));
+                            }
+                        }
+                        break;
+                    }
+                    Err(_) => break,
+                };
                 let Ok(response) = Response::decode(frame) else {
                     break;
                 };
@@ -423,7 +511,7 @@ impl Connection {
                     // A connection-level error (the server could not tell which
                     // request it was about).
                     if let Some(response::Result::Error(e)) = response.result {
-                        *reader_reason.lock().unwrap() = Some(e.message);
+                        *reader_reason.lock().unwrap() = Some(CloseReason::of(e));
                     }
                     continue;
                 }
@@ -431,6 +519,7 @@ impl Connection {
                     let _ = waiter.send(response);
                 }
             }
+            done.store(true, Ordering::Release);
             // Dropping the senders wakes every waiter with an error.
             reader_waiters.lock().unwrap().clear();
         });
@@ -438,17 +527,27 @@ impl Connection {
             outgoing,
             waiters,
             close_reason,
+            reader_done,
         }
     }
 
     fn is_closed(&self) -> bool {
-        self.outgoing.is_closed()
+        self.outgoing.is_closed() || self.reader_done.load(Ordering::Acquire)
     }
 
     async fn request(&self, request: Request, deadline: Instant) -> Result<Response, Failure> {
         let id = request.id;
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().unwrap().insert(id, tx);
+        {
+            let mut waiters = self.waiters.lock().unwrap();
+            if self.reader_done.load(Ordering::Acquire) {
+                // Closed meanwhile: nothing was sent.
+                return Err(Failure::Closed(Some(CloseReason::NotRun(
+                    "the connection had closed".into(),
+                ))));
+            }
+            waiters.insert(id, tx);
+        }
         if self.outgoing.send(request).await.is_err() {
             self.waiters.lock().unwrap().remove(&id);
             return Err(Failure::Closed(self.close_reason.lock().unwrap().clone()));

@@ -81,6 +81,43 @@ pub struct NodeConfig {
     /// OTLP/HTTP collector base URL (e.g. `http://127.0.0.1:4318`) for request
     /// traces; empty turns tracing export off.
     pub otlp_endpoint: String,
+    /// A client connection with nothing in flight is closed after this long
+    /// without a request, in milliseconds.
+    pub client_idle_timeout_ms: u64,
+    /// A started client frame (and a TLS handshake) must complete within this
+    /// long, in milliseconds.
+    pub client_read_timeout_ms: u64,
+    /// Memory that partly received client frames may hold across every
+    /// connection; a frame that needs more waits for others to finish.
+    pub max_partial_frame_bytes: usize,
+    /// PEM certificate for the client port; with `key_file`, turns TLS on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle that signs client certificates (with `client_cert_auth`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require every client to present a certificate signed by `trusted_ca_file`.
+    pub client_cert_auth: bool,
+    /// `NAME=ROLE,...`: client identities (certificate common names) and
+    /// their roles (`read`, `write`, `admin`). When set, unlisted identities
+    /// are refused. Needs `client_cert_auth`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_roles: Option<String>,
+    /// PEM certificate for the peer port, common name `kvraft-node-<id>`; with
+    /// the key and CA, turns mutual TLS on between peers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// PEM private key of `peer_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_key_file: Option<PathBuf>,
+    /// PEM CA bundle that signs every node's peer certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Serve `/metrics`, `/health` and `/ready` over HTTPS with `cert_file`.
+    pub metrics_tls: bool,
 }
 
 impl Default for NodeConfig {
@@ -109,6 +146,18 @@ impl Default for NodeConfig {
             log_filter: "info".into(),
             log_format: LogFormat::Text,
             otlp_endpoint: String::new(),
+            client_idle_timeout_ms: 60_000,
+            client_read_timeout_ms: 10_000,
+            max_partial_frame_bytes: 256 * 1024 * 1024,
+            cert_file: None,
+            key_file: None,
+            trusted_ca_file: None,
+            client_cert_auth: false,
+            client_roles: None,
+            peer_cert_file: None,
+            peer_key_file: None,
+            peer_trusted_ca_file: None,
+            metrics_tls: false,
         }
     }
 }
@@ -143,6 +192,35 @@ impl NodeConfig {
     /// How long a graceful shutdown may take.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// How long a client connection may sit idle.
+    pub fn client_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_idle_timeout_ms)
+    }
+
+    /// How long a started client frame or TLS handshake may take.
+    pub fn client_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_read_timeout_ms)
+    }
+
+    /// The client port's TLS files, if TLS is on there.
+    pub fn client_tls_files(&self) -> Option<crate::tls::server::ClientPortFiles> {
+        Some(crate::tls::server::ClientPortFiles {
+            cert: self.cert_file.clone()?,
+            key: self.key_file.clone()?,
+            trusted_ca: self.trusted_ca_file.clone(),
+            client_cert_auth: self.client_cert_auth,
+        })
+    }
+
+    /// The peer port's TLS files, if TLS is on there.
+    pub fn peer_tls_files(&self) -> Option<crate::tls::server::PeerFiles> {
+        Some(crate::tls::server::PeerFiles {
+            cert: self.peer_cert_file.clone()?,
+            key: self.peer_key_file.clone()?,
+            trusted_ca: self.peer_trusted_ca_file.clone()?,
+        })
     }
 
     /// The log entries kept behind a snapshot.
@@ -235,6 +313,83 @@ impl NodeConfig {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
             return Err(invalid("log_filter", format!("{:?}: {e}", self.log_filter)));
+        }
+        for (key, value) in [
+            ("client_idle_timeout_ms", self.client_idle_timeout_ms),
+            ("client_read_timeout_ms", self.client_read_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.max_partial_frame_bytes < self.max_frame_size {
+            return Err(invalid(
+                "max_partial_frame_bytes",
+                format!(
+                    "({}) must be at least max_frame_size ({}), or a largest frame could never arrive",
+                    self.max_partial_frame_bytes, self.max_frame_size
+                ),
+            ));
+        }
+        self.validate_tls()
+    }
+
+    /// TLS settings come in groups; say which part of a group is missing.
+    fn validate_tls(&self) -> Result<(), Invalid> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "key_file",
+                    "is needed with cert_file: the certificate's private key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "cert_file",
+                    "is needed with key_file: the client port's certificate",
+                ))
+            }
+            _ => {}
+        }
+        if self.trusted_ca_file.is_some() && self.cert_file.is_none() {
+            return Err(invalid(
+                "trusted_ca_file",
+                "needs cert_file and key_file: client certificates are checked only over TLS",
+            ));
+        }
+        if self.client_cert_auth && self.trusted_ca_file.is_none() {
+            return Err(invalid(
+                "client_cert_auth",
+                "needs trusted_ca_file (the CA that signs client certificates) and cert_file/key_file",
+            ));
+        }
+        if let Some(roles) = &self.client_roles {
+            crate::server::access::parse_roles(roles).map_err(|e| invalid("client_roles", e))?;
+            if !self.client_cert_auth {
+                return Err(invalid(
+                    "client_roles",
+                    "needs client_cert_auth: identities are the common names of verified client certificates",
+                ));
+            }
+        }
+        let peer = [
+            ("peer_cert_file", self.peer_cert_file.is_some()),
+            ("peer_key_file", self.peer_key_file.is_some()),
+            ("peer_trusted_ca_file", self.peer_trusted_ca_file.is_some()),
+        ];
+        if peer.iter().any(|(_, set)| *set) {
+            if let Some((key, _)) = peer.iter().find(|(_, set)| !*set) {
+                return Err(invalid(
+                    key,
+                    "is needed: peer TLS is mutual, so peer_cert_file, peer_key_file and peer_trusted_ca_file go together",
+                ));
+            }
+        }
+        if self.metrics_tls && self.cert_file.is_none() {
+            return Err(invalid(
+                "metrics_tls",
+                "needs cert_file and key_file: they serve the metrics endpoint too",
+            ));
         }
         Ok(())
     }
@@ -390,6 +545,54 @@ pub struct DaemonArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// Close a client connection idle (nothing in flight) this long, in milliseconds [default: 60000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_idle_timeout_ms: Option<u64>,
+    /// A started client frame or TLS handshake must complete within this, in milliseconds [default: 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_read_timeout_ms: Option<u64>,
+    /// Memory partly received client frames may hold in all, in bytes [default: 268435456].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_partial_frame_bytes: Option<usize>,
+    /// PEM certificate for the client port (turns TLS on with --key-file).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA that signs client certificates (with --client-cert-auth).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require client certificates signed by --trusted-ca-file.
+    #[arg(long, action = ArgAction::SetTrue)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub client_cert_auth: bool,
+    /// Client identities and roles, NAME=read|write|admin,... (needs --client-cert-auth).
+    #[arg(long, value_name = "NAME=ROLE,...")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_roles: Option<String>,
+    /// PEM certificate for the peer port, common name kvraft-node-<id> (mutual TLS between peers).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// PEM private key of --peer-cert-file.
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_key_file: Option<PathBuf>,
+    /// PEM CA that signs every node's peer certificate.
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Serve /metrics, /health and /ready over HTTPS with --cert-file.
+    #[arg(long, action = ArgAction::SetTrue)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_tls: bool,
 }
 
 /// Every configuration key, for the environment provider.
@@ -417,6 +620,18 @@ pub const KEYS: &[&str] = &[
     "log_filter",
     "log_format",
     "otlp_endpoint",
+    "client_idle_timeout_ms",
+    "client_read_timeout_ms",
+    "max_partial_frame_bytes",
+    "cert_file",
+    "key_file",
+    "trusted_ca_file",
+    "client_cert_auth",
+    "client_roles",
+    "peer_cert_file",
+    "peer_key_file",
+    "peer_trusted_ca_file",
+    "metrics_tls",
 ];
 
 /// Where the configuration comes from; kept so SIGHUP can read it again.
@@ -598,6 +813,13 @@ mod tests {
             advertise_client_addr: Some("a:1".into()),
             advertise_peer_addr: Some("a:2".into()),
             initial_cluster: Some("1=a:2".into()),
+            cert_file: Some("c".into()),
+            key_file: Some("k".into()),
+            trusted_ca_file: Some("ca".into()),
+            client_roles: Some("a=read".into()),
+            peer_cert_file: Some("pc".into()),
+            peer_key_file: Some("pk".into()),
+            peer_trusted_ca_file: Some("pca".into()),
             ..Default::default()
         }
         .to_toml();

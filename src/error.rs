@@ -41,14 +41,26 @@ pub enum Error {
     /// The server sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// TLS settings or certificates don't fit the server (wrong CA, name
+    /// mismatch, missing client certificate, TLS to a plaintext port or the
+    /// reverse). The message says which and what to change.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The client's identity lacks the role the request needs; nothing was
+    /// changed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl Error {
-    /// The process exit status the CLI uses for this error (0 success, 1 key not
-    /// found and 2 usage errors are decided elsewhere).
+    /// The process exit status the CLI uses for this error: 2 for what the
+    /// user must fix (input, TLS settings), 3 for cluster or network trouble,
+    /// 4 for a request the identity may not make (0 success and 1 key not
+    /// found are decided elsewhere).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::InvalidArgument(_) => 2,
+            Error::InvalidArgument(_) | Error::Tls(_) => 2,
+            Error::PermissionDenied(_) => 4,
             Error::Server { code, .. } if is_callers_fault(*code) => 2,
             _ => 3,
         }
@@ -78,6 +90,7 @@ pub fn is_retryable(code: ErrorCode) -> bool {
             | ErrorCode::ConfChangeInProgress
             | ErrorCode::ShuttingDown
             | ErrorCode::ReadTimeout
+            | ErrorCode::IdleClosed
             | ErrorCode::NodeRemoved
     )
 }

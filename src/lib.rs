@@ -37,9 +37,11 @@ pub mod daemon;
 pub mod error;
 pub mod metrics;
 pub mod node;
+pub mod peer_guard;
 pub mod server;
 pub mod state_machine;
 pub mod storage;
+pub mod tls;
 
 /// Messages generated from `proto/kvraft.proto` by prost.
 pub mod proto {

@@ -32,6 +32,10 @@ pub const PROPOSALS_FAILED: &str = "kvraft_proposals_failed_total";
 pub const PEER_SENT_BYTES: &str = "kvraft_peer_sent_bytes_total";
 pub const PEER_RECEIVED_BYTES: &str = "kvraft_peer_received_bytes_total";
 pub const PEER_SEND_FAILURES: &str = "kvraft_peer_send_failures_total";
+pub const PEER_CONNECTIONS_REFUSED: &str = "kvraft_peer_connections_refused_total";
+pub const PEER_MESSAGES_REFUSED: &str = "kvraft_peer_messages_refused_total";
+pub const CLIENT_CONNECTIONS_CLOSED: &str = "kvraft_client_connections_closed_total";
+pub const TLS_RELOADS: &str = "kvraft_tls_reloads_total";
 pub const KEYS: &str = "kvraft_keys";
 pub const MEMBERS: &str = "kvraft_members";
 pub const PROCESS_RESIDENT_MEMORY: &str = "kvraft_process_resident_memory_bytes";
@@ -61,6 +65,9 @@ pub const FAILURE_REASONS: &[&str] = &[
     "shutdown",
     "snapshot",
 ];
+
+/// Why the node closed a client connection, as the `reason` label.
+pub const CLIENT_CLOSE_REASONS: &[&str] = &["idle", "slow", "frame_too_large", "tls_handshake", "tls_required"];
 
 /// Latency buckets from 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -126,6 +133,19 @@ fn describe() {
     describe_counter!(PEER_SENT_BYTES, Unit::Bytes, "Bytes sent to a peer.");
     describe_counter!(PEER_RECEIVED_BYTES, Unit::Bytes, "Bytes received from a peer.");
     describe_counter!(PEER_SEND_FAILURES, "Failed connects or writes to a peer.");
+    describe_counter!(
+        PEER_CONNECTIONS_REFUSED,
+        "Inbound peer connections refused before reaching raft, by reason."
+    );
+    describe_counter!(
+        PEER_MESSAGES_REFUSED,
+        "Raft messages from peers dropped by the peer checks, by reason."
+    );
+    describe_counter!(
+        CLIENT_CONNECTIONS_CLOSED,
+        "Client connections the node closed (idle, slow, oversized frame, TLS), by reason."
+    );
+    describe_counter!(TLS_RELOADS, "TLS certificate reloads, by outcome (ok, failed).");
     describe_gauge!(KEYS, "Keys in the state machine.");
     describe_gauge!(MEMBERS, "Cluster members, by role.");
     describe_gauge!(
@@ -182,6 +202,18 @@ fn zero() {
     }
     for role in ["voter", "learner"] {
         gauge!(MEMBERS, "role" => role).set(0.0);
+    }
+    for reason in crate::peer_guard::ConnectionRefusal::LABELS {
+        counter!(PEER_CONNECTIONS_REFUSED, "reason" => *reason).absolute(0);
+    }
+    for reason in crate::peer_guard::MessageRefusal::LABELS {
+        counter!(PEER_MESSAGES_REFUSED, "reason" => *reason).absolute(0);
+    }
+    for reason in CLIENT_CLOSE_REASONS {
+        counter!(CLIENT_CONNECTIONS_CLOSED, "reason" => *reason).absolute(0);
+    }
+    for outcome in ["ok", "failed"] {
+        counter!(TLS_RELOADS, "outcome" => outcome).absolute(0);
     }
 }
 

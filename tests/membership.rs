@@ -85,6 +85,7 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
             endpoints: endpoints.split(',').map(String::from).collect(),
             timeout: Duration::from_secs(5),
             serializable: false,
+            tls: Default::default(),
         })
         .unwrap();
         let (stop, acked) = (stop.clone(), acked.clone());

@@ -4,6 +4,7 @@
 //! 3 cluster or network trouble.
 
 mod bench;
+mod certs;
 mod output;
 
 use std::time::Duration;
@@ -39,6 +40,38 @@ struct Cli {
     /// linearizable read.
     #[arg(long, global = true)]
     serializable: bool,
+    /// CA certificate (PEM) that signed the servers' certificates; turns TLS on.
+    #[arg(
+        long = "cacert",
+        id = "tls_cacert",
+        env = "KVRAFT_CACERT",
+        value_name = "PATH",
+        global = true
+    )]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM); its common name is this client's identity.
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        env = "KVRAFT_CERT",
+        value_name = "PATH",
+        global = true
+    )]
+    cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    // `id` keeps it apart from the KEY argument of set/get/delete.
+    #[arg(long = "key", id = "tls_key", env = "KVRAFT_KEY", value_name = "PATH", global = true)]
+    key: Option<std::path::PathBuf>,
+    /// Verify servers' certificates against this name instead of the
+    /// endpoint's host (for endpoints given by an address their certificate lacks).
+    #[arg(
+        long = "server-name",
+        id = "tls_server_name",
+        env = "KVRAFT_SERVER_NAME",
+        value_name = "NAME",
+        global = true
+    )]
+    server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,6 +124,9 @@ enum Command {
     Ping,
     /// Load generator: throughput and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Certificates for a first try with TLS (production should use its own PKI).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
@@ -141,9 +177,17 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             .collect(),
         timeout: cli.timeout,
         serializable: cli.serializable,
+        tls: crate::tls::client::ClientTlsOptions {
+            ca_file: cli.cacert,
+            cert_file: cli.cert,
+            key_file: cli.key,
+            server_name: cli.server_name,
+        },
     };
-    if let Command::Bench(args) = cli.command {
-        return bench::run(args, options, printer).await;
+    match cli.command {
+        Command::Bench(args) => return bench::run(args, options, printer).await,
+        Command::Certs(command) => return certs::run(command, printer),
+        _ => {}
     }
     let client = Client::new(options)?;
     match cli.command {
@@ -194,7 +238,7 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             let (node, rtt) = client.ping().await?;
             printer.ping(node, rtt)
         }
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Certs(_) => unreachable!("handled above"),
     }
     Ok(0)
 }

@@ -141,6 +141,10 @@ impl Printer {
         });
     }
 
+    pub(crate) fn certs(&self, summary: Value, text: String) {
+        self.emit(summary, || text);
+    }
+
     pub(crate) fn bench(&self, summary: Value, text: String) {
         self.emit(summary, || text);
     }

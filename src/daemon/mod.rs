@@ -104,7 +104,11 @@ async fn run(
                     handle: node.handle.clone(),
                     raft_rounds: node.raft_rounds.clone(),
                 };
-                Some(tokio::spawn(crate::server::http::serve(listener, endpoints)))
+                Some(tokio::spawn(crate::server::http::serve(
+                    listener,
+                    endpoints,
+                    node.security.metrics_tls.clone(),
+                )))
             }
             Err(e) => {
                 eprintln!(
@@ -126,7 +130,12 @@ async fn run(
         tokio::select! {
             signal = signals.next() => match signal {
                 Some(SIGHUP) => match sources.load() {
-                    Ok(reloaded) => logging.reload(&reloaded.log_filter),
+                    Ok(reloaded) => {
+                        logging.reload(&reloaded.log_filter);
+                        for problem in node.security.reload(&reloaded) {
+                            error!("SIGHUP: {problem}");
+                        }
+                    }
                     Err(e) => error!(error = %e, "SIGHUP: configuration not reloaded"),
                 },
                 Some(signal) => {

@@ -24,6 +24,7 @@ use super::transport::Transport;
 use super::{Inbox, MembershipChange, NodeStatus, Role};
 use crate::error::WireError;
 use crate::metrics;
+use crate::peer_guard;
 use crate::proto::{command, Command, ErrorCode, Member, NodeIdentity, ProposalContext};
 use crate::state_machine::{conf_ids, ApplyResult, StateMachine};
 use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
@@ -82,6 +83,8 @@ pub struct RaftLoop {
     pub(crate) shutdown: Option<Shutdown>,
     /// Test hook: stop making progress this long after start.
     pub(crate) wedge_after: Option<Duration>,
+    /// Rate-limits the log lines about refused peer messages.
+    pub(crate) refusals: peer_guard::RefusalLog,
 }
 
 /// A graceful shutdown in progress.
@@ -264,6 +267,26 @@ impl RaftLoop {
 
     fn step(&mut self, message: raft::prelude::Message, from_peer_addr: String, cluster_id: u64) {
         let ours = self.cluster_id.load(Ordering::Acquire);
+        if ours != 0 && cluster_id != ours {
+            return;
+        }
+        // The last line of defence: raft panics on impossible input.
+        if let Err(refusal) = peer_guard::check_against_state(&message, &self.raft_view()) {
+            counter!(metrics::PEER_MESSAGES_REFUSED, "reason" => refusal.label()).increment(1);
+            let detail = format!(
+                "{:?} term {} index {} commit {} ({} entries); our term {}, last index {}",
+                message.get_msg_type(),
+                message.term,
+                message.index,
+                message.commit,
+                message.entries.len(),
+                self.node.raft.term,
+                self.node.raft.raft_log.last_index()
+            );
+            self.refusals
+                .refused(&format!("node {}", message.from), refusal.label(), &detail);
+            return;
+        }
         if ours == 0 && cluster_id != 0 {
             // A joining node learns its cluster from the first leader that
             // contacts it, and keeps it.
@@ -279,8 +302,6 @@ impl RaftLoop {
             }
             self.cluster_id.store(cluster_id, Ordering::Release);
             self.transport.set_cluster_id(cluster_id);
-        } else if cluster_id != ours {
-            return;
         }
         if !from_peer_addr.is_empty() {
             self.learned_addrs.insert(message.from, from_peer_addr);
@@ -290,6 +311,30 @@ impl RaftLoop {
         self.count_campaign(before);
         if let Err(e) = stepped {
             debug!(error = %e, "raft refused a message");
+        }
+    }
+
+    /// The raft state peer messages are checked against.
+    fn raft_view(&self) -> peer_guard::RaftView {
+        let raft = &self.node.raft;
+        let joining = {
+            let sm = self.state_machine.read().expect("state machine lock poisoned");
+            let cs = sm.conf_state();
+            cs.voters.is_empty() && cs.learners.is_empty()
+        };
+        let committed = raft.raft_log.committed;
+        peer_guard::RaftView {
+            term: raft.term,
+            leader_id: raft.leader_id,
+            is_leader: raft.state == StateRole::Leader,
+            is_candidate: matches!(raft.state, StateRole::Candidate | StateRole::PreCandidate),
+            tracks_itself: raft.prs().get(self.settings.id).is_some(),
+            committed,
+            committed_term: raft.raft_log.term(committed).unwrap_or(0),
+            last_index: raft.raft_log.last_index(),
+            persisted: raft.raft_log.persisted,
+            joining,
+            cluster_id: self.cluster_id.load(Ordering::Acquire),
         }
     }
 

@@ -85,6 +85,7 @@ pub fn prepare(
     advertise_client_addr: String,
     advertise_peer_addr: String,
     runtime: tokio::runtime::Handle,
+    peer_tls: Option<std::sync::Arc<crate::tls::server::PeerTls>>,
 ) -> Result<Prepared, StartError> {
     crate::storage::create_private_dir(&config.data_dir)?;
     let lock = DataDirLock::acquire(&config.data_dir)?;
@@ -212,7 +213,7 @@ pub fn prepare(
         storage,
         inbox: inbox_rx,
         state_machine: state_machine.clone(),
-        transport: Transport::new(local, identity.cluster_id, runtime, inbox_tx.clone()),
+        transport: Transport::new(local, identity.cluster_id, runtime, inbox_tx.clone(), peer_tls),
         applied_tx,
         status_tx,
         identity: identity_file,
@@ -238,6 +239,7 @@ pub fn prepare(
             .ok()
             .and_then(|ms| ms.parse().ok())
             .map(std::time::Duration::from_millis),
+        refusals: crate::peer_guard::RefusalLog::new(std::time::Duration::from_secs(300)),
     };
     let handle = NodeHandle::new(
         inbox_tx.clone(),

@@ -7,18 +7,23 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use std::sync::Arc;
+
+use futures::SinkExt;
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc as tokio_mpsc;
-use tracing::{debug, info};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
 
 use super::Inbox;
-use crate::codec;
+use crate::codec::{self, ByteStream, FrameReader};
 use crate::metrics;
 use crate::proto::{peer_rejection, PeerEnvelope, PeerRejection};
+use crate::tls::server::PeerTls;
 use ::metrics::counter;
 
 /// Messages queued per peer before we start dropping (raft retransmits).
@@ -47,17 +52,26 @@ pub struct Transport {
     peers: HashMap<u64, Peer>,
     runtime: tokio::runtime::Handle,
     inbox: mpsc::Sender<Inbox>,
+    tls: Option<Arc<PeerTls>>,
 }
 
 impl Transport {
-    /// A transport whose peer tasks run on `runtime` and report to `inbox`.
-    pub fn new(local: LocalPeer, cluster_id: u64, runtime: tokio::runtime::Handle, inbox: mpsc::Sender<Inbox>) -> Self {
+    /// A transport whose peer tasks run on `runtime` and report to `inbox`,
+    /// speaking TLS to peers when `tls` is set.
+    pub fn new(
+        local: LocalPeer,
+        cluster_id: u64,
+        runtime: tokio::runtime::Handle,
+        inbox: mpsc::Sender<Inbox>,
+        tls: Option<Arc<PeerTls>>,
+    ) -> Self {
         Transport {
             local,
             cluster_id,
             peers: HashMap::new(),
             runtime,
             inbox,
+            tls,
         }
     }
 
@@ -92,6 +106,7 @@ impl Transport {
                 local: self.local.clone(),
                 cluster_id: self.cluster_id,
                 inbox: self.inbox.clone(),
+                tls: self.tls.clone(),
             };
             metrics::zero_peer(to);
             self.runtime.spawn(task.run(rx));
@@ -115,19 +130,60 @@ struct PeerTask {
     local: LocalPeer,
     cluster_id: u64,
     inbox: mpsc::Sender<Inbox>,
+    tls: Option<Arc<PeerTls>>,
 }
 
 impl PeerTask {
+    /// Connects, with TLS when it is on: the peer's certificate must chain to
+    /// the peer CA, be valid for the address's host, and name node `to`.
+    async fn connect(&self) -> Result<Box<dyn ByteStream>, String> {
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connect timed out".into()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let name = crate::tls::server_name_of(&self.addr)?;
+        let connector = TlsConnector::from(tls.configs().client.clone());
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT * 5, connector.connect(name, tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                let why =
+                    crate::tls::client::explain_client_error(&e, &format!("node {} at {}", self.to, self.addr), "");
+                warn!(peer = self.to, addr = %self.addr, "peer TLS handshake failed: {}", why.message);
+                return Err(why.message);
+            }
+            Err(_) => return Err("TLS handshake timed out".into()),
+        };
+        let names = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| crate::tls::files::common_name(leaf));
+        let expected = crate::tls::node_common_name(self.to);
+        if names.as_deref() != Some(expected.as_str()) {
+            let why = format!(
+                "the peer at {} presented a certificate for {:?}, not {expected:?}: is the member list's address for node {} right?",
+                self.addr,
+                names.unwrap_or_default(),
+                self.to
+            );
+            warn!(peer = self.to, "{why}");
+            return Err(why);
+        }
+        Ok(Box::new(stream))
+    }
+
     async fn run(self, mut queue: tokio_mpsc::Receiver<Message>) {
         let mut backoff = Duration::from_millis(20);
         loop {
-            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
-                Ok(Ok(stream)) => stream,
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "connect timed out".into(),
-                    };
+            let stream = match self.connect().await {
+                Ok(stream) => stream,
+                Err(why) => {
                     debug!(to = self.to, addr = %self.addr, %why, "peer unreachable");
                     self.count_failure();
                     // Whatever is queued can't go out now; raft resends.
@@ -139,8 +195,18 @@ impl PeerTask {
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
-            let (mut sink, mut replies) = codec::framed(stream, codec::PEER_MAX_FRAME).split();
+            let (read_half, write_half) = tokio::io::split(stream);
+            let mut sink = tokio_util::codec::FramedWrite::new(write_half, codec::codec(codec::PEER_MAX_FRAME));
+            // Replies are only ever small rejections.
+            let mut replies = FrameReader::new(BufReader::new(read_half), codec::PEER_PREAUTH_MAX_FRAME);
+            // The hello names us before anything large is sent.
+            if sink.send(self.hello()).await.is_err() {
+                self.count_failure();
+                let _ = self.inbox.send(Inbox::Unreachable(self.to));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
             loop {
                 tokio::select! {
                     message = queue.recv() => {
@@ -168,7 +234,7 @@ impl PeerTask {
                             }
                         }
                         if !failed {
-                            failed = sink.flush().await.is_err();
+                            failed = SinkExt::<bytes::Bytes>::flush(&mut sink).await.is_err();
                         }
                         for to in snapshots {
                             let _ = self.inbox.send(Inbox::SnapshotSent { to, ok: !failed });
@@ -181,9 +247,9 @@ impl PeerTask {
                         counter!(metrics::PEER_SENT_BYTES, "peer" => self.to.to_string()).increment(bytes);
                         backoff = Duration::from_millis(20);
                     }
-                    reply = replies.next() => {
+                    reply = replies.next_frame() => {
                         // The receiver only ever writes a rejection, then closes.
-                        if let Some(Ok(frame)) = reply {
+                        if let Ok(Some(frame)) = reply {
                             if let Ok(rejection) = PeerRejection::decode(frame) {
                                 info!(peer = self.to, reason = %rejection.message, "peer refused us");
                                 let _ = self.inbox.send(Inbox::RejectedByPeer {
@@ -214,6 +280,16 @@ impl PeerTask {
             from_id: self.local.id,
             from_peer_addr: self.local.peer_addr.clone(),
             raft_message: message.write_to_bytes().expect("raft messages always encode"),
+        })
+    }
+
+    /// The first envelope on a connection: who we are, no raft message.
+    fn hello(&self) -> bytes::Bytes {
+        codec::encode(&PeerEnvelope {
+            cluster_id: self.cluster_id,
+            from_id: self.local.id,
+            from_peer_addr: self.local.peer_addr.clone(),
+            raft_message: Vec::new(),
         })
     }
 

@@ -1,29 +1,68 @@
 //! Client connections: a task per connection reads frames, runs each request
 //! in its own task (so a slow write never holds up a read behind it), and a
 //! writer task sends responses in completion order, matched by request id.
+//!
+//! A connection's cost is bounded: at most `max_connections` are served at
+//! once; one with nothing in flight is closed after `client_idle_timeout_ms`
+//! (with an `IDLE_CLOSED` notice, so the client knows unanswered requests did
+//! not run); a started frame must arrive within `client_read_timeout_ms`; and
+//! partly received frames share one memory budget. With TLS on, the
+//! handshake has the same deadline, and the certificate's common name is the
+//! client's identity for `client_roles`.
 
-use futures::StreamExt;
-use prost::Message as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
+use std::time::Duration;
 
+use ::metrics::counter;
+use bytes::Bytes;
+use futures::SinkExt;
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tracing::{debug, warn};
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
 
+use super::accept::Acceptor;
+use super::access::AccessControl;
 use super::{requests, Limits};
-use crate::codec;
+use crate::codec::{self, FrameReader, ReadError, ReceiveBudget};
 use crate::error::WireError;
+use crate::metrics;
 use crate::node::NodeHandle;
 use crate::proto::{response, ErrorCode, Request, Response};
+use crate::tls::server::ClientPortTls;
 
 /// Responses queued per connection before request tasks wait for the writer.
 const RESPONSE_QUEUE: usize = 1024;
+/// After an idle notice, how long input is drained before the socket closes
+/// (closing with unread input would reset the connection and could discard
+/// the notice before the client reads it).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What every client connection shares.
+#[derive(Clone)]
+pub struct ClientPort {
+    /// The node.
+    pub handle: NodeHandle,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// TLS, if on.
+    pub tls: Option<Arc<ClientPortTls>>,
+    /// Roles in force.
+    pub access: AccessControl,
+}
 
 /// Accepts client connections until `stop` turns true. At most
 /// `limits.max_connections` are served at once; more wait in the kernel's
 /// accept queue.
-pub async fn serve(listener: TcpListener, handle: NodeHandle, limits: Limits, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+pub async fn serve(listener: tokio::net::TcpListener, port: ClientPort, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(port.limits.max_connections));
+    let budget = ReceiveBudget::new(port.limits.max_partial_frame_bytes);
+    let mut acceptor = Acceptor::new(listener, "client");
     loop {
         let slot = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -31,19 +70,101 @@ pub async fn serve(listener: TcpListener, handle: NodeHandle, limits: Limits, mu
         };
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let handle = handle.clone();
-                    tokio::spawn(async move {
-                        connection(stream, handle, limits).await;
-                        drop(slot);
-                    });
-                }
-                Err(e) => warn!(error = %e, "client accept failed"),
+            (stream, _) = acceptor.accept() => {
+                let _ = stream.set_nodelay(true);
+                let (port, budget) = (port.clone(), budget.clone());
+                tokio::spawn(async move {
+                    accept_connection(stream, port, budget).await;
+                    drop(slot);
+                });
             }
         }
     }
+}
+
+fn closed(reason: &'static str) {
+    counter!(metrics::CLIENT_CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+}
+
+/// Sorts out TLS (or its absence), then serves the connection.
+async fn accept_connection(stream: TcpStream, port: ClientPort, budget: ReceiveBudget) {
+    let read_timeout = port.limits.read_timeout;
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(read_timeout, stream.peek(&mut first)).await;
+    let speaks_tls = match peeked {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+        // Closed, failed, or silent for the whole read timeout.
+        Ok(_) => return,
+        Err(_) => {
+            closed("idle");
+            return;
+        }
+    };
+    match (&port.tls, speaks_tls) {
+        (Some(tls), true) => {
+            let acceptor = TlsAcceptor::from(tls.server_config());
+            match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| crate::tls::files::common_name(leaf));
+                    connection(stream, port, budget, identity).await;
+                }
+                Ok(Err(e)) => {
+                    closed("tls_handshake");
+                    debug!(error = %e, "client TLS handshake failed");
+                }
+                Err(_) => closed("tls_handshake"),
+            }
+        }
+        (Some(_), false) => {
+            closed("tls_required");
+            refuse(
+                stream,
+                WireError::new(
+                    ErrorCode::Unauthenticated,
+                    "this port requires TLS: connect with --cacert (and --cert/--key if the server asks for client certificates)",
+                ),
+            )
+            .await;
+        }
+        (None, true) => {
+            // A TLS client on a plaintext port: the client reads this frame as
+            // a corrupt TLS record and says the port is plaintext.
+            refuse(
+                stream,
+                WireError::new(
+                    ErrorCode::MalformedRequest,
+                    "this port does not speak TLS: connect without --cacert/--cert/--key",
+                ),
+            )
+            .await;
+        }
+        (None, false) => connection(stream, port, budget, None).await,
+    }
+}
+
+/// Writes one connection-level error and closes.
+async fn refuse(stream: TcpStream, error: WireError) {
+    let mut sink = codec::framed(stream, codec::DEFAULT_MAX_FRAME);
+    let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(codec::encode(&error_response(0, error)))).await;
+    let mut stream = sink.into_inner();
+    drain_then_close(&mut stream).await;
+}
+
+/// Reads and discards input for a short while so that closing doesn't reset
+/// the connection before the client has read what we sent.
+async fn drain_then_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 fn error_response(id: u64, error: WireError) -> Response {
@@ -53,32 +174,45 @@ fn error_response(id: u64, error: WireError) -> Response {
     }
 }
 
-async fn connection(stream: TcpStream, handle: NodeHandle, limits: Limits) {
-    let remote = stream.peer_addr().ok();
-    let (sink, mut frames) = codec::framed(stream, limits.max_frame_size).split();
+async fn connection<S>(stream: S, port: ClientPort, budget: ReceiveBudget, identity: Option<String>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = port.limits;
+    let identity: Option<Arc<str>> = identity.map(Arc::from);
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut frames = FrameReader::new(BufReader::new(read_half), limits.max_frame_size)
+        .with_read_timeout(limits.read_timeout)
+        .with_budget(budget);
+    let sink = tokio_util::codec::FramedWrite::new(write_half, codec::codec(codec::CLIENT_MAX_FRAME));
     let (tx, rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
     let writer = tokio::spawn(codec::write_frames(rx, sink));
-    while let Some(frame) = frames.next().await {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Set when we close deliberately after sending a notice: input is then
+    // drained briefly so the notice isn't lost to a connection reset.
+    let mut drain = false;
+    loop {
+        let frame = tokio::select! {
+            frame = frames.next_frame() => frame,
+            _ = tokio::time::sleep(limits.idle_timeout) => {
+                if frames.in_frame() || in_flight.load(Ordering::Acquire) > 0 {
+                    continue;
+                }
+                closed("idle");
+                let notice = WireError::new(
+                    ErrorCode::IdleClosed,
+                    "closing a connection idle for longer than client_idle_timeout_ms; requests without a response were not run",
+                );
+                let _ = tx.send(error_response(0, notice)).await;
+                drain = true;
+                break;
+            }
+        };
         match frame {
-            Ok(bytes) => match Request::decode(bytes) {
-                Ok(request) => {
-                    let tx = tx.clone();
-                    let handle = handle.clone();
-                    tokio::spawn(async move {
-                        let response = requests::dispatch(request, &handle, limits).await;
-                        let _ = tx.send(response).await;
-                    });
-                }
-                Err(e) => {
-                    // Framing is intact, so the connection stays usable.
-                    let error = WireError::new(
-                        ErrorCode::MalformedRequest,
-                        format!("the frame is not a kvraft.Request ({e}); send a protobuf Request per length-delimited frame"),
-                    );
-                    let _ = tx.send(error_response(0, error)).await;
-                }
-            },
-            Err(e) if codec::is_frame_too_large(&e) => {
+            Ok(Some(bytes)) => handle_frame(bytes, &port, &identity, &tx, &in_flight).await,
+            Ok(None) => break,
+            Err(ReadError::TooLarge { .. }) => {
+                closed("frame_too_large");
                 // The stream can't be resynchronised past an oversized frame.
                 let error = WireError::new(
                     ErrorCode::FrameTooLarge,
@@ -88,14 +222,52 @@ async fn connection(stream: TcpStream, handle: NodeHandle, limits: Limits) {
                     ),
                 );
                 let _ = tx.send(error_response(0, error)).await;
+                drain = true;
+                break;
+            }
+            Err(ReadError::Slow(_)) => {
+                closed("slow");
                 break;
             }
             Err(e) => {
-                debug!(?remote, error = %e, "client connection closed");
+                debug!(error = %e, "client connection closed");
                 break;
             }
         }
     }
     drop(tx);
-    let _ = writer.await;
+    let Ok(sink) = writer.await else { return };
+    if drain {
+        let mut stream = frames.into_inner().into_inner().unsplit(sink.into_inner());
+        drain_then_close(&mut stream).await;
+    }
+}
+
+async fn handle_frame(
+    bytes: Bytes,
+    port: &ClientPort,
+    identity: &Option<Arc<str>>,
+    tx: &mpsc::Sender<Response>,
+    in_flight: &Arc<AtomicUsize>,
+) {
+    match Request::decode(bytes) {
+        Ok(request) => {
+            let (tx, port, identity, in_flight) = (tx.clone(), port.clone(), identity.clone(), in_flight.clone());
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(async move {
+                let response =
+                    requests::dispatch(request, &port.handle, port.limits, &port.access, identity.as_deref()).await;
+                let _ = tx.send(response).await;
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+        Err(e) => {
+            // Framing is intact, so the connection stays usable.
+            let error = WireError::new(
+                ErrorCode::MalformedRequest,
+                format!("the frame is not a kvraft.Request ({e}); send a protobuf Request per length-delimited frame"),
+            );
+            let _ = tx.send(error_response(0, error)).await;
+        }
+    }
 }

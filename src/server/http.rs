@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tracing::debug;
 
+use super::accept::Acceptor;
 use crate::node::NodeHandle;
+use crate::tls::server::ClientPortTls;
 
 /// A raft loop silent for longer than this is unhealthy.
 const STALL: Duration = Duration::from_secs(3);
@@ -28,8 +30,9 @@ pub struct Endpoints {
     pub raft_rounds: Arc<AtomicU64>,
 }
 
-/// Serves the endpoints until the task is dropped.
-pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
+/// Serves the endpoints until the task is dropped; over HTTPS when `tls` is
+/// set (no client certificate asked: these endpoints are read-only).
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, tls: Option<Arc<ClientPortTls>>) {
     let last_progress = Arc::new(Mutex::new(Instant::now()));
     {
         let (rounds, last_progress) = (endpoints.raft_rounds.clone(), last_progress.clone());
@@ -48,20 +51,34 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
             }
         });
     }
+    let mut acceptor = Acceptor::new(listener, "metrics");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (endpoints, last_progress) = (endpoints.clone(), last_progress.clone());
+        let (stream, _) = acceptor.accept().await;
+        let (endpoints, last_progress, tls) = (endpoints.clone(), last_progress.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, &endpoints, &last_progress).await {
+            let result = match tls {
+                None => respond(stream, &endpoints, &last_progress).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                    match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => respond(stream, &endpoints, &last_progress).await,
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 debug!(error = %e, "metrics connection failed");
             }
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, endpoints: &Endpoints, last_progress: &Mutex<Instant>) -> std::io::Result<()> {
+async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    endpoints: &Endpoints,
+    last_progress: &Mutex<Instant>,
+) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {

@@ -3,9 +3,14 @@
 //!
 //! - [`client`]: client connections (a task per connection, many requests in flight).
 //! - [`requests`]: validates a request and routes it to the node.
-//! - [`peer`]: inbound peer connections feeding the raft loop.
+//! - [`access`]: client identities and roles.
+//! - [`peer`]: inbound peer connections feeding the raft loop (the checks
+//!   they pass are in [`crate::peer_guard`]).
 //! - [`http`]: `/metrics`, `/health` and `/ready`.
+//! - [`accept`]: accepting with backoff, for every listener.
 
+pub mod accept;
+pub mod access;
 pub mod client;
 pub mod http;
 pub mod peer;
@@ -24,6 +29,8 @@ use crate::config::NodeConfig;
 use crate::node::startup::{prepare, StartError};
 use crate::node::{Inbox, NodeHandle};
 use crate::storage::{DataDirLock, StorageError};
+use crate::tls::server::{ClientPortTls, PeerTls};
+use access::AccessControl;
 
 /// Request size limits enforced at the edge.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +43,12 @@ pub struct Limits {
     pub max_value_size: usize,
     /// Client connections served at once.
     pub max_connections: usize,
+    /// A connection with nothing in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// A started frame (or TLS handshake) must complete within this.
+    pub read_timeout: Duration,
+    /// Memory partly received frames may hold across all connections.
+    pub max_partial_frame_bytes: usize,
 }
 
 /// A started node.
@@ -48,6 +61,8 @@ pub struct RunningNode {
     pub handle: NodeHandle,
     /// Counts raft loop rounds: a watchdog pings only while it moves.
     pub raft_rounds: Arc<AtomicU64>,
+    /// Certificates and roles, reloadable without a restart.
+    pub security: Security,
     stop_listeners: watch::Sender<bool>,
     raft_thread: std::thread::JoinHandle<Result<(), StorageError>>,
     _lock: DataDirLock,
@@ -69,12 +84,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let advertise_client = advertised(&config.advertise_client_addr, client_addr, "--advertise-client-addr")?;
     let advertise_peer = advertised(&config.advertise_peer_addr, peer_addr, "--advertise-peer-addr")?;
 
+    let security = Security::load(&config)?;
+    warn_if_peers_are_unauthenticated(&config, peer_addr);
+
     let runtime = tokio::runtime::Handle::current();
     let config_for_loop = config.clone();
-    let prepared =
-        tokio::task::spawn_blocking(move || prepare(&config_for_loop, advertise_client, advertise_peer, runtime))
-            .await
-            .expect("startup task panicked")?;
+    let peer_tls = security.peer_tls.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        prepare(&config_for_loop, advertise_client, advertise_peer, runtime, peer_tls)
+    })
+    .await
+    .expect("startup task panicked")?;
 
     let handle = prepared.handle.clone();
     let raft_loop = prepared.raft_loop;
@@ -94,8 +114,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         max_key_size: config.max_key_size,
         max_value_size: config.max_value_size,
         max_connections: config.max_connections,
+        idle_timeout: config.client_idle_timeout(),
+        read_timeout: config.client_read_timeout(),
+        max_partial_frame_bytes: config.max_partial_frame_bytes,
     };
-    tokio::spawn(client::serve(client_listener, handle.clone(), limits, stop_rx.clone()));
+    let client_port = client::ClientPort {
+        handle: handle.clone(),
+        limits,
+        tls: security.client_tls.clone(),
+        access: security.access.clone(),
+    };
+    tokio::spawn(client::serve(client_listener, client_port, stop_rx.clone()));
     tokio::spawn(peer::serve(
         peer_listener,
         peer::PeerContext {
@@ -103,15 +132,25 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             inbox: prepared.inbox,
             handle: handle.clone(),
             cluster_id: Arc::clone(&prepared.cluster_id),
+            tls: security.peer_tls.clone(),
         },
         stop_rx,
     ));
-    info!(node = config.id, %client_addr, %peer_addr, data_dir = %config.data_dir.display(), "kvraftd started");
+    info!(
+        node = config.id,
+        %client_addr,
+        %peer_addr,
+        client_tls = security.client_tls.is_some(),
+        peer_tls = security.peer_tls.is_some(),
+        data_dir = %config.data_dir.display(),
+        "kvraftd started"
+    );
     Ok(RunningNode {
         client_addr,
         peer_addr,
         handle,
         raft_rounds: prepared.rounds,
+        security,
         stop_listeners,
         raft_thread,
         _lock: prepared.lock,
@@ -138,6 +177,103 @@ impl RunningNode {
             .await
             .expect("join task panicked")
             .unwrap_or_else(|_| Err(StorageError::Corrupt("the raft loop panicked".into())))
+    }
+}
+
+/// A node's TLS configurations and roles, all reloadable (SIGHUP).
+#[derive(Clone)]
+pub struct Security {
+    /// The client port's TLS, if on.
+    pub client_tls: Option<Arc<ClientPortTls>>,
+    /// The peer port's TLS, if on.
+    pub peer_tls: Option<Arc<PeerTls>>,
+    /// The metrics endpoint's TLS (`metrics_tls`), if on.
+    pub metrics_tls: Option<Arc<ClientPortTls>>,
+    /// Client roles.
+    pub access: AccessControl,
+}
+
+impl Security {
+    /// Loads every certificate the configuration names; any problem stops
+    /// the start with the setting, the file and what to do.
+    pub fn load(config: &NodeConfig) -> Result<Security, StartError> {
+        crate::tls::install_crypto_provider();
+        let tls_error = |e: crate::tls::TlsError| StartError::Config(e.to_string());
+        let client_tls = match config.client_tls_files() {
+            Some(files) => Some(Arc::new(ClientPortTls::load(files).map_err(tls_error)?)),
+            None => None,
+        };
+        let peer_tls = match config.peer_tls_files() {
+            Some(files) => Some(Arc::new(PeerTls::load(files, config.id).map_err(tls_error)?)),
+            None => None,
+        };
+        let metrics_tls = match config.client_tls_files().filter(|_| config.metrics_tls) {
+            Some(files) => {
+                // The client port's certificate, without asking for client
+                // certificates: scrapers only need the CA.
+                let files = crate::tls::server::ClientPortFiles {
+                    trusted_ca: None,
+                    client_cert_auth: false,
+                    ..files
+                };
+                Some(Arc::new(ClientPortTls::load(files).map_err(tls_error)?))
+            }
+            None => None,
+        };
+        let access = AccessControl::new(config.client_roles.as_deref()).map_err(StartError::Config)?;
+        Ok(Security {
+            client_tls,
+            peer_tls,
+            metrics_tls,
+            access,
+        })
+    }
+
+    /// Re-reads the certificate files (paths are fixed at start) and puts the
+    /// reloaded configuration's roles in force. Every part that fails is
+    /// reported and keeps what it had.
+    pub fn reload(&self, config: &NodeConfig) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(tls) = &self.client_tls {
+            if let Err(e) = tls.reload() {
+                errors.push(format!(
+                    "client TLS not reloaded, the previous certificate stays in use: {e}"
+                ));
+            }
+        }
+        if let Some(tls) = &self.peer_tls {
+            if let Err(e) = tls.reload() {
+                errors.push(format!(
+                    "peer TLS not reloaded, the previous certificate stays in use: {e}"
+                ));
+            }
+        }
+        if let Some(tls) = &self.metrics_tls {
+            if let Err(e) = tls.reload() {
+                errors.push(format!(
+                    "metrics TLS not reloaded, the previous certificate stays in use: {e}"
+                ));
+            }
+        }
+        if config.client_roles.is_some() && self.client_tls.is_none() {
+            errors.push("client_roles needs TLS on the client port, which can't be turned on without a restart".into());
+        } else if let Err(e) = self.access.replace(config.client_roles.as_deref()) {
+            errors.push(format!("client_roles not reloaded: {e}"));
+        }
+        errors
+    }
+}
+
+/// Without peer TLS, anyone who can send from a member's address can speak
+/// for it: say so when the peer port faces more than this machine.
+fn warn_if_peers_are_unauthenticated(config: &NodeConfig, bound: SocketAddr) {
+    if config.peer_tls_files().is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            peer_addr = %bound,
+            "peer TLS is off on a non-loopback address: peers are recognised only by their source address, \
+             so anyone who can send from a member's address can speak for it. Set peer_cert_file, peer_key_file \
+             and peer_trusted_ca_file (see the README, \"Securing a cluster\")"
+        );
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Instant;
 use ::metrics::{counter, histogram};
 use tracing::{debug, info_span, Instrument};
 
+use super::access::AccessControl;
 use super::Limits;
 use crate::config::check_host_port;
 use crate::error::WireError;
@@ -21,7 +22,13 @@ use crate::state_machine::ApplyResult;
 /// error responses). Each request runs in a span carrying its id, operation and
 /// this node's id; the raft loop adds "proposed", "committed" and "applied"
 /// events to it.
-pub async fn dispatch(request: Request, handle: &NodeHandle, limits: Limits) -> Response {
+pub async fn dispatch(
+    request: Request,
+    handle: &NodeHandle,
+    limits: Limits,
+    access: &AccessControl,
+    identity: Option<&str>,
+) -> Response {
     let id = request.id;
     let Some(command) = request.command else {
         let error = WireError::new(
@@ -38,6 +45,8 @@ pub async fn dispatch(request: Request, handle: &NodeHandle, limits: Limits) -> 
     let started = Instant::now();
     let result = async {
         debug!("received");
+        // A refused request never reaches the node, so it changes nothing.
+        access.check(identity, &command)?;
         run(command, handle, limits).await
     }
     .instrument(span.clone())

@@ -334,7 +334,7 @@ impl EventList {
                 found = true;
                 break;
             }
-            if e % 2 == 0 && !optional[i] {
+            if e.is_multiple_of(2) && !optional[i] {
                 break;
             }
             e = self.next[e];
@@ -524,7 +524,7 @@ fn check_key(key: &[u8], all_ops: &[&Op]) -> Result<(), Violation> {
                 // The return of a required op not yet linearized: no
                 // remaining candidate works. Remember the deepest such
                 // point for the report, then backtrack.
-                if deepest.as_ref().map_or(true, |(d, _)| stack.len() > *d) {
+                if deepest.as_ref().is_none_or(|(d, _)| stack.len() > *d) {
                     let mut candidates = Vec::new();
                     let mut e = list.next[HEAD];
                     while e != entry {
@@ -839,8 +839,8 @@ mod tests {
                 4 => OpKind::Delete,
                 _ => OpKind::Read(None), // result filled in below
             };
-            let unknown = !matches!(kind, OpKind::Read(_)) && rng(seed) % 10 == 0;
-            if !unknown || rng(seed) % 2 == 0 {
+            let unknown = !matches!(kind, OpKind::Read(_)) && rng(seed).is_multiple_of(10);
+            if !unknown || rng(seed).is_multiple_of(2) {
                 // Scaled by 1000 so that `+ i` makes instants distinct while
                 // staying strictly inside (invoke, complete).
                 effects.push((at * 1000 + i as u64, i));

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kvraft::proto::InfoResponse;
+use kvraft::tls::client::ClientTlsOptions;
 use kvraft::{Client, ClientOptions};
 
 /// Raft timing for tests: 25 ms ticks, heartbeats every 50 ms, elections after
@@ -76,6 +77,8 @@ impl Node {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
+    /// TLS settings of the clients this harness makes (off by default).
+    pub client_tls: ClientTlsOptions,
 }
 
 impl Cluster {
@@ -107,6 +110,7 @@ impl Cluster {
         Cluster {
             dir: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
+            client_tls: ClientTlsOptions::default(),
         }
     }
 
@@ -221,6 +225,7 @@ impl Cluster {
             endpoints,
             timeout,
             serializable,
+            tls: self.client_tls.clone(),
         })
         .unwrap()
     }
@@ -293,9 +298,24 @@ impl Cluster {
         }
     }
 
-    /// Runs the `kvraft` CLI against these nodes.
+    /// Runs the `kvraft` CLI against these nodes (with the harness's TLS
+    /// settings as flags).
     pub fn cli(&self, ids: &[u64], args: &[&str]) -> Output {
-        kvraft_cli(&self.endpoints(ids), args)
+        let mut all: Vec<String> = Vec::new();
+        let tls = &self.client_tls;
+        for (flag, value) in [
+            ("--cacert", &tls.ca_file),
+            ("--cert", &tls.cert_file),
+            ("--key", &tls.key_file),
+        ] {
+            if let Some(path) = value {
+                all.push(flag.into());
+                all.push(path.display().to_string());
+            }
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        kvraft_cli(&self.endpoints(ids), &all)
     }
 }
 

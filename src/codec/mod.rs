@@ -1,6 +1,14 @@
 //! Protobuf messages in length-delimited frames (a 4-byte big-endian length,
 //! then the message), with a maximum frame size so a bad or hostile peer can't
 //! make us allocate without bound.
+//!
+//! Writing goes through tokio-util's `LengthDelimitedCodec`. Reading from
+//! anyone we don't fully trust goes through [`FrameReader`], whose memory grows
+//! with the bytes that arrive rather than with the length a frame declares.
+
+mod reader;
+
+pub use reader::{FrameReader, ReadError, ReceiveBudget};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,10 +25,20 @@ pub const PEER_MAX_FRAME: usize = 1024 * 1024 * 1024;
 /// server's own frame limit, which an operator may raise).
 pub const CLIENT_MAX_FRAME: usize = 256 * 1024 * 1024;
 
+/// Largest frame a peer may send before it has proven it is a member (its
+/// first frame is a small hello envelope), and the largest reply a node reads
+/// from a peer it dialled (replies are only ever small rejections).
+pub const PEER_PREAUTH_MAX_FRAME: usize = 64 * 1024;
+
 /// The codec for a stream with this frame limit.
 pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().max_frame_length(max_frame).new_codec()
 }
+
+/// A connection of either kind (plain TCP or TLS), boxed.
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
 
 /// Wraps a byte stream into a frame stream with this limit.
 pub fn framed<T: AsyncRead + AsyncWrite>(io: T, max_frame: usize) -> Framed<T, LengthDelimitedCodec> {
@@ -33,8 +51,8 @@ pub fn encode<M: prost::Message>(message: &M) -> Bytes {
 }
 
 /// Writes every message from `queue` to `sink` until the queue closes or a
-/// write fails, batching what is ready into one flush.
-pub async fn write_frames<M, S>(mut queue: tokio::sync::mpsc::Receiver<M>, mut sink: S)
+/// write fails, batching what is ready into one flush. Returns the sink.
+pub async fn write_frames<M, S>(mut queue: tokio::sync::mpsc::Receiver<M>, mut sink: S) -> S
 where
     M: prost::Message,
     S: futures::Sink<Bytes> + Unpin,
@@ -42,17 +60,18 @@ where
     use futures::SinkExt;
     while let Some(message) = queue.recv().await {
         if sink.feed(encode(&message)).await.is_err() {
-            return;
+            return sink;
         }
         while let Ok(more) = queue.try_recv() {
             if sink.feed(encode(&more)).await.is_err() {
-                return;
+                return sink;
             }
         }
         if sink.flush().await.is_err() {
-            return;
+            return sink;
         }
     }
+    sink
 }
 
 /// True if a codec error means the length prefix was over the limit (the
