@@ -2,6 +2,8 @@
 //! dirs, and helpers that wait on conditions with deadlines.
 #![allow(dead_code)]
 
+pub mod peer_probe;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -84,6 +86,12 @@ pub struct Cluster {
 impl Cluster {
     /// `n` nodes started with the same `--initial-cluster`.
     pub fn start_static(n: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_static_each(n, |_| extra.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// `n` nodes started with the same `--initial-cluster`, each with the
+    /// extra flags `extra(id)` gives it.
+    pub fn start_static_each(n: u64, extra: impl Fn(u64) -> Vec<String>) -> Cluster {
         let mut cluster = Cluster::empty();
         let ids: Vec<u64> = (1..=n).collect();
         let peers: Vec<(u64, String)> = ids
@@ -97,7 +105,7 @@ impl Cluster {
             .join(",");
         for (id, peer) in peers {
             let mut args: Vec<String> = vec!["--initial-cluster".into(), spec.clone()];
-            args.extend(extra.iter().map(|s| s.to_string()));
+            args.extend(extra(id));
             cluster.add_node(id, Some(peer), args);
         }
         for id in ids {
@@ -295,6 +303,20 @@ impl Cluster {
                 panic!("node {id}: {what} not reached within {timeout:?}; last info: {info:#?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The value of a metric on node `id`, summed over series whose labels
+    /// include `labels` (0 if absent).
+    pub fn metric(&self, id: u64, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let addr = self.nodes.iter().find(|n| n.id == id).unwrap().metrics_addr.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match http_get(&addr, "/metrics") {
+                Ok((200, body)) => return metric_sum(&body, name, labels).unwrap_or(0.0),
+                other => assert!(Instant::now() < deadline, "no /metrics from node {id}: {other:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
