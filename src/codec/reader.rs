@@ -23,6 +23,10 @@ use tokio::time::Instant;
 const FIRST_CHUNK: usize = 64 * 1024;
 /// The budget counts memory in these units (a semaphore permit each).
 const UNIT: usize = 1024;
+/// Frames up to this size are not charged to the budget, so ordinary small
+/// requests never wait behind large partial frames. Their cost is bounded by
+/// the connection count instead.
+pub const UNBUDGETED_FRAME: usize = 8 * 1024;
 
 /// Memory that partly received frames may hold across every connection that
 /// shares this budget. Cheap to clone.
@@ -118,8 +122,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
-    /// Charges the memory of partly received frames to `budget`; a frame that
-    /// needs more waits (within its read timeout) for others to finish.
+    /// Charges the memory of partly received frames over
+    /// [`UNBUDGETED_FRAME`] to `budget`; a frame that needs more waits (within
+    /// its read timeout) for others to finish.
     pub fn with_budget(mut self, budget: ReceiveBudget) -> Self {
         self.budget = Some(budget);
         self
@@ -187,7 +192,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 } else {
                     declared.min(len.saturating_mul(2))
                 };
-                if let Some(budget) = &self.budget {
+                if let Some(budget) = self.budget.as_ref().filter(|_| declared > UNBUDGETED_FRAME) {
                     let held = partial.charge.as_ref().map_or(0, |p| p.num_permits());
                     let wanted = target.div_ceil(UNIT).saturating_sub(held);
                     if wanted > 0 {

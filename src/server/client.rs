@@ -90,7 +90,8 @@ fn closed(reason: &'static str) {
 async fn accept_connection(stream: TcpStream, port: ClientPort, budget: ReceiveBudget) {
     let read_timeout = port.limits.read_timeout;
     let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(read_timeout, stream.peek(&mut first)).await;
+    // A connection that says nothing is idle, whatever it may say later.
+    let peeked = tokio::time::timeout(port.limits.idle_timeout, stream.peek(&mut first)).await;
     let speaks_tls = match peeked {
         Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
         // Closed, failed, or silent for the whole read timeout.
