@@ -336,17 +336,19 @@ impl NodeConfig {
 
     /// TLS settings come in groups; say which part of a group is missing.
     fn validate_tls(&self) -> Result<(), Invalid> {
+        // Errors name the key that was set, so the source shown is where it
+        // came from.
         match (&self.cert_file, &self.key_file) {
             (Some(_), None) => {
                 return Err(invalid(
-                    "key_file",
-                    "is needed with cert_file: the certificate's private key",
+                    "cert_file",
+                    "needs key_file too: the certificate's private key",
                 ))
             }
             (None, Some(_)) => {
                 return Err(invalid(
-                    "cert_file",
-                    "is needed with key_file: the client port's certificate",
+                    "key_file",
+                    "needs cert_file too: the client port's certificate",
                 ))
             }
             _ => {}
@@ -377,13 +379,15 @@ impl NodeConfig {
             ("peer_key_file", self.peer_key_file.is_some()),
             ("peer_trusted_ca_file", self.peer_trusted_ca_file.is_some()),
         ];
-        if peer.iter().any(|(_, set)| *set) {
-            if let Some((key, _)) = peer.iter().find(|(_, set)| !*set) {
-                return Err(invalid(
-                    key,
-                    "is needed: peer TLS is mutual, so peer_cert_file, peer_key_file and peer_trusted_ca_file go together",
-                ));
-            }
+        if let (Some((given, _)), Some((missing, _))) =
+            (peer.iter().find(|(_, set)| *set), peer.iter().find(|(_, set)| !*set))
+        {
+            return Err(invalid(
+                given,
+                format!(
+                    "needs {missing} too: peer TLS is mutual, so peer_cert_file, peer_key_file and peer_trusted_ca_file go together"
+                ),
+            ));
         }
         if self.metrics_tls && self.cert_file.is_none() {
             return Err(invalid(
