@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Throwaway 3-member etcd 3.4 cluster on loopback, for benchmarking.
-#   etcd-cluster.sh start DIR   start members etcd1..3 (data in DIR/etcdN.data,
+#   etcd-cluster.sh start DIR [CERTS]
+#                               start members etcd1..3 (data in DIR/etcdN.data,
 #                               logs in DIR/etcdN.log, pids in DIR/etcdN.pid) and
-#                               wait until `etcdctl endpoint health` passes on all
+#                               wait until `etcdctl endpoint health` passes on all;
+#                               with CERTS (a `kvraft certs init` dir with nodes
+#                               1-3 and client "admin"), TLS on both ports with
+#                               client certificates required, as kvraft runs
 #   etcd-cluster.sh stop DIR    kill the members started for DIR (data is kept)
 # Client ports 23791-23793, peer ports 23801-23803, 127.0.0.1 only.
 set -euo pipefail
@@ -17,7 +21,7 @@ CLUSTER="etcd1=http://$HOST:23801,etcd2=http://$HOST:23802,etcd3=http://$HOST:23
 for v in $(compgen -e | grep '^ETCD_' || true); do unset "$v"; done
 export ETCDCTL_API=3
 
-usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR [CERTS] | stop DIR" >&2; exit 2; }
 
 # Prints the pid in DIR/etcdN.pid if it is still a live etcd for that data dir.
 live_pid() {
@@ -37,7 +41,13 @@ is_running() {
 }
 
 start() {
-  local dir=$1 n pid
+  local dir=$1 certs=${2:-} n pid scheme=http
+  local tls=() ctl=()
+  if [[ -n $certs ]]; then
+    certs=$(cd "$certs" && pwd)
+    scheme=https
+    ctl=(--cacert "$certs/ca.pem" --cert "$certs/client-admin.pem" --key "$certs/client-admin.key")
+  fi
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   for n in 1 2 3; do
@@ -47,23 +57,30 @@ start() {
     done
   done
   for n in 1 2 3; do
+    if [[ -n $certs ]]; then
+      tls=(--cert-file "$certs/node-$n.pem" --key-file "$certs/node-$n.key"
+        --trusted-ca-file "$certs/ca.pem" --client-cert-auth
+        --peer-cert-file "$certs/node-$n.pem" --peer-key-file "$certs/node-$n.key"
+        --peer-trusted-ca-file "$certs/ca.pem" --peer-client-cert-auth)
+    fi
     setsid "$ETCD" \
       --name etcd$n \
       --data-dir "$dir/etcd$n.data" \
-      --listen-client-urls http://$HOST:2379$n \
-      --advertise-client-urls http://$HOST:2379$n \
-      --listen-peer-urls http://$HOST:2380$n \
-      --initial-advertise-peer-urls http://$HOST:2380$n \
-      --initial-cluster "$CLUSTER" \
+      --listen-client-urls $scheme://$HOST:2379$n \
+      --advertise-client-urls $scheme://$HOST:2379$n \
+      --listen-peer-urls $scheme://$HOST:2380$n \
+      --initial-advertise-peer-urls $scheme://$HOST:2380$n \
+      --initial-cluster "${CLUSTER//http:/$scheme:}" \
+      "${tls[@]}" \
       --initial-cluster-token etcdbench \
       --initial-cluster-state new \
       </dev/null >>"$dir/etcd$n.log" 2>&1 &
     echo $! >"$dir/etcd$n.pid"
   done
   for _ in $(seq 1 60); do
-    if "$ETCDCTL" --endpoints "$ENDPOINTS" --dial-timeout 2s --command-timeout 3s \
+    if "$ETCDCTL" --endpoints "$ENDPOINTS" "${ctl[@]}" --dial-timeout 2s --command-timeout 3s \
         endpoint health >/dev/null 2>&1; then
-      "$ETCDCTL" --endpoints "$ENDPOINTS" endpoint health
+      "$ETCDCTL" --endpoints "$ENDPOINTS" "${ctl[@]}" endpoint health
       return 0
     fi
     for n in 1 2 3; do
@@ -93,9 +110,9 @@ stop() {
   echo "stopped (SIGKILL: ${pids[*]})"
 }
 
-[[ $# -eq 2 ]] || usage
+[[ $# -ge 2 && $# -le 3 ]] || usage
 case $1 in
-  start) start "$2" ;;
+  start) start "$2" "${3:-}" ;;
   stop) [[ -d $2 ]] || { echo "no such dir: $2" >&2; exit 1; }; stop "$2" ;;
   *) usage ;;
 esac

@@ -474,15 +474,18 @@ type RefusalKey = (String, &'static str);
 /// Logs each (peer, reason) once, then at most every `every`, with how many
 /// were suppressed meanwhile: a hostile peer can't flood the log.
 pub struct RefusalLog {
+    what: &'static str,
     every: Duration,
     /// When each (peer, reason) was last logged, and how many since.
     seen: Mutex<HashMap<RefusalKey, (Option<Instant>, u64)>>,
 }
 
 impl RefusalLog {
-    /// A log that repeats a (peer, reason) at most every `every`.
-    pub fn new(every: Duration) -> Self {
+    /// A log of `what` ("refused peer input", ...) that repeats a (peer,
+    /// reason) at most every `every`.
+    pub fn new(what: &'static str, every: Duration) -> Self {
         RefusalLog {
+            what,
             every,
             seen: Mutex::new(HashMap::new()),
         }
@@ -498,11 +501,11 @@ impl RefusalLog {
         }
         let entry = seen.entry((peer.to_string(), reason)).or_insert((None, 0));
         if entry.0.is_none_or(|at| now.duration_since(at) >= self.every) {
-            warn!(peer, reason, suppressed = entry.1, "refused peer input: {detail}");
+            warn!(peer, reason, suppressed = entry.1, "{}: {detail}", self.what);
             *entry = (Some(now), 0);
         } else {
             entry.1 += 1;
-            debug!(peer, reason, "refused peer input: {detail}");
+            debug!(peer, reason, "{}: {detail}", self.what);
         }
     }
 }

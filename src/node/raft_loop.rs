@@ -85,6 +85,9 @@ pub struct RaftLoop {
     pub(crate) wedge_after: Option<Duration>,
     /// Rate-limits the log lines about refused peer messages.
     pub(crate) refusals: peer_guard::RefusalLog,
+    /// Rate-limits the log lines about peers refusing us (they repeat on
+    /// every reconnect until an operator acts).
+    pub(crate) rejections: peer_guard::RefusalLog,
 }
 
 /// A graceful shutdown in progress.
@@ -258,7 +261,7 @@ impl RaftLoop {
                     warn!(peer, %reason, "a peer says this node was removed from the cluster; stopping");
                     self.mark_removed();
                 } else {
-                    error!(peer, %reason, "a peer refused this node");
+                    self.rejections.refused(&format!("node {peer}"), "refused", &reason);
                 }
             }
             Inbox::Shutdown { deadline } => self.begin_shutdown(deadline),

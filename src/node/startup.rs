@@ -239,7 +239,8 @@ pub fn prepare(
             .ok()
             .and_then(|ms| ms.parse().ok())
             .map(std::time::Duration::from_millis),
-        refusals: crate::peer_guard::RefusalLog::new(std::time::Duration::from_secs(300)),
+        refusals: crate::peer_guard::RefusalLog::new("refused peer input", std::time::Duration::from_secs(300)),
+        rejections: crate::peer_guard::RefusalLog::new("a peer refused this node", std::time::Duration::from_secs(60)),
     };
     let handle = NodeHandle::new(
         inbox_tx.clone(),

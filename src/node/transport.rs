@@ -124,6 +124,14 @@ impl Transport {
     }
 }
 
+/// Why a connection to a peer could not be made.
+enum ConnectFailure {
+    /// Unreachable for now (refused, timed out): retried quietly.
+    Network(String),
+    /// TLS or the peer's identity is wrong: needs an operator.
+    Identity(String),
+}
+
 struct PeerTask {
     to: u64,
     addr: String,
@@ -136,27 +144,22 @@ struct PeerTask {
 impl PeerTask {
     /// Connects, with TLS when it is on: the peer's certificate must chain to
     /// the peer CA, be valid for the address's host, and name node `to`.
-    async fn connect(&self) -> Result<Box<dyn ByteStream>, String> {
+    async fn connect(&self) -> Result<Box<dyn ByteStream>, ConnectFailure> {
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("connect timed out".into()),
+            Ok(Err(e)) => return Err(ConnectFailure::Network(e.to_string())),
+            Err(_) => return Err(ConnectFailure::Network("connect timed out".into())),
         };
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else {
             return Ok(Box::new(tcp));
         };
-        let name = crate::tls::server_name_of(&self.addr)?;
+        let name = crate::tls::server_name_of(&self.addr).map_err(ConnectFailure::Identity)?;
         let connector = TlsConnector::from(tls.configs().client.clone());
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT * 5, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                let why =
-                    crate::tls::client::explain_client_error(&e, &format!("node {} at {}", self.to, self.addr), "");
-                warn!(peer = self.to, addr = %self.addr, "peer TLS handshake failed: {}", why.message);
-                return Err(why.message);
-            }
-            Err(_) => return Err("TLS handshake timed out".into()),
+            Ok(Err(e)) => return Err(ConnectFailure::Identity(self.explain_tls_failure(&e))),
+            Err(_) => return Err(ConnectFailure::Network("TLS handshake timed out".into())),
         };
         let names = stream
             .get_ref()
@@ -172,18 +175,57 @@ impl PeerTask {
                 names.unwrap_or_default(),
                 self.to
             );
-            warn!(peer = self.to, "{why}");
-            return Err(why);
+            return Err(ConnectFailure::Identity(why));
         }
         Ok(Box::new(stream))
     }
 
+    /// What a failed peer handshake means, in peer-port terms.
+    fn explain_tls_failure(&self, error: &std::io::Error) -> String {
+        use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+        let who = format!("node {} at {}", self.to, self.addr);
+        match crate::tls::client::rustls_error(error) {
+            Some(E::InvalidMessage(_) | E::InappropriateMessage { .. }) => {
+                format!("{who} does not speak TLS on its peer port: turn peer TLS on on every node")
+            }
+            Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+                format!("{who} presented a certificate not signed by peer_trusted_ca_file")
+            }
+            Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
+                format!("{who} presented a certificate that does not name the host in its peer address")
+            }
+            Some(E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError)) => {
+                format!(
+                    "{who} refused this node's peer certificate: is it signed by the CA in its peer_trusted_ca_file?"
+                )
+            }
+            Some(other) => format!("TLS with {who} failed: {other}"),
+            None => format!("TLS with {who} failed: {error}"),
+        }
+    }
+
     async fn run(self, mut queue: tokio_mpsc::Receiver<Message>) {
         let mut backoff = Duration::from_millis(20);
+        // A TLS or identity problem repeats on every attempt until an
+        // operator fixes it: say so once a minute, not once a second.
+        let mut last_warning: Option<(String, std::time::Instant)> = None;
         loop {
             let stream = match self.connect().await {
                 Ok(stream) => stream,
-                Err(why) => {
+                Err(failure) => {
+                    let why = match failure {
+                        ConnectFailure::Network(why) => why,
+                        ConnectFailure::Identity(why) => {
+                            let repeated = last_warning
+                                .as_ref()
+                                .is_some_and(|(said, at)| *said == why && at.elapsed() < Duration::from_secs(60));
+                            if !repeated {
+                                warn!(peer = self.to, addr = %self.addr, "{why}");
+                                last_warning = Some((why.clone(), std::time::Instant::now()));
+                            }
+                            why
+                        }
+                    };
                     debug!(to = self.to, addr = %self.addr, %why, "peer unreachable");
                     self.count_failure();
                     // Whatever is queued can't go out now; raft resends.

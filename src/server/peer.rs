@@ -71,7 +71,7 @@ pub async fn serve(listener: TcpListener, context: PeerContext, mut stop: watch:
         context,
         open: Mutex::new(HashMap::new()),
         resolved: Mutex::new(HashMap::new()),
-        log: RefusalLog::new(LOG_EVERY),
+        log: RefusalLog::new("refused peer input", LOG_EVERY),
     });
     let mut acceptor = Acceptor::new(listener, "peer");
     loop {

@@ -72,6 +72,15 @@ struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     output: OutputFormat,
+    /// CA certificate (PEM): talk TLS (https) to the endpoints, as etcdctl.
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for etcd's --client-cert-auth.
+    #[arg(long)]
+    cert: Option<std::path::PathBuf>,
+    /// Key of --cert (PEM).
+    #[arg(long)]
+    key: Option<std::path::PathBuf>,
 }
 
 fn key(n: u64, size: usize) -> Vec<u8> {
@@ -114,14 +123,24 @@ async fn run(args: Args) -> Result<u8, String> {
         return Err("--timeout must be positive".into());
     }
     let timeout = Duration::from_secs_f64(args.timeout);
-    let options = ConnectOptions::new()
+    let mut options = ConnectOptions::new()
         .with_timeout(timeout)
         .with_connect_timeout(timeout);
+    let mut endpoints = args.endpoints.clone();
+    if let Some(ca) = &args.cacert {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls);
+        endpoints = endpoints.iter().map(|e| format!("https://{e}")).collect();
+    }
 
     // One Client per connection; connection i talks to endpoint i % len only.
     let mut connections = Vec::with_capacity(args.conns);
     for i in 0..args.conns {
-        let ep = &args.endpoints[i % args.endpoints.len()];
+        let ep = &endpoints[i % endpoints.len()];
         let c = Client::connect([ep.as_str()], Some(options.clone()))
             .await
             .map_err(|e| format!("connect {ep}: {e}"))?;
