@@ -136,9 +136,6 @@ pub enum MessageRefusal {
     IndexBeyondLog,
     /// A node that has not joined yet only listens to a leader.
     NotYetJoined,
-    /// A certified node this node doesn't know as a member sent something
-    /// other than a leader's message.
-    NotAMember,
 }
 
 impl MessageRefusal {
@@ -157,7 +154,6 @@ impl MessageRefusal {
         "malformed_request",
         "index_beyond_log",
         "not_yet_joined",
-        "not_a_member",
     ];
 
     /// The metric label.
@@ -177,7 +173,6 @@ impl MessageRefusal {
             R::MalformedRequest => "malformed_request",
             R::IndexBeyondLog => "index_beyond_log",
             R::NotYetJoined => "not_yet_joined",
-            R::NotAMember => "not_a_member",
         }
     }
 }
@@ -205,24 +200,17 @@ pub struct SenderStanding {
     pub member_ips: Vec<IpAddr>,
 }
 
-/// How far a connection that passed [`check_sender`] is trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// A member (or anyone, while this node waits to join): all messages.
-    Member,
-    /// A node our peer CA vouches for that is not a member as far as this
-    /// node knows. This node may be behind: it missed the change that added
-    /// the sender, which may lead now. Only a leader's messages pass
-    /// ([`check_newcomer_message`]), so it can catch up.
-    CertifiedNewcomer,
-}
-
-/// Checks that a connection may speak for node `from`.
+/// Checks that a connection may speak for node `from`: a member (or anyone
+/// while this node waits to join), from its address (plaintext) or with its
+/// certificate (TLS). A node that is not a member as far as this node knows
+/// is refused even with a valid certificate: this node may have missed the
+/// change that added it, but a certificate for an id that is not a member
+/// must not be able to depose the leader (see the README on catching up).
 pub fn check_sender(
     from: u64,
     connection: &PeerConnection,
     standing: &SenderStanding,
-) -> Result<Admission, ConnectionRefusal> {
+) -> Result<(), ConnectionRefusal> {
     if connection.tls {
         // With TLS, the certificate is the identity: it must name the sender.
         if connection.certified_node != Some(from) {
@@ -230,29 +218,15 @@ pub fn check_sender(
         }
     }
     if standing.joining {
-        return Ok(Admission::Member);
+        return Ok(());
     }
     if !standing.is_member {
-        return if connection.tls {
-            Ok(Admission::CertifiedNewcomer)
-        } else {
-            Err(ConnectionRefusal::NotMember)
-        };
+        return Err(ConnectionRefusal::NotMember);
     }
     if !connection.tls && !standing.member_ips.contains(&canonical(connection.remote_ip)) {
         return Err(ConnectionRefusal::AddressMismatch);
     }
-    Ok(Admission::Member)
-}
-
-/// What a [`Admission::CertifiedNewcomer`] may send: what a leader sends to
-/// a follower that is behind.
-pub fn check_newcomer_message(message: &Message) -> Result<(), MessageRefusal> {
-    use MessageType as T;
-    match message.get_msg_type() {
-        T::MsgAppend | T::MsgHeartbeat | T::MsgSnapshot => Ok(()),
-        _ => Err(MessageRefusal::NotAMember),
-    }
+    Ok(())
 }
 
 /// An IPv4-mapped IPv6 address as plain IPv4, so listeners on `[::]` compare

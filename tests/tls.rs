@@ -259,7 +259,7 @@ fn peer_addr(cluster: &Cluster, id: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot_join() {
-    let pki = Pki::new("1=127.0.0.1,2=127.0.0.1,3=127.0.0.1,4=127.0.0.1");
+    let pki = Pki::new("1=127.0.0.1,2=127.0.0.1,3=127.0.0.1,4=127.0.0.1,99=127.0.0.1");
     let mut cluster = tls_cluster(&pki, 3);
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     support::put(&cluster.client(&[1, 2, 3]), "k", "v").await;
@@ -365,6 +365,31 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
         .await
         .unwrap();
 
+    // A certificate from our CA for a node that is not a member, heartbeating
+    // with a higher term every 200 ms (which once kept a cluster leaderless).
+    let (cert99, key99) = (own("node-99.pem"), own("node-99.key"));
+    for _ in 0..5 {
+        for target in [1, 2, 3] {
+            let tls = ProbeTls {
+                ca: &ca,
+                cert_and_key: Some((&cert99, &key99)),
+            };
+            let mut p = Probe {
+                stream: connect(&peer_addr(&cluster, target), "127.0.0.1", Some(tls))
+                    .await
+                    .unwrap(),
+                cluster_id,
+                from_id: 99,
+            };
+            p.hello().await.unwrap();
+            let _ = p
+                .send(&raft_message(MessageType::MsgHeartbeat, 99, target, term + 1))
+                .await;
+            assert_eq!(p.reply(T).await, Ok(None), "a non-member is dropped without a reply");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Everyone still agrees, and nothing was injected.
     support::put(&cluster.client(&[1, 2, 3]), "after", "attacks").await;
     let commit = cluster.info(leader).await.unwrap().commit_index;
@@ -387,6 +412,7 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
     assert!(refusals("tls_handshake") >= 2.0, "no certificate, foreign CA");
     assert!(refusals("not_a_node_certificate") >= 1.0);
     assert!(refusals("certificate_mismatch") >= 1.0);
+    assert!(refusals("not_member") >= 5.0);
     let messages = |reason: &str| cluster.metric(follower, "kvraft_peer_messages_refused_total", &[("reason", reason)]);
     assert!(messages("sender_mismatch") >= 1.0);
     assert!(messages("impossible_value") >= 1.0);

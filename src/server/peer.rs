@@ -25,7 +25,7 @@ use super::accept::Acceptor;
 use crate::codec::{self, FrameReader};
 use crate::metrics;
 use crate::node::{Inbox, NodeHandle};
-use crate::peer_guard::{self, Admission, ConnectionRefusal, PeerConnection, RefusalLog, SenderStanding};
+use crate::peer_guard::{self, ConnectionRefusal, PeerConnection, RefusalLog, SenderStanding};
 use crate::proto::{peer_rejection::Reason, PeerEnvelope, PeerRejection};
 use crate::state_machine::conf_ids;
 use crate::tls::server::PeerTls;
@@ -267,7 +267,7 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let mut frames = FrameReader::new(BufReader::new(read_half), codec::PEER_PREAUTH_MAX_FRAME);
     let mut replies = tokio_util::codec::FramedWrite::new(write_half, codec::codec(codec::PEER_PREAUTH_MAX_FRAME));
-    let mut sender: Option<(u64, Admission)> = None;
+    let mut sender: Option<u64> = None;
     loop {
         let next = if sender.is_none() {
             match tokio::time::timeout_at(hello_deadline, frames.next_frame()).await {
@@ -313,7 +313,7 @@ where
         match sender {
             None => {
                 let standing = shared.standing(from, !peer.tls).await;
-                let admission = peer_guard::check_sender(from, &peer, &standing).map_err(|refusal| {
+                peer_guard::check_sender(from, &peer, &standing).map_err(|refusal| {
                     let detail = match refusal {
                         ConnectionRefusal::AddressMismatch => format!(
                             "a connection from {} claims to be node {from}, whose peer address resolves to {:?}; \
@@ -324,14 +324,21 @@ where
                             "a connection whose certificate names node {:?} claims to be node {from}",
                             peer.certified_node
                         ),
-                        _ => format!("a connection from {} claims to be node {from}, which is not a member", peer.remote_ip),
+                        _ => format!(
+                            "a connection from {} claims to be node {from}, not a member as far as this node knows \
+                             (applied index {}); if node {from} was added while this node was down and now leads, \
+                             this node can't catch up from it: stop the leader gracefully (it hands leadership to \
+                             another voter), or remove this node and add it back under a new id",
+                            peer.remote_ip,
+                            context.handle.status().applied_index
+                        ),
                     };
                     (refusal, detail)
                 })?;
-                sender = Some((from, admission));
+                sender = Some(from);
                 frames.set_max_frame(codec::PEER_MAX_FRAME);
             }
-            Some((first, _)) if first != from => {
+            Some(first) if first != from => {
                 return Err((
                     ConnectionRefusal::SenderChanged,
                     format!("a connection that spoke for node {first} now claims to be node {from}"),
@@ -343,13 +350,7 @@ where
         if envelope.raft_message.is_empty() {
             continue; // the hello
         }
-        if let Some((_, admission @ Admission::CertifiedNewcomer)) = &mut sender {
-            if shared.standing(from, false).await.is_member {
-                *admission = Admission::Member;
-            }
-        }
-        let admission = sender.map_or(Admission::Member, |(_, a)| a);
-        deliver(envelope, from, admission, shared)?;
+        deliver(envelope, from, shared)?;
     }
 }
 
@@ -383,7 +384,7 @@ fn reject_cluster_or_removed(
 }
 
 /// Hands a raft message that passed the addressing checks to the raft loop.
-fn deliver(envelope: PeerEnvelope, from: u64, admission: Admission, shared: &Shared) -> Result<(), Refused> {
+fn deliver(envelope: PeerEnvelope, from: u64, shared: &Shared) -> Result<(), Refused> {
     let context = &shared.context;
     let message = match raft::prelude::Message::parse_from_bytes(&envelope.raft_message) {
         Ok(m) => m,
@@ -393,11 +394,7 @@ fn deliver(envelope: PeerEnvelope, from: u64, admission: Admission, shared: &Sha
             return Ok(());
         }
     };
-    let checked = peer_guard::check_addressing(&message, from, context.node_id).and_then(|()| match admission {
-        Admission::Member => Ok(()),
-        Admission::CertifiedNewcomer => peer_guard::check_newcomer_message(&message),
-    });
-    if let Err(refusal) = checked {
+    if let Err(refusal) = peer_guard::check_addressing(&message, from, context.node_id) {
         let detail = format!("{:?} from {} to {}", message.get_msg_type(), message.from, message.to);
         count_message_refusal(shared, from, refusal.label(), &detail);
         return Ok(());
