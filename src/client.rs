@@ -479,7 +479,7 @@ impl Connection {
         let waiters: Waiters = Arc::default();
         let close_reason: Arc<Mutex<Option<CloseReason>>> = Arc::default();
         let reader_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        tokio::spawn(codec::write_frames(rx, sink));
+        tokio::spawn(codec::write_frames(rx, sink, None, codec::encode));
         let reader_waiters = waiters.clone();
         let reader_reason = close_reason.clone();
         let done = reader_done.clone();

@@ -84,11 +84,11 @@ pub struct NodeConfig {
     /// A client connection with nothing in flight is closed after this long
     /// without a request, in milliseconds.
     pub client_idle_timeout_ms: u64,
-    /// A started client frame (and a TLS handshake) must complete within this
-    /// long, in milliseconds.
+    /// A started client frame (and a TLS handshake) must complete, and a
+    /// response be taken by the client, within this long, in milliseconds.
     pub client_read_timeout_ms: u64,
-    /// Memory that partly received client frames may hold across every
-    /// connection; a frame that needs more waits for others to finish.
+    /// Memory that partly received client frames may hold beyond their first
+    /// 8 KiB, across every connection; a frame that needs more waits.
     pub max_partial_frame_bytes: usize,
     /// PEM certificate for the client port; with `key_file`, turns TLS on.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -398,6 +398,26 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// An empty file or role setting is unset, so a layer above can turn
+    /// TLS off (`KVRAFT_CERT_FILE=` in an environment that had it on).
+    fn empty_means_unset(&mut self) {
+        for path in [
+            &mut self.cert_file,
+            &mut self.key_file,
+            &mut self.trusted_ca_file,
+            &mut self.peer_cert_file,
+            &mut self.peer_key_file,
+            &mut self.peer_trusted_ca_file,
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *path = None;
+            }
+        }
+        if self.client_roles.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            self.client_roles = None;
+        }
+    }
+
     /// The effective configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the configuration always serialises")
@@ -692,7 +712,8 @@ impl ConfigSources {
     /// source that set it and what is allowed.
     pub fn load(&self) -> Result<NodeConfig, String> {
         let figment = self.figment()?;
-        let config: NodeConfig = figment.extract().map_err(|e| describe_figment_error(&e))?;
+        let mut config: NodeConfig = figment.extract().map_err(|e| describe_figment_error(&e))?;
+        config.empty_means_unset();
         config.validate().map_err(|invalid| {
             let source = figment
                 .find_metadata(invalid.key)
@@ -799,6 +820,23 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.validate().unwrap_err().key, "log_filter");
+    }
+
+    #[test]
+    fn an_empty_tls_setting_is_unset() {
+        let mut config = NodeConfig {
+            cert_file: Some("".into()),
+            peer_trusted_ca_file: Some("".into()),
+            client_roles: Some(" ".into()),
+            key_file: Some("k".into()),
+            ..Default::default()
+        };
+        config.empty_means_unset();
+        assert_eq!(
+            (config.cert_file, config.peer_trusted_ca_file, config.client_roles),
+            (None, None, None)
+        );
+        assert_eq!(config.key_file, Some("k".into()));
     }
 
     #[test]

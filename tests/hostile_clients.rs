@@ -78,8 +78,8 @@ async fn idle_connections_are_closed_with_a_notice_and_clients_reconnect_by_them
     // The client library sees the close and reconnects: the write after it
     // neither fails nor comes back "outcome unknown".
     let client = cluster.client(&[1]);
-    client.set("a", "1").await.unwrap();
     let closed_before = cluster.metric(1, "kvraft_client_connections_closed_total", &[("reason", "idle")]);
+    client.set("a", "1").await.unwrap();
     support::eventually(T, "the idle client connection is closed", || {
         let now = cluster.metric(1, "kvraft_client_connections_closed_total", &[("reason", "idle")]);
         async move { now > closed_before }
@@ -161,8 +161,16 @@ async fn partly_sent_frames_share_a_bounded_budget() {
     }
     let mut peak = 0;
     let until = Instant::now() + Duration::from_secs(2);
+    let client = cluster.client_with(&[1], Duration::from_secs(2), false);
+    let mut small_writes = 0;
     while Instant::now() < until {
         peak = peak.max(memory(pid).0.saturating_sub(rss_before));
+        // Ordinary requests don't wait behind the hoarded budget.
+        client
+            .set(format!("small/{small_writes}"), "x")
+            .await
+            .expect("a small write while the budget is taken");
+        small_writes += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!(
@@ -174,9 +182,149 @@ async fn partly_sent_frames_share_a_bounded_budget() {
     for sender in senders {
         drop(sender.await.unwrap());
     }
-    // Small requests never waited on the budget, and the node is fine.
-    let client = cluster.client(&[1]);
-    client.set("still", "serving").await.unwrap();
+    cluster.client(&[1]).set("still", "serving").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_headers_alone_take_none_of_the_budget() {
+    // A budget of one largest frame, and 64 connections that each send only
+    // a header declaring one.
+    let budget = (4u32 << 20).to_string();
+    let cluster = Cluster::start_static(1, &["--max-partial-frame-bytes", &budget]);
+    cluster.wait_for_leader(&[1], T).await;
+    let addr = client_addr(&cluster, 1);
+    let mut headers = Vec::new();
+    for _ in 0..64 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(&(4u32 << 20).to_be_bytes()).await.unwrap();
+        headers.push(stream);
+    }
+    // A 100 KiB write still gets its budget.
+    let client = cluster.client_with(&[1], Duration::from_secs(5), false);
+    client
+        .set("big", vec![7u8; 100 * 1024])
+        .await
+        .expect("a large write next to bare headers");
+    drop(headers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_holds_a_bounded_number_of_responses_briefly() {
+    let cluster = Cluster::start_static(1, &["--client-read-timeout-ms", "2000"]);
+    cluster.wait_for_leader(&[1], T).await;
+    let value = vec![7u8; 1 << 20];
+    cluster.client(&[1]).set("big", value).await.unwrap();
+    let pid = cluster.nodes[0].pid().unwrap();
+    let (rss_before, _) = memory(pid);
+
+    // 300 reads of a 1 MiB value in one write, and never a byte read back.
+    let mut stream = TcpStream::connect(client_addr(&cluster, 1)).await.unwrap();
+    let mut requests = Vec::new();
+    for id in 1..=300u64 {
+        let get = kvraft::proto::Request {
+            id,
+            command: Some(kvraft::proto::request::Command::Get(kvraft::proto::GetRequest {
+                key: b"big".to_vec(),
+                serializable: true,
+            })),
+        };
+        let bytes = get.encode_to_vec();
+        requests.extend((bytes.len() as u32).to_be_bytes());
+        requests.extend(bytes);
+    }
+    stream.write_all(&requests).await.unwrap();
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        peak = peak.max(memory(pid).0.saturating_sub(rss_before));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("300 unread 1 MiB responses: RSS peak +{} MiB", peak >> 20);
+    // At most 64 responses (64 MiB) are held, not 300.
+    assert!(peak < 100 << 20, "RSS grew {} MiB", peak >> 20);
+
+    // The connection is closed once it stalled for the read timeout: what
+    // was already sent can be read, then the end, well short of 300 MiB.
+    use tokio::io::AsyncReadExt;
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(T, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the node closed the connection");
+    assert!(received < 300 << 20, "{received} bytes: every response was delivered");
+    assert!(cluster.metric(1, "kvraft_client_connections_closed_total", &[("reason", "slow")]) >= 1.0);
+    cluster.client(&[1]).set("still", "serving").await.unwrap();
+}
+
+/// A fake server: for each connection in turn, reads one request and does
+/// what `scripts` says with it.
+async fn fake_server(scripts: Vec<&'static str>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut frames = kvraft::codec::framed(stream, 1 << 20);
+        for script in scripts {
+            let frame = frames.next().await.unwrap().unwrap();
+            let request = kvraft::proto::Request::decode(frame).unwrap();
+            use futures::SinkExt;
+            match script {
+                "not run" => {
+                    let notice = kvraft::proto::Error {
+                        code: ErrorCode::IdleClosed as i32,
+                        message: "closing an idle connection".into(),
+                        ..Default::default()
+                    };
+                    let response = Response {
+                        id: 0,
+                        result: Some(response::Result::Error(notice)),
+                    };
+                    frames.send(kvraft::codec::encode(&response)).await.unwrap();
+                    drop(frames);
+                    let (stream, _) = listener.accept().await.unwrap();
+                    frames = kvraft::codec::framed(stream, 1 << 20);
+                }
+                "answer" => {
+                    let set = kvraft::proto::SetResponse { revision: 7 };
+                    let response = Response {
+                        id: request.id,
+                        result: Some(response::Result::Set(set)),
+                    };
+                    frames.send(kvraft::codec::encode(&response)).await.unwrap();
+                }
+                _ => {
+                    // Close without a word: the request may or may not have run.
+                    drop(frames);
+                    return;
+                }
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_server_did_not_run_is_sent_again_and_one_it_may_have_run_is_not() {
+    let addr = fake_server(vec!["not run", "answer", "vanish"]).await;
+    let client = kvraft::Client::new(kvraft::ClientOptions {
+        endpoints: vec![addr],
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .unwrap();
+    // Sent, answered with "not run" and a close: sent again on a new
+    // connection, and answered there.
+    assert_eq!(client.set("k", "v").await.unwrap(), 7);
+    // Sent, and the connection closes without an answer: not sent again.
+    let err = client.set("k", "w").await.unwrap_err();
+    assert!(matches!(err, kvraft::Error::OutcomeUnknown(_)), "{err}");
 }
 
 #[test]

@@ -15,6 +15,10 @@ use support::peer_probe::{connect, declare_frame, memory, raft_message, Probe};
 use support::Cluster;
 
 const T: Duration = Duration::from_secs(30);
+/// These tests check that attacks move no term or leader, so give the
+/// cluster 2-4 s election timeouts: a loaded CI machine must not hold an
+/// election of its own meanwhile.
+const STEADY: &[&str] = &["--election-ticks", "80"];
 
 async fn infos(cluster: &Cluster) -> Vec<InfoResponse> {
     let mut all = Vec::new();
@@ -62,7 +66,7 @@ async fn assert_undisturbed(cluster: &mut Cluster, before: &[InfoResponse]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_terms_and_commits_and_non_members_change_nothing() {
-    let mut cluster = Cluster::start_static(3, &[]);
+    let mut cluster = Cluster::start_static(3, STEADY);
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     support::put(&cluster.client(&[1, 2, 3]), "k", "v").await;
     let before = infos(&cluster).await;
@@ -150,7 +154,7 @@ async fn impossible_terms_and_commits_and_non_members_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_get_no_reply_and_no_slot_for_long() {
-    let mut cluster = Cluster::start_static(3, &[]);
+    let mut cluster = Cluster::start_static(3, STEADY);
     cluster.wait_for_leader(&[1, 2, 3], T).await;
     support::put(&cluster.client(&[1, 2, 3]), "k", "v").await;
     let before = infos(&cluster).await;
@@ -173,7 +177,8 @@ async fn strangers_get_no_reply_and_no_slot_for_long() {
     assert_eq!(silent.reply(T).await, Ok(None));
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 
-    // A crowd from one address: past the per-address cap, closed at once.
+    // A crowd from one address: past the per-address cap of pending
+    // connections, closed at once.
     let mut crowd = Vec::new();
     for _ in 0..40 {
         crowd.push(probe(&cluster, target, "127.0.0.4", 2, cluster_id).await);
@@ -196,7 +201,7 @@ async fn strangers_get_no_reply_and_no_slot_for_long() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_declaring_a_gigabyte_cost_only_what_arrives() {
-    let mut cluster = Cluster::start_static(3, &[]);
+    let mut cluster = Cluster::start_static(3, STEADY);
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     support::put(&cluster.client(&[1, 2, 3]), "k", "v").await;
     let before = infos(&cluster).await;
@@ -240,4 +245,46 @@ async fn frames_declaring_a_gigabyte_cost_only_what_arrives() {
     assert!(virt_growth < 512 << 20, "virtual memory grew {virt_growth} bytes");
     drop(open);
     assert_undisturbed(&mut cluster, &before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_let_in_while_waiting_to_join_is_checked_again_once_joined() {
+    let mut cluster = Cluster::empty();
+    cluster.add_node(1, None, STEADY.iter().map(|s| s.to_string()).collect());
+    let mut join: Vec<String> = vec!["--join".into()];
+    join.extend(STEADY.iter().map(|s| s.to_string()));
+    cluster.add_node(2, None, join);
+    cluster.start(1);
+    cluster.start(2);
+    cluster.wait_for_leader(&[1], T).await;
+    let one = cluster.info(1).await.unwrap();
+
+    // While node 2 knows no members it can't tell anyone from a stranger: a
+    // connection from a foreign address claiming to be node 3 is let in.
+    let mut p = probe(&cluster, 2, "127.0.0.9", 3, one.cluster_id).await;
+    p.hello().await.unwrap();
+
+    let (peer2, client2) = {
+        let node = cluster.node(2);
+        (node.peer_addr.clone(), node.client_addr.clone())
+    };
+    cluster.client(&[1]).add_node(2, &peer2, &client2).await.unwrap();
+    // Joined: it follows node 1 and knows the members from its snapshot.
+    let two = cluster
+        .wait_info(2, T, "node 2 knows its members", |i| {
+            i.leader_id == 1 && i.members.len() == 2
+        })
+        .await;
+
+    // Now it knows its members: the same connection is checked again and
+    // dropped before its higher-term heartbeat reaches raft.
+    let _ = p
+        .send(&raft_message(MessageType::MsgHeartbeat, 3, 2, two.term + 1))
+        .await;
+    assert_eq!(p.reply(T).await, Ok(None));
+    let refused = cluster.metric(2, "kvraft_peer_connections_refused_total", &[("reason", "not_member")]);
+    assert!(refused >= 1.0, "{refused}");
+    support::put(&cluster.client(&[1, 2]), "after", "join").await;
+    let after = cluster.info(2).await.unwrap();
+    assert_eq!((after.term, after.leader_id), (two.term, 1));
 }

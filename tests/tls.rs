@@ -108,7 +108,13 @@ fn client(cluster: &Cluster, ids: &[u64], tls: ClientTlsOptions) -> Client {
 }
 
 fn tls_cluster(pki: &Pki, n: u64) -> Cluster {
-    let mut cluster = Cluster::start_static_each(n, |id| pki.node_flags(id));
+    let mut cluster = Cluster::start_static_each(n, |id| {
+        let mut flags = pki.node_flags(id);
+        // 2-4 s elections: tests that check an attack moved no term must not
+        // see an election of the loaded machine's own.
+        flags.extend(["--election-ticks".to_string(), "80".to_string()]);
+        flags
+    });
     cluster.client_tls = pki.client_tls(Some("admin"));
     cluster
 }
@@ -316,6 +322,33 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
         }
     }
 
+    // A client certificate from our CA that carries the leader's name.
+    let (impostor_cert, impostor_key) = client_certificate_named(&pki, &kvraft::tls::node_common_name(leader));
+    let tls = ProbeTls {
+        ca: &ca,
+        cert_and_key: Some((&impostor_cert, &impostor_key)),
+    };
+    let mut p = Probe {
+        stream: connect(&addr, "127.0.0.1", Some(tls)).await.unwrap(),
+        cluster_id,
+        from_id: leader,
+    };
+    let _ = p.hello().await;
+    let _ = p
+        .send(&forged_append(
+            leader,
+            follower,
+            term,
+            100,
+            set_command("injected", "evil"),
+        ))
+        .await;
+    assert_eq!(
+        p.reply(T).await,
+        Ok(None),
+        "a client certificate does not speak for a node"
+    );
+
     // A real node's certificate (node `other`) claiming to be the leader, with
     // the MsgAppend that once made a follower apply `injected=evil`.
     let (other_cert, other_key) = (own(&format!("node-{other}.pem")), own(&format!("node-{other}.key")));
@@ -410,7 +443,7 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
         |reason: &str| cluster.metric(follower, "kvraft_peer_connections_refused_total", &[("reason", reason)]);
     assert!(refusals("tls_required") >= 1.0);
     assert!(refusals("tls_handshake") >= 2.0, "no certificate, foreign CA");
-    assert!(refusals("not_a_node_certificate") >= 1.0);
+    assert!(refusals("not_a_node_certificate") >= 2.0, "a client certificate, twice");
     assert!(refusals("certificate_mismatch") >= 1.0);
     assert!(refusals("not_member") >= 5.0);
     let messages = |reason: &str| cluster.metric(follower, "kvraft_peer_messages_refused_total", &[("reason", reason)]);
@@ -666,6 +699,23 @@ async fn bad_tls_settings_and_files_are_refused_at_start_with_the_reason() {
         assert_eq!(out.status.code(), Some(code), "{flags:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(expect), "{flags:?}: {}", stderr(&out));
     }
+}
+
+/// A client-only certificate (clientAuth) with this common name, signed by
+/// our CA, as a careless PKI might issue: written next to the others.
+fn client_certificate_named(pki: &Pki, common_name: &str) -> (PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.ours.join("ca.key")).unwrap()).unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(pki.ours.join("ca.pem")).unwrap(), ca_key).unwrap();
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key_pair, &issuer).unwrap();
+    let (cert_path, key_path) = (pki.ours.join("impostor.pem"), pki.ours.join("impostor.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
+    (cert_path, key_path)
 }
 
 /// A certificate for node 1 that expired yesterday, signed by our CA.

@@ -177,11 +177,12 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             .collect(),
         timeout: cli.timeout,
         serializable: cli.serializable,
+        // An empty value is unset, so KVRAFT_CACERT= turns TLS off.
         tls: crate::tls::client::ClientTlsOptions {
-            ca_file: cli.cacert,
-            cert_file: cli.cert,
-            key_file: cli.key,
-            server_name: cli.server_name,
+            ca_file: cli.cacert.filter(|p| !p.as_os_str().is_empty()),
+            cert_file: cli.cert.filter(|p| !p.as_os_str().is_empty()),
+            key_file: cli.key.filter(|p| !p.as_os_str().is_empty()),
+            server_name: cli.server_name.filter(|n| !n.is_empty()),
         },
     };
     match cli.command {

@@ -50,28 +50,61 @@ pub fn encode<M: prost::Message>(message: &M) -> Bytes {
     Bytes::from(message.encode_to_vec())
 }
 
-/// Writes every message from `queue` to `sink` until the queue closes or a
-/// write fails, batching what is ready into one flush. Returns the sink.
-pub async fn write_frames<M, S>(mut queue: tokio::sync::mpsc::Receiver<M>, mut sink: S) -> S
+/// Why [`write_frames`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteEnd {
+    /// Every message was written and the queue closed.
+    Done,
+    /// A write failed (the connection is gone).
+    Failed,
+    /// A write made no progress within the stall limit: the other end
+    /// stopped reading.
+    Stalled,
+}
+
+/// Writes every item from `queue` to `sink`, as `frame` makes it, until the
+/// queue closes or a write fails, batching what is ready into one flush. With
+/// `stall`, a write that makes no progress for that long also ends it. An
+/// item is dropped once written. Returns the sink and why it stopped; the
+/// queue is closed by then.
+pub async fn write_frames<M, S>(
+    mut queue: tokio::sync::mpsc::Receiver<M>,
+    mut sink: S,
+    stall: Option<std::time::Duration>,
+    frame: impl Fn(&M) -> Bytes,
+) -> (S, WriteEnd)
 where
-    M: prost::Message,
     S: futures::Sink<Bytes> + Unpin,
 {
     use futures::SinkExt;
-    while let Some(message) = queue.recv().await {
-        if sink.feed(encode(&message)).await.is_err() {
-            return sink;
-        }
-        while let Ok(more) = queue.try_recv() {
-            if sink.feed(encode(&more)).await.is_err() {
-                return sink;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return sink;
-        }
+    async fn bounded<F: std::future::Future<Output = Result<(), E>>, E>(
+        stall: Option<std::time::Duration>,
+        write: F,
+    ) -> Result<(), WriteEnd> {
+        let written = match stall {
+            Some(limit) => tokio::time::timeout(limit, write)
+                .await
+                .map_err(|_| WriteEnd::Stalled)?,
+            None => write.await,
+        };
+        written.map_err(|_| WriteEnd::Failed)
     }
-    sink
+    let end = async {
+        while let Some(item) = queue.recv().await {
+            bounded(stall, sink.feed(frame(&item))).await?;
+            drop(item);
+            while let Ok(more) = queue.try_recv() {
+                bounded(stall, sink.feed(frame(&more))).await?;
+            }
+            bounded(stall, sink.flush()).await?;
+        }
+        Ok(())
+    }
+    .await
+    .err()
+    .unwrap_or(WriteEnd::Done);
+    queue.close();
+    (sink, end)
 }
 
 /// True if a codec error means the length prefix was over the limit (the

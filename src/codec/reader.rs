@@ -3,10 +3,11 @@
 //! tokio-util's `LengthDelimitedCodec` reserves a frame's declared length as
 //! soon as it has read the 4-byte header, so four headers declaring 1 GiB cost
 //! 4 GiB of address space before a single byte of body arrived. This reader
-//! grows a frame's buffer geometrically as bytes actually arrive (never more
-//! than twice what arrived, plus one 64 KiB chunk), can charge that memory to a
-//! budget shared by every connection, and gives a started frame a deadline so
-//! a slow sender can't pin its buffer forever.
+//! starts a frame's buffer at 8 KiB and doubles it only once it is full of
+//! bytes that arrived (so it never holds more than twice what arrived, or
+//! 8 KiB), can charge the growth to a budget shared by every connection, and
+//! gives a started frame a deadline so a slow sender can't pin its buffer
+//! forever.
 //!
 //! [`FrameReader::next_frame`] is cancel-safe: progress lives in the reader,
 //! so a caller may `select!` it against an idle timer or a shutdown signal.
@@ -19,13 +20,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// The first allocation for a frame's body, and the unit it grows from.
-const FIRST_CHUNK: usize = 64 * 1024;
 /// The budget counts memory in these units (a semaphore permit each).
 const UNIT: usize = 1024;
-/// Frames up to this size are not charged to the budget, so ordinary small
-/// requests never wait behind large partial frames. Their cost is bounded by
-/// the connection count instead.
+/// The first allocation for a frame's body, made once its header is in and
+/// never charged to the budget: frames up to this size (ordinary requests)
+/// never wait behind large partial ones, and a header alone can't take any
+/// budget. Its cost is bounded by the connection count instead.
 pub const UNBUDGETED_FRAME: usize = 8 * 1024;
 
 /// Memory that partly received frames may hold across every connection that
@@ -122,9 +122,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
-    /// Charges the memory of partly received frames over
-    /// [`UNBUDGETED_FRAME`] to `budget`; a frame that needs more waits (within
-    /// its read timeout) for others to finish.
+    /// Charges the memory partly received frames hold beyond their first
+    /// [`UNBUDGETED_FRAME`] bytes to `budget`; a frame that needs more waits
+    /// (within its read timeout) for others to finish.
     pub fn with_budget(mut self, budget: ReceiveBudget) -> Self {
         self.budget = Some(budget);
         self
@@ -146,8 +146,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame, or `None` when the stream ends cleanly between frames.
-    /// Cancel-safe.
+    /// Cancel-safe. After an error the partial frame is dropped (and its
+    /// budget given back): the stream can't be resynchronised anyway.
     pub async fn next_frame(&mut self) -> Result<Option<Bytes>, ReadError> {
+        let result = self.read_frame().await;
+        if result.is_err() {
+            self.partial = Partial::default();
+        }
+        result
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<Bytes>, ReadError> {
         loop {
             let deadline = self.deadline();
             let partial = &mut self.partial;
@@ -186,15 +195,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(Bytes::from(frame)));
             }
             if partial.body.capacity() == len {
-                // Grow geometrically, never past the declared length.
+                // The buffer is full of bytes that arrived: double it, never
+                // past the declared length, charging what exceeds the first,
+                // free, allocation.
                 let target = if len == 0 {
-                    declared.min(FIRST_CHUNK)
+                    declared.min(UNBUDGETED_FRAME)
                 } else {
                     declared.min(len.saturating_mul(2))
                 };
-                if let Some(budget) = self.budget.as_ref().filter(|_| declared > UNBUDGETED_FRAME) {
+                if let Some(budget) = &self.budget {
                     let held = partial.charge.as_ref().map_or(0, |p| p.num_permits());
-                    let wanted = target.div_ceil(UNIT).saturating_sub(held);
+                    let wanted = target
+                        .saturating_sub(UNBUDGETED_FRAME)
+                        .div_ceil(UNIT)
+                        .saturating_sub(held);
                     if wanted > 0 {
                         let wanted = u32::try_from(wanted).unwrap_or(u32::MAX);
                         let acquire = budget.units.clone().acquire_many_owned(wanted);
@@ -288,11 +302,24 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_millis(200), reader.next_frame()).await;
         assert_eq!(reader.partial.body.len(), 100_000);
         assert!(
-            reader.partial.body.capacity() <= 2 * 100_000 + FIRST_CHUNK,
+            reader.partial.body.capacity() <= 2 * 100_000,
             "{} bytes reserved for 100000 received",
             reader.partial.body.capacity()
         );
         assert!(reader.in_frame());
+    }
+
+    #[tokio::test]
+    async fn a_header_alone_takes_no_budget() {
+        let budget = ReceiveBudget::new(64 * 1024);
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        tx.write_all(&(4u32 << 20).to_be_bytes()).await.unwrap();
+        tx.write_all(&[1u8; 100]).await.unwrap();
+        let mut reader = FrameReader::new(rx, 8 << 20).with_budget(budget.clone());
+        let _ = tokio::time::timeout(Duration::from_millis(100), reader.next_frame()).await;
+        assert!(reader.in_frame());
+        assert_eq!(reader.partial.body.capacity(), UNBUDGETED_FRAME);
+        assert_eq!(budget.available_bytes(), 64 * 1024);
     }
 
     #[tokio::test]
@@ -338,7 +365,8 @@ mod tests {
         let mut second = FrameReader::new(rx2, 1 << 20)
             .with_budget(budget.clone())
             .with_read_timeout(Duration::from_millis(300));
-        // The first frame takes 200 KiB of buffer (it grows 64, 128, 200 KiB).
+        // The first frame grows to 200 KiB (8, 16, ... 128, 200 KiB), 192 KiB
+        // of it charged.
         tx1.write_all(&(200u32 * 1024).to_be_bytes()).await.unwrap();
         tx1.write_all(&[1u8; 150 * 1024]).await.unwrap();
         let _ = tokio::time::timeout(Duration::from_millis(100), first.next_frame()).await;

@@ -32,6 +32,9 @@ pub enum Inbox {
     Raft {
         /// The message.
         message: Box<Message>,
+        /// The node the connection speaks for (a forwarded proposal's
+        /// `from` may be another).
+        sender: u64,
         /// The sender's advertised peer address.
         from_peer_addr: String,
         /// The cluster the sender belongs to.

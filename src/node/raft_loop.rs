@@ -226,9 +226,10 @@ impl RaftLoop {
         match message {
             Inbox::Raft {
                 message,
+                sender,
                 from_peer_addr,
                 cluster_id,
-            } => self.step(*message, from_peer_addr, cluster_id),
+            } => self.step(*message, sender, from_peer_addr, cluster_id),
             Inbox::Propose { command, span, reply } => self.propose(command, span, reply),
             Inbox::ReadIndex { reply } => {
                 if self.removed {
@@ -268,7 +269,7 @@ impl RaftLoop {
         }
     }
 
-    fn step(&mut self, message: raft::prelude::Message, from_peer_addr: String, cluster_id: u64) {
+    fn step(&mut self, message: raft::prelude::Message, sender: u64, from_peer_addr: String, cluster_id: u64) {
         let ours = self.cluster_id.load(Ordering::Acquire);
         if ours != 0 && cluster_id != ours {
             return;
@@ -306,8 +307,10 @@ impl RaftLoop {
             self.cluster_id.store(cluster_id, Ordering::Release);
             self.transport.set_cluster_id(cluster_id);
         }
-        if !from_peer_addr.is_empty() {
-            self.learned_addrs.insert(message.from, from_peer_addr);
+        // The address is the sender's own claim about itself: never store it
+        // under another id (a forwarded proposal names its originator).
+        if !from_peer_addr.is_empty() && message.from == sender {
+            self.learned_addrs.insert(sender, from_peer_addr);
         }
         let before = (self.node.raft.state, self.node.raft.term);
         let stepped = self.node.step(message);

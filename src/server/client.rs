@@ -10,7 +10,6 @@
 //! handshake has the same deadline, and the certificate's common name is the
 //! client's identity for `client_roles`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use futures::SinkExt;
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
@@ -34,8 +33,23 @@ use crate::node::NodeHandle;
 use crate::proto::{response, ErrorCode, Request, Response};
 use crate::tls::server::ClientPortTls;
 
-/// Responses queued per connection before request tasks wait for the writer.
-const RESPONSE_QUEUE: usize = 1024;
+/// Requests one connection may have in flight, counted until their response
+/// is written; more wait unread (TCP pushes back on the client). So a
+/// connection that stops reading makes the node hold at most this many
+/// responses, for at most `client_read_timeout_ms`.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// A response on its way out, with the in-flight slot it frees once written.
+struct Reply {
+    response: Response,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Reply {
+    fn without_slot(response: Response) -> Reply {
+        Reply { response, _slot: None }
+    }
+}
 /// After an idle notice, how long input is drained before the socket closes
 /// (closing with unread input would reset the connection and could discard
 /// the notice before the client reads it).
@@ -186,17 +200,24 @@ where
         .with_read_timeout(limits.read_timeout)
         .with_budget(budget);
     let sink = tokio_util::codec::FramedWrite::new(write_half, codec::codec(codec::CLIENT_MAX_FRAME));
-    let (tx, rx) = mpsc::channel::<Response>(RESPONSE_QUEUE);
-    let writer = tokio::spawn(codec::write_frames(rx, sink));
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    // A client that stops taking its responses is dropped after the read
+    // timeout, rather than holding them (and its slot) forever.
+    let stall = Some(limits.read_timeout);
+    let writer = tokio::spawn(codec::write_frames(rx, sink, stall, |reply: &Reply| {
+        codec::encode(&reply.response)
+    }));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // Set when we close deliberately after sending a notice: input is then
     // drained briefly so the notice isn't lost to a connection reset.
     let mut drain = false;
     loop {
         let frame = tokio::select! {
             frame = frames.next_frame() => frame,
+            // The writer gave up (the client stopped reading, or left).
+            _ = tx.closed() => break,
             _ = tokio::time::sleep(limits.idle_timeout) => {
-                if frames.in_frame() || in_flight.load(Ordering::Acquire) > 0 {
+                if frames.in_frame() || in_flight.available_permits() < MAX_IN_FLIGHT {
                     continue;
                 }
                 closed("idle");
@@ -204,7 +225,8 @@ where
                     ErrorCode::IdleClosed,
                     "closing a connection idle for longer than client_idle_timeout_ms; requests without a response were not run",
                 );
-                let _ = tx.send(error_response(0, notice)).await;
+                let notice = Reply::without_slot(error_response(0, notice));
+                let _ = tokio::time::timeout(limits.read_timeout, tx.send(notice)).await;
                 drain = true;
                 break;
             }
@@ -222,7 +244,7 @@ where
                         limits.max_frame_size, limits.max_value_size
                     ),
                 );
-                let _ = tx.send(error_response(0, error)).await;
+                let _ = tx.send(Reply::without_slot(error_response(0, error))).await;
                 drain = true;
                 break;
             }
@@ -237,9 +259,15 @@ where
         }
     }
     drop(tx);
-    let Ok(sink) = writer.await else { return };
-    if drain {
-        let mut stream = frames.into_inner().into_inner().unsplit(sink.into_inner());
+    // Nothing more is read unless draining: give back any budget a partial
+    // frame holds before waiting for the writer.
+    let read_half = drain.then(|| frames.into_inner());
+    let Ok((sink, end)) = writer.await else { return };
+    if end == codec::WriteEnd::Stalled {
+        closed("slow");
+    }
+    if let Some(read_half) = read_half {
+        let mut stream = read_half.into_inner().unsplit(sink.into_inner());
         drain_then_close(&mut stream).await;
     }
 }
@@ -248,18 +276,25 @@ async fn handle_frame(
     bytes: Bytes,
     port: &ClientPort,
     identity: &Option<Arc<str>>,
-    tx: &mpsc::Sender<Response>,
-    in_flight: &Arc<AtomicUsize>,
+    tx: &mpsc::Sender<Reply>,
+    in_flight: &Arc<Semaphore>,
 ) {
     match Request::decode(bytes) {
         Ok(request) => {
-            let (tx, port, identity, in_flight) = (tx.clone(), port.clone(), identity.clone(), in_flight.clone());
-            in_flight.fetch_add(1, Ordering::AcqRel);
+            // Waits (reading nothing more) while MAX_IN_FLIGHT are unanswered.
+            let Ok(slot) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let (tx, port, identity) = (tx.clone(), port.clone(), identity.clone());
             tokio::spawn(async move {
                 let response =
                     requests::dispatch(request, &port.handle, port.limits, &port.access, identity.as_deref()).await;
-                let _ = tx.send(response).await;
-                in_flight.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx
+                    .send(Reply {
+                        response,
+                        _slot: Some(slot),
+                    })
+                    .await;
             });
         }
         Err(e) => {
@@ -268,7 +303,7 @@ async fn handle_frame(
                 ErrorCode::MalformedRequest,
                 format!("the frame is not a kvraft.Request ({e}); send a protobuf Request per length-delimited frame"),
             );
-            let _ = tx.send(error_response(0, error)).await;
+            let _ = tx.send(Reply::without_slot(error_response(0, error))).await;
         }
     }
 }

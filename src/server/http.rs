@@ -18,6 +18,10 @@ use crate::tls::server::ClientPortTls;
 
 /// A raft loop silent for longer than this is unhealthy.
 const STALL: Duration = Duration::from_secs(3);
+/// Connections served at once (scrapers and probes need a handful).
+const MAX_CONNECTIONS: usize = 64;
+/// A whole request, TLS handshake included, must be done within this.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the endpoints read.
 #[derive(Clone)]
@@ -52,24 +56,33 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, tls: Option<Arc<
         });
     }
     let mut acceptor = Acceptor::new(listener, "metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let (stream, _) = acceptor.accept().await;
         let (endpoints, last_progress, tls) = (endpoints.clone(), last_progress.clone(), tls.clone());
         tokio::spawn(async move {
-            let result = match tls {
-                None => respond(stream, &endpoints, &last_progress).await,
-                Some(tls) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-                    match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => respond(stream, &endpoints, &last_progress).await,
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
+            let serve = async {
+                match tls {
+                    None => respond(stream, &endpoints, &last_progress).await,
+                    Some(tls) => {
+                        let stream = tokio_rustls::TlsAcceptor::from(tls.server_config())
+                            .accept(stream)
+                            .await?;
+                        respond(stream, &endpoints, &last_progress).await
                     }
                 }
             };
-            if let Err(e) = result {
-                debug!(error = %e, "metrics connection failed");
+            match tokio::time::timeout(REQUEST_DEADLINE, serve).await {
+                Ok(Err(e)) => debug!(error = %e, "metrics connection failed"),
+                Err(_) => debug!("metrics connection too slow; closed"),
+                Ok(Ok(())) => {}
             }
+            drop(slot);
         });
     }
 }
@@ -82,9 +95,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     let mut request = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::other("request timed out"))??;
+        let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Ok(());
         }

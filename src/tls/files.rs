@@ -97,12 +97,35 @@ pub fn summarize(der: &[u8]) -> Result<CertSummary, String> {
     })
 }
 
-/// The subject CN of a DER certificate (no validity check: for certificates a
-/// handshake has already verified).
+/// The subject CN of a DER certificate a handshake has already verified, if
+/// it has exactly one (CAs differ on which of several would count).
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_string)
+    let mut names = cert.subject().iter_common_name();
+    let name = names.next()?.as_str().ok()?.to_string();
+    names.next().is_none().then_some(name)
+}
+
+/// The node a verified peer certificate speaks for: exactly one common name
+/// `kvraft-node-<id>`, and usable for both server and client authentication,
+/// as node certificates are (a client-only certificate that happens to carry
+/// a node's name does not speak for it).
+pub fn node_identity(der: &[u8]) -> Result<u64, String> {
+    let name = common_name(der).ok_or("a certificate without exactly one common name")?;
+    let id = super::node_id_of_common_name(&name)
+        .ok_or_else(|| format!("a certificate with common name {name:?}, not kvraft-node-<id>"))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let usable = match cert.extended_key_usage() {
+        Ok(Some(eku)) => eku.value.any || (eku.value.server_auth && eku.value.client_auth),
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    if !usable {
+        return Err(format!(
+            "a certificate for {name:?} that is not valid for both server and client authentication (a client certificate?)"
+        ));
+    }
+    Ok(id)
 }
 
 /// A certificate chain: the leaf first, then intermediates. The leaf must be

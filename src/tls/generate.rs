@@ -133,6 +133,11 @@ pub fn init(plan: &Plan) -> Result<Vec<Outcome>, String> {
                 "client name {client:?}: use letters, digits, '-', '_' or '.' (it becomes a file name and an identity)"
             ));
         }
+        if client.starts_with("kvraft-node-") {
+            return Err(format!(
+                "client name {client:?}: names starting with kvraft-node- are for node certificates (use --nodes)"
+            ));
+        }
         let purposes = [ExtendedKeyUsagePurpose::ClientAuth];
         outcomes.push(leaf(
             &plan.dir,
@@ -265,6 +270,18 @@ mod tests {
         assert!(parse_nodes("0=a").unwrap_err().contains("positive"));
         assert!(parse_nodes("1=").unwrap_err().contains("host"));
         assert!(parse_nodes("1").unwrap_err().contains("ID=HOST"));
+    }
+
+    #[test]
+    fn a_client_may_not_take_a_nodes_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Plan {
+            dir: dir.path().join("certs"),
+            nodes: vec![],
+            clients: vec!["kvraft-node-1".into()],
+            days: 1,
+        };
+        assert!(init(&plan).unwrap_err().contains("are for node certificates"));
     }
 
     #[test]
