@@ -37,7 +37,9 @@ ENV KVRAFT_DATA_DIR=/var/lib/kvraft \
     KVRAFT_METRICS_ADDR=0.0.0.0:9379
 EXPOSE 7379 7380 9379
 # Up = the node answers on its client port (a node without a leader still
-# answers: readiness does not wait for a leader, as under systemd).
+# answers: readiness does not wait for a leader, as under systemd). With TLS on
+# that port, the container's KVRAFT_CACERT, KVRAFT_CERT and KVRAFT_KEY give the
+# CLI its CA and client certificate (docker-compose.yml sets them).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
     CMD ["/usr/bin/kvraft", "--endpoints", "127.0.0.1:7379", "--timeout", "3s", "ping"]
 # Graceful stop on SIGTERM: leadership handover and a final snapshot within

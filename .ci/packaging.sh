@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # CI checks for the packaging (called from .ci/run after the Rust tests):
 #   1. the systemd units: `systemd-analyze verify` clean, and
-#      `systemd-analyze security` exposure <= 1.5 ("OK") for both units;
+#      `systemd-analyze security` exposure <= 1.5 ("OK") for both units, alone
+#      and with their TLS drop-ins (kvraft.service.d/, kvraft@.service.d/);
 #   2. every .nix file parses (nix-instantiate --parse; a full `nix build`
 #      needs nixpkgs, which this machine can't fetch);
-#   3. docker-compose.yml is valid, and the Prometheus config if promtool is here;
+#   3. docker-compose.yml is valid (also with docker-compose.plaintext.yml), and
+#      the Prometheus config if promtool is here;
 #   4. packaging/systemd/container-test.sh: both units run under a real systemd
 #      (PID 1 in a container made with debootstrap): sandbox, notify, watchdog,
-#      reload, graceful stop, three template instances;
+#      reload, graceful stop, three template instances, then the TLS drop-ins
+#      with certificates from `kvraft certs init` as credentials;
 #   5. scripts/compose-e2e.sh: a three-node cluster in Docker from the image's
-#      `prebuilt` target (no registry needed), with a node killed and restarted.
+#      `prebuilt` target (no registry needed), over TLS with certificates from
+#      its certs service, with a node killed and restarted.
 # Needs root (apt-get), a running Docker engine and docker-compose. Runs in
 # about 7 minutes on 2 cores, most of it the static release build and, on a
 # machine without the cached rootfs, debootstrap (~2 minutes).
@@ -21,6 +25,7 @@ export CARGO_TARGET_DIR="${KVRAFT_STATIC_TARGET_DIR:-/tmp/kvraft-static}"
 export CARGO_TERM_COLOR=never
 TRIPLE="$(uname -m)-unknown-linux-gnu"
 UNITS=(packaging/systemd/kvraft.service packaging/systemd/kvraft@.service)
+DROPINS=(packaging/systemd/kvraft.service.d packaging/systemd/kvraft@.service.d)
 
 section() { echo; echo "== packaging: $*"; }
 fail() {
@@ -60,10 +65,13 @@ data_dir="$(KVRAFT_DATA_DIR=/var/lib/kvraft "$KVRAFTD" --config packaging/kvraft
 echo "data_dir = $data_dir"
 
 # ---------------------------------------------------------------- systemd --
-section "systemd-analyze verify ${UNITS[*]}"
+section "systemd units: ${UNITS[*]}"
 # verify loads the units as the system manager would, so it needs
 # /usr/bin/kvraftd and the units the service depends on: both go into a
-# throwaway root (the host is not touched).
+# throwaway root (the host is not touched). Both checks run on that root
+# (--root), first with the units alone, then with the TLS drop-ins installed
+# where their comments say (/etc/systemd/system/UNIT.d/). (Given a unit file's
+# path instead, systemd-analyze would also apply the UNIT.d/ next to it.)
 sysroot="$(mktemp -d)"
 trap 'rm -rf "$sysroot"' EXIT
 mkdir -p "$sysroot/usr/bin" "$sysroot/bin" "$sysroot/etc/systemd/system" "$sysroot/usr/lib/systemd"
@@ -76,34 +84,51 @@ install -m 0755 "$KVRAFTD" "$sysroot/usr/bin/kvraftd"
 # ExecReload's /bin/kill: procps' if there is one, else any executable.
 install -m 0755 "$(type -P kill || type -P true)" "$sysroot/bin/kill"
 cp "${UNITS[@]}" "$sysroot/etc/systemd/system/"
+
 # verify exits 0 on some problems (unknown keys, bad values are "ignored"
 # with a message), so any output at all is a failure.
-set +e
-verify_out="$(systemd-analyze verify --root="$sysroot" kvraft.service kvraft@node1.service 2>&1)"
-verify_rc=$?
-set -e
-if [ "$verify_rc" != 0 ] || [ -n "$verify_out" ]; then
-  printf '%s\n' "$verify_out" >&2
-  fail "systemd-analyze verify: exit $verify_rc, output above"
-fi
-echo "verify: clean (no output, exit 0) for kvraft.service and kvraft@node1.service"
-
-section "systemd-analyze security --offline=true (fail above $MAX_EXPOSURE)"
-for unit in "${UNITS[@]}"; do
-  out="$(systemd-analyze security --offline=true --no-pager "$unit" 2>&1)" || {
+verify_clean() { # what
+  local out rc
+  set +e
+  out="$(systemd-analyze verify --root="$sysroot" kvraft.service kvraft@node1.service 2>&1)"
+  rc=$?
+  set -e
+  if [ "$rc" != 0 ] || [ -n "$out" ]; then
     printf '%s\n' "$out" >&2
-    fail "systemd-analyze security $unit failed"
+    fail "systemd-analyze verify $1: exit $rc, output above"
+  fi
+  echo "verify: clean (no output, exit 0) for kvraft.service and kvraft@node1.service $1"
+}
+
+check_exposure() { # unit, what
+  local out line score
+  out="$(systemd-analyze security --offline=true --root="$sysroot" --no-pager "$1" 2>&1)" || {
+    printf '%s\n' "$out" >&2
+    fail "systemd-analyze security $1 $2 failed"
   }
   line="$(printf '%s\n' "$out" | grep 'Overall exposure level' || true)"
   score="$(printf '%s\n' "$line" | sed -n 's/.*: \([0-9][0-9.]*\) .*/\1/p')"
   [ -n "$score" ] || {
     printf '%s\n' "$out" >&2
-    fail "no exposure level in the output for $unit"
+    fail "no exposure level in the output for $1 $2"
   }
-  echo "$unit: $line"
-  awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }' ||
-    fail "$unit: exposure $score is above $MAX_EXPOSURE; the unit lost some hardening (the full table above lists every item)"
-done
+  echo "security $2: $line"
+  awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }' || {
+    printf '%s\n' "$out" >&2
+    fail "$1 $2: exposure $score is above $MAX_EXPOSURE; the unit lost some hardening (the full table above lists every item)"
+  }
+}
+
+section "systemd-analyze verify and security --offline=true (fail above $MAX_EXPOSURE): the units alone"
+verify_clean "(units alone)"
+check_exposure kvraft.service "(unit alone)"
+check_exposure kvraft@node1.service "(unit alone)"
+
+section "systemd-analyze verify and security --offline=true (fail above $MAX_EXPOSURE): with the TLS drop-ins"
+cp -r "${DROPINS[@]}" "$sysroot/etc/systemd/system/"
+verify_clean "(with kvraft.service.d/tls.conf, kvraft@.service.d/tls.conf)"
+check_exposure kvraft.service "(with kvraft.service.d/tls.conf)"
+check_exposure kvraft@node1.service "(with kvraft@.service.d/tls.conf)"
 
 # -------------------------------------------------------------------- nix --
 section "nix-instantiate --parse on every .nix file"
@@ -121,7 +146,10 @@ if docker-compose version >/dev/null 2>&1; then COMPOSE=(docker-compose); else C
 KVRAFT_DOCKER_TARGET=prebuilt "${COMPOSE[@]}" -f docker-compose.yml config | grep -q 'target: prebuilt' ||
   fail "KVRAFT_DOCKER_TARGET=prebuilt does not select the prebuilt target"
 "${COMPOSE[@]}" -f docker-compose.yml --profile monitoring config -q
-echo "valid (default, KVRAFT_DOCKER_TARGET=prebuilt, --profile monitoring)"
+"${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.plaintext.yml config -q
+"${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.plaintext.yml config | grep -q 'KVRAFT_CERT_FILE: /certs' &&
+  fail "docker-compose.plaintext.yml does not unset KVRAFT_CERT_FILE"
+echo "valid (default, KVRAFT_DOCKER_TARGET=prebuilt, --profile monitoring, + docker-compose.plaintext.yml)"
 echo "the monitoring profile (Prometheus, Grafana images) is not started here: no registry to pull them from"
 
 if command -v promtool >/dev/null && [ -f packaging/prometheus/alerts.yml ]; then

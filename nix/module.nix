@@ -5,6 +5,12 @@
 # state in /var/lib/kvraft, and the full sandbox. The configuration is rendered
 # to /etc/kvraft/kvraft.toml from the typed options below plus `settings`
 # (any other kvraftd key; `settings` wins over the typed options).
+#
+# TLS (services.kvraft.tls): certificates and keys stay where they are on the
+# host, outside the Nix store (the store is world-readable). systemd copies
+# them at start with LoadCredential= into the unit's private credentials
+# directory, which only the dynamic user can read, and kvraftd is pointed there
+# (KVRAFT_*_FILE=%d/...), as packaging/systemd/kvraft.service.d/tls.conf does.
 { config, lib, pkgs, ... }:
 
 let
@@ -15,6 +21,26 @@ let
     if cfg.initialCluster == null then null
     else if builtins.isString cfg.initialCluster then cfg.initialCluster
     else lib.concatStringsSep "," (lib.mapAttrsToList (id: addr: "${id}=${addr}") cfg.initialCluster);
+
+  tls = cfg.tls;
+
+  clientRolesString =
+    if tls.clientRoles == null then null
+    else if builtins.isString tls.clientRoles then tls.clientRoles
+    else lib.concatStringsSep "," (lib.mapAttrsToList (name: role: "${name}=${role}") tls.clientRoles);
+
+  # Credential name -> (config key, host path). Each file set is loaded into
+  # the credentials directory under its own name (one file may be given for
+  # two keys, e.g. the same certificate for both ports).
+  tlsFiles = lib.filterAttrs (_: f: f.path != null) {
+    "cert.pem" = { key = "cert_file"; path = tls.certFile; };
+    "key.pem" = { key = "key_file"; path = tls.keyFile; };
+    "ca.pem" = { key = "trusted_ca_file"; path = tls.trustedCaFile; };
+    "peer-cert.pem" = { key = "peer_cert_file"; path = tls.peerCertFile; };
+    "peer-key.pem" = { key = "peer_key_file"; path = tls.peerKeyFile; };
+    "peer-ca.pem" = { key = "peer_trusted_ca_file"; path = tls.peerTrustedCaFile; };
+  };
+  fileKeys = [ "cert_file" "key_file" "trusted_ca_file" "peer_cert_file" "peer_key_file" "peer_trusted_ca_file" ];
 
   effectiveSettings =
     {
@@ -27,7 +53,23 @@ let
     // lib.optionalAttrs (cfg.advertiseClientAddr != null) { advertise_client_addr = cfg.advertiseClientAddr; }
     // lib.optionalAttrs (cfg.advertisePeerAddr != null) { advertise_peer_addr = cfg.advertisePeerAddr; }
     // lib.optionalAttrs (initialClusterString != null) { initial_cluster = initialClusterString; }
+    // { client_cert_auth = tls.clientCertAuth; metrics_tls = tls.metricsTls; }
+    // lib.optionalAttrs (clientRolesString != null) { client_roles = clientRolesString; }
     // cfg.settings;
+
+  # What kvraftd will see, for the assertions below (which mirror its own
+  # checks, so a bad combination fails at evaluation, not at start).
+  has = name: builtins.hasAttr name tlsFiles;
+  clientCertAuth = effectiveSettings.client_cert_auth or false;
+  metricsTls = effectiveSettings.metrics_tls or false;
+  clientRolesSet = (effectiveSettings.client_roles or null) != null;
+  peerFiles = lib.count has [ "peer-cert.pem" "peer-key.pem" "peer-ca.pem" ];
+
+  # Absolute and outside the store: a Nix path literal (./node.key) or a store
+  # path would put the key in the world-readable store.
+  secretPath = lib.types.pathWith { absolute = true; inStore = false; };
+  # Certificates are public: any absolute path (the store is fine).
+  publicPath = lib.types.pathWith { absolute = true; };
 
   configFile = settingsFormat.generate "kvraft.toml" effectiveSettings;
 
@@ -113,6 +155,91 @@ in
       '';
     };
 
+    tls = {
+      certFile = lib.mkOption {
+        type = lib.types.nullOr publicPath;
+        default = null;
+        example = "/etc/kvraft/tls/node.pem";
+        description = ''
+          PEM certificate of the client port; with keyFile it turns TLS on there
+          (`cert_file`). Also serves the metrics endpoint when metricsTls is set.
+          Loaded with LoadCredential=, so it may be readable by root only.
+        '';
+      };
+
+      keyFile = lib.mkOption {
+        type = lib.types.nullOr secretPath;
+        default = null;
+        example = "/etc/kvraft/tls/node.key";
+        description = ''
+          PEM private key of certFile (`key_file`): a path on the host outside
+          the Nix store (a string, not a Nix path, which would be copied into
+          the world-readable store), e.g. root-owned with mode 0600. systemd
+          copies it at start into the unit's credentials directory; after
+          replacing it, restart the service (a reload re-reads the copy).
+        '';
+      };
+
+      trustedCaFile = lib.mkOption {
+        type = lib.types.nullOr publicPath;
+        default = null;
+        example = "/etc/kvraft/tls/ca.pem";
+        description = "PEM CA bundle that signs client certificates (`trusted_ca_file`); needs certFile and keyFile.";
+      };
+
+      clientCertAuth = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Require every client to present a certificate signed by trustedCaFile (`client_cert_auth`).";
+      };
+
+      clientRoles = lib.mkOption {
+        type = lib.types.nullOr (lib.types.either lib.types.str (lib.types.attrsOf (lib.types.enum [ "read" "write" "admin" ])));
+        default = null;
+        example = { admin = "admin"; app = "write"; dashboard = "read"; };
+        description = ''
+          Client identities (certificate common names) and their roles
+          (`client_roles`): read (get, scan, members, info, ping), write (read
+          plus set, delete), admin (write plus add-node, remove-node). An
+          attribute set name -> role, or the string "NAME=ROLE,...". When set,
+          unlisted identities are refused; null: every client with a valid
+          certificate may do everything. Needs clientCertAuth.
+        '';
+      };
+
+      peerCertFile = lib.mkOption {
+        type = lib.types.nullOr publicPath;
+        default = null;
+        example = "/etc/kvraft/tls/node.pem";
+        description = ''
+          PEM certificate of the peer port (`peer_cert_file`): common name
+          kvraft-node-<nodeId>, usable for server and client authentication
+          (`kvraft certs init` makes such certificates). With peerKeyFile and
+          peerTrustedCaFile (all three or none) it turns on mutual TLS between nodes.
+        '';
+      };
+
+      peerKeyFile = lib.mkOption {
+        type = lib.types.nullOr secretPath;
+        default = null;
+        example = "/etc/kvraft/tls/node.key";
+        description = "PEM private key of peerCertFile (`peer_key_file`); outside the Nix store, as keyFile.";
+      };
+
+      peerTrustedCaFile = lib.mkOption {
+        type = lib.types.nullOr publicPath;
+        default = null;
+        example = "/etc/kvraft/tls/ca.pem";
+        description = "PEM CA bundle that signs every node's peer certificate (`peer_trusted_ca_file`).";
+      };
+
+      metricsTls = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Serve /metrics, /health and /ready over HTTPS with certFile (`metrics_tls`; no client certificate asked).";
+      };
+    };
+
     openFirewall = lib.mkOption {
       type = lib.types.bool;
       default = false;
@@ -129,6 +256,38 @@ in
       {
         assertion = !(cfg.join && cfg.initialCluster != null);
         message = "services.kvraft: join and initialCluster exclude each other.";
+      }
+      {
+        assertion = has "cert.pem" == has "key.pem";
+        message = "services.kvraft.tls: certFile and keyFile go together (the client port's certificate and its key).";
+      }
+      {
+        assertion = has "ca.pem" -> has "cert.pem";
+        message = "services.kvraft.tls.trustedCaFile needs certFile and keyFile: client certificates are checked only over TLS.";
+      }
+      {
+        assertion = clientCertAuth -> has "ca.pem";
+        message = "services.kvraft.tls.clientCertAuth needs trustedCaFile (the CA that signs client certificates) and certFile/keyFile.";
+      }
+      {
+        assertion = clientRolesSet -> clientCertAuth;
+        message = "services.kvraft.tls.clientRoles needs clientCertAuth: identities are the common names of verified client certificates.";
+      }
+      {
+        assertion = tls.clientRoles != { } && tls.clientRoles != "";
+        message = "services.kvraft.tls.clientRoles is empty; give NAME = ROLE for every client identity, or leave it null.";
+      }
+      {
+        assertion = peerFiles == 0 || peerFiles == 3;
+        message = "services.kvraft.tls: peerCertFile, peerKeyFile and peerTrustedCaFile go together (peer TLS is mutual).";
+      }
+      {
+        assertion = metricsTls -> has "cert.pem";
+        message = "services.kvraft.tls.metricsTls needs certFile and keyFile: they serve the metrics endpoint too.";
+      }
+      {
+        assertion = lib.all (key: !(cfg.settings ? ${key})) fileKeys;
+        message = "services.kvraft.settings: set certificate and key files with services.kvraft.tls.* (loaded as systemd credentials), not ${lib.concatStringsSep "/" fileKeys} in settings.";
       }
     ];
 
@@ -151,9 +310,17 @@ in
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${cfg.package}/bin/kvraftd --config /etc/kvraft/kvraft.toml";
-        # SIGHUP re-reads the configuration and applies a new log_filter.
+        # SIGHUP re-reads the configuration, applies a new log_filter and
+        # re-reads the TLS files: the copies in the credentials directory,
+        # made at start, so renewed files need a restart.
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        Environment = [ "KVRAFT_DATA_DIR=${cfg.dataDir}" ];
+        # The file keys point into the credentials directory (%d); the
+        # environment overrides the rendered file.
+        Environment = [ "KVRAFT_DATA_DIR=${cfg.dataDir}" ]
+          ++ lib.mapAttrsToList (name: f: "KVRAFT_${lib.toUpper f.key}=%d/${name}") tlsFiles;
+        # systemd (root) copies each file at start into a directory only the
+        # dynamic user can read: the keys can stay root-only on the host.
+        LoadCredential = lib.mapAttrsToList (name: f: "${name}:${f.path}") tlsFiles;
         Restart = "on-failure";
         RestartSec = "5s";
         # Pinged at half the interval, only while the raft loop progresses.

@@ -7,13 +7,24 @@
 # voter before moving on. Re-running it against a formed cluster changes
 # nothing and exits 0.
 #
-# usage: bootstrap.sh [-t SECONDS] ID=PEER_ADDR=CLIENT_ADDR ...
+# usage: bootstrap.sh [-t SECONDS] [-c CA -C CERT -k KEY [-s NAME]] ID=PEER_ADDR=CLIENT_ADDR ...
 #   e.g. bootstrap.sh 1=10.0.0.1:7380=10.0.0.1:7379 2=10.0.0.2:7380=10.0.0.2:7379 3=...
 #   -t SECONDS  how long each step may take (default 60, or $BOOTSTRAP_TIMEOUT)
+#   -c CA       TLS: the CA certificate that signed the nodes' (kvraft --cacert)
+#   -C CERT     TLS: a client certificate (kvraft --cert); its identity needs
+#               the admin role when client_roles is set (add-node)
+#   -k KEY      TLS: the key of CERT (kvraft --key)
+#   -s NAME     TLS: check the nodes' certificates against NAME instead of the
+#               CLIENT_ADDR hosts (kvraft --server-name)
 #   $KVRAFT     the kvraft CLI to use (default: kvraft on PATH)
 #
+# TLS settings reach every kvraft call as the CLI's own environment variables
+# KVRAFT_CACERT, KVRAFT_CERT, KVRAFT_KEY and KVRAFT_SERVER_NAME: the options
+# above set them, and when they are already exported they pass through as is.
+#
 # Only the kvraft CLI and POSIX tools are used. Exit status: 0 when every
-# member is a voter, 1 when a step timed out or failed, 2 on usage errors.
+# member is a voter, 1 when a step timed out or failed (including a TLS
+# problem the CLI reports), 2 on usage errors.
 set -eu
 
 KVRAFT=${KVRAFT:-kvraft}
@@ -21,17 +32,29 @@ TIMEOUT=${BOOTSTRAP_TIMEOUT:-60}
 
 log() { printf '%s bootstrap: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 fail() { log "FAILED: $*"; exit 1; }
-usage() { printf 'usage: %s [-t SECONDS] ID=PEER_ADDR=CLIENT_ADDR ...\n' "$0" >&2; exit 2; }
+usage() {
+    printf 'usage: %s [-t SECONDS] [-c CA -C CERT -k KEY [-s NAME]] ID=PEER_ADDR=CLIENT_ADDR ...\n' "$0" >&2
+    printf '  (TLS: -c/-C/-k/-s, or KVRAFT_CACERT/KVRAFT_CERT/KVRAFT_KEY/KVRAFT_SERVER_NAME in the environment)\n' >&2
+    exit 2
+}
 
-while getopts t: opt; do
+# The CLI reads these variables itself, so exporting them covers every call.
+while getopts t:c:C:k:s: opt; do
     case $opt in
         t) TIMEOUT=$OPTARG ;;
+        c) KVRAFT_CACERT=$OPTARG; export KVRAFT_CACERT ;;
+        C) KVRAFT_CERT=$OPTARG; export KVRAFT_CERT ;;
+        k) KVRAFT_KEY=$OPTARG; export KVRAFT_KEY ;;
+        s) KVRAFT_SERVER_NAME=$OPTARG; export KVRAFT_SERVER_NAME ;;
         *) usage ;;
     esac
 done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || usage
 case $TIMEOUT in ''|*[!0-9]*) log "-t wants a whole number of seconds, got '$TIMEOUT'"; exit 2 ;; esac
+for file in ${KVRAFT_CACERT:+"$KVRAFT_CACERT"} ${KVRAFT_CERT:+"$KVRAFT_CERT"} ${KVRAFT_KEY:+"$KVRAFT_KEY"}; do
+    [ -r "$file" ] || { log "TLS file '$file' is not readable"; exit 2; }
+done
 
 for member in "$@"; do
     case $member in
@@ -76,8 +99,17 @@ wait_for() {
 
 is_voter() { case $(role "$1") in leader|voter) return 0 ;; *) return 1 ;; esac; }
 is_member() { [ -n "$(role "$1")" ]; }
-answers() { "$KVRAFT" --endpoints "$1" --timeout 2s ping >/dev/null 2>&1; }
-has_leader() { "$KVRAFT" --endpoints "$ENDPOINTS" --timeout 3s members >/dev/null 2>&1; }
+# quietly ARGS...: runs the CLI without output. Its exit status 2 (a TLS or
+# usage problem, e.g. a node that requires TLS or a wrong CA) won't go away by
+# waiting, so it stops the script with the CLI's message.
+quietly() {
+    rc=0
+    err=$("$KVRAFT" "$@" 2>&1 >/dev/null) || rc=$?
+    [ "$rc" -ne 2 ] || fail "$err"
+    return "$rc"
+}
+answers() { quietly --endpoints "$1" --timeout 2s ping; }
+has_leader() { quietly --endpoints "$ENDPOINTS" --timeout 3s members; }
 applied_at_least() { a=$(field applied "$1"); [ -n "$a" ] && [ "$a" -ge "$2" ]; }
 
 seed=$1

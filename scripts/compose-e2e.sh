@@ -2,9 +2,15 @@
 # End-to-end test of the Docker packaging, runnable without a container
 # registry: builds static kvraftd/kvraft on the host, builds the image's
 # `prebuilt` target (FROM scratch: nothing is pulled), starts docker-compose.yml's
-# three nodes under a unique project name, then through the published loopback
-# ports only:
-#   - waits until the cluster has a leader and every container is healthy,
+# three nodes (TLS on both ports, certificates from its one-shot `certs`
+# service) under a unique project name, then through the published loopback
+# ports only, with the CA and client certificates copied out of the volume:
+#   - checks the certificate volume is private to the image's user (uid 10001),
+#   - waits until the cluster has a leader and every container is healthy (the
+#     health check pings over TLS), and peer TLS is on,
+#   - a client without TLS is refused (exit 2, "TLS" in the message) and the
+#     read-only identity `reader` can read but not write (exit 4),
+#   - at the end, `up` again re-runs the certs service, which keeps every file,
 #   - writes and reads through each node,
 #   - docker kills the leader, writes and reads through the other two,
 #   - starts it again and checks it caught up (serializable read through it),
@@ -135,15 +141,22 @@ size="$(docker image inspect -f '{{.Size}}' "$KVRAFT_IMAGE")"
 [ "$user" = "10001:10001" ] || fail "image user is '$user', expected 10001:10001"
 echo "   image $KVRAFT_IMAGE: user $user, $((size / 1024 / 1024)) MiB"
 
-step "starting kvraft1..3 (host ports ${P[1]} ${P[2]} ${P[3]})"
+step "starting kvraft1..3 (host ports ${P[1]} ${P[2]} ${P[3]}); the certs service runs first"
 "${COMPOSE[@]}" up -d --no-build kvraft1 kvraft2 kvraft3
 
 # ------------------------------------------------------------- helpers ----
 cid() { "${COMPOSE[@]}" ps -q "kvraft$1"; }
 
+# Every CLI call goes over TLS as the admin identity, with files copied out
+# of the certificate volume as a user would (docker-compose.yml's header).
+# The CLI would also read KVRAFT_CACERT/CERT/KEY: keep the caller's out of it.
+unset KVRAFT_CACERT KVRAFT_CERT KVRAFT_KEY KVRAFT_SERVER_NAME
+CERTS="$TMP/certs"
+kv() { "$KVRAFT" --cacert "$CERTS/ca.pem" --cert "$CERTS/client-admin.pem" --key "$CERTS/client-admin.key" "$@"; }
+
 # The id of the leader as seen through the given endpoints; empty if none.
 leader_via() {
-  "$KVRAFT" --endpoints "$1" --timeout 3s members 2>/dev/null | awk '$2 == "leader" { print $1; exit }'
+  kv --endpoints "$1" --timeout 3s members 2>/dev/null | awk '$2 == "leader" { print $1; exit }'
 }
 
 wait_for_leader() { # endpoints, seconds, [id that doesn't count]
@@ -170,27 +183,74 @@ wait_healthy() { # node, seconds
 }
 
 set_via() { # node, key, value
-  "$KVRAFT" --endpoints "${P[$1]}" --timeout 15s set "$2" "$3" >/dev/null ||
+  kv --endpoints "${P[$1]}" --timeout 15s set "$2" "$3" >/dev/null ||
     fail "set $2=$3 through kvraft$1 (${P[$1]}) failed"
 }
 
 expect_get() { # node, key, value, [--serializable]
   local got flags=()
   [ -z "${4:-}" ] || flags=("$4")
-  got="$("$KVRAFT" --endpoints "${P[$1]}" --timeout 15s "${flags[@]}" get "$2")" ||
+  got="$(kv --endpoints "${P[$1]}" --timeout 15s "${flags[@]}" get "$2")" ||
     fail "get $2 ${4:-} through kvraft$1 (${P[$1]}) failed"
   [ "$got" = "$3" ] || fail "get $2 ${4:-} through kvraft$1 returned '$got', expected '$3'"
 }
 
 # ----------------------------------------------------------------- test ----
+step "certificates: the certs service's volume, copied out of kvraft1"
+certs_cid="$("${COMPOSE[@]}" ps -q certs)"
+certs_rc="$(docker inspect -f '{{.State.ExitCode}}' "$certs_cid")"
+[ "$certs_rc" = 0 ] || fail "the certs service exited with $certs_rc"
+docker cp "$(cid 1)":/certs "$CERTS" >/dev/null
+# Owners and modes as they are in the volume: from docker cp's tar stream
+# (a copy on disk is the caller's).
+docker cp "$(cid 1)":/certs - | tar -tvf - --numeric-owner >"$TMP/certs.list"
+mode_owner() { awk -v f="$1" '$6 == f { print $1, $2 }' "$TMP/certs.list"; }
+got="$(mode_owner certs/)"
+[ "$got" = "drwx------ 10001/10001" ] || fail "the certificate volume is '$got', expected 'drwx------ 10001/10001'"
+for f in ca.key node-1.key node-2.key node-3.key client-admin.key client-reader.key; do
+  got="$(mode_owner "certs/$f")"
+  [ "$got" = "-rw------- 10001/10001" ] || fail "$f in the volume is '$got', expected '-rw------- 10001/10001'"
+done
+for f in ca.pem node-1.pem client-admin.pem client-reader.pem; do
+  [ -s "$CERTS/$f" ] || fail "the certificate volume has no $f"
+done
+echo "   certs exited 0; the volume is 0700 uid 10001, its keys 0600 uid 10001"
+
 step "waiting for a leader"
 leader="$(wait_for_leader "$ALL" 60)" || fail "no leader after 60 s"
 echo "   leader: node $leader"
-"$KVRAFT" --endpoints "$ALL" members
+kv --endpoints "$ALL" members
 
-step "waiting for the containers' HEALTHCHECK (kvraft ping)"
+step "waiting for the containers' HEALTHCHECK (kvraft ping over TLS as reader)"
 for n in 1 2 3; do wait_healthy "$n" 60; done
 echo "   all three healthy"
+for n in 1 2 3; do
+  if "${COMPOSE[@]}" logs --no-color "kvraft$n" 2>&1 | grep -q 'peer TLS is off'; then
+    fail "kvraft$n says peer TLS is off"
+  fi
+done
+echo "   peer TLS on (no node warns that it is off; the cluster formed over it)"
+
+step "TLS: a client without TLS is refused; reader reads but can't write"
+set +e
+out="$("$KVRAFT" --endpoints "${P[1]}" --timeout 5s ping 2>&1)"
+rc=$?
+set -e
+[ "$rc" = 2 ] || fail "a plaintext ping exited $rc, expected 2: $out"
+grep -q 'TLS' <<<"$out" || fail "a plaintext ping was refused without mentioning TLS: $out"
+echo "   plaintext client: exit 2: $out"
+reader=(--cacert "$CERTS/ca.pem" --cert "$CERTS/client-reader.pem" --key "$CERTS/client-reader.key")
+kv --endpoints "$ALL" --timeout 15s set tls-check by-admin >/dev/null || fail "admin could not write"
+got="$("$KVRAFT" "${reader[@]}" --endpoints "$ALL" --timeout 15s get tls-check)" || fail "reader could not read"
+[ "$got" = by-admin ] || fail "reader read '$got', expected by-admin"
+set +e
+out="$("$KVRAFT" "${reader[@]}" --endpoints "$ALL" --timeout 15s set tls-check by-reader 2>&1)"
+rc=$?
+set -e
+[ "$rc" = 4 ] || fail "reader's set exited $rc, expected 4 (permission denied): $out"
+got="$(kv --endpoints "$ALL" --timeout 15s get tls-check)"
+[ "$got" = by-admin ] || fail "the refused write changed the value to '$got'"
+echo "   reader: get OK; set: exit 4: $out"
 
 if command -v curl >/dev/null; then
   step "metrics endpoints (metrics_addr 0.0.0.0:9379, published on ${M[1]} ${M[2]} ${M[3]})"
@@ -234,7 +294,7 @@ step "restarting kvraft$victim; it must catch up"
 docker start "$(cid "$victim")" >/dev/null
 caught_up=0
 for ((i = 0; i < 60; i++)); do
-  got="$("$KVRAFT" --endpoints "${P[$victim]}" --timeout 3s --serializable get latest 2>/dev/null || true)"
+  got="$(kv --endpoints "${P[$victim]}" --timeout 3s --serializable get latest 2>/dev/null || true)"
   if [ "$got" = "written-while-$victim-was-down" ]; then
     caught_up=1
     break
@@ -247,6 +307,16 @@ for n in "${others[@]}"; do expect_get "$victim" "during$n" "kill$n" --serializa
 set_via "$victim" after restart
 for n in 1 2 3; do expect_get "$n" after restart; done
 wait_healthy "$victim" 60
-"$KVRAFT" --endpoints "$ALL" members
+kv --endpoints "$ALL" members
 
-step "PASS: 3-node compose cluster formed, served reads and writes through every node, survived docker kill of the leader, and the restarted node caught up"
+step "docker-compose up again: the certs service runs again and keeps every file"
+"${COMPOSE[@]}" up -d --no-build kvraft1 kvraft2 kvraft3 2>/dev/null
+certs_rc="$(docker inspect -f '{{.State.ExitCode}}' "$certs_cid")"
+kept="$(docker logs "$certs_cid" 2>/dev/null | grep -c '^kept ' || true)"
+[ "$certs_rc" = 0 ] && [ "$kept" -ge 6 ] || fail "the certs service's second run: exit $certs_rc, $kept files kept (expected 6)"
+docker cp "$(cid 1)":/certs/ca.pem "$TMP/ca-again.pem" >/dev/null
+cmp -s "$CERTS/ca.pem" "$TMP/ca-again.pem" || fail "the second run replaced the CA"
+kv --endpoints "$ALL" --timeout 15s get after >/dev/null || fail "get after the second up failed"
+echo "   exit 0, all 6 pairs kept, same CA; the cluster still serves"
+
+step "PASS: 3-node compose cluster formed over TLS (certificates from the certs service), refused a plaintext client and a write by reader, served reads and writes through every node, survived docker kill of the leader, and the restarted node caught up"

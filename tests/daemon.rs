@@ -483,6 +483,135 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
     assert!(stderr(&out).contains("kvraftd --id 4 --join"), "{}", stderr(&out));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_script_passes_tls_settings_to_the_cli() {
+    let pki = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvraft"))
+        .arg("certs")
+        .arg("init")
+        .arg(pki.path())
+        .args(["--nodes", "1=127.0.0.1,2=127.0.0.1", "--clients", "admin,reader"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "certs init: {}", stderr(&out));
+    let file = |name: &str| pki.path().join(name).display().to_string();
+    let tls_flags = |id: u64| -> Vec<String> {
+        let (cert, key, ca) = (
+            file(&format!("node-{id}.pem")),
+            file(&format!("node-{id}.key")),
+            file("ca.pem"),
+        );
+        [
+            "--cert-file",
+            &cert,
+            "--key-file",
+            &key,
+            "--trusted-ca-file",
+            &ca,
+            "--client-cert-auth",
+            "--client-roles",
+            "admin=admin,reader=read",
+            "--peer-cert-file",
+            &cert,
+            "--peer-key-file",
+            &key,
+            "--peer-trusted-ca-file",
+            &ca,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut cluster = Cluster::empty();
+    let seed_peer = format!("127.0.0.1:{}", free_port());
+    let mut seed_args = vec!["--initial-cluster".to_string(), format!("1={seed_peer}")];
+    seed_args.extend(tls_flags(1));
+    cluster.add_node(1, Some(seed_peer), seed_args);
+    let mut join_args = vec!["--join".to_string()];
+    join_args.extend(tls_flags(2));
+    cluster.add_node(2, None, join_args);
+    for id in [1, 2] {
+        cluster.start(id);
+    }
+    let members: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("{}={}={}", n.id, n.peer_addr, n.client_addr))
+        .collect();
+    let run = |options: &[String]| {
+        Command::new("sh")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bootstrap.sh"))
+            .args(["-t", "30"])
+            .args(options)
+            .args(&members)
+            .env("KVRAFT", env!("CARGO_BIN_EXE_kvraft"))
+            .env_remove("KVRAFT_CACERT")
+            .env_remove("KVRAFT_CERT")
+            .env_remove("KVRAFT_KEY")
+            .env_remove("KVRAFT_SERVER_NAME")
+            .output()
+            .unwrap()
+    };
+    let identity = |name: &str| -> Vec<String> {
+        vec![
+            "-c".into(),
+            file("ca.pem"),
+            "-C".into(),
+            file(&format!("client-{name}.pem")),
+            "-k".into(),
+            file(&format!("client-{name}.key")),
+        ]
+    };
+
+    // Without TLS settings: stopped at once with the CLI's reason, not after
+    // the timeout.
+    let started = Instant::now();
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("requires TLS"), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+
+    // The read-only identity may look but not add a node.
+    let out = run(&identity("reader"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
+
+    let out = run(&identity("admin"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("node 2 is a caught-up voter"), "{}", stderr(&out));
+
+    // The same through the environment, on the formed cluster: nothing to do.
+    let out = Command::new("sh")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bootstrap.sh"))
+        .args(["-t", "30"])
+        .args(&members)
+        .env("KVRAFT", env!("CARGO_BIN_EXE_kvraft"))
+        .env("KVRAFT_CACERT", file("ca.pem"))
+        .env("KVRAFT_CERT", file("client-admin.pem"))
+        .env("KVRAFT_KEY", file("client-admin.key"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("node 2 is already a voter; nothing to do"),
+        "{}",
+        stderr(&out)
+    );
+
+    cluster.client_tls = kvraft::tls::client::ClientTlsOptions {
+        ca_file: Some(pki.path().join("ca.pem")),
+        cert_file: Some(pki.path().join("client-admin.pem")),
+        key_file: Some(pki.path().join("client-admin.key")),
+        server_name: None,
+    };
+    let (listed, _) = cluster.client(&[1, 2]).members().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed.iter().all(|m| m.role == kvraft::proto::MemberRole::Voter as i32),
+        "{listed:?}"
+    );
+}
+
 #[test]
 fn the_example_config_documents_every_key_with_its_default() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/kvraft.example.toml");

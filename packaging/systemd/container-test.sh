@@ -7,7 +7,12 @@
 # MemoryDenyWriteExecute...), Type=notify readiness and STATUS=, the dynamic
 # user and its 0700 state directory, ExecReload, the watchdog restarting a
 # stopped (SIGSTOP) daemon, graceful stop with leadership handover and a final
-# snapshot, and three template instances forming a cluster.
+# snapshot, and three template instances forming a cluster. Then the TLS
+# drop-ins (kvraft.service.d/tls.conf, kvraft@.service.d/tls.conf) with
+# certificates from `kvraft certs init` in /etc/kvraft/tls, keys root-only:
+# LoadCredential= hands them to the dynamic user, a TLS client works, a
+# plaintext one is refused, a reload keeps serving, and the three instances
+# form a cluster over mutual TLS.
 #
 #   packaging/systemd/container-test.sh KVRAFTD KVRAFT
 #
@@ -80,6 +85,17 @@ initial_cluster = "1=127.0.0.1:7411,2=127.0.0.1:7421,3=127.0.0.1:7431"
 EOF
   chmod 0644 "$WORK/etc-kvraft/node$n.toml"
 done
+# For the TLS drop-ins, laid out as their comments say: ca.pem, node.pem/.key
+# for kvraft.service (node 1), nodeN.pem/.key for kvraft@nodeN; root-owned,
+# keys 0600 (certs init makes them so), which the services' dynamic user
+# could not read directly.
+"$KVRAFT" certs init "$WORK/etc-kvraft/tls" --nodes 1=localhost,2=localhost,3=localhost --clients admin,reader >/dev/null
+ln -s node-1.pem "$WORK/etc-kvraft/tls/node.pem"
+ln -s node-1.key "$WORK/etc-kvraft/tls/node.key"
+for n in 1 2 3; do
+  ln -s "node-$n.pem" "$WORK/etc-kvraft/tls/node$n.pem"
+  ln -s "node-$n.key" "$WORK/etc-kvraft/tls/node$n.key"
+done
 # kvraft.example.toml serves metrics on 127.0.0.1:9379 if this build has them;
 # the instances must not collide with it.
 if grep -q '^metrics_addr' "$WORK/etc-kvraft/kvraft.toml"; then
@@ -134,6 +150,12 @@ if [ "$booted" != 1 ]; then
   exit 0
 fi
 echo "   systemd $(in_ct 'systemctl --version | head -1 | cut -d" " -f2') is up ($state)"
+# On a host systemd makes / a shared mount at boot; in a container it leaves
+# that to the container manager, and Docker's mounts are private. LoadCredential=
+# fills a fresh mount in a helper's namespace and moves it into place, which
+# only reaches the manager's namespace through shared propagation: without
+# this, every service sees an empty root-only credentials directory.
+in_ct 'mount --make-rshared /' || fail "mount --make-rshared / failed"
 
 # ---------------------------------------------------------- kvraft.service --
 step "kvraft.service with the shipped example config"
@@ -221,4 +243,69 @@ in_ct "journalctl -u kvraft@node$leader --no-pager -o cat | grep -q 'shutdown sn
 in_ct "kvraft --endpoints $ep set after-stop yes >/dev/null" || fail "the other two instances don't take writes after the stop"
 echo "   stopped in ${took} s (exit 0) with leadership handover and a final snapshot; the others go on"
 
-step "PASS: both units run under systemd with their full sandbox"
+# ------------------------------------------------------------ TLS drop-ins --
+step "TLS drop-in on kvraft.service: certificates as credentials, both ports"
+docker cp "$HERE/kvraft.service.d" "$NAME:/etc/systemd/system/"
+docker cp "$HERE/kvraft@.service.d" "$NAME:/etc/systemd/system/"
+in_ct 'systemctl daemon-reload && systemctl restart kvraft.service' || fail "restart with the TLS drop-in failed"
+in_ct 'systemctl is-active -q kvraft.service' || fail "kvraft.service is not active with the TLS drop-in"
+tls='--cacert /etc/kvraft/tls/ca.pem --cert /etc/kvraft/tls/client-admin.pem --key /etc/kvraft/tls/client-admin.key'
+in_ct "for i in \$(seq 20); do v=\$(kvraft $tls get greeting 2>/dev/null) && break; sleep 1; done; test \"\$v\" = hello" ||
+  fail "TLS get of the value written before the drop-in"
+in_ct "kvraft $tls set tls on >/dev/null && test \"\$(kvraft $tls get tls)\" = on" || fail "TLS set/get through kvraft.service"
+echo "   TLS client (admin certificate): set/get OK, data from before intact"
+plain="$(in_ct 'kvraft --timeout 3s ping 2>&1; echo "exit=$?"')"
+grep -q 'exit=2' <<<"$plain" && grep -q 'requires TLS' <<<"$plain" ||
+  fail "a plaintext client was not refused with exit 2 and 'requires TLS': $plain"
+echo "   plaintext client refused: $(head -1 <<<"$plain")"
+pid="$(in_ct 'systemctl show -p MainPID --value kvraft.service')"
+in_ct "tr '\\0' '\\n' </proc/$pid/environ | grep -qx KVRAFT_CERT_FILE=/run/credentials/kvraft.service/node.pem" ||
+  fail "%d did not expand to the credentials directory in KVRAFT_CERT_FILE"
+uid="$(in_ct "awk '/^Uid:/ {print \$2}' /proc/$pid/status")"
+cred="$(in_ct 'stat -L -c "%a %u" /run/credentials/kvraft.service/node.key')"
+[ "$cred" = "400 $uid" ] || fail "the key credential is '$cred', expected '400 $uid' (the dynamic user's)"
+host="$(in_ct 'stat -L -c "%a %u" /etc/kvraft/tls/node.key')"
+[ "$host" = "600 0" ] || fail "the host key is '$host', expected root-only '600 0'"
+echo "   the host key is root-only ($host); the service reads its copy %d/node.key ($cred, dynamic uid $uid)"
+score="$(in_ct 'systemd-analyze security --no-pager kvraft.service' | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')"
+echo "   systemd-analyze security (live unit with the drop-in): $score"
+awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 1.5) }' || fail "live exposure with the drop-in '$score' is above 1.5"
+
+step "systemctl reload kvraft (SIGHUP) with TLS: certificates re-read, still serving"
+in_ct 'systemctl reload kvraft.service' || fail "reload failed"
+reloaded=0
+for ((i = 0; i < 10; i++)); do
+  if in_ct 'journalctl -u kvraft.service --no-pager -o cat | grep "TLS certificates reloaded" | grep -q SIGHUP'; then
+    reloaded=1
+    break
+  fi
+  sleep 1
+done
+[ "$reloaded" = 1 ] || fail "no TLS reload on SIGHUP in the journal"
+in_ct 'systemctl is-active -q kvraft.service' || fail "kvraft.service is not active after the reload"
+in_ct "kvraft $tls ping >/dev/null && test \"\$(kvraft $tls get tls)\" = on" || fail "TLS client after the reload"
+echo "   reloaded, still active and serving TLS"
+
+step "kvraft@node1..3 with the TLS drop-in: a cluster over mutual TLS"
+in_ct 'systemctl restart kvraft@node1 kvraft@node2 kvraft@node3' || fail "restarting the instances with TLS failed"
+leader=""
+for ((i = 0; i < 30; i++)); do
+  leader="$(in_ct "kvraft $tls --endpoints $ep members 2>/dev/null" | awk '$2 == "leader" {print $1}')"
+  [ -n "$leader" ] && break
+  sleep 1
+done
+[ -n "$leader" ] || fail "the three TLS instances elected no leader in 30 s"
+in_ct "kvraft $tls --endpoints 127.0.0.1:7420 set k tls >/dev/null && test \"\$(kvraft $tls --endpoints 127.0.0.1:7430 get k)\" = tls" ||
+  fail "TLS set through node2 / get through node3"
+in_ct "test \"\$(kvraft $tls --endpoints 127.0.0.1:7410 --serializable get after-stop)\" = yes" ||
+  fail "the instance stopped before, restarted with TLS, lacks the value written while it was down"
+for n in 1 2 3; do
+  p="$(in_ct "systemctl show -p MainPID --value kvraft@node$n")"
+  in_ct "tr '\\0' '\\n' </proc/$p/environ | grep -qx KVRAFT_PEER_CERT_FILE=/run/credentials/kvraft@node$n.service/node.pem" ||
+    fail "kvraft@node$n does not use its credential for peer TLS"
+done
+plain="$(in_ct 'kvraft --endpoints 127.0.0.1:7420 --timeout 3s ping 2>&1; echo "exit=$?"')"
+grep -q 'exit=2' <<<"$plain" || fail "a plaintext client was not refused by kvraft@node2: $plain"
+echo "   leader node $leader; peer TLS with each instance's own credential; set/get across instances OK; plaintext refused"
+
+step "PASS: both units run under systemd with their full sandbox, and with the TLS drop-ins"
