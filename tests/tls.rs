@@ -259,6 +259,23 @@ async fn each_role_may_do_what_it_should_and_a_refusal_changes_nothing() {
     assert!(refused >= 6.0, "{refused}");
 }
 
+/// A hand-made peer on `addr`, over TLS with `cert_and_key` (if any),
+/// speaking for `from_id`.
+async fn tls_probe(
+    addr: &str,
+    ca: &Path,
+    cert_and_key: Option<(&Path, &Path)>,
+    cluster_id: u64,
+    from_id: u64,
+) -> std::io::Result<Probe> {
+    let stream = connect(addr, "127.0.0.1", Some(ProbeTls { ca, cert_and_key })).await?;
+    Ok(Probe {
+        stream,
+        cluster_id,
+        from_id,
+    })
+}
+
 fn peer_addr(cluster: &Cluster, id: u64) -> String {
     cluster.nodes.iter().find(|n| n.id == id).unwrap().peer_addr.clone()
 }
@@ -301,13 +318,7 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
         Some((foreign_cert.as_path(), foreign_key.as_path())),
         Some((admin_cert.as_path(), admin_key.as_path())),
     ] {
-        let tls = ProbeTls { ca: &ca, cert_and_key };
-        if let Ok(stream) = connect(&addr, "127.0.0.1", Some(tls)).await {
-            let mut p = Probe {
-                stream,
-                cluster_id,
-                from_id: leader,
-            };
+        if let Ok(mut p) = tls_probe(&addr, &ca, cert_and_key, cluster_id, leader).await {
             let _ = p.hello().await;
             let _ = p
                 .send(&forged_append(
@@ -324,15 +335,9 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
 
     // A client certificate from our CA that carries the leader's name.
     let (impostor_cert, impostor_key) = client_certificate_named(&pki, &kvraft::tls::node_common_name(leader));
-    let tls = ProbeTls {
-        ca: &ca,
-        cert_and_key: Some((&impostor_cert, &impostor_key)),
-    };
-    let mut p = Probe {
-        stream: connect(&addr, "127.0.0.1", Some(tls)).await.unwrap(),
-        cluster_id,
-        from_id: leader,
-    };
+    let mut p = tls_probe(&addr, &ca, Some((&impostor_cert, &impostor_key)), cluster_id, leader)
+        .await
+        .unwrap();
     let _ = p.hello().await;
     let _ = p
         .send(&forged_append(
@@ -353,15 +358,9 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
     // the MsgAppend that once made a follower apply `injected=evil`.
     let (other_cert, other_key) = (own(&format!("node-{other}.pem")), own(&format!("node-{other}.key")));
     let last = cluster.info(follower).await.unwrap().last_index;
-    let tls = ProbeTls {
-        ca: &ca,
-        cert_and_key: Some((&other_cert, &other_key)),
-    };
-    let mut p = Probe {
-        stream: connect(&addr, "127.0.0.1", Some(tls)).await.unwrap(),
-        cluster_id,
-        from_id: leader,
-    };
+    let mut p = tls_probe(&addr, &ca, Some((&other_cert, &other_key)), cluster_id, leader)
+        .await
+        .unwrap();
     p.hello().await.unwrap();
     let _ = p
         .send(&forged_append(
@@ -375,15 +374,9 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
     assert_eq!(p.reply(T).await, Ok(None), "closed without a word");
 
     // The same certificate speaking as itself, but the message claims the leader.
-    let tls = ProbeTls {
-        ca: &ca,
-        cert_and_key: Some((&other_cert, &other_key)),
-    };
-    let mut p = Probe {
-        stream: connect(&addr, "127.0.0.1", Some(tls)).await.unwrap(),
-        cluster_id,
-        from_id: other,
-    };
+    let mut p = tls_probe(&addr, &ca, Some((&other_cert, &other_key)), cluster_id, other)
+        .await
+        .unwrap();
     p.hello().await.unwrap();
     p.send(&forged_append(
         leader,
@@ -403,17 +396,10 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
     let (cert99, key99) = (own("node-99.pem"), own("node-99.key"));
     for _ in 0..5 {
         for target in [1, 2, 3] {
-            let tls = ProbeTls {
-                ca: &ca,
-                cert_and_key: Some((&cert99, &key99)),
-            };
-            let mut p = Probe {
-                stream: connect(&peer_addr(&cluster, target), "127.0.0.1", Some(tls))
-                    .await
-                    .unwrap(),
-                cluster_id,
-                from_id: 99,
-            };
+            let addr = peer_addr(&cluster, target);
+            let mut p = tls_probe(&addr, &ca, Some((&cert99, &key99)), cluster_id, 99)
+                .await
+                .unwrap();
             p.hello().await.unwrap();
             let _ = p
                 .send(&raft_message(MessageType::MsgHeartbeat, 99, target, term + 1))
