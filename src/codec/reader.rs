@@ -33,7 +33,6 @@ pub const UNBUDGETED_FRAME: usize = 8 * 1024;
 #[derive(Clone, Debug)]
 pub struct ReceiveBudget {
     units: Arc<Semaphore>,
-    total_bytes: usize,
 }
 
 impl ReceiveBudget {
@@ -42,13 +41,7 @@ impl ReceiveBudget {
         let units = bytes.div_ceil(UNIT).clamp(1, Semaphore::MAX_PERMITS);
         ReceiveBudget {
             units: Arc::new(Semaphore::new(units)),
-            total_bytes: bytes,
         }
-    }
-
-    /// The configured size in bytes.
-    pub fn total_bytes(&self) -> usize {
-        self.total_bytes
     }
 
     /// Bytes not held by any partly received frame right now.

@@ -323,11 +323,9 @@ impl RaftLoop {
     /// The raft state peer messages are checked against.
     fn raft_view(&self) -> peer_guard::RaftView {
         let raft = &self.node.raft;
-        let joining = {
-            let sm = self.state_machine.read().expect("state machine lock poisoned");
-            let cs = sm.conf_state();
-            cs.voters.is_empty() && cs.learners.is_empty()
-        };
+        // raft tracks progress for every member: none means no configuration
+        // yet (no state machine lock needed on this per-message path).
+        let joining = raft.prs().iter().len() == 0;
         let committed = raft.raft_log.committed;
         peer_guard::RaftView {
             term: raft.term,
