@@ -158,50 +158,45 @@ impl PeerTask {
         let connector = TlsConnector::from(tls.configs().client.clone());
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT * 5, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(ConnectFailure::Identity(self.explain_tls_failure(&e))),
+            Ok(Err(e)) => return Err(self.explain_tls_failure(&e)),
             Err(_) => return Err(ConnectFailure::Network("TLS handshake timed out".into())),
         };
-        let names = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|leaf| crate::tls::files::common_name(leaf));
-        let expected = crate::tls::node_common_name(self.to);
-        if names.as_deref() != Some(expected.as_str()) {
-            let why = format!(
-                "the peer at {} presented a certificate for {:?}, not {expected:?}: is the member list's address for node {} right?",
-                self.addr,
-                names.unwrap_or_default(),
-                self.to
-            );
-            return Err(ConnectFailure::Identity(why));
+        // The same identity rule as inbound: the certificate must name node `to`.
+        match crate::tls::leaf_certificate(stream.get_ref().1).map(crate::tls::files::node_identity) {
+            Some(Ok(node)) if node == self.to => Ok(Box::new(stream)),
+            Some(Ok(node)) => Err(ConnectFailure::Identity(format!(
+                "the peer at {} presented the certificate of node {node}, not of node {}: is the member list's address for node {} right?",
+                self.addr, self.to, self.to
+            ))),
+            Some(Err(what)) => Err(ConnectFailure::Identity(format!(
+                "the peer at {} presented {what}",
+                self.addr
+            ))),
+            None => Err(ConnectFailure::Identity(format!(
+                "the peer at {} presented no certificate",
+                self.addr
+            ))),
         }
-        Ok(Box::new(stream))
     }
 
     /// What a failed peer handshake means, in peer-port terms.
-    fn explain_tls_failure(&self, error: &std::io::Error) -> String {
-        use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    fn explain_tls_failure(&self, error: &std::io::Error) -> ConnectFailure {
+        use crate::tls::client::HandshakeProblem as P;
         let who = format!("node {} at {}", self.to, self.addr);
-        match crate::tls::client::rustls_error(error) {
-            Some(E::InvalidMessage(_) | E::InappropriateMessage { .. }) => {
-                format!("{who} does not speak TLS on its peer port: turn peer TLS on on every node")
+        let why = match crate::tls::client::classify(error) {
+            P::Network(why) => return ConnectFailure::Network(why),
+            P::NotTls | P::Closed => {
+                format!("{who} does not speak TLS on its peer port (or dropped the handshake): turn peer TLS on on every node")
             }
-            Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
-                format!("{who} presented a certificate not signed by peer_trusted_ca_file")
-            }
-            Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
-                format!("{who} presented a certificate that does not name the host in its peer address")
-            }
-            Some(E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError)) => {
-                format!(
-                    "{who} refused this node's peer certificate: is it signed by the CA in its peer_trusted_ca_file?"
-                )
-            }
-            Some(other) => format!("TLS with {who} failed: {other}"),
-            None => format!("TLS with {who} failed: {error}"),
-        }
+            P::UnknownIssuer => format!("{who} presented a certificate not signed by peer_trusted_ca_file"),
+            P::WrongName(_) => format!("{who} presented a certificate that does not name the host in its peer address"),
+            P::Expired | P::NotYetValid => format!("{who} presented a certificate that is not valid now"),
+            P::CertificateRequired | P::RefusedOurCertificate | P::OurCertificateExpired => format!(
+                "{who} refused this node's peer certificate: is it valid, and signed by the CA in its peer_trusted_ca_file?"
+            ),
+            P::Other(what) => format!("{who}: {what}"),
+        };
+        ConnectFailure::Identity(why)
     }
 
     async fn run(self, mut queue: tokio_mpsc::Receiver<Message>) {

@@ -108,8 +108,9 @@ async fn accept_connection(stream: TcpStream, port: ClientPort, budget: ReceiveB
     let peeked = tokio::time::timeout(port.limits.idle_timeout, stream.peek(&mut first)).await;
     let speaks_tls = match peeked {
         Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
-        // Closed, failed, or silent for the whole read timeout.
+        // Closed or failed before saying anything.
         Ok(_) => return,
+        // Silent for the whole idle timeout.
         Err(_) => {
             closed("idle");
             return;
@@ -120,12 +121,8 @@ async fn accept_connection(stream: TcpStream, port: ClientPort, budget: ReceiveB
             let acceptor = TlsAcceptor::from(tls.server_config());
             match tokio::time::timeout(read_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => {
-                    let identity = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .and_then(|leaf| crate::tls::files::common_name(leaf));
+                    let identity =
+                        crate::tls::leaf_certificate(stream.get_ref().1).and_then(crate::tls::files::common_name);
                     connection(stream, port, budget, identity).await;
                 }
                 Ok(Err(e)) => {

@@ -127,50 +127,58 @@ pub fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
     error.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
-/// Explains a client-side TLS failure (during the handshake, or a server alert
-/// read right after it, which is how TLS 1.3 reports a refused client
-/// certificate).
-pub fn explain_client_error(error: &std::io::Error, endpoint: &str, name: &str) -> HandshakeError {
-    let settings = |message: String| HandshakeError {
-        settings: true,
-        message,
-    };
+/// What went wrong in a TLS handshake (or in the alert read right after it,
+/// which is how TLS 1.3 reports a refused client certificate), sorted by what
+/// the user has to change. Clients and the peer transport word it each in
+/// their own terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeProblem {
+    /// The other end answered in plaintext.
+    NotTls,
+    /// The other end closed the connection mid-handshake.
+    Closed,
+    /// Its certificate is not signed by the CA we trust.
+    UnknownIssuer,
+    /// Its certificate does not name the host we dialled (with the names it
+    /// does carry, when rustls says).
+    WrongName(Vec<String>),
+    /// Its certificate has expired.
+    Expired,
+    /// Its certificate is not valid yet.
+    NotYetValid,
+    /// It wants a certificate from us.
+    CertificateRequired,
+    /// It refused our certificate as not from a CA it trusts.
+    RefusedOurCertificate,
+    /// It refused our certificate as expired.
+    OurCertificateExpired,
+    /// Some other TLS failure.
+    Other(String),
+    /// Not TLS at all: the network failed (worth retrying elsewhere).
+    Network(String),
+}
+
+/// Sorts a failed handshake's error into a [`HandshakeProblem`].
+pub fn classify(error: &std::io::Error) -> HandshakeProblem {
+    use HandshakeProblem as P;
     let Some(tls) = rustls_error(error) else {
         return match error.kind() {
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => settings(format!(
-                "{endpoint} closed the connection during the TLS handshake: its client port may not speak TLS, or it refused this client's certificate"
-            )),
-            _ => HandshakeError {
-                settings: false,
-                message: format!("{endpoint}: {error}"),
-            },
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => P::Closed,
+            _ => P::Network(error.to_string()),
         };
     };
-    let message = match tls {
+    match tls {
         rustls::Error::InvalidCertificate(cert) => match cert {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
-                "{endpoint}'s certificate is not signed by the CA in --cacert: give the CA that issued the servers' certificates"
-            ),
-            CertificateError::NotValidForName => format!(
-                "{endpoint}'s certificate is not valid for the name {name}: connect by a name or address in its certificate, or pass --server-name"
-            ),
-            CertificateError::NotValidForNameContext { presented, .. } => format!(
-                "{endpoint}'s certificate is not valid for the name {name} (it names {}): connect by one of those, or pass --server-name NAME",
-                presented.join(", ")
-            ),
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                format!("{endpoint}'s certificate has expired: the server needs a new one")
-            }
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => format!(
-                "{endpoint}'s certificate is not valid yet: check the clocks of this machine and the server"
-            ),
-            other => format!("{endpoint}'s certificate was refused: {other:?}"),
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => P::UnknownIssuer,
+            CertificateError::NotValidForName => P::WrongName(Vec::new()),
+            CertificateError::NotValidForNameContext { presented, .. } => P::WrongName(presented.clone()),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => P::Expired,
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => P::NotYetValid,
+            other => P::Other(format!("its certificate was refused: {other:?}")),
         },
-        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => format!(
-            "{endpoint} did not answer in TLS: its client port is plaintext; drop --cacert/--cert/--key, or turn TLS on at the server (cert_file, key_file)"
-        ),
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => P::NotTls,
         rustls::Error::AlertReceived(AlertDescription::CertificateRequired | AlertDescription::HandshakeFailure) => {
-            format!("{endpoint} requires a client certificate signed by a CA it trusts: pass --cert and --key")
+            P::CertificateRequired
         }
         rustls::Error::AlertReceived(
             AlertDescription::UnknownCA
@@ -178,13 +186,55 @@ pub fn explain_client_error(error: &std::io::Error, endpoint: &str, name: &str) 
             | AlertDescription::CertificateUnknown
             | AlertDescription::DecryptError
             | AlertDescription::AccessDenied,
-        ) => format!(
+        ) => P::RefusedOurCertificate,
+        rustls::Error::AlertReceived(AlertDescription::CertificateExpired) => P::OurCertificateExpired,
+        other => P::Other(format!("TLS failed: {other}")),
+    }
+}
+
+/// Explains a client-side TLS failure in the CLI's terms.
+pub fn explain_client_error(error: &std::io::Error, endpoint: &str, name: &str) -> HandshakeError {
+    use HandshakeProblem as P;
+    let message = match classify(error) {
+        P::Network(why) => {
+            return HandshakeError {
+                settings: false,
+                message: format!("{endpoint}: {why}"),
+            }
+        }
+        P::Closed => format!(
+            "{endpoint} closed the connection during the TLS handshake: its client port may not speak TLS, or it refused this client's certificate"
+        ),
+        P::UnknownIssuer => format!(
+            "{endpoint}'s certificate is not signed by the CA in --cacert: give the CA that issued the servers' certificates"
+        ),
+        P::WrongName(presented) if presented.is_empty() => format!(
+            "{endpoint}'s certificate is not valid for the name {name}: connect by a name or address in its certificate, or pass --server-name"
+        ),
+        P::WrongName(presented) => format!(
+            "{endpoint}'s certificate is not valid for the name {name} (it names {}): connect by one of those, or pass --server-name NAME",
+            presented.join(", ")
+        ),
+        P::Expired => format!("{endpoint}'s certificate has expired: the server needs a new one"),
+        P::NotYetValid => format!(
+            "{endpoint}'s certificate is not valid yet: check the clocks of this machine and the server"
+        ),
+        P::NotTls => format!(
+            "{endpoint} did not answer in TLS: its client port is plaintext; drop --cacert/--cert/--key, or turn TLS on at the server (cert_file, key_file)"
+        ),
+        P::CertificateRequired => {
+            format!("{endpoint} requires a client certificate signed by a CA it trusts: pass --cert and --key")
+        }
+        P::RefusedOurCertificate => format!(
             "{endpoint} refused this client's certificate (--cert): it is not signed by a CA the server trusts (trusted_ca_file)"
         ),
-        rustls::Error::AlertReceived(AlertDescription::CertificateExpired) => {
+        P::OurCertificateExpired => {
             format!("{endpoint} refused this client's certificate (--cert): it has expired")
         }
-        other => format!("{endpoint}: TLS failed: {other}"),
+        P::Other(what) => format!("{endpoint}: {what}"),
     };
-    settings(message)
+    HandshakeError {
+        settings: true,
+        message,
+    }
 }

@@ -76,6 +76,12 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The certificate the other end of a finished handshake presented, if any
+/// (client and server connections alike).
+pub fn leaf_certificate(connection: &rustls::CommonState) -> Option<&[u8]> {
+    connection.peer_certificates()?.first().map(|leaf| leaf.as_ref())
+}
+
 /// The common name a node's peer certificate must carry.
 pub fn node_common_name(node_id: u64) -> String {
     format!("kvraft-node-{node_id}")

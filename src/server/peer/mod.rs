@@ -157,8 +157,7 @@ async fn connection(stream: TcpStream, remote: SocketAddr, slot: PendingSlot, sh
             ))
         }
     };
-    let leaf = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
-    let node = match leaf.map(|leaf| crate::tls::files::node_identity(leaf)) {
+    let node = match crate::tls::leaf_certificate(stream.get_ref().1).map(crate::tls::files::node_identity) {
         Some(Ok(node)) => node,
         Some(Err(what)) => {
             return Err((
