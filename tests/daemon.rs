@@ -486,41 +486,12 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bootstrap_script_passes_tls_settings_to_the_cli() {
     let pki = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kvraft"))
-        .arg("certs")
-        .arg("init")
-        .arg(pki.path())
-        .args(["--nodes", "1=127.0.0.1,2=127.0.0.1", "--clients", "admin,reader"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "certs init: {}", stderr(&out));
+    support::certs_init(pki.path(), "1=127.0.0.1,2=127.0.0.1", "admin,reader");
     let file = |name: &str| pki.path().join(name).display().to_string();
     let tls_flags = |id: u64| -> Vec<String> {
-        let (cert, key, ca) = (
-            file(&format!("node-{id}.pem")),
-            file(&format!("node-{id}.key")),
-            file("ca.pem"),
-        );
-        [
-            "--cert-file",
-            &cert,
-            "--key-file",
-            &key,
-            "--trusted-ca-file",
-            &ca,
-            "--client-cert-auth",
-            "--client-roles",
-            "admin=admin,reader=read",
-            "--peer-cert-file",
-            &cert,
-            "--peer-key-file",
-            &key,
-            "--peer-trusted-ca-file",
-            &ca,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut flags = support::tls_node_flags(pki.path(), id);
+        flags.extend(["--client-roles".into(), "admin=admin,reader=read".into()]);
+        flags
     };
     let mut cluster = Cluster::empty();
     let seed_peer = format!("127.0.0.1:{}", free_port());

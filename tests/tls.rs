@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,26 +12,9 @@ use kvraft::tls::client::ClientTlsOptions;
 use kvraft::{Client, ClientOptions, Error};
 use raft::prelude::MessageType;
 use support::peer_probe::{connect, forged_append, raft_message, set_command, Probe, ProbeTls};
-use support::{kvraftd_once, stderr, Cluster};
+use support::{certs_init, kvraftd_once, stderr, Cluster};
 
 const T: Duration = Duration::from_secs(30);
-
-/// Runs `kvraft certs init` into `dir`.
-fn certs_init(dir: &Path, nodes: &str, clients: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvraft"))
-        .args([
-            "certs",
-            "init",
-            dir.to_str().unwrap(),
-            "--nodes",
-            nodes,
-            "--clients",
-            clients,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "certs init: {}", stderr(&out));
-}
 
 struct Pki {
     _dir: tempfile::TempDir,
@@ -60,31 +42,9 @@ impl Pki {
     /// Flags for node `id`: TLS on both ports, client certificates required,
     /// and roles for the client identities.
     fn node_flags(&self, id: u64) -> Vec<String> {
-        let (cert, key, ca) = (
-            self.file(&format!("node-{id}.pem")),
-            self.file(&format!("node-{id}.key")),
-            self.file("ca.pem"),
-        );
-        [
-            "--cert-file",
-            &cert,
-            "--key-file",
-            &key,
-            "--trusted-ca-file",
-            &ca,
-            "--client-cert-auth",
-            "--peer-cert-file",
-            &cert,
-            "--peer-key-file",
-            &key,
-            "--peer-trusted-ca-file",
-            &ca,
-            "--client-roles",
-            "admin=admin,writer=write,reader=read",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut flags = support::tls_node_flags(&self.ours, id);
+        flags.extend(["--client-roles".into(), "admin=admin,writer=write,reader=read".into()]);
+        flags
     }
 
     fn client_tls(&self, identity: Option<&str>) -> ClientTlsOptions {
@@ -276,6 +236,14 @@ async fn tls_probe(
     })
 }
 
+/// Says hello and sends the MsgAppend that once made a follower apply
+/// `injected=evil`, as `leader` to `follower`; errors are the node's refusal.
+async fn try_injecting(p: &mut Probe, leader: u64, follower: u64, term: u64, last_index: u64) {
+    let _ = p.hello().await;
+    let forged = forged_append(leader, follower, term, last_index, set_command("injected", "evil"));
+    let _ = p.send(&forged).await;
+}
+
 fn peer_addr(cluster: &Cluster, id: u64) -> String {
     cluster.nodes.iter().find(|n| n.id == id).unwrap().peer_addr.clone()
 }
@@ -319,16 +287,7 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
         Some((admin_cert.as_path(), admin_key.as_path())),
     ] {
         if let Ok(mut p) = tls_probe(&addr, &ca, cert_and_key, cluster_id, leader).await {
-            let _ = p.hello().await;
-            let _ = p
-                .send(&forged_append(
-                    leader,
-                    follower,
-                    term,
-                    100,
-                    set_command("injected", "evil"),
-                ))
-                .await;
+            try_injecting(&mut p, leader, follower, term, 100).await;
             assert!(p.reply(T).await.is_ok(), "the node closes the connection");
         }
     }
@@ -338,16 +297,7 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
     let mut p = tls_probe(&addr, &ca, Some((&impostor_cert, &impostor_key)), cluster_id, leader)
         .await
         .unwrap();
-    let _ = p.hello().await;
-    let _ = p
-        .send(&forged_append(
-            leader,
-            follower,
-            term,
-            100,
-            set_command("injected", "evil"),
-        ))
-        .await;
+    try_injecting(&mut p, leader, follower, term, 100).await;
     assert_eq!(
         p.reply(T).await,
         Ok(None),
@@ -361,16 +311,7 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
     let mut p = tls_probe(&addr, &ca, Some((&other_cert, &other_key)), cluster_id, leader)
         .await
         .unwrap();
-    p.hello().await.unwrap();
-    let _ = p
-        .send(&forged_append(
-            leader,
-            follower,
-            term,
-            last,
-            set_command("injected", "evil"),
-        ))
-        .await;
+    try_injecting(&mut p, leader, follower, term, last).await;
     assert_eq!(p.reply(T).await, Ok(None), "closed without a word");
 
     // The same certificate speaking as itself, but the message claims the leader.

@@ -351,6 +351,52 @@ pub fn kvraft_cli(endpoints: &str, args: &[&str]) -> Output {
         .expect("run kvraft")
 }
 
+/// Runs `kvraft certs init DIR --nodes NODES --clients CLIENTS`, as a user would.
+pub fn certs_init(dir: &std::path::Path, nodes: &str, clients: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvraft"))
+        .args([
+            "certs",
+            "init",
+            dir.to_str().unwrap(),
+            "--nodes",
+            nodes,
+            "--clients",
+            clients,
+        ])
+        .output()
+        .expect("run kvraft certs init");
+    assert!(out.status.success(), "certs init: {}", stderr(&out));
+}
+
+/// Flags for node `id` with certificates from a `certs init` directory: TLS
+/// on both ports and client certificates required.
+pub fn tls_node_flags(certs: &std::path::Path, id: u64) -> Vec<String> {
+    let file = |name: String| certs.join(name).display().to_string();
+    let (cert, key, ca) = (
+        file(format!("node-{id}.pem")),
+        file(format!("node-{id}.key")),
+        file("ca.pem".into()),
+    );
+    [
+        "--cert-file",
+        &cert,
+        "--key-file",
+        &key,
+        "--trusted-ca-file",
+        &ca,
+        "--client-cert-auth",
+        "--peer-cert-file",
+        &cert,
+        "--peer-key-file",
+        &key,
+        "--peer-trusted-ca-file",
+        &ca,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Runs `kvraftd` to completion (for flag and data dir errors).
 pub fn kvraftd_once(args: &[&str], timeout: Duration) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvraftd"))
