@@ -293,14 +293,16 @@ impl NodeConfig {
                 check_host_port(addr).map_err(|e| invalid(key, format!("{addr:?}: {e}")))?;
             }
         }
+        self.validate_advertised()?;
         if let Some(spec) = &self.initial_cluster {
-            parse_initial_cluster(spec).map_err(|e| invalid("initial_cluster", e))?;
+            let members = parse_initial_cluster(spec).map_err(|e| invalid("initial_cluster", e))?;
             if self.join {
                 return Err(invalid(
                     "join",
                     "join and initial_cluster exclude each other: a joining node learns the members from the cluster",
                 ));
             }
+            self.validate_own_member(&members)?;
         }
         if !self.otlp_endpoint.is_empty() && !self.otlp_endpoint.starts_with("http://") {
             return Err(invalid(
@@ -332,6 +334,71 @@ impl NodeConfig {
             ));
         }
         self.validate_tls()
+    }
+
+    /// A listener on every interface (0.0.0.0, [::]) has no address others
+    /// could dial: the advertised one must be given.
+    fn validate_advertised(&self) -> Result<(), Invalid> {
+        for (key, addr, advertised, advertise_key) in [
+            (
+                "client_addr",
+                &self.client_addr,
+                &self.advertise_client_addr,
+                "advertise_client_addr",
+            ),
+            (
+                "peer_addr",
+                &self.peer_addr,
+                &self.advertise_peer_addr,
+                "advertise_peer_addr",
+            ),
+        ] {
+            if advertised.is_none() && is_wildcard(addr) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{addr:?} listens on every interface, so it needs {advertise_key}: the address other nodes and clients should dial"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The initial members must include this node, at the peer address it
+    /// advertises, or the cluster it bootstraps could never reach it. Checked
+    /// here whenever the address is known before binding (not for port 0 or
+    /// a host name, which startup checks against the bound address).
+    fn validate_own_member(&self, members: &[(u64, String)]) -> Result<(), Invalid> {
+        let Some((_, listed)) = members.iter().find(|(id, _)| *id == self.id) else {
+            return Err(invalid(
+                "initial_cluster",
+                format!(
+                    "does not list this node (id {}); list every initial member, this one included",
+                    self.id
+                ),
+            ));
+        };
+        let advertised = match &self.advertise_peer_addr {
+            Some(addr) => Some(addr.clone()),
+            None => self
+                .peer_addr
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .filter(|addr| addr.port() != 0)
+                .map(|addr| addr.to_string()),
+        };
+        match advertised {
+            Some(advertised) if *listed != advertised => Err(invalid(
+                "initial_cluster",
+                format!(
+                    "gives node {} the peer address {listed}, but this node advertises {advertised}; \
+                     make them agree (see peer_addr / advertise_peer_addr)",
+                    self.id
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// TLS settings come in groups; say which part of a group is missing.
@@ -436,6 +503,14 @@ pub fn check_host_port(addr: &str) -> Result<(), String> {
     port.parse::<u16>()
         .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
     Ok(())
+}
+
+/// True for `0.0.0.0:PORT`, `[::]:PORT` and the like: a bind address, never
+/// one to dial.
+fn is_wildcard(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified())
 }
 
 /// Parses `ID=HOST:PORT,ID=HOST:PORT,...`.

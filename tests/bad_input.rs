@@ -165,21 +165,52 @@ async fn bad_daemon_flags_name_what_is_wrong() {
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (
             vec!["--id", "0"],
-            2,
+            78,
             "id (from command-line flag) must be a positive integer",
         ),
         (vec!["--id", "x"], 2, "invalid value"),
         (
             vec!["--initial-cluster", "1=nohost"],
-            2,
+            78,
             "initial_cluster (from command-line flag) entry \"1=nohost\"",
         ),
-        (vec!["--initial-cluster", "1=a:1,1=b:2"], 2, "twice"),
-        (vec!["--client-addr", "127.0.0.1"], 2, "client_addr"),
-        (vec!["--election-ticks", "1"], 2, "election_ticks"),
-        (vec!["--join", "--initial-cluster", "1=a:1"], 2, "exclude each other"),
+        (vec!["--initial-cluster", "1=a:1,1=b:2"], 78, "twice"),
+        (vec!["--client-addr", "127.0.0.1"], 78, "client_addr"),
+        (vec!["--election-ticks", "1"], 78, "election_ticks"),
+        (vec!["--join", "--initial-cluster", "1=a:1"], 78, "exclude each other"),
         (vec!["--no-such-flag"], 2, "unexpected argument"),
-        (vec!["--config", "/nonexistent/kvraft.toml"], 2, "no such file"),
+        (
+            vec!["--client-addr", "0.0.0.0:7379"],
+            78,
+            "client_addr (from command-line flag) \"0.0.0.0:7379\" listens on every interface, so it needs advertise_client_addr",
+        ),
+        (
+            vec!["--peer-addr", "[::]:7380", "--advertise-client-addr", "h:1"],
+            78,
+            "peer_addr (from command-line flag) \"[::]:7380\" listens on every interface, so it needs advertise_peer_addr",
+        ),
+        (
+            vec![
+                "--peer-addr",
+                "127.0.0.1:7380",
+                "--initial-cluster",
+                "1=127.0.0.2:7380,2=127.0.0.1:7381",
+            ],
+            78,
+            "gives node 1 the peer address 127.0.0.2:7380, but this node advertises 127.0.0.1:7380",
+        ),
+        (
+            vec![
+                "--advertise-peer-addr",
+                "node1:7380",
+                "--initial-cluster",
+                "1=node1:7381",
+            ],
+            78,
+            "gives node 1 the peer address node1:7381, but this node advertises node1:7380",
+        ),
+        (vec!["--initial-cluster", ""], 78, "is empty"),
+        (vec!["--config", "/nonexistent/kvraft.toml"], 78, "no such file"),
         (
             vec![
                 "--data-dir",
@@ -193,8 +224,8 @@ async fn bad_daemon_flags_name_what_is_wrong() {
                 "--initial-cluster",
                 "1=127.0.0.1:1,2=127.0.0.1:2",
             ],
-            1,
-            "does not list this node",
+            78,
+            "initial_cluster (from command-line flag) does not list this node (id 5)",
         ),
     ];
     for (args, code, expect) in cases {
@@ -224,7 +255,11 @@ async fn a_data_dir_of_another_node_is_refused() {
         ],
         T,
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "a data dir of another node is a configuration error"
+    );
     assert!(stderr(&out).contains("belongs to node 1"), "{}", stderr(&out));
     // Nothing was lost: node 1 starts on it again with its data.
     cluster.start(1);

@@ -76,7 +76,11 @@ fn config_errors_name_the_key_the_source_and_what_is_allowed() {
 
     std::fs::write(&file, "client_adr = \"127.0.0.1:1\"\n").unwrap();
     let out = print_config(&["--config", path], &[]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "a configuration error exits 78 (EX_CONFIG)"
+    );
     let err = stderr(&out);
     assert!(
         err.contains("unknown key `client_adr`") && err.contains("client_addr") && err.contains(path),

@@ -568,31 +568,31 @@ async fn bad_tls_settings_and_files_are_refused_at_start_with_the_reason() {
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (
             vec!["--cert-file", &n1],
-            2,
+            78,
             "cert_file (from command-line flag) needs key_file too",
         ),
         (
             vec!["--peer-cert-file", &n1, "--peer-key-file", &k1],
-            2,
+            78,
             "peer_cert_file (from command-line flag) needs peer_trusted_ca_file too",
         ),
         (
             vec!["--client-roles", "a=admin"],
-            2,
+            78,
             "client_roles (from command-line flag) needs client_cert_auth",
         ),
         (
             vec!["--cert-file", &n1, "--key-file", &k1, "--client-cert-auth"],
-            2,
+            78,
             "client_cert_auth (from command-line flag) needs trusted_ca_file",
         ),
-        (vec!["--cert-file", &missing, "--key-file", &k1], 1, "cert_file"),
+        (vec!["--cert-file", &missing, "--key-file", &k1], 78, "cert_file"),
         (
             vec!["--cert-file", &n1, "--key-file", &k2],
-            1,
+            78,
             "does not belong to the private key in key_file",
         ),
-        (vec!["--cert-file", &expired, "--key-file", &k1], 1, "expired on"),
+        (vec!["--cert-file", &expired, "--key-file", &k1], 78, "expired on"),
         (
             vec![
                 "--peer-cert-file",
@@ -602,7 +602,7 @@ async fn bad_tls_settings_and_files_are_refused_at_start_with_the_reason() {
                 "--peer-trusted-ca-file",
                 &ca,
             ],
-            1,
+            78,
             "but this is node 1",
         ),
         (
@@ -615,7 +615,7 @@ async fn bad_tls_settings_and_files_are_refused_at_start_with_the_reason() {
                 &k1,
                 "--client-cert-auth",
             ],
-            1,
+            78,
             "trusted_ca_file",
         ),
     ];

@@ -31,6 +31,15 @@ struct Cli {
     args: DaemonArgs,
 }
 
+/// Exit status when the settings (flags, file, environment) or the data dir
+/// don't fit: sysexits' EX_CONFIG. Distinct from 1 (a failure at run time) and
+/// 2 (unusable command line) so that a service manager can stop restarting a
+/// node that would only fail the same way again (`RestartPreventExitStatus=78`).
+pub const EXIT_CONFIG: i32 = 78;
+/// Exit status of a failure at run time: storage, a port already taken, a
+/// second signal during a graceful stop.
+pub const EXIT_FAILURE: i32 = 1;
+
 /// Runs the daemon; returns the process exit status.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -40,7 +49,7 @@ pub fn main() -> i32 {
         Ok(config) => config,
         Err(e) => {
             eprintln!("kvraftd: {e}");
-            return 2;
+            return EXIT_CONFIG;
         }
     };
     if print_config {
@@ -51,14 +60,14 @@ pub fn main() -> i32 {
         Ok(logging) => logging,
         Err(e) => {
             eprintln!("kvraftd: {e}");
-            return 2;
+            return EXIT_CONFIG;
         }
     };
     let prometheus = match crate::metrics::install() {
         Ok(handle) => handle,
         Err(e) => {
             eprintln!("kvraftd: {e}");
-            return 1;
+            return EXIT_FAILURE;
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -83,14 +92,17 @@ async fn run(
         Ok(s) => s,
         Err(e) => {
             eprintln!("kvraftd: cannot install signal handlers: {e}");
-            return 1;
+            return EXIT_FAILURE;
         }
     };
     let node = match crate::server::start(config.clone()).await {
         Ok(node) => node,
         Err(e) => {
             eprintln!("kvraftd: {e}");
-            return 1;
+            return match e {
+                crate::node::startup::StartError::Config(_) => EXIT_CONFIG,
+                _ => EXIT_FAILURE,
+            };
         }
     };
     let _http = if config.metrics_addr.is_empty() {
@@ -116,7 +128,7 @@ async fn run(
                     config.metrics_addr
                 );
                 let _ = node.shutdown(Duration::from_secs(1)).await;
-                return 1;
+                return EXIT_FAILURE;
             }
         }
     };
@@ -166,7 +178,7 @@ async fn run(
                     }
                     Err(e) => {
                         eprintln!("kvraftd: {e}");
-                        1
+                        EXIT_FAILURE
                     }
                 };
             }
@@ -176,12 +188,12 @@ async fn run(
                     // renamed snapshot files), so stopping now loses nothing
                     // that was acknowledged.
                     warn!("second signal: exiting at once");
-                    return 1;
+                    return EXIT_FAILURE;
                 }
             }
             _ = tokio::time::sleep(timeout + Duration::from_secs(1)) => {
                 error!(?timeout, "graceful shutdown took too long; exiting");
-                return 1;
+                return EXIT_FAILURE;
             }
         }
     }
