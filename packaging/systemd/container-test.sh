@@ -214,6 +214,25 @@ in_ct 'for i in $(seq 20); do v=$(kvraft get greeting 2>/dev/null) && break; sle
   fail "the value written before the watchdog restart is gone"
 echo "   watchdog timeout -> restarted after ~${i} s; data intact"
 
+step "a configuration error (exit 78) fails the unit at once: no restart loop"
+in_ct 'mkdir -p /run/systemd/system/kvraft.service.d &&
+  printf "[Service]\nEnvironment=KVRAFT_ELECTION_TICKS=1\n" >/run/systemd/system/kvraft.service.d/zz-bad.conf &&
+  systemctl daemon-reload'
+in_ct 'systemctl restart kvraft.service' && fail "kvraft.service started with election_ticks = 1"
+# With Restart=on-failure a restartable exit would leave the unit
+# "activating (auto-restart)"; a prevented one leaves it failed. (NRestarts
+# counts automatic restarts since the manual one.)
+state="$(in_ct 'for p in ActiveState SubState ExecMainStatus NRestarts; do systemctl show -p $p --value kvraft.service; done' | paste -sd' ')"
+[ "$state" = "failed failed 78 0" ] ||
+  fail "after a configuration error: ActiveState SubState ExecMainStatus NRestarts = '$state', expected 'failed failed 78 0'"
+in_ct 'journalctl -u kvraft.service --no-pager -o cat | grep -q "election_ticks (from environment variable KVRAFT_ELECTION_TICKS)"' ||
+  fail "the journal does not say which setting was wrong"
+in_ct 'rm /run/systemd/system/kvraft.service.d/zz-bad.conf && systemctl daemon-reload && systemctl reset-failed kvraft.service &&
+  systemctl start kvraft.service' || fail "kvraft.service did not start again once the setting was fixed"
+in_ct 'for i in $(seq 20); do v=$(kvraft get greeting 2>/dev/null) && break; sleep 1; done; test "$v" = hello' ||
+  fail "the value written before is gone after the configuration error"
+echo "   exit 78, unit failed with no restart, the journal names the key; fixed and started again, data intact"
+
 # ---------------------------------------------------------- kvraft@.service --
 step "kvraft@node1..3: three instances form a cluster"
 in_ct 'systemctl start kvraft@node1 kvraft@node2 kvraft@node3' || fail "starting the template instances failed"
