@@ -1,92 +1,97 @@
 {
   description = "kvraft: a replicated key-value store on Raft";
 
-  # No flake.lock is committed yet: the first `nix flake lock` (or any nix
-  # command on this flake) pins nixpkgs; commit the lock file it writes.
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  # A supported NixOS release (26.05: security fixes until the end of 2026),
+  # locked in flake.lock to one revision. To move the lock forward, run
+  # `nix flake update` on a networked machine and commit flake.lock; for the
+  # next release, change the ref here first. Needs Nix 2.18 or newer with the
+  # nix-command and flakes features.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
-  outputs = { self, nixpkgs }:
+  outputs =
+    { self, nixpkgs }:
     let
       lib = nixpkgs.lib;
-      systems = [ "x86_64-linux" "aarch64-linux" ];
-      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
-      cargoToml = lib.importTOML ./Cargo.toml;
-
-      # raft-proto's build script (protobuf-build 0.14) runs `protoc` only to
-      # write a FileDescriptorSet, and accepts only a protoc that reports
-      # version 3.x; otherwise it runs the prebuilt protoc bundled in the
-      # crate, an FHS binary that cannot run in the Nix sandbox or on NixOS.
-      # This shim reports 3.x and runs the current protoc. (kvraft's own proto
-      # is compiled by protox, in Rust: no protoc.)
-      protocShimFor = pkgs: pkgs.writeShellScriptBin "protoc" ''
-        if [ "$1" = "--version" ]; then echo "libprotoc 3.21.12"; exit 0; fi
-        exec ${pkgs.protobuf}/bin/protoc "$@"
-      '';
-
-      kvraftFor = pkgs:
-        pkgs.rustPlatform.buildRustPackage {
-          pname = "kvraft";
-          version = cargoToml.package.version;
-          src = lib.cleanSourceWith {
-            src = ./.;
-            filter = path: type:
-              let base = baseNameOf path; in
-              !(type == "directory" && lib.elem base [ "target" "kvraft-data" "result" ]);
-          };
-          cargoLock.lockFile = ./Cargo.lock;
-          nativeBuildInputs = [ (protocShimFor pkgs) ];
-          # The test suite starts real kvraftd processes that bind loopback
-          # ports and waits on wall-clock timeouts; it runs in CI (.ci/run),
-          # not in the build sandbox. The NixOS VM test (checks) exercises the
-          # built binaries.
-          doCheck = false;
-          postInstall = ''
-            install -Dm644 packaging/kvraft.example.toml $out/share/doc/kvraft/kvraft.example.toml
-          '';
-          meta = {
-            description = cargoToml.package.description;
-            license = lib.licenses.asl20;
-            mainProgram = "kvraftd";
-            platforms = lib.platforms.linux;
-          };
-        };
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
+      app = package: name: description: {
+        type = "app";
+        program = "${package}/bin/${name}";
+        meta = { inherit description; };
+      };
     in
     {
-      packages = forAllSystems (pkgs: rec {
-        kvraft = kvraftFor pkgs;
-        default = kvraft;
-      });
+      # `nix build`: kvraftd and the kvraft CLI, with the unit tests run in
+      # the build.
+      packages = forAllSystems (
+        _system: pkgs: rec {
+          kvraft = pkgs.callPackage ./nix/package.nix { };
+          default = kvraft;
+        }
+      );
 
-      overlays.default = final: _prev: { kvraft = kvraftFor final; };
+      # `nix run .#kvraft -- get k` is the CLI; `nix run` (or .#kvraftd) a
+      # one-node server on 127.0.0.1 with its data in ./kvraft-data.
+      apps = forAllSystems (
+        system: _pkgs:
+        let
+          package = self.packages.${system}.kvraft;
+        in
+        rec {
+          kvraft = app package "kvraft" "The kvraft CLI: set, get, delete, scan, members, add-node, bench, certs";
+          kvraftd = app package "kvraftd" "A kvraft node (a one-node cluster on 127.0.0.1 without flags)";
+          default = kvraftd;
+        }
+      );
+
+      overlays.default = final: _prev: { kvraft = final.callPackage ./nix/package.nix { }; };
 
       # services.kvraft; the package defaults to this flake's build.
-      nixosModules.default = { pkgs, ... }: {
-        imports = [ ./nix/module.nix ];
-        services.kvraft.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-      };
-
-      devShells = forAllSystems (pkgs: {
-        default = pkgs.mkShell {
-          packages = with pkgs; [
-            cargo
-            rustc
-            clippy
-            rustfmt
-            cargo-nextest
-            # promtool (prometheus' "cli" output in current nixpkgs)
-            (prometheus.cli or prometheus)
-            docker-compose
-          ] ++ [ (protocShimFor pkgs) ];
+      nixosModules.default =
+        { pkgs, ... }:
+        {
+          imports = [ ./nix/module.nix ];
+          services.kvraft.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
         };
-      });
 
-      checks = forAllSystems (pkgs: {
-        package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-        # Three NixOS VMs form a cluster from a static initialCluster and
-        # serve a set/get through the kvraft CLI. Needs KVM to be quick.
-        vm-test = import ./nix/vm-test.nix { inherit pkgs self; };
-      });
+      # `nix flake check`: runs without KVM.
+      checks = forAllSystems (
+        system: pkgs: {
+          # The build runs the unit tests (doCheck).
+          package = self.packages.${system}.kvraft;
+          # services.kvraft evaluated as real NixOS systems: good settings
+          # render files kvraftd accepts, bad ones fail with their assertion.
+          module = import ./nix/module-check.nix { inherit pkgs self nixpkgs; };
+        }
+      );
 
-      formatter = forAllSystems (pkgs: pkgs.nixpkgs-fmt);
+      # Needs KVM (`kvm` in the machine's system-features), so it is not in
+      # `checks`: nix build .#vm-test -L
+      legacyPackages = forAllSystems (
+        _system: pkgs: {
+          vm-test = import ./nix/vm-test.nix { inherit pkgs self; };
+        }
+      );
+
+      devShells = forAllSystems (
+        _system: pkgs: {
+          default = pkgs.mkShell {
+            inputsFrom = [ self.packages.${pkgs.stdenv.hostPlatform.system}.kvraft ];
+            packages = with pkgs; [
+              clippy
+              rustfmt
+              cargo-nextest
+              (prometheus.cli or prometheus) # promtool
+              docker-compose
+              nixfmt
+            ];
+          };
+        }
+      );
+
+      formatter = forAllSystems (_system: pkgs: pkgs.nixfmt);
     };
 }

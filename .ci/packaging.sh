@@ -4,7 +4,9 @@
 #      `systemd-analyze security` exposure <= 1.5 ("OK") for both units, alone
 #      and with their TLS drop-ins (kvraft.service.d/, kvraft@.service.d/);
 #   2. every .nix file parses (nix-instantiate --parse; a full `nix build`
-#      needs nixpkgs, which this machine can't fetch);
+#      needs nixpkgs, which this machine can't fetch; tests/nix_packaging.rs
+#      evaluates the flake and the module with nixpkgs' lib), and the static
+#      binaries below are built from the flake package's source set;
 #   3. docker-compose.yml is valid (also with docker-compose.plaintext.yml), and
 #      the Prometheus config if promtool is here;
 #   4. packaging/systemd/container-test.sh: both units run under a real systemd
@@ -52,9 +54,16 @@ docker-compose version >/dev/null 2>&1 || docker compose version >/dev/null 2>&1
 echo "$(systemd-analyze --version | head -1); $(nix-instantiate --version); $(docker --version)"
 
 # ------------------------------------------------------ static binaries --
-section "static release build of kvraftd and kvraft ($TRIPLE, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --locked --release --target "$TRIPLE" --bin kvraftd --bin kvraft
+# Built from the flake package's own source (nix/source.nix, copied to the
+# store by lib.fileset.toSource, evaluated with nixpkgs' lib): proof that the
+# set holds everything cargo needs.
+NIXPKGS_LIB="${KVRAFT_NIXPKGS_LIB:-$PWD/../shared/vendor/nixpkgs-lib/lib}"
+NIX_SRC="$(nix-instantiate --eval --strict --json --read-write-mode tests/nix/eval-flake.nix \
+  --arg lib "import $NIXPKGS_LIB" -A package.src | tr -d '"')"
+[ -f "$NIX_SRC/Cargo.toml" ] || fail "the flake's source set did not evaluate to a directory ($NIX_SRC)"
+section "static release build of kvraftd and kvraft from the Nix source set $NIX_SRC ($TRIPLE, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+(cd "$NIX_SRC" && RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build --locked --release --target "$TRIPLE" --bin kvraftd --bin kvraft)
 KVRAFTD="$CARGO_TARGET_DIR/$TRIPLE/release/kvraftd"
 "$KVRAFTD" --version
 

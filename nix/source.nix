@@ -1,0 +1,11 @@
+# The files cargo needs to build and unit-test kvraft, and nothing else
+# (tests/nix_packaging.rs builds from a copy of exactly this set).
+{ lib }:
+
+lib.fileset.unions [
+  ../Cargo.toml
+  ../Cargo.lock
+  ../build.rs
+  ../proto
+  ../src
+]
