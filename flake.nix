@@ -92,6 +92,8 @@
         }
       );
 
-      formatter = forAllSystems (_system: pkgs: pkgs.nixfmt);
+      # nixfmt over the whole tree (plain nixfmt would wait on stdin under
+      # `nix fmt`, which passes no arguments since Nix 2.25).
+      formatter = forAllSystems (_system: pkgs: pkgs.nixfmt-tree);
     };
 }

@@ -8,12 +8,11 @@
   pkgs,
   self,
   nixpkgs,
+  cases ? import ../tests/nix/module-cases.nix,
 }:
 
 let
   lib = nixpkgs.lib;
-  cases = import ../tests/nix/module-cases.nix;
-  system = pkgs.stdenv.hostPlatform.system;
 
   evalCase =
     options:
@@ -21,7 +20,8 @@ let
       modules = [
         self.nixosModules.default
         {
-          nixpkgs.hostPlatform = system;
+          # The flake's nixpkgs (and its platform), not a new instance per case.
+          nixpkgs.pkgs = pkgs;
           # Enough of a system to evaluate: no boot loader, no file systems.
           boot.isContainer = true;
           system.stateVersion = "26.05";

@@ -89,7 +89,8 @@ pkgs.testers.runNixOSTest {
     everyone = initial + [node4]
 
     def leader_elected(nodes_arg):
-        node1.wait_until_succeeds(f"{kv} {nodes_arg} members | grep -q leader", timeout=90)
+        # grep without -q reads all of the CLI's output: no SIGPIPE under pipefail.
+        node1.wait_until_succeeds(f"{kv} {nodes_arg} members | grep leader >/dev/null", timeout=90)
 
     def stop_cleanly(m):
         m.succeed("systemctl stop kvraft")
@@ -128,7 +129,7 @@ pkgs.testers.runNixOSTest {
             f"test \"$({kv} --endpoints node4:7379 --serializable get greeting)\" = hello", timeout=90
         )
         # Promoted from learner to voter once caught up.
-        node1.wait_until_succeeds(f"{kv} {endpoints} members | grep '^4 ' | grep -qv learner", timeout=90)
+        node1.wait_until_succeeds(f"{kv} {endpoints} members | grep '^4 ' | grep -v learner >/dev/null", timeout=90)
         print(node1.succeed(f"{kv} {endpoints} members"))
 
     with subtest("the keys reach the dynamic user only as credentials"):
@@ -142,7 +143,7 @@ pkgs.testers.runNixOSTest {
         node1.succeed("curl -fsS --cacert ${pki}/ca.pem https://node4:9379/ready")
 
     with subtest("the unit is sandboxed, reports status and reloads"):
-        node1.succeed("systemctl show kvraft -p StatusText --value | grep -q term")
+        node1.succeed("systemctl show kvraft -p StatusText --value | grep term >/dev/null")
         node1.succeed("test \"$(stat -c %a /var/lib/private/kvraft)\" = 700")
         pid = node1.succeed("systemctl show kvraft -p MainPID --value").strip()
         node1.succeed(f"grep -q '^NoNewPrivs:[[:space:]]*1' /proc/{pid}/status")

@@ -294,6 +294,32 @@ fn bad_module_settings_fail_evaluation_where_kvraftd_would_fail_to_start() {
 }
 
 #[test]
+fn the_module_without_the_flake_builds_the_package_from_the_checkout() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let with_overlay = eval_case(&lib, "good", "defaults");
+    let alone = nix_eval(
+        &lib,
+        "eval-module.nix",
+        &[("group", "good"), ("case", "defaults"), ("package", "checkout")],
+    )
+    .unwrap_or_else(|e| panic!("nix/module.nix imported alone: {e}"));
+    assert!(
+        with_overlay["standInPackage"]
+            .as_str()
+            .unwrap()
+            .ends_with("-kvraft-stand-in"),
+        "pkgs.kvraft when the overlay provides it"
+    );
+    let package = alone["standInPackage"].as_str().unwrap();
+    let built = format!("-kvraft-{}", env!("CARGO_PKG_VERSION"));
+    assert!(package.ends_with(&built), "nix/package.nix otherwise: {package}");
+    assert_eq!(
+        alone["serviceConfig"]["ExecStart"].as_str().unwrap(),
+        format!("{package}/bin/kvraftd --config /etc/kvraft/kvraft.toml")
+    );
+}
+
+#[test]
 fn the_flake_offers_the_cli_the_server_and_checks_that_need_no_kvm() {
     let Some(lib) = nixpkgs_lib() else { return };
     let flake = nix_eval(&lib, "eval-flake.nix", &[]).unwrap_or_else(|e| panic!("flake.nix: {e}"));
@@ -317,7 +343,7 @@ fn the_flake_offers_the_cli_the_server_and_checks_that_need_no_kvm() {
     assert_eq!(strings(&flake["packages"]), ["default", "kvraft"]);
     assert_eq!(flake["hasOverlay"], true);
     assert_eq!(flake["hasModule"], true);
-    assert_eq!(flake["hasFormatter"], "nixfmt");
+    assert_eq!(flake["hasFormatter"], "nixfmt-tree");
     assert_eq!(package["doCheck"], true, "the unit tests run in the build");
     assert_eq!(strings(&package["cargoTestFlags"]), ["--lib", "--bins"]);
     assert_eq!(package["mainProgram"], "kvraft");
@@ -347,6 +373,29 @@ fn the_flake_offers_the_cli_the_server_and_checks_that_need_no_kvm() {
     assert!(
         node["locked"]["lastModified"].as_u64().unwrap() > 1_780_000_000,
         "locked after 26.05 was branched"
+    );
+}
+
+#[test]
+fn the_flakes_module_check_builds_every_good_case_and_rejects_a_wrong_expectation() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    // checks.module, with a stand-in for lib.nixosSystem: every good case
+    // evaluates as a system and its configuration file is an input.
+    let flake = nix_eval(&lib, "eval-flake.nix", &[]).unwrap_or_else(|e| panic!("flake.nix: {e}"));
+    let build = flake["moduleCheck"].as_str().unwrap();
+    for name in case_names("good") {
+        assert!(
+            build.contains(&format!("-kvraft.toml $out/{name}.toml\n")),
+            "{name}: {build}"
+        );
+    }
+    // A bad case whose expected message no assertion has fails the check.
+    let err = nix_eval(&lib, "eval-flake.nix", &[("mutate", "wrong-message")]).unwrap_err();
+    assert!(
+        err.contains(
+            "bad case join-and-initial-cluster: expected a failed assertion containing \"a message no assertion has\""
+        ),
+        "{err}"
     );
 }
 

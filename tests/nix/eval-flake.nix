@@ -8,58 +8,21 @@
 {
   lib,
   rustcVersion ? "1.88.0",
+  # "wrong-message": checks.module given a bad case whose expected message
+  # no assertion has, which it must reject.
+  mutate ? "none",
 }:
 
 let
-  # nixpkgs' lib.fileset reads file types with builtins.readFileType (Nix
-  # 2.14); Debian's Nix 2.8 has builtins.readDir, which says the same.
-  libWithOldNix = lib.extend (
-    _final: prev: {
-      filesystem = prev.filesystem // {
-        pathType =
-          path:
-          if builtins ? readFileType then
-            builtins.readFileType path
-          else if dirOf path == path then
-            "directory"
-          else
-            (builtins.readDir (dirOf path)).${baseNameOf path};
-      };
-    }
-  );
-
-  standInDrv = name: {
-    type = "derivation";
-    inherit name;
-    outPath = "/nix/store/00000000000000000000000000000000-${name}";
-  };
-
-  pkgsFor = system: rec {
-    lib = libWithOldNix;
-    stdenv.hostPlatform.system = system;
-    rustc.version = rustcVersion;
-    # What the package asks of the build, as the value to check.
-    rustPlatform.buildRustPackage = args: args // standInDrv "${args.pname}-${args.version}";
-    buildPackages = {
-      writeShellScriptBin = name: _text: standInDrv name;
-      protobuf = standInDrv "protobuf";
-    };
-    callPackage =
-      fn: extra:
-      import fn (
-        {
-          inherit lib rustc rustPlatform buildPackages;
-        }
-        // extra
-      );
-    nixfmt = standInDrv "nixfmt";
-  };
+  standIns = import ./stand-ins.nix { inherit lib rustcVersion; };
+  libWithOldNix = standIns.libWithOldNix;
+  pkgsFor = standIns.pkgsFor;
   systems = [
     "x86_64-linux"
     "aarch64-linux"
   ];
   nixpkgs = {
-    lib = libWithOldNix;
+    lib = standIns.libWithNixosSystem;
     legacyPackages = libWithOldNix.genAttrs systems pkgsFor;
   };
 
@@ -69,6 +32,18 @@ let
   };
   system = "x86_64-linux";
   package = self.packages.${system}.kvraft;
+  cases = import ./module-cases.nix;
+  moduleCheck =
+    if mutate == "wrong-message" then
+      import ../../nix/module-check.nix {
+        inherit self nixpkgs;
+        pkgs = pkgsFor system;
+        cases = lib.recursiveUpdate cases {
+          bad.join-and-initial-cluster.message = "a message no assertion has";
+        };
+      }
+    else
+      self.checks.${system}.module;
 in
 {
   inputUrl = flake.inputs.nixpkgs.url;
@@ -93,6 +68,9 @@ in
     src = "${package.src}";
     lockFile = toString package.cargoLock.lockFile;
   };
+  # What checks.module builds: each good case's configuration file (their
+  # checkConfig steps are its inputs).
+  moduleCheck = moduleCheck.buildCommand;
   # The files of the source set, as paths in this checkout.
   sourceFiles = map toString (
     libWithOldNix.fileset.toList (import ../../nix/source.nix { lib = libWithOldNix; })

@@ -4,10 +4,13 @@
 # Run by tests/nix_packaging.rs:
 #   nix-instantiate --eval --strict --json --read-write-mode tests/nix/eval-module.nix \
 #     --arg lib 'import <nixpkgs-lib>' --argstr group good --argstr case defaults
+#     [--argstr package checkout]
 {
   lib,
   group,
   case,
+  # "overlay": pkgs.kvraft exists (the flake's overlay); "checkout": it doesn't.
+  package ? "overlay",
 }:
 
 let
@@ -15,117 +18,24 @@ let
   entry = cases.${group}.${case};
   options = if group == "good" then entry else entry.options;
 
-  # A derivation as far as the module can tell: an out path to interpolate.
-  standInDrv = name: {
-    type = "derivation";
-    inherit name;
-    outPath = "/nix/store/00000000000000000000000000000000-${name}";
-  };
-
-  # nixpkgs renders formats.toml with remarshal; kvraftd's configuration is
-  # flat, so scalars (and lists of them) as TOML is all this stand-in needs.
-  tomlValue =
-    v:
-    if builtins.isBool v then
-      lib.boolToString v
-    else if builtins.isInt v || builtins.isFloat v then
-      toString v
-    else if builtins.isString v then
-      builtins.toJSON v # a JSON string is a TOML basic string
-    else if builtins.isList v then
-      "[ ${lib.concatMapStringsSep ", " tomlValue v} ]"
-    else
-      throw "stand-in formats.toml: ${builtins.typeOf v} values are not supported";
-
-  pkgs = {
-    kvraft = standInDrv "kvraft-stand-in";
-    coreutils = standInDrv "coreutils-stand-in";
-    stdenv = {
-      buildPlatform.canExecute = _: true;
-      hostPlatform = { };
-    };
-    formats.toml = _: {
-      type =
-        with lib.types;
-        attrsOf (oneOf [
-          bool
-          int
-          float
-          str
-          (listOf (oneOf [
-            bool
-            int
-            float
-            str
-          ]))
-        ]);
-      generate =
-        name: value:
-        builtins.toFile name (
-          lib.concatStrings (lib.mapAttrsToList (k: v: "${k} = ${tomlValue v}\n") value)
-        );
-    };
-    # The build step that checks the file: kept as text, which the test runs
-    # with the real kvraftd in place of the stand-in package.
-    runCommandLocal =
-      name: _env: buildCommand:
-      standInDrv name // { inherit buildCommand; };
-  };
-
-  # The NixOS options services.kvraft sets, typed loosely.
-  nixosStandIns =
-    { lib, ... }:
-    with lib;
-    {
-      options = {
-        assertions = mkOption {
-          type = types.listOf types.unspecified;
-          default = [ ];
-        };
-        warnings = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-        };
-        environment.systemPackages = mkOption {
-          type = types.listOf types.package;
-          default = [ ];
-        };
-        environment.etc = mkOption {
-          type = types.attrsOf (types.attrsOf types.anything);
-          default = { };
-        };
-        networking.firewall.allowedTCPPorts = mkOption {
-          type = types.listOf types.port;
-          default = [ ];
-        };
-        networking.firewall.interfaces = mkOption {
-          type = types.attrsOf (
-            types.submodule {
-              options.allowedTCPPorts = mkOption {
-                type = types.listOf types.port;
-                default = [ ];
-              };
-            }
-          );
-          default = { };
-        };
-        systemd.services = mkOption {
-          type = types.attrsOf (types.attrsOf types.anything);
-          default = { };
-        };
-      };
-    };
+  standIns = import ./stand-ins.nix { inherit lib; };
+  # pkgs.kvraft is what the flake's overlay adds; without it the module
+  # builds nix/package.nix (the stand-in evaluates it).
+  pkgs =
+    standIns.pkgsFor "x86_64-linux"
+    // lib.optionalAttrs (package == "overlay") { kvraft = standIns.standInDrv "kvraft-stand-in"; };
 
   evalWith =
     options:
-    (lib.evalModules {
-      modules = [
-        ../../nix/module.nix
-        nixosStandIns
-        { services.kvraft = options // { enable = true; }; }
-      ];
-      specialArgs = { inherit pkgs; };
-    }).config;
+    standIns.evalNixos [
+      ../../nix/module.nix
+      {
+        nixpkgs.pkgs = pkgs;
+        services.kvraft = options // {
+          enable = true;
+        };
+      }
+    ];
   config = evalWith options;
   source = config.environment.etc."kvraft/kvraft.toml".source;
   # The same settings without the build step: the rendered file itself.
@@ -138,7 +48,7 @@ in
   # With checkConfig: the build step whose output is the installed file.
   checkScript = source.buildCommand or null;
   configText = builtins.readFile rendered;
-  standInPackage = pkgs.kvraft.outPath;
+  standInPackage = config.services.kvraft.package.outPath;
   environment = service.serviceConfig.Environment;
   loadCredential = service.serviceConfig.LoadCredential;
   serviceConfig = builtins.removeAttrs service.serviceConfig [
