@@ -21,6 +21,7 @@ const CREDENTIALS: &str = "/run/credentials/kvraft.service";
 
 /// nixpkgs' lib directory, or None (with the reason printed) to skip.
 fn nixpkgs_lib() -> Option<PathBuf> {
+    // The vendored lib sits next to the checkout (../shared/vendor).
     let lib = std::env::var_os("KVRAFT_NIXPKGS_LIB")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(ROOT).join("../shared/vendor/nixpkgs-lib/lib"));
