@@ -41,6 +41,7 @@ need=()
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v nix-instantiate >/dev/null || need+=(nix-bin)
 command -v objcopy >/dev/null || need+=(binutils)
+command -v curl >/dev/null || need+=(curl)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -252,18 +252,15 @@ got="$(kv --endpoints "$ALL" --timeout 15s get tls-check)"
 [ "$got" = by-admin ] || fail "the refused write changed the value to '$got'"
 echo "   reader: get OK; set: exit 4: $out"
 
-if command -v curl >/dev/null; then
-  step "metrics endpoints (metrics_addr 0.0.0.0:9379, published on ${M[1]} ${M[2]} ${M[3]})"
-  for n in 1 2 3; do
-    curl -fsS --max-time 5 "http://${M[$n]}/health" >/dev/null || fail "GET /health on kvraft$n (${M[$n]}) failed"
-    curl -fsS --max-time 5 "http://${M[$n]}/ready" >/dev/null || fail "GET /ready on kvraft$n (${M[$n]}) failed"
-    metrics="$(curl -fsS --max-time 5 "http://${M[$n]}/metrics")" || fail "GET /metrics on kvraft$n (${M[$n]}) failed"
-    grep -q '^kvraft_has_leader' <<<"$metrics" || fail "GET /metrics on kvraft$n (${M[$n]}) has no kvraft_has_leader"
-  done
-  echo "   /health, /ready and /metrics answer on all three"
-else
-  echo "== compose-e2e: curl not installed: metrics endpoints not checked"
-fi
+command -v curl >/dev/null || fail "curl is needed for the metrics endpoints (apt-get install curl)"
+step "metrics endpoints (metrics_addr 0.0.0.0:9379, published on ${M[1]} ${M[2]} ${M[3]})"
+for n in 1 2 3; do
+  curl -fsS --max-time 5 "http://${M[$n]}/health" >/dev/null || fail "GET /health on kvraft$n (${M[$n]}) failed"
+  curl -fsS --max-time 5 "http://${M[$n]}/ready" >/dev/null || fail "GET /ready on kvraft$n (${M[$n]}) failed"
+  metrics="$(curl -fsS --max-time 5 "http://${M[$n]}/metrics")" || fail "GET /metrics on kvraft$n (${M[$n]}) failed"
+  grep -q '^kvraft_has_leader' <<<"$metrics" || fail "GET /metrics on kvraft$n (${M[$n]}) has no kvraft_has_leader"
+done
+echo "   /health, /ready and /metrics answer on all three"
 
 step "set through each node, get through every node"
 for n in 1 2 3; do
