@@ -339,9 +339,35 @@ async fn prometheus_scrapes_a_live_cluster_and_every_dashboard_panel_returns_dat
         }
     }
     assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
-    // The alert rules load and evaluate against the live series; a healthy
-    // cluster fires none of them.
-    let alerts = query("ALERTS{alertstate=\"firing\"}").unwrap();
+    // The alert rules load and evaluate against the live series: every rule
+    // has been evaluated without error...
+    let deadline = Instant::now() + T;
+    let unevaluated = loop {
+        let (status, body) = http_get(&web, "/api/v1/rules").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let rules: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let all: Vec<&serde_json::Value> = rules["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .collect();
+        assert!(all.len() >= 5, "the alert rules did not load: {body}");
+        let bad: Vec<String> = all
+            .iter()
+            .filter(|r| r["health"] != "ok")
+            .map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"]))
+            .collect();
+        if bad.is_empty() || Instant::now() > deadline {
+            break bad;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(unevaluated.is_empty(), "rules not evaluated cleanly: {unevaluated:?}");
+    // ...and a healthy cluster has none pending, let alone firing (every rule
+    // waits `for:` a minute or more before it fires, longer than this test).
+    let alerts = query("ALERTS").unwrap();
+    assert_eq!(alerts["status"], "success", "{alerts}");
     assert_eq!(
         alerts["data"]["result"].as_array().map(|a| a.len()),
         Some(0),
@@ -422,7 +448,12 @@ async fn spans_for_a_set_reach_an_otlp_receiver_with_the_request_id() {
         })),
     };
     frames.send(kvraft::codec::encode(&set)).await.unwrap();
-    let reply = Response::decode(frames.next().await.unwrap().unwrap()).unwrap();
+    let reply = tokio::time::timeout(T, frames.next())
+        .await
+        .expect("no reply to the set within the deadline")
+        .unwrap()
+        .unwrap();
+    let reply = Response::decode(reply).unwrap();
     assert_eq!(reply.id, request_id);
     assert!(matches!(reply.result, Some(response::Result::Set(_))), "{reply:?}");
 
