@@ -99,9 +99,10 @@ async fn run(
         Ok(node) => node,
         Err(e) => {
             eprintln!("kvraftd: {e}");
-            return match e {
-                crate::node::startup::StartError::Config(_) => EXIT_CONFIG,
-                _ => EXIT_FAILURE,
+            return if e.is_configuration() {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILURE
             };
         }
     };

@@ -5,11 +5,14 @@
 //! - [`pending`]: proposals and reads waiting for an answer.
 //! - [`transport`]: outbound peer connections, one queue per peer.
 //! - [`startup`]: data dir checks, bootstrap and recovery before the loop runs.
+//! - [`error`]: what can go wrong, in the node's terms (the server maps it to
+//!   the wire once).
 //!
 //! Connection tasks send an [`Inbox`] message and wait on a oneshot; reads wait
 //! on the applied-index watch and then read the shared state machine, so they
 //! never queue behind the raft thread.
 
+pub mod error;
 pub mod pending;
 pub mod raft_loop;
 pub mod startup;
@@ -22,8 +25,8 @@ use std::time::Duration;
 use raft::prelude::Message;
 use tokio::sync::{oneshot, watch};
 
-use crate::error::WireError;
-use crate::proto::{Command, ErrorCode, Member};
+pub use self::error::{Error, LeaderHint};
+use crate::proto::{Command, Member};
 use crate::state_machine::{ApplyResult, StateMachine};
 
 /// What the raft loop is told.
@@ -47,19 +50,19 @@ pub enum Inbox {
         /// The request's span; the raft loop records its progress there.
         span: tracing::Span,
         /// Where the result goes.
-        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
+        reply: oneshot::Sender<Result<ApplyResult, Error>>,
     },
     /// Find the index a linearizable read must wait for.
     ReadIndex {
         /// Where the index goes.
-        reply: oneshot::Sender<Result<u64, WireError>>,
+        reply: oneshot::Sender<Result<u64, Error>>,
     },
     /// Add or remove a member.
     ChangeMembership {
         /// The change.
         change: MembershipChange,
         /// Where the new member list goes.
-        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
+        reply: oneshot::Sender<Result<ApplyResult, Error>>,
     },
     /// The transport could not deliver to this peer.
     Unreachable(u64),
@@ -182,12 +185,12 @@ impl NodeHandle {
     }
 
     /// Hands a message to the raft loop. Fails only if the loop has stopped.
-    pub fn send(&self, message: Inbox) -> Result<(), WireError> {
+    pub fn send(&self, message: Inbox) -> Result<(), Error> {
         self.inbox.send(message).map_err(|_| stopped())
     }
 
     /// Replicates a command and waits until it is applied.
-    pub async fn propose(&self, command: Command) -> Result<ApplyResult, WireError> {
+    pub async fn propose(&self, command: Command) -> Result<ApplyResult, Error> {
         self.no_leader_check()?;
         let (reply, rx) = oneshot::channel();
         self.send(Inbox::Propose {
@@ -199,7 +202,7 @@ impl NodeHandle {
     }
 
     /// Changes membership and waits until the change is applied.
-    pub async fn change_membership(&self, change: MembershipChange) -> Result<ApplyResult, WireError> {
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<ApplyResult, Error> {
         self.no_leader_check()?;
         let (reply, rx) = oneshot::channel();
         self.send(Inbox::ChangeMembership { change, reply })?;
@@ -208,7 +211,7 @@ impl NodeHandle {
 
     /// Waits until this node's state machine reflects every write acknowledged
     /// before the call: a ReadIndex round, then the applied index catching up.
-    pub async fn linearizable_barrier(&self) -> Result<(), WireError> {
+    pub async fn linearizable_barrier(&self) -> Result<(), Error> {
         self.no_leader_check()?;
         let (reply, rx) = oneshot::channel();
         self.send(Inbox::ReadIndex { reply })?;
@@ -218,10 +221,9 @@ impl NodeHandle {
         match waited.map(|r| r.is_ok()) {
             Ok(true) => Ok(()),
             Ok(false) => Err(stopped()),
-            Err(_) => Err(WireError::new(
-                ErrorCode::ReadTimeout,
-                format!("this node did not apply up to read index {index} in time; retry"),
-            )),
+            Err(_) => Err(Error::ReadTimeout(format!(
+                "this node did not apply up to read index {index} in time; retry"
+            ))),
         }
     }
 
@@ -242,30 +244,18 @@ impl NodeHandle {
 
     /// Fails fast, with a retryable error, when no leader is known: raft would
     /// drop the request silently and the caller would wait out its timeout.
-    fn no_leader_check(&self) -> Result<(), WireError> {
+    fn no_leader_check(&self) -> Result<(), Error> {
         let status = self.status.borrow();
         if status.removed {
-            return Err(WireError::new(
-                ErrorCode::NodeRemoved,
-                format!("node {} was removed from the cluster; use another endpoint", status.id),
-            ));
+            return Err(Error::removed(status.id));
         }
         if status.leader_id == 0 {
-            return Err(WireError::new(
-                ErrorCode::NoLeader,
-                format!(
-                    "node {} knows no leader (an election may be under way, or a majority of voters is unreachable); retry shortly",
-                    status.id
-                ),
-            ));
+            return Err(Error::no_leader(status.id));
         }
         Ok(())
     }
 }
 
-fn stopped() -> WireError {
-    WireError::new(
-        ErrorCode::ShuttingDown,
-        "this node is shutting down; retry on another endpoint",
-    )
+fn stopped() -> Error {
+    Error::shutting_down()
 }

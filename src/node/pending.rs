@@ -7,13 +7,12 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::error::WireError;
+use super::Error;
 use crate::metrics;
-use crate::proto::ErrorCode;
 use crate::state_machine::ApplyResult;
 
-type ProposalReply = oneshot::Sender<Result<ApplyResult, WireError>>;
-type ReadReply = oneshot::Sender<Result<u64, WireError>>;
+type ProposalReply = oneshot::Sender<Result<ApplyResult, Error>>;
+type ReadReply = oneshot::Sender<Result<u64, Error>>;
 
 struct PendingProposal {
     reply: ProposalReply,
@@ -92,7 +91,7 @@ impl Proposals {
     }
 
     /// Answers a proposal (if it is still waiting) with its applied result.
-    pub fn complete(&mut self, id: u64, result: Result<ApplyResult, WireError>) {
+    pub fn complete(&mut self, id: u64, result: Result<ApplyResult, Error>) {
         if let Some(p) = self.waiting.remove(&id) {
             if let Some(index) = p.index {
                 self.by_index.remove(&index);
@@ -105,7 +104,7 @@ impl Proposals {
         }
     }
 
-    fn fail(&mut self, id: u64, reason: &'static str, error: WireError) {
+    fn fail(&mut self, id: u64, reason: &'static str, error: Error) {
         if self.waiting.contains_key(&id) {
             metrics::proposal_failed(reason);
             self.complete(id, Err(error));
@@ -118,12 +117,12 @@ impl Proposals {
     pub fn entry_applied(&mut self, index: u64, applied_id: Option<u64>) {
         if let Some(id) = self.by_index.remove(&index) {
             if applied_id != Some(id) {
-                let error = WireError::new(
-                    ErrorCode::ProposalDropped,
-                    format!(
+                let error = Error::Dropped {
+                    message: format!(
                         "the proposal at index {index} was replaced after a leader change and was not applied; retry"
                     ),
-                );
+                    leader: None,
+                };
                 self.fail(id, "dropped", error);
             }
         }
@@ -138,9 +137,8 @@ impl Proposals {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let error = WireError::new(
-                ErrorCode::OutcomeUnknown,
-                "the write was not applied within the request timeout; it may still be applied later",
+            let error = Error::OutcomeUnknown(
+                "the write was not applied within the request timeout; it may still be applied later".into(),
             );
             self.fail(id, "timeout", error);
         }
@@ -157,12 +155,12 @@ impl Proposals {
             .map(|(id, _)| *id)
             .collect();
         for id in forwarded {
-            self.fail(id, "leader_changed", WireError::new(ErrorCode::OutcomeUnknown, why));
+            self.fail(id, "leader_changed", Error::OutcomeUnknown(why.into()));
         }
     }
 
     /// Fails everything with this error, counted under `reason`.
-    pub fn fail_all(&mut self, reason: &'static str, error: WireError) {
+    pub fn fail_all(&mut self, reason: &'static str, error: Error) {
         self.by_index.clear();
         for (_, p) in self.waiting.drain() {
             metrics::proposal_failed(reason);
@@ -249,9 +247,8 @@ impl Reads {
         for ctx in expired {
             if let Some((replies, _)) = self.rounds.remove(&ctx) {
                 for r in replies {
-                    let _ = r.send(Err(WireError::new(
-                        ErrorCode::ReadTimeout,
-                        "the read index round did not complete in time (leader change or lost quorum); retry",
+                    let _ = r.send(Err(Error::ReadTimeout(
+                        "the read index round did not complete in time (leader change or lost quorum); retry".into(),
                     )));
                 }
             }
@@ -259,7 +256,7 @@ impl Reads {
     }
 
     /// Fails every waiting read with this error.
-    pub fn fail_all(&mut self, error: WireError) {
+    pub fn fail_all(&mut self, error: Error) {
         let rounds = self.rounds.drain().flat_map(|(_, (r, _))| r);
         for r in self.batch.drain(..).chain(rounds) {
             let _ = r.send(Err(error.clone()));
@@ -286,7 +283,7 @@ mod tests {
         );
         p.entry_applied(7, Some(id + 1));
         let err = rx.try_recv().unwrap().unwrap_err();
-        assert_eq!(err.code, ErrorCode::ProposalDropped);
+        assert!(matches!(err, Error::Dropped { .. }), "{err:?}");
         assert!(p.is_empty());
     }
 
@@ -316,7 +313,8 @@ mod tests {
         let now = Instant::now();
         p.insert(id, tx, now, None, tracing::Span::none());
         p.expire(now + Duration::from_millis(1));
-        assert_eq!(rx.try_recv().unwrap().unwrap_err().code, ErrorCode::OutcomeUnknown);
+        let err = rx.try_recv().unwrap().unwrap_err();
+        assert!(matches!(err, Error::OutcomeUnknown(_)), "{err:?}");
     }
 
     #[test]

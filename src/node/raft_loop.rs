@@ -21,11 +21,10 @@ use tracing::{debug, error, info, warn};
 
 use super::pending::{Proposals, Reads};
 use super::transport::Transport;
-use super::{Inbox, MembershipChange, NodeStatus, Role};
-use crate::error::WireError;
+use super::{Error, Inbox, LeaderHint, MembershipChange, NodeStatus, Role};
 use crate::metrics;
 use crate::peer_guard;
-use crate::proto::{command, Command, ErrorCode, Member, NodeIdentity, ProposalContext};
+use crate::proto::{command, Command, Member, NodeIdentity, ProposalContext};
 use crate::state_machine::{conf_ids, ApplyResult, StateMachine};
 use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
 use ::metrics::{counter, gauge, histogram};
@@ -111,15 +110,15 @@ impl RaftLoop {
         // Proposals already handed to raft may still commit elsewhere.
         self.proposals.fail_all(
             "shutdown",
-            WireError::new(
-                ErrorCode::OutcomeUnknown,
-                format!("{why} while the write was in flight; it may or may not have been applied"),
-            ),
+            Error::OutcomeUnknown(format!(
+                "{why} while the write was in flight; it may or may not have been applied"
+            )),
         );
-        self.reads.fail_all(WireError::new(
-            ErrorCode::ShuttingDown,
-            format!("{why}; retry on another endpoint"),
-        ));
+        self.reads.fail_all(if self.removed {
+            Error::removed(self.settings.id)
+        } else {
+            Error::shutting_down()
+        });
         if let Err(e) = &result {
             error!(error = %e, "raft loop stopped on a storage error");
         }
@@ -233,14 +232,14 @@ impl RaftLoop {
             Inbox::Propose { command, span, reply } => self.propose(command, span, reply),
             Inbox::ReadIndex { reply } => {
                 if self.removed {
-                    let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
+                    let _ = reply.send(Err(Error::removed(self.settings.id)));
                 } else {
                     self.reads.push(reply);
                 }
             }
             Inbox::ChangeMembership { change, reply } => {
                 if let Err(e) = self.change_membership(change, reply) {
-                    debug!(error = %e.message, "membership change refused");
+                    debug!(error = %e, "membership change refused");
                 }
             }
             Inbox::Unreachable(peer) => self.node.report_unreachable(peer),
@@ -342,22 +341,18 @@ impl RaftLoop {
         }
     }
 
-    fn leader_hint(&self, error: WireError) -> WireError {
-        let addr = self
-            .state_machine
-            .read()
-            .expect("state machine lock poisoned")
-            .member(self.leader_id)
-            .map(|m| m.client_addr.clone())
-            .unwrap_or_default();
-        error.with_leader(self.leader_id, addr)
-    }
-
-    fn no_leader_error(&self) -> WireError {
-        WireError::new(
-            ErrorCode::NoLeader,
-            format!("node {} knows no leader right now; retry shortly", self.settings.id),
-        )
+    /// The leader this node follows, for a caller to retry on.
+    fn leader_hint(&self) -> Option<LeaderHint> {
+        (self.leader_id != 0).then(|| LeaderHint {
+            id: self.leader_id,
+            client_addr: self
+                .state_machine
+                .read()
+                .expect("state machine lock poisoned")
+                .member(self.leader_id)
+                .map(|m| m.client_addr.clone())
+                .unwrap_or_default(),
+        })
     }
 
     fn context(&self, proposal_id: u64, member: Option<Member>) -> Vec<u8> {
@@ -369,27 +364,19 @@ impl RaftLoop {
         .encode_to_vec()
     }
 
-    fn propose(
-        &mut self,
-        command: Command,
-        span: tracing::Span,
-        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
-    ) {
+    fn propose(&mut self, command: Command, span: tracing::Span, reply: oneshot::Sender<Result<ApplyResult, Error>>) {
         if self.removed {
-            let _ = reply.send(Err(WireError::new(ErrorCode::NodeRemoved, "this node was removed")));
+            let _ = reply.send(Err(Error::removed(self.settings.id)));
             return;
         }
         if self.leader_id == 0 {
             metrics::proposal_failed("no_leader");
-            let _ = reply.send(Err(self.no_leader_error()));
+            let _ = reply.send(Err(Error::no_leader(self.settings.id)));
             return;
         }
         if self.shutdown.is_some() {
             metrics::proposal_failed("shutdown");
-            let _ = reply.send(Err(WireError::new(
-                ErrorCode::ShuttingDown,
-                "this node is shutting down; retry on another endpoint",
-            )));
+            let _ = reply.send(Err(Error::shutting_down()));
             return;
         }
         let id = self.proposals.next_id();
@@ -403,14 +390,13 @@ impl RaftLoop {
             }
             Err(raft::Error::ProposalDropped) => {
                 metrics::proposal_failed("dropped");
-                let error = WireError::new(
-                    ErrorCode::ProposalDropped,
-                    "raft dropped the proposal (leader change or leadership transfer under way); retry",
-                );
-                let _ = reply.send(Err(self.leader_hint(error)));
+                let _ = reply.send(Err(Error::Dropped {
+                    message: "raft dropped the proposal (leader change or leadership transfer under way); retry".into(),
+                    leader: self.leader_hint(),
+                }));
             }
             Err(e) => {
-                let _ = reply.send(Err(WireError::new(ErrorCode::Internal, format!("propose failed: {e}"))));
+                let _ = reply.send(Err(Error::Internal(format!("propose failed: {e}"))));
             }
         }
     }
@@ -424,8 +410,8 @@ impl RaftLoop {
     fn change_membership(
         &mut self,
         change: MembershipChange,
-        reply: oneshot::Sender<Result<ApplyResult, WireError>>,
-    ) -> Result<(), WireError> {
+        reply: oneshot::Sender<Result<ApplyResult, Error>>,
+    ) -> Result<(), Error> {
         let result = self.propose_membership(change);
         match result {
             Ok((id, index)) => {
@@ -443,21 +429,19 @@ impl RaftLoop {
 
     /// Validates and proposes a membership change on the leader; returns the
     /// proposal id and the entry's index.
-    fn propose_membership(&mut self, change: MembershipChange) -> Result<(u64, u64), WireError> {
+    fn propose_membership(&mut self, change: MembershipChange) -> Result<(u64, u64), Error> {
         if self.node.raft.state != StateRole::Leader {
             if self.leader_id == 0 {
-                return Err(self.no_leader_error());
+                return Err(Error::no_leader(self.settings.id));
             }
-            let error = WireError::new(
-                ErrorCode::NotLeader,
-                format!("membership changes go through the leader, node {}", self.leader_id),
-            );
-            return Err(self.leader_hint(error));
+            return Err(Error::NotLeader {
+                message: format!("membership changes go through the leader, node {}", self.leader_id),
+                leader: self.leader_hint(),
+            });
         }
         if self.node.raft.has_pending_conf() {
-            return Err(WireError::new(
-                ErrorCode::ConfChangeInProgress,
-                "another membership change is still being applied; retry once `kvraft members` shows it",
+            return Err(Error::ChangeInProgress(
+                "another membership change is still being applied; retry once `kvraft members` shows it".into(),
             ));
         }
         let (single, member) = {
@@ -467,22 +451,22 @@ impl RaftLoop {
             match change {
                 MembershipChange::Add(member) => {
                     if member.id == 0 {
-                        return Err(WireError::invalid("node id must be a positive integer"));
+                        return Err(Error::Invalid("node id must be a positive integer".into()));
                     }
                     if is_member(member.id) {
-                        return Err(WireError::new(
-                            ErrorCode::MemberExists,
-                            format!("node {} is already a member; `kvraft members` lists them", member.id),
-                        ));
+                        return Err(Error::MemberExists(format!(
+                            "node {} is already a member; `kvraft members` lists them",
+                            member.id
+                        )));
                     }
                     if sm.is_removed(member.id) {
-                        return Err(WireError::invalid(format!(
+                        return Err(Error::Invalid(format!(
                             "node id {} was removed from this cluster and can't be reused; add the node under a new id with an empty data dir",
                             member.id
                         )));
                     }
                     if let Some(other) = sm.members().iter().find(|m| m.peer_addr == member.peer_addr) {
-                        return Err(WireError::invalid(format!(
+                        return Err(Error::Invalid(format!(
                             "peer address {} already belongs to node {}",
                             member.peer_addr, other.id
                         )));
@@ -494,13 +478,12 @@ impl RaftLoop {
                 }
                 MembershipChange::Remove(id) => {
                     if !is_member(id) {
-                        return Err(WireError::new(
-                            ErrorCode::UnknownNode,
-                            format!("node {id} is not a member of this cluster; `kvraft members` lists them"),
-                        ));
+                        return Err(Error::UnknownNode(format!(
+                            "node {id} is not a member of this cluster; `kvraft members` lists them"
+                        )));
                     }
                     if cs.voters == [id] {
-                        return Err(WireError::invalid(format!(
+                        return Err(Error::Invalid(format!(
                             "node {id} is the only voter; removing it would leave no cluster"
                         )));
                     }
@@ -510,15 +493,18 @@ impl RaftLoop {
                             Some(to) => {
                                 info!(to, "asked to remove myself: handing leadership over first");
                                 self.node.transfer_leader(to);
-                                Err(WireError::new(
-                                    ErrorCode::NotLeader,
-                                    format!("node {id} leads and is being removed: leadership is moving to node {to}; retry"),
-                                )
-                                .with_leader(to, sm.member(to).map(|m| m.client_addr.clone()).unwrap_or_default()))
+                                Err(Error::NotLeader {
+                                    message: format!(
+                                        "node {id} leads and is being removed: leadership is moving to node {to}; retry"
+                                    ),
+                                    leader: Some(LeaderHint {
+                                        id: to,
+                                        client_addr: sm.member(to).map(|m| m.client_addr.clone()).unwrap_or_default(),
+                                    }),
+                                })
                             }
-                            None => Err(WireError::new(
-                                ErrorCode::NoLeader,
-                                "no other voter is caught up to take over leadership; retry shortly",
+                            None => Err(Error::NoLeader(
+                                "no other voter is caught up to take over leadership; retry shortly".into(),
                             )),
                         };
                     }
@@ -537,20 +523,17 @@ impl RaftLoop {
 
     /// Proposes one simple change (no joint state needed) and checks raft took
     /// it: raft turns a second pending change into an empty entry silently.
-    fn propose_conf_change(&mut self, context: Vec<u8>, single: ConfChangeSingle) -> Result<(), WireError> {
+    fn propose_conf_change(&mut self, context: Vec<u8>, single: ConfChangeSingle) -> Result<(), Error> {
         let mut cc = ConfChangeV2::default();
         cc.set_transition(ConfChangeTransition::Auto);
         cc.set_changes(vec![single].into());
-        self.node.propose_conf_change(context, cc).map_err(|e| {
-            WireError::new(
-                ErrorCode::ProposalDropped,
-                format!("raft refused the change ({e}); retry"),
-            )
+        self.node.propose_conf_change(context, cc).map_err(|e| Error::Dropped {
+            message: format!("raft refused the change ({e}); retry"),
+            leader: None,
         })?;
         if self.node.raft.pending_conf_index != self.node.raft.raft_log.last_index() {
-            return Err(WireError::new(
-                ErrorCode::ConfChangeInProgress,
-                "another membership change is still being applied; retry",
+            return Err(Error::ChangeInProgress(
+                "another membership change is still being applied; retry".into(),
             ));
         }
         Ok(())
@@ -596,7 +579,7 @@ impl RaftLoop {
             single.node_id = id;
             let context = self.context(0, None);
             if let Err(e) = self.propose_conf_change(context, single) {
-                debug!(error = %e.message, "promotion not proposed yet");
+                debug!(error = %e, "promotion not proposed yet");
             }
         }
     }
@@ -701,10 +684,8 @@ impl RaftLoop {
                 self.proposals.fail_forwarded(
                     "the leader changed while the write was in flight; it may or may not have been applied",
                 );
-                self.reads.fail_all(WireError::new(
-                    ErrorCode::NoLeader,
-                    "the leader changed during the read; retry",
-                ));
+                self.reads
+                    .fail_all(Error::NoLeader("the leader changed during the read; retry".into()));
             }
         }
     }
@@ -747,9 +728,9 @@ impl RaftLoop {
         // Proposals may be inside the snapshot: we can't tell which applied.
         self.proposals.fail_all(
             "snapshot",
-            WireError::new(
-                ErrorCode::OutcomeUnknown,
-                "this node caught up by snapshot while the write was in flight; it may or may not have been applied",
+            Error::OutcomeUnknown(
+                "this node caught up by snapshot while the write was in flight; it may or may not have been applied"
+                    .into(),
             ),
         );
         self.applied_tx.send_replace(meta.index);
@@ -828,7 +809,7 @@ impl RaftLoop {
         sm: &mut StateMachine,
         entry: &Entry,
         member: Option<Member>,
-    ) -> Result<ApplyResult, WireError> {
+    ) -> Result<ApplyResult, Error> {
         let (index, term) = (entry.index, entry.term);
         let change = if entry.get_entry_type() == EntryType::EntryConfChange {
             ConfChange::parse_from_bytes(&entry.data).map(|cc| cc.into_v2())
@@ -841,7 +822,7 @@ impl RaftLoop {
             Err(e) => {
                 error!(index, error = %e, "skipping a membership entry that does not decode");
                 sm.advance(index, term);
-                return Err(WireError::new(ErrorCode::Internal, "membership entry does not decode"));
+                return Err(Error::Internal("membership entry does not decode".into()));
             }
         };
         if change.changes.is_empty() && sm.conf_state().voters_outgoing.is_empty() {
@@ -866,10 +847,7 @@ impl RaftLoop {
             Err(e) => {
                 warn!(index, error = %e, "raft refused a committed membership change");
                 sm.advance(index, term);
-                Err(WireError::new(
-                    ErrorCode::Internal,
-                    format!("membership change failed: {e}"),
-                ))
+                Err(Error::Internal(format!("membership change failed: {e}")))
             }
         }
     }

@@ -43,9 +43,6 @@ pub enum StartError {
     /// raft refused the configuration or state.
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
-    /// A listener could not be bound.
-    #[error("{0}")]
-    Bind(String),
 }
 
 /// The cluster id of a static bootstrap: a stable hash of the sorted member

@@ -15,6 +15,7 @@ pub mod client;
 pub mod http;
 pub mod peer;
 pub mod requests;
+mod wire_errors;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::NodeConfig;
-use crate::node::startup::{prepare, StartError};
+use crate::node::startup::prepare;
 use crate::node::{Inbox, NodeHandle};
 use crate::storage::{DataDirLock, StorageError};
 use crate::tls::server::{ClientPortTls, PeerTls};
@@ -66,6 +67,31 @@ pub struct RunningNode {
     stop_listeners: watch::Sender<bool>,
     raft_thread: std::thread::JoinHandle<Result<(), StorageError>>,
     _lock: DataDirLock,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The settings don't fit (checked here, before the node is built).
+    #[error("{0}")]
+    Config(String),
+    /// A listener could not be bound, or a thread not started.
+    #[error("{0}")]
+    Bind(String),
+    /// The node refused its data dir or settings, or storage failed.
+    #[error(transparent)]
+    Node(#[from] crate::node::startup::StartError),
+}
+
+impl StartError {
+    /// True when the settings or the data dir must change before another
+    /// start can succeed (the daemon exits 78 for these).
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            StartError::Config(_) | StartError::Node(crate::node::startup::StartError::Config(_))
+        )
+    }
 }
 
 /// Binds the listeners, recovers or bootstraps the node and starts it.
