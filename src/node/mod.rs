@@ -90,6 +90,21 @@ pub enum Inbox {
     },
 }
 
+/// Runs a raft loop on its own OS thread (storage calls block on fsync);
+/// the thread ends when the loop stops, with the loop's storage error if any.
+pub fn spawn(
+    raft_loop: raft_loop::RaftLoop,
+    id: u64,
+) -> std::io::Result<std::thread::JoinHandle<Result<(), crate::storage::StorageError>>> {
+    std::thread::Builder::new()
+        .name(format!("raft-loop-{id}"))
+        .spawn(move || {
+            let span = tracing::info_span!("raft", node = id);
+            let _guard = span.enter();
+            raft_loop.run()
+        })
+}
+
 /// A membership change request.
 #[derive(Debug, Clone)]
 pub enum MembershipChange {

@@ -62,7 +62,7 @@ pub struct RaftLoop {
     pub(crate) storage: RaftStorage,
     pub(crate) inbox: mpsc::Receiver<Inbox>,
     pub(crate) state_machine: Arc<RwLock<StateMachine>>,
-    pub(crate) transport: Transport,
+    pub(crate) transport: Box<dyn Transport>,
     pub(crate) applied_tx: watch::Sender<u64>,
     pub(crate) status_tx: watch::Sender<NodeStatus>,
     pub(crate) identity: NodeIdentityFile,

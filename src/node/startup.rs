@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::pending::{Proposals, Reads};
 use super::raft_loop::{LoopSettings, RaftLoop};
-use super::transport::{LocalPeer, Transport};
+use super::transport::{LocalPeer, TransportContext, TransportFactory};
 use super::{NodeHandle, NodeStatus};
 use crate::config::{parse_initial_cluster, NodeConfig};
 use crate::proto::{Member, NodeIdentity};
@@ -81,8 +81,7 @@ pub fn prepare(
     config: &NodeConfig,
     advertise_client_addr: String,
     advertise_peer_addr: String,
-    runtime: tokio::runtime::Handle,
-    peer_tls: Option<std::sync::Arc<crate::tls::server::PeerTls>>,
+    transport: TransportFactory,
 ) -> Result<Prepared, StartError> {
     crate::storage::create_private_dir(&config.data_dir)?;
     let lock = DataDirLock::acquire(&config.data_dir)?;
@@ -210,7 +209,11 @@ pub fn prepare(
         storage,
         inbox: inbox_rx,
         state_machine: state_machine.clone(),
-        transport: Transport::new(local, identity.cluster_id, runtime, inbox_tx.clone(), peer_tls),
+        transport: transport(TransportContext {
+            local,
+            cluster_id: identity.cluster_id,
+            inbox: inbox_tx.clone(),
+        }),
         applied_tx,
         status_tx,
         identity: identity_file,

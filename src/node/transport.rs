@@ -1,7 +1,9 @@
-//! Outbound peer transport. The raft loop hands it messages and never waits:
-//! each peer has a bounded queue drained by its own task, which connects (with
+//! Outbound peer transport. The raft loop hands it messages through the
+//! [`Transport`] trait and never waits. [`TcpTransport`] is the real one: each
+//! peer has a bounded queue drained by its own task, which connects (with
 //! backoff), writes frames and reports failures back through the inbox so the
-//! loop can call `report_unreachable` / `report_snapshot`.
+//! loop can call `report_unreachable` / `report_snapshot`. Tests plug in an
+//! in-memory network instead (tests/support/memnet.rs).
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -45,8 +47,36 @@ pub struct LocalPeer {
     pub peer_addr: String,
 }
 
-/// The outbound side of the peer protocol.
-pub struct Transport {
+/// Where the raft loop's outgoing messages go. An implementation must not
+/// block: it queues, and reports what it could not deliver through the inbox
+/// ([`Inbox::Unreachable`], and [`Inbox::SnapshotSent`] for every snapshot
+/// message).
+pub trait Transport: Send {
+    /// Queues a message for peer `message.to` at `addr`. Returns false when
+    /// it could not be queued (no address known, queue full): the caller
+    /// reports the peer unreachable.
+    fn send(&mut self, message: Message, addr: Option<&str>) -> bool;
+    /// Stops talking to a peer no longer in the cluster.
+    fn forget(&mut self, id: u64);
+    /// Sets the cluster id once a joining node has learned it.
+    fn set_cluster_id(&mut self, cluster_id: u64);
+}
+
+/// What a transport is built from: who we are and where to report.
+pub struct TransportContext {
+    /// Our id and advertised peer address.
+    pub local: LocalPeer,
+    /// Our cluster (0 while a joining node hasn't learned it).
+    pub cluster_id: u64,
+    /// The raft loop's inbox, for delivery reports.
+    pub inbox: mpsc::Sender<Inbox>,
+}
+
+/// Builds the transport once the raft loop's inbox exists.
+pub type TransportFactory = Box<dyn FnOnce(TransportContext) -> Box<dyn Transport> + Send>;
+
+/// The outbound side of the peer protocol over TCP (and TLS).
+pub struct TcpTransport {
     local: LocalPeer,
     cluster_id: u64,
     peers: HashMap<u64, Peer>,
@@ -55,37 +85,30 @@ pub struct Transport {
     tls: Option<Arc<PeerTls>>,
 }
 
-impl Transport {
-    /// A transport whose peer tasks run on `runtime` and report to `inbox`,
-    /// speaking TLS to peers when `tls` is set.
-    pub fn new(
-        local: LocalPeer,
-        cluster_id: u64,
-        runtime: tokio::runtime::Handle,
-        inbox: mpsc::Sender<Inbox>,
-        tls: Option<Arc<PeerTls>>,
-    ) -> Self {
-        Transport {
-            local,
-            cluster_id,
+impl TcpTransport {
+    /// A transport whose peer tasks run on `runtime` and report to the
+    /// context's inbox, speaking TLS to peers when `tls` is set.
+    pub fn new(context: TransportContext, runtime: tokio::runtime::Handle, tls: Option<Arc<PeerTls>>) -> Self {
+        TcpTransport {
+            local: context.local,
+            cluster_id: context.cluster_id,
             peers: HashMap::new(),
             runtime,
-            inbox,
+            inbox: context.inbox,
             tls,
         }
     }
+}
 
-    /// Sets the cluster id once a joining node has learned it.
-    pub fn set_cluster_id(&mut self, cluster_id: u64) {
+impl Transport for TcpTransport {
+    fn set_cluster_id(&mut self, cluster_id: u64) {
         if self.cluster_id != cluster_id {
             self.cluster_id = cluster_id;
             self.peers.clear();
         }
     }
 
-    /// Queues a message for `addr`. Returns false when it could not be queued
-    /// (no address known, queue full): the caller reports the peer unreachable.
-    pub fn send(&mut self, message: Message, addr: Option<&str>) -> bool {
+    fn send(&mut self, message: Message, addr: Option<&str>) -> bool {
         let to = message.to;
         let Some(addr) = addr else {
             debug!(to, "no address known for peer; dropping message");
@@ -118,8 +141,7 @@ impl Transport {
         peer.queue.try_send(message).is_ok()
     }
 
-    /// Stops the task for a peer no longer in the cluster.
-    pub fn forget(&mut self, id: u64) {
+    fn forget(&mut self, id: u64) {
         self.peers.remove(&id);
     }
 }

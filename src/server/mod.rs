@@ -28,6 +28,7 @@ use tracing::info;
 
 use crate::config::NodeConfig;
 use crate::node::startup::prepare;
+use crate::node::transport::{TcpTransport, TransportFactory};
 use crate::node::{Inbox, NodeHandle};
 use crate::storage::{DataDirLock, StorageError};
 use crate::tls::server::{ClientPortTls, PeerTls};
@@ -117,21 +118,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let config_for_loop = config.clone();
     let peer_tls = security.peer_tls.clone();
     let prepared = tokio::task::spawn_blocking(move || {
-        prepare(&config_for_loop, advertise_client, advertise_peer, runtime, peer_tls)
+        let transport: TransportFactory =
+            Box::new(move |context| Box::new(TcpTransport::new(context, runtime, peer_tls)));
+        prepare(&config_for_loop, advertise_client, advertise_peer, transport)
     })
     .await
     .expect("startup task panicked")?;
 
     let handle = prepared.handle.clone();
-    let raft_loop = prepared.raft_loop;
-    let node_id = config.id;
-    let raft_thread = std::thread::Builder::new()
-        .name("raft-loop".into())
-        .spawn(move || {
-            let span = tracing::info_span!("raft", node = node_id);
-            let _guard = span.enter();
-            raft_loop.run()
-        })
+    let raft_thread = crate::node::spawn(prepared.raft_loop, config.id)
         .map_err(|e| StartError::Bind(format!("could not start the raft thread: {e}")))?;
 
     let (stop_listeners, stop_rx) = watch::channel(false);

@@ -1,0 +1,165 @@
+//! Cluster behaviour under network faults, on the in-process cluster
+//! (tests/support/memnet.rs): three nodes in this process with real storage,
+//! joined by an in-memory network that the tests partition, cut one way and
+//! delay.
+
+#[path = "support/memnet.rs"]
+mod memnet;
+
+use std::time::Duration;
+
+use kvraft::node::Error;
+use memnet::MemCluster;
+
+const T: Duration = Duration::from_secs(20);
+
+fn others(all: &[u64], but: u64) -> Vec<u64> {
+    all.iter().copied().filter(|id| *id != but).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_acknowledges_nothing_the_majority_serves_and_healing_converges() {
+    let cluster = MemCluster::start(3);
+    let all = [1, 2, 3];
+    let old = cluster.wait_for_leader(&all, T).await;
+    cluster.put(old, "before", "1").await.unwrap();
+    let majority = others(&all, old);
+    cluster.net.partition(&[old], &majority);
+
+    // The minority side: its write is never acknowledged and its
+    // linearizable read fails, whether it still thinks it leads or has
+    // stepped down (check_quorum).
+    let write = cluster.put(old, "minority", "x").await;
+    assert!(write.is_err(), "the cut-off leader acknowledged a write: {write:?}");
+    let read = cluster.get(old, "before").await;
+    assert!(read.is_err(), "the cut-off leader served a linearizable read: {read:?}");
+
+    // The majority elects a leader of its own and serves reads and writes.
+    let new = cluster.wait_for_leader(&majority, T).await;
+    assert_ne!(new, old);
+    cluster.put(new, "majority", "y").await.unwrap();
+    let follower = others(&majority, new)[0];
+    assert_eq!(cluster.get(follower, "majority").await.unwrap().as_deref(), Some("y"));
+    assert_eq!(cluster.get(follower, "before").await.unwrap().as_deref(), Some("1"));
+
+    // Healed: the old leader follows the new one and holds the majority's
+    // write; the minority's write is applied nowhere.
+    cluster.net.heal();
+    let leader = cluster.wait_for_leader(&all, T).await;
+    assert!(
+        majority.contains(&leader),
+        "a node that missed writes won leadership: {leader}"
+    );
+    cluster
+        .wait_until(T, "the old leader applied the majority's write", |c| {
+            c.local_get(old, "majority").as_deref() == Some("y")
+        })
+        .await;
+    for id in all {
+        assert_eq!(
+            cluster.local_get(id, "minority"),
+            None,
+            "node {id} applied the minority's write"
+        );
+        assert_eq!(cluster.local_get(id, "before").as_deref(), Some("1"), "node {id}");
+    }
+    assert_eq!(cluster.get(old, "majority").await.unwrap().as_deref(), Some("y"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_link_loss_to_a_follower_keeps_the_cluster_serving_and_it_catches_up() {
+    let cluster = MemCluster::start(3);
+    let all = [1, 2, 3];
+    let leader = cluster.wait_for_leader(&all, T).await;
+    let deaf = others(&all, leader)[0];
+    // The leader's messages to `deaf` are lost; `deaf` still reaches everyone.
+    cluster.net.cut(leader, deaf);
+    let sent_before = cluster.net.delivered(deaf, leader);
+
+    for i in 0..20 {
+        cluster.put(leader, "k", &i.to_string()).await.unwrap();
+    }
+    assert_eq!(cluster.get(leader, "k").await.unwrap().as_deref(), Some("19"));
+    // The deaf follower can't finish a read-index round: the answer is lost.
+    let read = cluster.get(deaf, "k").await;
+    assert!(
+        read.is_err(),
+        "a follower that hears nothing served a linearizable read: {read:?}"
+    );
+    assert!(
+        cluster.net.delivered(deaf, leader) > sent_before,
+        "the follower's own messages should still get through"
+    );
+    // Its pre-votes can't unseat a leader the others still hear from.
+    assert_eq!(cluster.wait_for_leader(&others(&all, deaf), T).await, leader);
+
+    cluster.net.heal();
+    cluster
+        .wait_until(T, "the deaf follower caught up", |c| {
+            c.local_get(deaf, "k").as_deref() == Some("19")
+        })
+        .await;
+    assert_eq!(cluster.get(deaf, "k").await.unwrap().as_deref(), Some("19"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_slow_the_cluster_but_every_answer_is_right() {
+    let cluster = MemCluster::start(3);
+    let all = [1, 2, 3];
+    cluster.wait_for_leader(&all, T).await;
+    // 40 ms each way on every link: below the 500 ms election timeout, close
+    // to the 50 ms heartbeat.
+    for from in all {
+        for to in others(&all, from) {
+            cluster.net.delay(from, to, Duration::from_millis(40));
+        }
+    }
+    // The delay is real: a follower's read-index round crosses two delayed
+    // links (to the leader and back), so it can't take less than 80 ms.
+    let leader = cluster.handle(1).status().leader_id;
+    let follower = others(&all, leader)[0];
+    let started = std::time::Instant::now();
+    cluster.get(follower, "nothing").await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(80),
+        "{:?}",
+        started.elapsed()
+    );
+    for i in 0..10 {
+        let through = all[i % 3];
+        let key = format!("key{i}");
+        // A follower forwards to the leader through the delayed links.
+        retry_unknown(|| cluster.put(through, &key, "v")).await;
+        let reader = all[(i + 1) % 3];
+        assert_eq!(
+            cluster.get(reader, &key).await.unwrap().as_deref(),
+            Some("v"),
+            "{key} via {reader}"
+        );
+    }
+    cluster.delete(all[0], "key0").await.unwrap();
+    for id in all {
+        assert_eq!(
+            cluster.get(id, "key0").await.unwrap(),
+            None,
+            "node {id} still sees key0"
+        );
+    }
+}
+
+/// Retries a write that was dropped before it was appended (never applied);
+/// any other error fails the test.
+async fn retry_unknown<F, Fut>(mut write: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
+    for _ in 0..10 {
+        match write().await {
+            Ok(()) => return,
+            Err(Error::Dropped { .. } | Error::NoLeader(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("write failed: {e:?}"),
+        }
+    }
+    panic!("write dropped ten times");
+}

@@ -1,0 +1,314 @@
+//! An in-process cluster: several kvraft nodes in one test process, each with
+//! its raft loop on its own thread and real storage in a temp dir, joined by
+//! an in-memory network instead of TCP. Links can be cut (one way or both),
+//! delayed and healed from the test, without network namespaces.
+//!
+//! What crosses a link is exactly what the TCP transport delivers: an
+//! `Inbox::Raft` with the sender's id, advertised address and cluster id, so
+//! the raft loop's own checks (the peer guard's rules on the live raft state)
+//! run on every message.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvraft::config::NodeConfig;
+use kvraft::node::transport::{LocalPeer, Transport, TransportContext, TransportFactory};
+use kvraft::node::{Error, Inbox, NodeHandle};
+use kvraft::proto::{command, Command, DeleteRequest, SetRequest};
+use kvraft::storage::StorageError;
+use raft::prelude::{Message, MessageType};
+
+/// The links between nodes: who can reach whom, and how late.
+#[derive(Default)]
+pub struct Network {
+    state: Mutex<NetState>,
+}
+
+#[derive(Default)]
+struct NetState {
+    inboxes: HashMap<u64, mpsc::Sender<Inbox>>,
+    /// (from, to) pairs whose messages are lost.
+    cut: HashSet<(u64, u64)>,
+    /// (from, to) pairs whose messages arrive this much later.
+    delay: HashMap<(u64, u64), Duration>,
+    /// Messages delivered, per (from, to): lets a test see traffic flow.
+    delivered: HashMap<(u64, u64), u64>,
+}
+
+impl Network {
+    /// Loses every message from `from` to `to` (one way).
+    pub fn cut(&self, from: u64, to: u64) {
+        self.state.lock().unwrap().cut.insert((from, to));
+    }
+
+    /// Cuts every link between the two sides, both ways.
+    pub fn partition(&self, side_a: &[u64], side_b: &[u64]) {
+        let mut state = self.state.lock().unwrap();
+        for &a in side_a {
+            for &b in side_b {
+                state.cut.insert((a, b));
+                state.cut.insert((b, a));
+            }
+        }
+    }
+
+    /// Delays every message from `from` to `to`.
+    pub fn delay(&self, from: u64, to: u64, by: Duration) {
+        self.state.lock().unwrap().delay.insert((from, to), by);
+    }
+
+    /// Restores every link: no cuts, no delays.
+    pub fn heal(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.cut.clear();
+        state.delay.clear();
+    }
+
+    /// Messages delivered so far from `from` to `to`.
+    pub fn delivered(&self, from: u64, to: u64) -> u64 {
+        self.state
+            .lock()
+            .unwrap()
+            .delivered
+            .get(&(from, to))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// One node's outbound side on the in-memory network.
+struct MemTransport {
+    net: Arc<Network>,
+    local: LocalPeer,
+    cluster_id: u64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Transport for MemTransport {
+    fn send(&mut self, message: Message, _addr: Option<&str>) -> bool {
+        let (from, to) = (self.local.id, message.to);
+        let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+        let (target, own, lost, delay) = {
+            let mut state = self.net.state.lock().unwrap();
+            let lost = state.cut.contains(&(from, to));
+            if !lost {
+                *state.delivered.entry((from, to)).or_default() += 1;
+            }
+            (
+                state.inboxes.get(&to).cloned(),
+                state.inboxes.get(&from).cloned(),
+                lost,
+                state.delay.get(&(from, to)).copied(),
+            )
+        };
+        let Some(target) = target else { return false };
+        // The TCP transport reports every snapshot message; raft waits for it.
+        let report = move |ok: bool| {
+            if let (true, Some(own)) = (snapshot, own.as_ref()) {
+                let _ = own.send(Inbox::SnapshotSent { to, ok });
+            }
+        };
+        if lost {
+            report(false);
+            return true;
+        }
+        let envelope = Inbox::Raft {
+            message: Box::new(message),
+            sender: from,
+            from_peer_addr: self.local.peer_addr.clone(),
+            cluster_id: self.cluster_id,
+        };
+        match delay {
+            Some(delay) => {
+                self.runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let delivered = target.send(envelope).is_ok();
+                    report(delivered);
+                });
+            }
+            None => {
+                let delivered = target.send(envelope).is_ok();
+                report(delivered);
+            }
+        }
+        true
+    }
+
+    fn forget(&mut self, _id: u64) {}
+
+    fn set_cluster_id(&mut self, cluster_id: u64) {
+        self.cluster_id = cluster_id;
+    }
+}
+
+/// A running node of the in-process cluster.
+pub struct MemNode {
+    /// How the test talks to it, as the server would.
+    pub handle: NodeHandle,
+    inbox: mpsc::Sender<Inbox>,
+    thread: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+    _lock: kvraft::storage::DataDirLock,
+}
+
+/// Nodes 1..=n forming one cluster over a [`Network`].
+pub struct MemCluster {
+    /// The links, for the test to cut, delay and heal.
+    pub net: Arc<Network>,
+    nodes: BTreeMap<u64, MemNode>,
+    _dir: tempfile::TempDir,
+}
+
+/// Fast timing, as the process tests use: 25 ms ticks, a 500 ms election
+/// timeout, 50 ms heartbeats.
+fn config(dir: &std::path::Path, id: u64, members: &str) -> NodeConfig {
+    NodeConfig {
+        id,
+        data_dir: dir.join(format!("node{id}")),
+        initial_cluster: Some(members.to_string()),
+        tick_ms: 25,
+        election_ticks: 20,
+        heartbeat_ticks: 2,
+        request_timeout_ms: 2000,
+        ..NodeConfig::default()
+    }
+}
+
+fn peer_addr(id: u64) -> String {
+    format!("mem{id}:7380")
+}
+
+impl MemCluster {
+    /// Starts nodes 1..=n from a static initial cluster. Call from within a
+    /// multi-threaded tokio runtime (delayed deliveries run on it).
+    pub fn start(n: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Network::default());
+        let members: Vec<String> = (1..=n).map(|id| format!("{id}={}", peer_addr(id))).collect();
+        let members = members.join(",");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=n {
+            let runtime = tokio::runtime::Handle::current();
+            let transport_net = net.clone();
+            let transport: TransportFactory = Box::new(move |context: TransportContext| {
+                Box::new(MemTransport {
+                    net: transport_net,
+                    local: context.local,
+                    cluster_id: context.cluster_id,
+                    runtime,
+                }) as Box<dyn Transport>
+            });
+            let prepared = kvraft::node::startup::prepare(
+                &config(dir.path(), id, &members),
+                format!("mem{id}:7379"),
+                peer_addr(id),
+                transport,
+            )
+            .unwrap_or_else(|e| panic!("node {id} did not start: {e}"));
+            net.state.lock().unwrap().inboxes.insert(id, prepared.inbox.clone());
+            let thread = kvraft::node::spawn(prepared.raft_loop, id).unwrap();
+            nodes.insert(
+                id,
+                MemNode {
+                    handle: prepared.handle,
+                    inbox: prepared.inbox,
+                    thread: Some(thread),
+                    _lock: prepared.lock,
+                },
+            );
+        }
+        MemCluster { net, nodes, _dir: dir }
+    }
+
+    /// Node `id`'s handle.
+    pub fn handle(&self, id: u64) -> &NodeHandle {
+        &self.nodes[&id].handle
+    }
+
+    /// Waits until every node in `among` names the same leader, itself one of
+    /// `among`; returns it.
+    pub async fn wait_for_leader(&self, among: &[u64], within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let leaders: Vec<u64> = among.iter().map(|id| self.handle(*id).status().leader_id).collect();
+            let leader = leaders[0];
+            if leader != 0 && among.contains(&leader) && leaders.iter().all(|l| *l == leader) {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no common leader among {among:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `check` holds, or fails with `what`.
+    pub async fn wait_until(&self, within: Duration, what: &str, mut check: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + within;
+        while !check(self) {
+            assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A write through node `id`, as the server would propose it.
+    pub async fn put(&self, id: u64, key: &str, value: &str) -> Result<(), Error> {
+        let command = Command {
+            op: Some(command::Op::Set(SetRequest {
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+            })),
+        };
+        self.handle(id).propose(command).await.map(|_| ())
+    }
+
+    /// A delete through node `id`.
+    pub async fn delete(&self, id: u64, key: &str) -> Result<(), Error> {
+        let command = Command {
+            op: Some(command::Op::Delete(DeleteRequest {
+                key: key.as_bytes().to_vec(),
+            })),
+        };
+        self.handle(id).propose(command).await.map(|_| ())
+    }
+
+    /// A linearizable read through node `id`: a read-index round, then the
+    /// local state machine.
+    pub async fn get(&self, id: u64, key: &str) -> Result<Option<String>, Error> {
+        self.handle(id).linearizable_barrier().await?;
+        Ok(self.local_get(id, key))
+    }
+
+    /// What node `id` has applied for `key`, without asking anyone.
+    pub fn local_get(&self, id: u64, key: &str) -> Option<String> {
+        self.handle(id)
+            .read(|sm| sm.get(key.as_bytes()).cloned())
+            .map(|v| String::from_utf8(v).unwrap())
+    }
+
+    /// Stops node `id` (graceful shutdown, no deadline to speak of) and waits
+    /// for its thread.
+    pub fn stop(&mut self, id: u64) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            let _ = node.inbox.send(Inbox::Shutdown {
+                deadline: Instant::now() + Duration::from_secs(2),
+            });
+            if let Some(thread) = node.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for MemCluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.stop(id);
+        }
+    }
+}
