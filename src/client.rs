@@ -90,7 +90,7 @@ impl Client {
             ));
         }
         for endpoint in &options.endpoints {
-            crate::config::check_host_port(endpoint)
+            crate::address::check_host_port(endpoint)
                 .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?;
         }
         crate::tls::install_crypto_provider();

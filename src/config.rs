@@ -12,6 +12,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::address::{check_host_port, is_wildcard, parse_initial_cluster};
+
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/kvraft/kvraft.toml";
 
@@ -489,54 +491,6 @@ impl NodeConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the configuration always serialises")
     }
-}
-
-/// Checks that `addr` is `HOST:PORT` with a non-empty host and a numeric port.
-/// Host names are allowed (resolved when connecting).
-pub fn check_host_port(addr: &str) -> Result<(), String> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| "expected HOST:PORT, e.g. 127.0.0.1:7380".to_string())?;
-    if host.is_empty() || host.contains(char::is_whitespace) || host.contains(',') || host.contains('=') {
-        return Err("expected HOST:PORT with a non-empty host name or IP address".into());
-    }
-    port.parse::<u16>()
-        .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
-    Ok(())
-}
-
-/// True for `0.0.0.0:PORT`, `[::]:PORT` and the like: a bind address, never
-/// one to dial.
-fn is_wildcard(addr: &str) -> bool {
-    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified())
-}
-
-/// Parses `ID=HOST:PORT,ID=HOST:PORT,...`.
-pub fn parse_initial_cluster(spec: &str) -> Result<Vec<(u64, String)>, String> {
-    let mut members: Vec<(u64, String)> = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| format!("entry {part:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .ok()
-            .filter(|id| *id > 0)
-            .ok_or_else(|| format!("entry {part:?}: the id must be a positive integer"))?;
-        check_host_port(addr.trim()).map_err(|e| format!("entry {part:?}: {e}"))?;
-        if members.iter().any(|(other, _)| *other == id) {
-            return Err(format!("names node {id} twice"));
-        }
-        members.push((id, addr.trim().to_string()));
-    }
-    if members.is_empty() {
-        return Err("is empty; give ID=HOST:PORT for every initial member".into());
-    }
-    members.sort();
-    Ok(members)
 }
 
 /// The flags of `kvraftd`. Every setting flag is optional: an absent flag

@@ -91,6 +91,7 @@ pub fn is_retryable(code: ErrorCode) -> bool {
             | ErrorCode::ShuttingDown
             | ErrorCode::ReadTimeout
             | ErrorCode::IdleClosed
+            | ErrorCode::Overloaded
             | ErrorCode::NodeRemoved
     )
 }

@@ -29,6 +29,7 @@
 // raft's protobuf-2 messages are built field by field, as raft-rs's own examples do.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod address;
 pub mod cli;
 pub mod client;
 pub mod codec;

@@ -29,6 +29,7 @@ pub const LOG_FIRST_INDEX: &str = "kvraft_log_first_index";
 pub const LOG_LAST_INDEX: &str = "kvraft_log_last_index";
 pub const PROPOSALS_PENDING: &str = "kvraft_proposals_pending";
 pub const PROPOSALS_FAILED: &str = "kvraft_proposals_failed_total";
+pub const INBOX_FULL: &str = "kvraft_inbox_full_total";
 pub const PEER_SENT_BYTES: &str = "kvraft_peer_sent_bytes_total";
 pub const PEER_RECEIVED_BYTES: &str = "kvraft_peer_received_bytes_total";
 pub const PEER_SEND_FAILURES: &str = "kvraft_peer_send_failures_total";
@@ -130,6 +131,10 @@ fn describe() {
     describe_gauge!(LOG_LAST_INDEX, "Last index in the raft log.");
     describe_gauge!(PROPOSALS_PENDING, "Proposals waiting to be applied on this node.");
     describe_counter!(PROPOSALS_FAILED, "Proposals that failed, by reason.");
+    describe_counter!(
+        INBOX_FULL,
+        "Requests refused and peer messages dropped because the raft loop's inbox was full."
+    );
     describe_counter!(PEER_SENT_BYTES, Unit::Bytes, "Bytes sent to a peer.");
     describe_counter!(PEER_RECEIVED_BYTES, Unit::Bytes, "Bytes received from a peer.");
     describe_counter!(PEER_SEND_FAILURES, "Failed connects or writes to a peer.");
@@ -200,6 +205,7 @@ fn zero() {
     for reason in FAILURE_REASONS {
         counter!(PROPOSALS_FAILED, "reason" => *reason).absolute(0);
     }
+    counter!(INBOX_FULL).absolute(0);
     for role in ["voter", "learner"] {
         gauge!(MEMBERS, "role" => role).set(0.0);
     }
@@ -228,6 +234,11 @@ pub fn zero_peer(peer: u64) {
 /// Counts a failed proposal.
 pub fn proposal_failed(reason: &'static str) {
     counter!(PROPOSALS_FAILED, "reason" => reason).increment(1);
+}
+
+/// Counts a message the raft loop's full inbox could not take.
+pub fn inbox_full() {
+    counter!(INBOX_FULL).increment(1);
 }
 
 /// Records a duration in a histogram.

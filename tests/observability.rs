@@ -38,6 +38,7 @@ const REQUIRED: &[&str] = &[
     "kvraft_log_last_index",
     "kvraft_proposals_pending",
     "kvraft_proposals_failed_total",
+    "kvraft_inbox_full_total",
     "kvraft_peer_sent_bytes_total",
     "kvraft_peer_received_bytes_total",
     "kvraft_peer_send_failures_total",

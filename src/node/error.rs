@@ -62,6 +62,9 @@ pub enum Error {
     /// The request can't succeed as given.
     #[error("{0}")]
     Invalid(String),
+    /// The raft loop is behind and refused the request; nothing was done.
+    #[error("{0}")]
+    Overloaded(String),
     /// raft or storage failed on this node.
     #[error("{0}")]
     Internal(String),

@@ -29,6 +29,17 @@ pub use self::error::{Error, LeaderHint};
 use crate::proto::{Command, Member};
 use crate::state_machine::{ApplyResult, StateMachine};
 
+/// How many messages the raft loop's inbox holds. The loop drains up to
+/// 4096 a round; past this, it is behind, and senders are refused
+/// ([`Error::Overloaded`] for requests; peer messages are dropped, which raft
+/// tolerates) instead of queueing without bound.
+pub const INBOX_CAPACITY: usize = 16 * 1024;
+
+/// The sending side of the raft loop's inbox (bounded: see
+/// [`INBOX_CAPACITY`]). Senders in async tasks use `try_send`, never the
+/// blocking `send`.
+pub type InboxSender = mpsc::SyncSender<Inbox>;
+
 /// What the raft loop is told.
 pub enum Inbox {
     /// A raft message from a peer, with the address it says it listens on.
@@ -175,7 +186,7 @@ pub struct NodeStatus {
 /// How the server talks to the raft loop. Cheap to clone.
 #[derive(Clone)]
 pub struct NodeHandle {
-    inbox: mpsc::Sender<Inbox>,
+    inbox: InboxSender,
     state_machine: Arc<RwLock<StateMachine>>,
     applied: watch::Receiver<u64>,
     status: watch::Receiver<NodeStatus>,
@@ -184,7 +195,7 @@ pub struct NodeHandle {
 
 impl NodeHandle {
     pub(crate) fn new(
-        inbox: mpsc::Sender<Inbox>,
+        inbox: InboxSender,
         state_machine: Arc<RwLock<StateMachine>>,
         applied: watch::Receiver<u64>,
         status: watch::Receiver<NodeStatus>,
@@ -199,9 +210,34 @@ impl NodeHandle {
         }
     }
 
-    /// Hands a message to the raft loop. Fails only if the loop has stopped.
+    /// Hands a message to the raft loop. Fails if the loop has stopped, or
+    /// is so far behind that its inbox is full (retryable: nothing was done).
     pub fn send(&self, message: Inbox) -> Result<(), Error> {
-        self.inbox.send(message).map_err(|_| stopped())
+        match self.inbox.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(_)) => {
+                crate::metrics::inbox_full();
+                Err(Error::Overloaded(
+                    "this node's raft loop is behind (its inbox is full); retry shortly or on another endpoint".into(),
+                ))
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(stopped()),
+        }
+    }
+
+    /// Asks the raft loop to stop gracefully by `deadline`, waiting for room
+    /// in its inbox if it is full. Returns at once if the loop has stopped.
+    pub async fn request_shutdown(&self, deadline: std::time::Instant) {
+        let mut message = Inbox::Shutdown { deadline };
+        loop {
+            match self.inbox.try_send(message) {
+                Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    message = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Replicates a command and waits until it is applied.
@@ -273,4 +309,43 @@ impl NodeHandle {
 
 fn stopped() -> Error {
     Error::shutting_down()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle_with_inbox(capacity: usize) -> (NodeHandle, mpsc::Receiver<Inbox>) {
+        let (inbox, rx) = mpsc::sync_channel(capacity);
+        let (_applied_tx, applied) = watch::channel(0);
+        let (_status_tx, status) = watch::channel(NodeStatus::default());
+        let state_machine = Arc::new(RwLock::new(StateMachine::new(1)));
+        let handle = NodeHandle::new(inbox, state_machine, applied, status, Duration::from_secs(1));
+        (handle, rx)
+    }
+
+    #[test]
+    fn a_full_inbox_refuses_with_a_retryable_error_instead_of_growing() {
+        let (handle, rx) = handle_with_inbox(2);
+        handle.send(Inbox::Unreachable(1)).unwrap();
+        handle.send(Inbox::Unreachable(2)).unwrap();
+        let refused = handle.send(Inbox::Unreachable(3)).unwrap_err();
+        assert!(matches!(refused, Error::Overloaded(_)), "{refused:?}");
+        // Room again once the loop takes a message; what was refused is not queued.
+        assert!(matches!(rx.recv().unwrap(), Inbox::Unreachable(1)));
+        handle.send(Inbox::Unreachable(4)).unwrap();
+        let queued: Vec<u64> = rx
+            .try_iter()
+            .map(|m| match m {
+                Inbox::Unreachable(id) => id,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(queued, [2, 4]);
+        drop(rx);
+        assert!(matches!(
+            handle.send(Inbox::Unreachable(5)),
+            Err(Error::ShuttingDown(_))
+        ));
+    }
 }

@@ -16,7 +16,8 @@ use super::pending::{Proposals, Reads};
 use super::raft_loop::{LoopSettings, RaftLoop};
 use super::transport::{LocalPeer, TransportContext, TransportFactory};
 use super::{NodeHandle, NodeStatus};
-use crate::config::{parse_initial_cluster, NodeConfig};
+use crate::address::parse_initial_cluster;
+use crate::config::NodeConfig;
 use crate::proto::{Member, NodeIdentity};
 use crate::state_machine::StateMachine;
 use crate::storage::{DataDirLock, NodeIdentityFile, RaftStorage, StorageError};
@@ -69,7 +70,7 @@ pub struct Prepared {
     /// For the peer listener's cluster check (0 until a joining node learns it).
     pub cluster_id: Arc<AtomicU64>,
     /// The raft loop's inbox, for the peer listener.
-    pub inbox: mpsc::Sender<crate::node::Inbox>,
+    pub inbox: crate::node::InboxSender,
     /// Counts raft loop rounds (for the watchdog).
     pub rounds: Arc<AtomicU64>,
     /// Keeps other daemons out of the data dir while this one runs.
@@ -190,7 +191,7 @@ pub fn prepare(
     let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!("node" => config.id));
     let node = RawNode::new(&raft_config, storage.clone(), &logger)?;
 
-    let (inbox_tx, inbox_rx) = mpsc::channel();
+    let (inbox_tx, inbox_rx) = mpsc::sync_channel(crate::node::INBOX_CAPACITY);
     let (applied_tx, applied_rx) = watch::channel(applied);
     let (status_tx, status_rx) = watch::channel(NodeStatus {
         id: config.id,

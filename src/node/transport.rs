@@ -6,7 +6,6 @@
 //! in-memory network instead (tests/support/memnet.rs).
 
 use std::collections::HashMap;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::Inbox;
+use super::{Inbox, InboxSender};
 use crate::codec::{self, ByteStream, FrameReader};
 use crate::metrics;
 use crate::proto::{peer_rejection, PeerEnvelope, PeerRejection};
@@ -69,7 +68,7 @@ pub struct TransportContext {
     /// Our cluster (0 while a joining node hasn't learned it).
     pub cluster_id: u64,
     /// The raft loop's inbox, for delivery reports.
-    pub inbox: mpsc::Sender<Inbox>,
+    pub inbox: InboxSender,
 }
 
 /// Builds the transport once the raft loop's inbox exists.
@@ -81,7 +80,7 @@ pub struct TcpTransport {
     cluster_id: u64,
     peers: HashMap<u64, Peer>,
     runtime: tokio::runtime::Handle,
-    inbox: mpsc::Sender<Inbox>,
+    inbox: InboxSender,
     tls: Option<Arc<PeerTls>>,
 }
 
@@ -159,7 +158,7 @@ struct PeerTask {
     addr: String,
     local: LocalPeer,
     cluster_id: u64,
-    inbox: mpsc::Sender<Inbox>,
+    inbox: InboxSender,
     tls: Option<Arc<PeerTls>>,
 }
 
@@ -261,7 +260,7 @@ impl PeerTask {
             // The hello names us before anything large is sent.
             if sink.send(self.hello()).await.is_err() {
                 self.count_failure();
-                let _ = self.inbox.send(Inbox::Unreachable(self.to));
+                let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
@@ -296,11 +295,11 @@ impl PeerTask {
                             failed = SinkExt::<bytes::Bytes>::flush(&mut sink).await.is_err();
                         }
                         for to in snapshots {
-                            let _ = self.inbox.send(Inbox::SnapshotSent { to, ok: !failed });
+                            let _ = self.inbox.try_send(Inbox::SnapshotSent { to, ok: !failed });
                         }
                         if failed {
                             self.count_failure();
-                            let _ = self.inbox.send(Inbox::Unreachable(self.to));
+                            let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
                             break;
                         }
                         counter!(metrics::PEER_SENT_BYTES, "peer" => self.to.to_string()).increment(bytes);
@@ -311,7 +310,7 @@ impl PeerTask {
                         if let Ok(Some(frame)) = reply {
                             if let Ok(rejection) = PeerRejection::decode(frame) {
                                 info!(peer = self.to, reason = %rejection.message, "peer refused us");
-                                let _ = self.inbox.send(Inbox::RejectedByPeer {
+                                let _ = self.inbox.try_send(Inbox::RejectedByPeer {
                                     peer: self.to,
                                     reason: rejection.message,
                                     removed: rejection.reason == peer_rejection::Reason::Removed as i32,
@@ -320,7 +319,7 @@ impl PeerTask {
                                 backoff = MAX_BACKOFF;
                             }
                         }
-                        let _ = self.inbox.send(Inbox::Unreachable(self.to));
+                        let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
                         tokio::time::sleep(backoff).await;
                         break;
                     }
@@ -361,7 +360,7 @@ impl PeerTask {
                 Ok(m) => {
                     dropped = true;
                     if m.get_msg_type() == MessageType::MsgSnapshot {
-                        let _ = self.inbox.send(Inbox::SnapshotSent { to: m.to, ok: false });
+                        let _ = self.inbox.try_send(Inbox::SnapshotSent { to: m.to, ok: false });
                     }
                 }
                 Err(tokio_mpsc::error::TryRecvError::Empty) => break,
@@ -369,7 +368,7 @@ impl PeerTask {
             }
         }
         if dropped {
-            let _ = self.inbox.send(Inbox::Unreachable(self.to));
+            let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
         }
         true
     }

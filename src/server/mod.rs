@@ -29,7 +29,7 @@ use tracing::info;
 use crate::config::NodeConfig;
 use crate::node::startup::prepare;
 use crate::node::transport::{TcpTransport, TransportFactory};
-use crate::node::{Inbox, NodeHandle};
+use crate::node::NodeHandle;
 use crate::storage::{DataDirLock, StorageError};
 use crate::tls::server::{ClientPortTls, PeerTls};
 use access::AccessControl;
@@ -192,7 +192,7 @@ impl RunningNode {
     pub async fn shutdown(self, timeout: Duration) -> Result<(), StorageError> {
         let _ = self.stop_listeners.send(true);
         let deadline = std::time::Instant::now() + timeout;
-        let _ = self.handle.send(Inbox::Shutdown { deadline });
+        self.handle.request_shutdown(deadline).await;
         let thread = self.raft_thread;
         tokio::task::spawn_blocking(move || thread.join())
             .await

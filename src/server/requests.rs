@@ -8,7 +8,7 @@ use tracing::{debug, info_span, Instrument};
 
 use super::access::AccessControl;
 use super::Limits;
-use crate::config::check_host_port;
+use crate::address::check_host_port;
 use crate::error::WireError;
 use crate::metrics;
 use crate::node::{MembershipChange, NodeHandle, NodeStatus};

@@ -19,6 +19,7 @@ impl From<Error> for WireError {
             Error::MemberExists(_) => (ErrorCode::MemberExists, None),
             Error::UnknownNode(_) => (ErrorCode::UnknownNode, None),
             Error::Invalid(_) => (ErrorCode::InvalidArgument, None),
+            Error::Overloaded(_) => (ErrorCode::Overloaded, None),
             Error::Internal(_) => (ErrorCode::Internal, None),
         };
         let hint = leader.cloned();

@@ -11,7 +11,6 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,7 @@ pub struct Network {
 
 #[derive(Default)]
 struct NetState {
-    inboxes: HashMap<u64, mpsc::Sender<Inbox>>,
+    inboxes: HashMap<u64, kvraft::node::InboxSender>,
     /// (from, to) pairs whose messages are lost.
     cut: HashSet<(u64, u64)>,
     /// (from, to) pairs whose messages arrive this much later.
@@ -109,7 +108,7 @@ impl Transport for MemTransport {
         // The TCP transport reports every snapshot message; raft waits for it.
         let report = move |ok: bool| {
             if let (true, Some(own)) = (snapshot, own.as_ref()) {
-                let _ = own.send(Inbox::SnapshotSent { to, ok });
+                let _ = own.try_send(Inbox::SnapshotSent { to, ok });
             }
         };
         if lost {
@@ -126,12 +125,12 @@ impl Transport for MemTransport {
             Some(delay) => {
                 self.runtime.spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let delivered = target.send(envelope).is_ok();
+                    let delivered = target.try_send(envelope).is_ok();
                     report(delivered);
                 });
             }
             None => {
-                let delivered = target.send(envelope).is_ok();
+                let delivered = target.try_send(envelope).is_ok();
                 report(delivered);
             }
         }
@@ -149,7 +148,7 @@ impl Transport for MemTransport {
 pub struct MemNode {
     /// How the test talks to it, as the server would.
     pub handle: NodeHandle,
-    inbox: mpsc::Sender<Inbox>,
+    inbox: kvraft::node::InboxSender,
     thread: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
     _lock: kvraft::storage::DataDirLock,
 }
@@ -294,7 +293,7 @@ impl MemCluster {
     /// for its thread.
     pub fn stop(&mut self, id: u64) {
         if let Some(node) = self.nodes.get_mut(&id) {
-            let _ = node.inbox.send(Inbox::Shutdown {
+            let _ = node.inbox.try_send(Inbox::Shutdown {
                 deadline: Instant::now() + Duration::from_secs(2),
             });
             if let Some(thread) = node.thread.take() {

@@ -12,7 +12,6 @@ mod standing;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +50,7 @@ pub struct PeerContext {
     /// This node.
     pub node_id: u64,
     /// The raft loop's inbox.
-    pub inbox: mpsc::Sender<Inbox>,
+    pub inbox: crate::node::InboxSender,
     /// For membership.
     pub handle: NodeHandle,
     /// Our cluster (0 while a joining node waits).
@@ -370,8 +369,11 @@ fn deliver(envelope: PeerEnvelope, from: u64, shared: &Shared) {
         from_peer_addr: envelope.from_peer_addr,
         cluster_id: envelope.cluster_id,
     };
-    // If the raft loop has stopped, the node is going down anyway.
-    let _ = context.inbox.send(inbox);
+    // A full inbox drops the message (raft retransmits); if the raft loop
+    // has stopped, the node is going down anyway. Never block this task.
+    if let Err(std::sync::mpsc::TrySendError::Full(_)) = context.inbox.try_send(inbox) {
+        crate::metrics::inbox_full();
+    }
 }
 
 fn count_message_refusal(shared: &Shared, from: u64, reason: &'static str, detail: &str) {
