@@ -2,8 +2,10 @@
 //! rest of the server uses to talk to it.
 //!
 //! - [`raft_loop`]: the loop, its `Ready` handling and apply.
+//! - [`membership`]: the membership rules, as pure functions.
 //! - [`pending`]: proposals and reads waiting for an answer.
 //! - [`transport`]: outbound peer connections, one queue per peer.
+//! - [`status`]: the status and gauges, published when they change.
 //! - [`startup`]: data dir checks, bootstrap and recovery before the loop runs.
 //! - [`error`]: what can go wrong, in the node's terms (the server maps it to
 //!   the wire once).
@@ -13,9 +15,11 @@
 //! never queue behind the raft thread.
 
 pub mod error;
+pub mod membership;
 pub mod pending;
 pub mod raft_loop;
 pub mod startup;
+pub mod status;
 pub mod transport;
 
 use std::sync::mpsc;

@@ -19,19 +19,18 @@ use raft_proto::ConfChangeI;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use super::membership;
 use super::pending::{Proposals, Reads};
+use super::status::{RaftView, StatusPublisher};
 use super::transport::Transport;
-use super::{Error, Inbox, LeaderHint, MembershipChange, NodeStatus, Role};
+use super::{Error, Inbox, LeaderHint, MembershipChange, NodeStatus};
 use crate::metrics;
 use crate::peer_guard;
 use crate::proto::{command, Command, Member, NodeIdentity, ProposalContext};
-use crate::state_machine::{conf_ids, ApplyResult, StateMachine};
+use crate::state_machine::{ApplyResult, StateMachine};
 use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
 use ::metrics::{counter, gauge, histogram};
 
-/// A learner is promoted once its log is within this many entries of the
-/// leader's commit index.
-const PROMOTE_LAG: u64 = 1000;
 /// How often a node re-proposes its own addresses until they are applied.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// At most this many inbox messages per round, so ticks and Ready keep up.
@@ -56,37 +55,64 @@ pub struct LoopSettings {
     pub advertise_client_addr: String,
 }
 
+/// What the loop is built from (see `startup::prepare`).
+pub struct LoopParts {
+    /// The raft node over its storage.
+    pub node: RawNode<RaftStorage>,
+    /// The same storage, for snapshots and compaction.
+    pub storage: RaftStorage,
+    /// Where requests and peer messages arrive.
+    pub inbox: mpsc::Receiver<Inbox>,
+    /// Shared with the node's handles, which read it.
+    pub state_machine: Arc<RwLock<StateMachine>>,
+    /// Where outgoing raft messages go.
+    pub transport: Box<dyn Transport>,
+    /// Tells readers how far the state machine has applied.
+    pub applied_tx: watch::Sender<u64>,
+    /// Feeds `NodeHandle::status`.
+    pub status_tx: watch::Sender<NodeStatus>,
+    /// The data dir's identity file (cluster id, removal).
+    pub identity: NodeIdentityFile,
+    /// The cluster id, shared with the peer listener (0 until a joining node
+    /// learns it).
+    pub cluster_id: Arc<AtomicU64>,
+    /// Fixed settings.
+    pub settings: LoopSettings,
+    /// Counts loop rounds, for the watchdog.
+    pub rounds: Arc<AtomicU64>,
+}
+
 /// The loop and everything it owns.
 pub struct RaftLoop {
-    pub(crate) node: RawNode<RaftStorage>,
-    pub(crate) storage: RaftStorage,
-    pub(crate) inbox: mpsc::Receiver<Inbox>,
-    pub(crate) state_machine: Arc<RwLock<StateMachine>>,
-    pub(crate) transport: Box<dyn Transport>,
-    pub(crate) applied_tx: watch::Sender<u64>,
-    pub(crate) status_tx: watch::Sender<NodeStatus>,
-    pub(crate) identity: NodeIdentityFile,
-    pub(crate) cluster_id: Arc<AtomicU64>,
-    pub(crate) settings: LoopSettings,
-    pub(crate) proposals: Proposals,
-    pub(crate) reads: Reads,
+    node: RawNode<RaftStorage>,
+    storage: RaftStorage,
+    inbox: mpsc::Receiver<Inbox>,
+    state_machine: Arc<RwLock<StateMachine>>,
+    transport: Box<dyn Transport>,
+    applied_tx: watch::Sender<u64>,
+    status: StatusPublisher,
+    identity: NodeIdentityFile,
+    cluster_id: Arc<AtomicU64>,
+    settings: LoopSettings,
+    proposals: Proposals,
+    reads: Reads,
     /// Peer addresses learned from envelopes, for peers not (yet) in the
     /// member list (a joining node answers the leader before it knows members).
-    pub(crate) learned_addrs: HashMap<u64, String>,
-    pub(crate) leader_id: u64,
-    pub(crate) removed: bool,
-    pub(crate) last_publish: Option<Instant>,
+    learned_addrs: HashMap<u64, String>,
+    leader_id: u64,
+    removed: bool,
+    last_publish: Option<Instant>,
     /// Counts loop rounds, so a watchdog can tell the loop is alive.
-    pub(crate) rounds: Arc<AtomicU64>,
+    rounds: Arc<AtomicU64>,
     /// Set once a graceful shutdown has begun.
-    pub(crate) shutdown: Option<Shutdown>,
+    shutdown: Option<Shutdown>,
     /// Test hook: stop making progress this long after start.
-    pub(crate) wedge_after: Option<Duration>,
+    wedge_after: Option<Duration>,
     /// Rate-limits the log lines about refused peer messages.
-    pub(crate) refusals: peer_guard::RefusalLog,
+    refusals: peer_guard::RefusalLog,
     /// Rate-limits the log lines about peers refusing us (they repeat on
     /// every reconnect until an operator acts).
-    pub(crate) rejections: peer_guard::RefusalLog,
+    rejections: peer_guard::RefusalLog,
 }
 
 /// A graceful shutdown in progress.
@@ -99,6 +125,35 @@ pub(crate) struct Shutdown {
 }
 
 impl RaftLoop {
+    /// A loop over `parts`, with nothing pending. `wedge_after` is a test
+    /// hook: the loop stops making progress that long after it starts.
+    pub fn new(parts: LoopParts, wedge_after: Option<Duration>) -> Self {
+        let id = parts.settings.id;
+        RaftLoop {
+            node: parts.node,
+            storage: parts.storage,
+            inbox: parts.inbox,
+            state_machine: parts.state_machine,
+            transport: parts.transport,
+            applied_tx: parts.applied_tx,
+            status: StatusPublisher::new(id, parts.status_tx),
+            identity: parts.identity,
+            cluster_id: parts.cluster_id,
+            settings: parts.settings,
+            proposals: Proposals::new(),
+            reads: Reads::new(id),
+            learned_addrs: HashMap::new(),
+            leader_id: 0,
+            removed: false,
+            last_publish: None,
+            rounds: parts.rounds,
+            shutdown: None,
+            wedge_after,
+            refusals: peer_guard::RefusalLog::new("refused peer input", Duration::from_secs(300)),
+            rejections: peer_guard::RefusalLog::new("a peer refused this node", Duration::from_secs(60)),
+        }
+    }
+
     /// Runs until shutdown, removal or a storage failure.
     pub fn run(mut self) -> Result<(), StorageError> {
         let result = self.run_rounds().and_then(|()| self.final_snapshot());
@@ -122,7 +177,7 @@ impl RaftLoop {
         if let Err(e) = &result {
             error!(error = %e, "raft loop stopped on a storage error");
         }
-        self.status_tx.send_modify(|s| s.stopped = true);
+        self.status.stopped();
         result
     }
 
@@ -444,75 +499,35 @@ impl RaftLoop {
                 "another membership change is still being applied; retry once `kvraft members` shows it".into(),
             ));
         }
-        let (single, member) = {
+        let plan = {
             let sm = self.state_machine.read().expect("state machine lock poisoned");
-            let cs = sm.conf_state();
-            let is_member = |id: u64| conf_ids(cs).any(|m| m == id);
-            match change {
-                MembershipChange::Add(member) => {
-                    if member.id == 0 {
-                        return Err(Error::Invalid("node id must be a positive integer".into()));
-                    }
-                    if is_member(member.id) {
-                        return Err(Error::MemberExists(format!(
-                            "node {} is already a member; `kvraft members` lists them",
-                            member.id
-                        )));
-                    }
-                    if sm.is_removed(member.id) {
-                        return Err(Error::Invalid(format!(
-                            "node id {} was removed from this cluster and can't be reused; add the node under a new id with an empty data dir",
-                            member.id
-                        )));
-                    }
-                    if let Some(other) = sm.members().iter().find(|m| m.peer_addr == member.peer_addr) {
-                        return Err(Error::Invalid(format!(
-                            "peer address {} already belongs to node {}",
-                            member.peer_addr, other.id
-                        )));
-                    }
-                    let mut single = ConfChangeSingle::default();
-                    single.set_change_type(ConfChangeType::AddLearnerNode);
-                    single.node_id = member.id;
-                    (single, Some(member))
-                }
-                MembershipChange::Remove(id) => {
-                    if !is_member(id) {
-                        return Err(Error::UnknownNode(format!(
-                            "node {id} is not a member of this cluster; `kvraft members` lists them"
-                        )));
-                    }
-                    if cs.voters == [id] {
-                        return Err(Error::Invalid(format!(
-                            "node {id} is the only voter; removing it would leave no cluster"
-                        )));
-                    }
-                    if id == self.settings.id {
-                        let transferee = self.most_caught_up_voter();
-                        return match transferee {
-                            Some(to) => {
-                                info!(to, "asked to remove myself: handing leadership over first");
-                                self.node.transfer_leader(to);
-                                Err(Error::NotLeader {
-                                    message: format!(
-                                        "node {id} leads and is being removed: leadership is moving to node {to}; retry"
-                                    ),
-                                    leader: Some(LeaderHint {
-                                        id: to,
-                                        client_addr: sm.member(to).map(|m| m.client_addr.clone()).unwrap_or_default(),
-                                    }),
-                                })
-                            }
-                            None => Err(Error::NoLeader(
-                                "no other voter is caught up to take over leadership; retry shortly".into(),
-                            )),
-                        };
-                    }
-                    let mut single = ConfChangeSingle::default();
-                    single.set_change_type(ConfChangeType::RemoveNode);
-                    single.node_id = id;
-                    (single, None)
-                }
+            let prs = self.node.raft.prs();
+            let matched = |id: u64| prs.get(id).map(|p| p.matched);
+            membership::plan(
+                change,
+                &membership::ClusterView {
+                    me: self.settings.id,
+                    state: &sm,
+                    matched: &matched,
+                },
+            )?
+        };
+        let mut single = ConfChangeSingle::default();
+        let member = match plan {
+            membership::Plan::AddLearner(member) => {
+                single.set_change_type(ConfChangeType::AddLearnerNode);
+                single.node_id = member.id;
+                Some(member)
+            }
+            membership::Plan::Remove(id) => {
+                single.set_change_type(ConfChangeType::RemoveNode);
+                single.node_id = id;
+                None
+            }
+            membership::Plan::HandOver { to, refusal } => {
+                info!(to, "asked to remove myself: handing leadership over first");
+                self.node.transfer_leader(to);
+                return Err(refusal);
             }
         };
         let id = self.proposals.next_id();
@@ -539,15 +554,11 @@ impl RaftLoop {
         Ok(())
     }
 
+    /// The voter best placed to take over from this node.
     fn most_caught_up_voter(&self) -> Option<u64> {
         let sm = self.state_machine.read().expect("state machine lock poisoned");
-        sm.conf_state()
-            .voters
-            .iter()
-            .filter(|id| **id != self.settings.id)
-            .filter_map(|id| self.node.raft.prs().get(*id).map(|p| (p.matched, *id)))
-            .max()
-            .map(|(_, id)| id)
+        let prs = self.node.raft.prs();
+        membership::most_caught_up_voter(sm.conf_state(), self.settings.id, &|id| prs.get(id).map(|p| p.matched))
     }
 
     fn on_tick(&mut self, now: Instant) {
@@ -564,13 +575,8 @@ impl RaftLoop {
         let committed = self.node.raft.raft_log.committed;
         let learner = {
             let sm = self.state_machine.read().expect("state machine lock poisoned");
-            sm.conf_state().learners.iter().copied().find(|id| {
-                self.node
-                    .raft
-                    .prs()
-                    .get(*id)
-                    .is_some_and(|p| p.matched > 0 && p.matched + PROMOTE_LAG >= committed)
-            })
+            let prs = self.node.raft.prs();
+            membership::learner_to_promote(sm.conf_state(), committed, &|id| prs.get(id).map(|p| p.matched))
         };
         if let Some(id) = learner {
             info!(node = id, "learner caught up: promoting to voter");
@@ -862,7 +868,7 @@ impl RaftLoop {
         if let Err(e) = self.identity.store(&identity) {
             error!(error = %e, "could not record the removal in the data dir");
         }
-        self.status_tx.send_modify(|s| s.removed = true);
+        self.status.removed();
     }
 
     /// Takes a snapshot every `snapshot_threshold` applied entries, or when raft
@@ -905,52 +911,19 @@ impl RaftLoop {
 
     fn publish_status(&mut self) {
         let raft = &self.node.raft;
-        let sm = self.state_machine.read().expect("state machine lock poisoned");
-        let is_learner = sm.conf_state().learners.contains(&self.settings.id);
-        let role = match raft.state {
-            StateRole::Leader => Role::Leader,
-            StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
-            StateRole::Follower if is_learner => Role::Learner,
-            StateRole::Follower => Role::Follower,
-        };
-        let leader = role == Role::Leader;
-        gauge!(metrics::TERM).set(raft.term as f64);
-        gauge!(metrics::IS_LEADER).set(if leader { 1.0 } else { 0.0 });
-        gauge!(metrics::HAS_LEADER).set(if raft.leader_id != 0 { 1.0 } else { 0.0 });
-        gauge!(metrics::COMMIT_INDEX).set(raft.raft_log.committed as f64);
-        gauge!(metrics::APPLIED_INDEX).set(sm.applied_index() as f64);
-        gauge!(metrics::LOG_FIRST_INDEX).set(raft.raft_log.first_index() as f64);
-        gauge!(metrics::LOG_LAST_INDEX).set(raft.raft_log.last_index() as f64);
-        gauge!(metrics::PROPOSALS_PENDING).set(self.proposals.len() as f64);
-        gauge!(metrics::KEYS).set(sm.len() as f64);
-        let cs = sm.conf_state();
-        gauge!(metrics::MEMBERS, "role" => "voter").set(cs.voters.len() as f64);
-        gauge!(metrics::MEMBERS, "role" => "learner").set(cs.learners.len() as f64);
-        let status = NodeStatus {
-            id: self.settings.id,
-            cluster_id: self.cluster_id.load(Ordering::Acquire),
-            role,
+        let view = RaftView {
+            state: raft.state,
             term: raft.term,
             leader_id: raft.leader_id,
-            leader_client_addr: sm
-                .member(raft.leader_id)
-                .map(|m| m.client_addr.clone())
-                .unwrap_or_default(),
-            commit_index: raft.raft_log.committed,
-            applied_index: sm.applied_index(),
-            snapshot_index: self.storage.snapshot_index(),
+            committed: raft.raft_log.committed,
+            applied: *self.applied_tx.borrow(),
             first_index: raft.raft_log.first_index(),
             last_index: raft.raft_log.last_index(),
+            snapshot_index: self.storage.snapshot_index(),
+            pending: self.proposals.len(),
             removed: self.removed,
-            stopped: false,
+            cluster_id: self.cluster_id.load(Ordering::Acquire),
         };
-        self.status_tx.send_if_modified(|s| {
-            if *s != status {
-                *s = status;
-                true
-            } else {
-                false
-            }
-        });
+        self.status.offer(view, &self.state_machine);
     }
 }

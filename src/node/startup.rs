@@ -2,7 +2,6 @@
 //! bootstrap a new cluster or wait to join one, recover storage and the state
 //! machine, and build the `RawNode`.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
@@ -12,8 +11,7 @@ use raft::{RawNode, ReadOnlyOption};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::pending::{Proposals, Reads};
-use super::raft_loop::{LoopSettings, RaftLoop};
+use super::raft_loop::{LoopParts, LoopSettings, RaftLoop};
 use super::transport::{LocalPeer, TransportContext, TransportFactory};
 use super::{NodeHandle, NodeStatus};
 use crate::address::parse_initial_cluster;
@@ -205,7 +203,7 @@ pub fn prepare(
         id: config.id,
         peer_addr: advertise_peer_addr.clone(),
     };
-    let raft_loop = RaftLoop {
+    let parts = LoopParts {
         node,
         storage,
         inbox: inbox_rx,
@@ -228,21 +226,13 @@ pub fn prepare(
             advertise_peer_addr,
             advertise_client_addr,
         },
-        proposals: Proposals::new(),
-        reads: Reads::new(config.id),
-        learned_addrs: HashMap::new(),
-        leader_id: 0,
-        removed: false,
-        last_publish: None,
         rounds: rounds.clone(),
-        shutdown: None,
-        wedge_after: std::env::var(WEDGE_HOOK)
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .map(std::time::Duration::from_millis),
-        refusals: crate::peer_guard::RefusalLog::new("refused peer input", std::time::Duration::from_secs(300)),
-        rejections: crate::peer_guard::RefusalLog::new("a peer refused this node", std::time::Duration::from_secs(60)),
     };
+    let wedge_after = std::env::var(WEDGE_HOOK)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(std::time::Duration::from_millis);
+    let raft_loop = RaftLoop::new(parts, wedge_after);
     let handle = NodeHandle::new(
         inbox_tx.clone(),
         state_machine,
