@@ -163,3 +163,70 @@ where
     }
     panic!("write dropped ten times");
 }
+
+/// `server::run` is the whole server in a task: listeners bound by the
+/// caller (here on port 0), any future as the shutdown signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_runs_in_process_on_listeners_it_is_given_until_its_shutdown_future() {
+    use kvraft::client::{Client, ClientOptions};
+    use kvraft::config::NodeConfig;
+    use kvraft::server::{run, Listeners};
+    use tokio::net::TcpListener;
+
+    let dir = tempfile::tempdir().unwrap();
+    let listeners = Listeners {
+        client: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        peer: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: None,
+    };
+    let client_addr = listeners.client.local_addr().unwrap().to_string();
+    let config = NodeConfig {
+        data_dir: dir.path().join("data"),
+        tick_ms: 25,
+        election_ticks: 20,
+        heartbeat_ticks: 2,
+        ..NodeConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run(config.clone(), listeners, async {
+        let _ = stopped.await;
+    }));
+
+    let client = Client::new(ClientOptions {
+        endpoints: vec![client_addr],
+        timeout: T,
+        serializable: false,
+        tls: Default::default(),
+    })
+    .unwrap();
+    client.set("greeting", "hello").await.unwrap();
+    assert_eq!(client.get("greeting").await.unwrap().as_deref(), Some(&b"hello"[..]));
+    assert!(
+        !server.is_finished(),
+        "run returned before its shutdown future resolved"
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(T, server)
+        .await
+        .expect("run did not return after the shutdown future resolved")
+        .unwrap()
+        .unwrap();
+    // Stopped cleanly: the data dir is free again and holds the write.
+    let listeners = Listeners {
+        client: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        peer: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: None,
+    };
+    let node = kvraft::server::start(config, listeners).await.unwrap();
+    let handle = node.handle.clone();
+    let deadline = std::time::Instant::now() + T;
+    while handle.read(|sm| sm.get(b"greeting").cloned()).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write is gone after a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.shutdown(T).await.unwrap();
+}

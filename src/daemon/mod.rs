@@ -95,7 +95,11 @@ async fn run(
             return EXIT_FAILURE;
         }
     };
-    let node = match crate::server::start(config.clone()).await {
+    let started = match crate::server::Listeners::bind(&config, Some(prometheus)).await {
+        Ok(listeners) => crate::server::start(config.clone(), listeners).await,
+        Err(e) => Err(e),
+    };
+    let node = match started {
         Ok(node) => node,
         Err(e) => {
             eprintln!("kvraftd: {e}");
@@ -104,33 +108,6 @@ async fn run(
             } else {
                 EXIT_FAILURE
             };
-        }
-    };
-    let _http = if config.metrics_addr.is_empty() {
-        None
-    } else {
-        match tokio::net::TcpListener::bind(&config.metrics_addr).await {
-            Ok(listener) => {
-                info!(addr = %config.metrics_addr, "serving /metrics, /health and /ready");
-                let endpoints = crate::server::http::Endpoints {
-                    prometheus,
-                    handle: node.handle.clone(),
-                    raft_rounds: node.raft_rounds.clone(),
-                };
-                Some(tokio::spawn(crate::server::http::serve(
-                    listener,
-                    endpoints,
-                    node.security.metrics_tls.clone(),
-                )))
-            }
-            Err(e) => {
-                eprintln!(
-                    "kvraftd: metrics_addr {}: cannot listen ({e}); set another --metrics-addr, or \"\" to turn it off",
-                    config.metrics_addr
-                );
-                let _ = node.shutdown(Duration::from_secs(1)).await;
-                return EXIT_FAILURE;
-            }
         }
     };
     // Ready once storage is recovered, listeners are bound and the raft loop

@@ -66,6 +66,7 @@ pub struct RunningNode {
     /// Certificates and roles, reloadable without a restart.
     pub security: Security,
     stop_listeners: watch::Sender<bool>,
+    http: Option<tokio::task::JoinHandle<()>>,
     raft_thread: std::thread::JoinHandle<Result<(), StorageError>>,
     _lock: DataDirLock,
 }
@@ -95,13 +96,88 @@ impl StartError {
     }
 }
 
-/// Binds the listeners, recovers or bootstraps the node and starts it.
-pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
+/// The sockets a node serves on, bound by the caller: the daemon binds the
+/// configured addresses ([`Listeners::bind`]); a test binds `127.0.0.1:0`.
+pub struct Listeners {
+    /// Clients.
+    pub client: TcpListener,
+    /// Peers.
+    pub peer: TcpListener,
+    /// `/metrics`, `/health` and `/ready`, if served.
+    pub metrics: Option<MetricsEndpoint>,
+}
+
+/// The metrics listener and the recorder whose metrics it renders.
+pub struct MetricsEndpoint {
+    /// Where scrapers connect.
+    pub listener: TcpListener,
+    /// The installed Prometheus recorder.
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl Listeners {
+    /// Binds `client_addr`, `peer_addr` and (when set, with `prometheus`)
+    /// `metrics_addr`. Every bind error names the setting to change.
+    pub async fn bind(
+        config: &NodeConfig,
+        prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> Result<Self, StartError> {
+        let client = bind(&config.client_addr, "--client-addr").await?;
+        let peer = bind(&config.peer_addr, "--peer-addr").await?;
+        let metrics = match prometheus.filter(|_| !config.metrics_addr.is_empty()) {
+            Some(prometheus) => {
+                let listener = TcpListener::bind(&config.metrics_addr).await.map_err(|e| {
+                    StartError::Bind(format!(
+                        "metrics_addr {}: cannot listen ({e}); set another --metrics-addr, or \"\" to turn it off",
+                        config.metrics_addr
+                    ))
+                })?;
+                Some(MetricsEndpoint { listener, prometheus })
+            }
+            None => None,
+        };
+        Ok(Listeners { client, peer, metrics })
+    }
+}
+
+/// Why [`run`] ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The node did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The raft loop stopped on a storage error.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Starts a node on `listeners` and runs it until `shutdown` resolves (or
+/// the node stops by itself, e.g. removed from the cluster), then stops it
+/// gracefully within `shutdown_timeout_ms`.
+pub async fn run(
+    config: NodeConfig,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    let timeout = config.shutdown_timeout();
+    let node = start(config, listeners).await?;
+    tokio::select! {
+        () = shutdown => {}
+        () = node.stopped() => {}
+    }
+    Ok(node.shutdown(timeout).await?)
+}
+
+/// Recovers or bootstraps the node and starts serving on `listeners`.
+pub async fn start(config: NodeConfig, listeners: Listeners) -> Result<RunningNode, StartError> {
     config
         .validate()
         .map_err(|e| StartError::Config(format!("{} {}", e.key, e.message)))?;
-    let client_listener = bind(&config.client_addr, "--client-addr").await?;
-    let peer_listener = bind(&config.peer_addr, "--peer-addr").await?;
+    let Listeners {
+        client: client_listener,
+        peer: peer_listener,
+        metrics,
+    } = listeners;
     let client_addr = client_listener
         .local_addr()
         .map_err(|e| StartError::Bind(e.to_string()))?;
@@ -157,6 +233,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         },
         stop_rx,
     ));
+    let http = metrics.map(|endpoint| {
+        if let Ok(addr) = endpoint.listener.local_addr() {
+            info!(%addr, "serving /metrics, /health and /ready");
+        }
+        let endpoints = http::Endpoints {
+            prometheus: endpoint.prometheus,
+            handle: handle.clone(),
+            raft_rounds: prepared.rounds.clone(),
+        };
+        tokio::spawn(http::serve(endpoint.listener, endpoints, security.metrics_tls.clone()))
+    });
     info!(
         node = config.id,
         %client_addr,
@@ -173,6 +260,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         raft_rounds: prepared.rounds,
         security,
         stop_listeners,
+        http,
         raft_thread,
         _lock: prepared.lock,
     })
@@ -191,6 +279,9 @@ impl RunningNode {
     /// applied index) within `timeout`, and waits for it.
     pub async fn shutdown(self, timeout: Duration) -> Result<(), StorageError> {
         let _ = self.stop_listeners.send(true);
+        if let Some(http) = &self.http {
+            http.abort();
+        }
         let deadline = std::time::Instant::now() + timeout;
         self.handle.request_shutdown(deadline).await;
         let thread = self.raft_thread;
