@@ -505,19 +505,19 @@ pub struct DaemonArgs {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
-    /// This node's id: a positive integer, unique in the cluster [default: 1].
+    /// This node's id: a positive integer, unique in the cluster.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
-    /// Directory for the raft log, snapshots and identity, created 0700 [default: kvraft-data].
+    /// Directory for the raft log, snapshots and identity, created 0700.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    /// Address to listen on for clients [default: 127.0.0.1:7379].
+    /// Address to listen on for clients.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_addr: Option<String>,
-    /// Address to listen on for peers [default: 127.0.0.1:7380].
+    /// Address to listen on for peers.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
@@ -538,75 +538,75 @@ pub struct DaemonArgs {
     #[arg(long, action = ArgAction::SetTrue)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
-    /// Snapshot and compact the log every this many applied entries [default: 10000].
+    /// Snapshot and compact the log every this many applied entries.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_threshold: Option<u64>,
-    /// Log entries kept behind a snapshot for slow followers, at most half the threshold [default: 5000].
+    /// Log entries kept behind a snapshot for slow followers, at most half the threshold.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_catchup_entries: Option<u64>,
-    /// Raft tick length in milliseconds [default: 100].
+    /// Raft tick length in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tick_ms: Option<u64>,
-    /// Election timeout in ticks; the same on every node [default: 10].
+    /// Election timeout in ticks; the same on every node.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub election_ticks: Option<usize>,
-    /// Heartbeat interval in ticks; the same on every node [default: 1].
+    /// Heartbeat interval in ticks; the same on every node.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ticks: Option<usize>,
-    /// Largest client frame in bytes [default: 4194304].
+    /// Largest client frame in bytes.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_frame_size: Option<usize>,
-    /// Largest key in bytes [default: 8192].
+    /// Largest key in bytes.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_key_size: Option<usize>,
-    /// Largest value in bytes [default: 1048576].
+    /// Largest value in bytes.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_value_size: Option<usize>,
-    /// Client connections served at once [default: 10000].
+    /// Client connections served at once.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// Where /metrics, /health and /ready are served; "" turns it off [default: 127.0.0.1:9379].
+    /// Where /metrics, /health and /ready are served; "" turns it off.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
-    /// How long a request may wait inside the node, in milliseconds [default: 5000].
+    /// How long a request may wait inside the node, in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_timeout_ms: Option<u64>,
-    /// How long a graceful shutdown may take, in milliseconds [default: 10000].
+    /// How long a graceful shutdown may take, in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_ms: Option<u64>,
-    /// Log filter, e.g. `info` or `kvraft=debug,raft=warn` [default: info].
+    /// Log filter, e.g. `info` or `kvraft=debug,raft=warn`.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_filter: Option<String>,
-    /// Log format [default: text].
+    /// Log format.
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
-    /// OTLP/HTTP collector URL for request traces, e.g. http://127.0.0.1:4318 [default: off].
+    /// OTLP/HTTP collector URL for request traces, e.g. http://127.0.0.1:4318; "" turns tracing export off.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
-    /// Close a client connection idle (nothing in flight) this long, in milliseconds [default: 60000].
+    /// Close a client connection idle (nothing in flight) this long, in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_idle_timeout_ms: Option<u64>,
-    /// A started client frame or TLS handshake must complete within this, in milliseconds [default: 10000].
+    /// A started client frame or TLS handshake must complete within this, in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_read_timeout_ms: Option<u64>,
-    /// Memory partly received client frames may hold in all, in bytes [default: 268435456].
+    /// Memory partly received client frames may hold in all, in bytes.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_partial_frame_bytes: Option<usize>,
@@ -648,44 +648,61 @@ pub struct DaemonArgs {
     pub metrics_tls: bool,
 }
 
-/// Every configuration key, for the environment provider.
-pub const KEYS: &[&str] = &[
-    "id",
-    "data_dir",
-    "client_addr",
-    "peer_addr",
-    "advertise_client_addr",
-    "advertise_peer_addr",
-    "initial_cluster",
-    "join",
-    "snapshot_threshold",
-    "snapshot_catchup_entries",
-    "tick_ms",
-    "election_ticks",
-    "heartbeat_ticks",
-    "max_frame_size",
-    "max_key_size",
-    "max_value_size",
-    "max_connections",
-    "metrics_addr",
-    "request_timeout_ms",
-    "shutdown_timeout_ms",
-    "log_filter",
-    "log_format",
-    "otlp_endpoint",
-    "client_idle_timeout_ms",
-    "client_read_timeout_ms",
-    "max_partial_frame_bytes",
-    "cert_file",
-    "key_file",
-    "trusted_ca_file",
-    "client_cert_auth",
-    "client_roles",
-    "peer_cert_file",
-    "peer_key_file",
-    "peer_trusted_ca_file",
-    "metrics_tls",
-];
+/// The configuration keys: `NodeConfig`'s fields in declaration order, read
+/// from its `Deserialize` implementation, so a field added there is a key for
+/// the file, the environment and the error messages at once.
+pub fn keys() -> &'static [&'static str] {
+    static KEYS: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut fields: &'static [&'static str] = &[];
+        let _ = NodeConfig::deserialize(FieldNames(&mut fields));
+        assert!(!fields.is_empty(), "NodeConfig deserializes as a struct");
+        fields
+    })
+}
+
+/// Each key's built-in default as `--help` shows it (`""` for an empty
+/// string); keys without one (unset by default) are left out.
+pub fn default_texts() -> Vec<(&'static str, String)> {
+    let table = toml::Table::try_from(NodeConfig::default()).expect("the defaults serialise");
+    keys()
+        .iter()
+        .filter_map(|key| {
+            let text = match table.get(*key)? {
+                toml::Value::String(s) if s.is_empty() => "\"\"".to_string(),
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            Some((*key, text))
+        })
+        .collect()
+}
+
+/// A deserializer that only records the field names a struct asks for.
+struct FieldNames<'a>(&'a mut &'static [&'static str]);
+
+impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("only field names are read"))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        *self.0 = fields;
+        Err(serde::de::Error::custom("only field names are read"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+        unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+    }
+}
 
 /// Where the configuration comes from; kept so SIGHUP can read it again.
 #[derive(Debug, Clone)]
@@ -731,7 +748,7 @@ impl ConfigSources {
                 ));
             }
         }
-        let env = Env::prefixed("KVRAFT_").only(KEYS);
+        let env = Env::prefixed("KVRAFT_").only(keys());
         Ok(figment
             .merge(env)
             .merge(Named(Serialized::globals(&self.flags), "command-line flag")))
@@ -795,7 +812,7 @@ fn describe_figment_error(error: &figment::Error) -> String {
                 .unwrap_or_default();
             let what = match &e.kind {
                 figment::error::Kind::UnknownField(field, _) => {
-                    format!("unknown key `{field}`; the keys are: {}", KEYS.join(", "))
+                    format!("unknown key `{field}`; the keys are: {}", keys().join(", "))
                 }
                 kind => kind.to_string(),
             };
@@ -895,10 +912,10 @@ mod tests {
         }
         .to_toml();
         let table: toml::Table = toml.parse().unwrap();
-        let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
-        keys.sort();
-        let mut listed = KEYS.to_vec();
+        let mut serialized: Vec<&str> = table.keys().map(String::as_str).collect();
+        serialized.sort();
+        let mut listed = keys().to_vec();
         listed.sort();
-        assert_eq!(keys, listed);
+        assert_eq!(serialized, listed);
     }
 }

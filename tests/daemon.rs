@@ -602,7 +602,7 @@ fn the_example_config_documents_every_key_with_its_default() {
         stdout(&defaults),
         "the example sets every key to its default"
     );
-    for key in kvraft::config::KEYS {
+    for key in kvraft::config::keys() {
         assert!(
             text.lines()
                 .any(|l| l.trim_start_matches("# ").starts_with(&format!("{key} ="))),

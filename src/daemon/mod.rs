@@ -8,7 +8,7 @@ mod systemd;
 
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
@@ -31,6 +31,22 @@ struct Cli {
     args: DaemonArgs,
 }
 
+/// The command line, with each flag's built-in default taken from
+/// `NodeConfig::default()` (written nowhere else).
+fn command() -> clap::Command {
+    let mut command = Cli::command();
+    for (key, text) in crate::config::default_texts() {
+        command = command.mut_arg(key, |arg| {
+            if !arg.get_action().takes_values() {
+                return arg;
+            }
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            arg.help(format!("{help} [default: {text}]"))
+        });
+    }
+    command
+}
+
 /// Exit status when the settings (flags, file, environment) or the data dir
 /// don't fit: sysexits' EX_CONFIG. Distinct from 1 (a failure at run time) and
 /// 2 (unusable command line) so that a service manager can stop restarting a
@@ -42,7 +58,7 @@ pub const EXIT_FAILURE: i32 = 1;
 
 /// Runs the daemon; returns the process exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     let print_config = cli.args.print_config;
     let sources = ConfigSources::new(cli.args);
     let config = match sources.load() {
@@ -174,5 +190,51 @@ async fn run(
                 return EXIT_FAILURE;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_a_flag_and_every_flag_but_two_is_a_key() {
+        let command = Cli::command();
+        let flags: Vec<&str> = command.get_arguments().map(|a| a.get_id().as_str()).collect();
+        for key in crate::config::keys() {
+            assert!(flags.contains(key), "config key {key} has no flag");
+        }
+        for flag in &flags {
+            let known =
+                crate::config::keys().contains(flag) || ["config", "print_config", "help", "version"].contains(flag);
+            assert!(known, "flag {flag} is not a config key");
+        }
+    }
+
+    #[test]
+    fn the_help_shows_each_default_from_the_defaults_themselves() {
+        let help = command().render_long_help().to_string();
+        let defaults = NodeConfig::default();
+        for (flag, shown) in [
+            ("--tick-ms", defaults.tick_ms.to_string()),
+            ("--election-ticks", defaults.election_ticks.to_string()),
+            ("--client-addr", defaults.client_addr.clone()),
+            ("--data-dir", defaults.data_dir.display().to_string()),
+            (
+                "--max-partial-frame-bytes",
+                defaults.max_partial_frame_bytes.to_string(),
+            ),
+            ("--otlp-endpoint", "\"\"".to_string()),
+        ] {
+            let section = help
+                .split(flag)
+                .nth(1)
+                .unwrap_or_else(|| panic!("{flag} is not in the help"));
+            let section = section.split("\n\n").next().unwrap();
+            assert!(section.contains(&format!("[default: {shown}]")), "{flag}: {section}");
+        }
+        // Flags without a value show no default.
+        let join = help.split("--join").nth(1).unwrap().split("\n\n").next().unwrap();
+        assert!(!join.contains("[default"), "{join}");
     }
 }
