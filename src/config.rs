@@ -630,7 +630,7 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "NAME=ROLE,...")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_roles: Option<String>,
-    /// PEM certificate for the peer port, common name kvraft-node-<id> (mutual TLS between peers).
+    /// PEM certificate for the peer port, common name `kvraft-node-<id>` (mutual TLS between peers).
     #[arg(long, value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_cert_file: Option<PathBuf>,

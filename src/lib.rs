@@ -9,11 +9,13 @@
 //! |---|---|
 //! | `proto/kvraft.proto`, [`proto`] | the wire formats: client request/response, peer envelope, log commands, snapshot payload |
 //! | [`codec`] | protobuf messages in length-delimited frames, with a maximum frame size |
-//! | [`node`] | the raft loop (`node::raft_loop`, the only code that touches `RawNode`), the handle connections use, proposals and reads in flight, the outbound peer transport |
+//! | [`node`] | the raft loop (`node::raft_loop`, the only code that touches `RawNode`), the handle connections use (with its bounded inbox), proposals and reads in flight, the `Transport` trait and the TCP transport, `node::Error`, membership rules, status |
+//! | `address` (crate-private) | `HOST:PORT` and `ID=HOST:PORT,...` parsing |
+//! | `peer_guard` (crate-private) | every check peer input passes before raft |
 //! | [`storage`] | the durable raft log (raft-engine), snapshot files, the data dir's identity |
 //! | [`state_machine`] | the ordered map, membership, apply and snapshot/restore |
-//! | [`server`] | the client and peer listeners and how the daemon is assembled |
-//! | [`metrics`] | every metric name, the recorder, zero-valued series at start |
+//! | [`server`] | `server::run`/`start` on listeners the caller binds, the client and peer listeners, the metrics endpoint, the one mapping of node errors to wire errors |
+//! | `metrics` (crate-private) | every metric name, the recorder, zero-valued series at start |
 //! | [`client`] | [`Client`]: endpoints, failover, retries, deadlines, pipelining |
 //! | [`cli`] | the `kvraft` command line, including `bench` |
 //! | [`daemon`] | `kvraftd` as a system daemon: config layers, logging, systemd, signals |
@@ -28,17 +30,18 @@
 
 // raft's protobuf-2 messages are built field by field, as raft-rs's own examples do.
 #![allow(clippy::field_reassign_with_default)]
+#![warn(missing_docs)]
 
-pub mod address;
+pub(crate) mod address;
 pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod error;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod node;
-pub mod peer_guard;
+pub(crate) mod peer_guard;
 pub mod server;
 pub mod state_machine;
 pub mod storage;

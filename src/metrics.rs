@@ -9,38 +9,71 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// `kvraft_commit_latency_seconds`: Time from proposing an entry to learning it is committed.
 pub const COMMIT_LATENCY: &str = "kvraft_commit_latency_seconds";
+/// `kvraft_apply_latency_seconds`: Time from proposing an entry to replying after it was applied.
 pub const APPLY_LATENCY: &str = "kvraft_apply_latency_seconds";
+/// `kvraft_requests_total`: Client requests handled, by operation and outcome.
 pub const REQUESTS: &str = "kvraft_requests_total";
+/// `kvraft_request_duration_seconds`: Client request handling time, by operation.
 pub const REQUEST_DURATION: &str = "kvraft_request_duration_seconds";
+/// `kvraft_elections_total`: Campaigns (pre-vote or vote) this node started.
 pub const ELECTIONS: &str = "kvraft_elections_total";
+/// `kvraft_leader_changes_total`: Times this node saw a new leader.
 pub const LEADER_CHANGES: &str = "kvraft_leader_changes_total";
+/// `kvraft_term`: Current raft term.
 pub const TERM: &str = "kvraft_term";
+/// `kvraft_is_leader`: 1 if this node is the leader.
 pub const IS_LEADER: &str = "kvraft_is_leader";
+/// `kvraft_has_leader`: 1 if this node knows a leader.
 pub const HAS_LEADER: &str = "kvraft_has_leader";
+/// `kvraft_snapshot_size_bytes`: Size of the last snapshot written.
 pub const SNAPSHOT_SIZE: &str = "kvraft_snapshot_size_bytes";
+/// `kvraft_snapshot_duration_seconds`: Time to create or apply a snapshot, by kind.
 pub const SNAPSHOT_DURATION: &str = "kvraft_snapshot_duration_seconds";
+/// `kvraft_snapshots_total`: Snapshots created, sent, received and applied.
 pub const SNAPSHOTS: &str = "kvraft_snapshots_total";
+/// `kvraft_snapshot_failures_total`: Snapshots that failed to be created, sent or applied.
 pub const SNAPSHOT_FAILURES: &str = "kvraft_snapshot_failures_total";
+/// `kvraft_wal_fsync_duration_seconds`: Time of a durable raft log write (write + fsync).
 pub const WAL_FSYNC_DURATION: &str = "kvraft_wal_fsync_duration_seconds";
+/// `kvraft_commit_index`: Highest log index known committed.
 pub const COMMIT_INDEX: &str = "kvraft_commit_index";
+/// `kvraft_applied_index`: Highest log index applied to the state machine.
 pub const APPLIED_INDEX: &str = "kvraft_applied_index";
+/// `kvraft_log_first_index`: First index in the raft log.
 pub const LOG_FIRST_INDEX: &str = "kvraft_log_first_index";
+/// `kvraft_log_last_index`: Last index in the raft log.
 pub const LOG_LAST_INDEX: &str = "kvraft_log_last_index";
+/// `kvraft_proposals_pending`: Proposals waiting to be applied on this node.
 pub const PROPOSALS_PENDING: &str = "kvraft_proposals_pending";
+/// `kvraft_proposals_failed_total`: Proposals that failed, by reason.
 pub const PROPOSALS_FAILED: &str = "kvraft_proposals_failed_total";
+/// `kvraft_inbox_full_total`: Requests refused and peer messages dropped because the raft loop's inbox was full.
 pub const INBOX_FULL: &str = "kvraft_inbox_full_total";
+/// `kvraft_peer_sent_bytes_total`: Bytes sent to a peer.
 pub const PEER_SENT_BYTES: &str = "kvraft_peer_sent_bytes_total";
+/// `kvraft_peer_received_bytes_total`: Bytes received from a peer.
 pub const PEER_RECEIVED_BYTES: &str = "kvraft_peer_received_bytes_total";
+/// `kvraft_peer_send_failures_total`: Failed connects or writes to a peer.
 pub const PEER_SEND_FAILURES: &str = "kvraft_peer_send_failures_total";
+/// `kvraft_peer_connections_refused_total`: Inbound peer connections refused before reaching raft, by reason.
 pub const PEER_CONNECTIONS_REFUSED: &str = "kvraft_peer_connections_refused_total";
+/// `kvraft_peer_messages_refused_total`: Raft messages from peers dropped by the peer checks, by reason.
 pub const PEER_MESSAGES_REFUSED: &str = "kvraft_peer_messages_refused_total";
+/// `kvraft_client_connections_closed_total`: Client connections the node closed (idle, slow, oversized frame, TLS), by reason.
 pub const CLIENT_CONNECTIONS_CLOSED: &str = "kvraft_client_connections_closed_total";
+/// `kvraft_tls_reloads_total`: TLS certificate reloads, by outcome (ok, failed).
 pub const TLS_RELOADS: &str = "kvraft_tls_reloads_total";
+/// `kvraft_keys`: Keys in the state machine.
 pub const KEYS: &str = "kvraft_keys";
+/// `kvraft_members`: Cluster members, by role.
 pub const MEMBERS: &str = "kvraft_members";
+/// `kvraft_process_resident_memory_bytes`: Resident memory of the kvraftd process.
 pub const PROCESS_RESIDENT_MEMORY: &str = "kvraft_process_resident_memory_bytes";
+/// `kvraft_process_cpu_seconds_total`: CPU time (user + system) of the kvraftd process.
 pub const PROCESS_CPU: &str = "kvraft_process_cpu_seconds_total";
+/// `kvraft_process_open_fds`: Open file descriptors of the kvraftd process.
 pub const PROCESS_OPEN_FDS: &str = "kvraft_process_open_fds";
 
 /// Client operations, as the `op` label.

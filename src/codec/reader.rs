@@ -116,7 +116,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Charges the memory partly received frames hold beyond their first
-    /// [`UNBUDGETED_FRAME`] bytes to `budget`; a frame that needs more waits
+    /// `UNBUDGETED_FRAME` bytes to `budget`; a frame that needs more waits
     /// (within its read timeout) for others to finish.
     pub fn with_budget(mut self, budget: ReceiveBudget) -> Self {
         self.budget = Some(budget);

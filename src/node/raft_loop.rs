@@ -1,5 +1,5 @@
 //! The raft loop: one OS thread that alone owns the `RawNode`. It drains its
-//! inbox in batches, ticks, and handles `Ready` in [`RaftLoop::handle_ready`],
+//! inbox in batches, ticks, and handles `Ready` in `RaftLoop::handle_ready`,
 //! in the order raft-rs documents. Storage calls block (fsync), which is why
 //! this is a thread and not a task.
 

@@ -5,7 +5,7 @@
 //! - [`requests`]: validates a request and routes it to the node.
 //! - [`access`]: client identities and roles.
 //! - [`peer`]: inbound peer connections feeding the raft loop (the checks
-//!   they pass are in [`crate::peer_guard`]).
+//!   they pass are in `crate::peer_guard`).
 //! - [`http`]: `/metrics`, `/health` and `/ready`.
 //! - [`accept`]: accepting with backoff, for every listener.
 

@@ -32,7 +32,7 @@ impl SnapshotFiles {
         self.dir.join(format!("snap-{index:020}-{term:020}.snap"))
     }
 
-    /// Writes a snapshot durably and deletes all but the newest [`KEEP`] files.
+    /// Writes a snapshot durably and deletes all but the newest `KEEP` files.
     /// Returns the file size.
     pub fn save(&self, snapshot: &Snapshot) -> Result<u64, StorageError> {
         let meta = snapshot.get_metadata();

@@ -2,10 +2,10 @@
 //! speaks for a member (TLS certificate or source address, then a small hello
 //! envelope) before frames larger than a few KiB are accepted from it; after
 //! that it may only ever speak for that member. The checks themselves live in
-//! [`crate::peer_guard`]; this module feeds them and acts on their verdict.
+//! `crate::peer_guard`; this module feeds them and acts on their verdict.
 //!
-//! - [`slots`]: how many connections may be open, and for how long.
-//! - [`standing`]: who is a member, and from which addresses.
+//! - `slots`: how many connections may be open, and for how long.
+//! - `standing`: who is a member, and from which addresses.
 
 mod slots;
 mod standing;
