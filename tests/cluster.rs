@@ -221,3 +221,87 @@ async fn env_endpoints_and_failover_to_a_live_endpoint() {
         stderr(&out)
     );
 }
+
+/// One request on a raw connection: no client library, so nothing follows a
+/// `NOT_LEADER` hint or retries.
+async fn raw_request(addr: &str, command: kvraft::proto::request::Command) -> kvraft::proto::response::Result {
+    use futures::{SinkExt, StreamExt};
+    use prost::Message;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
+    let request = kvraft::proto::Request {
+        id: 7,
+        command: Some(command),
+    };
+    frames.send(kvraft::codec::encode(&request)).await.unwrap();
+    let frame = tokio::time::timeout(T, frames.next()).await.unwrap().unwrap().unwrap();
+    let response = kvraft::proto::Response::decode(frame).unwrap();
+    assert_eq!(response.id, 7);
+    response.result.expect("a response carries a result")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_answers_writes_and_linearizable_reads_itself_by_forwarding_through_raft() {
+    use kvraft::proto::{request::Command as C, response::Result as R, DeleteRequest, GetRequest, SetRequest};
+    let cluster = Cluster::start_static(3, &[]);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let addr = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == follower)
+        .unwrap()
+        .client_addr
+        .clone();
+
+    // Each answer comes from the follower itself: a redirect would be a
+    // NOT_LEADER error on this raw connection.
+    let set = C::Set(SetRequest {
+        key: b"fwd".to_vec(),
+        value: b"1".to_vec(),
+    });
+    assert!(
+        matches!(raw_request(&addr, set).await, R::Set(_)),
+        "set via follower {follower}"
+    );
+    let get = C::Get(GetRequest {
+        key: b"fwd".to_vec(),
+        serializable: false,
+    });
+    match raw_request(&addr, get.clone()).await {
+        R::Get(got) => assert_eq!((got.found, got.value.as_slice()), (true, &b"1"[..])),
+        other => panic!("linearizable get via follower {follower}: {other:?}"),
+    }
+    let delete = C::Delete(DeleteRequest { key: b"fwd".to_vec() });
+    assert!(matches!(raw_request(&addr, delete).await, R::Delete(d) if d.existed));
+    // Through raft, not a local copy: the leader saw both writes.
+    assert_eq!(cluster.client(&[leader]).get("fwd").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_serializable_reads_still_answer_and_linearizable_ones_fail() {
+    let mut cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    support::put(&cluster.client(&[1, 2, 3]), "k", "v").await;
+    // Every node has applied it (serializable reads are local).
+    for id in 1..=3u64 {
+        let local = cluster.client_with(&[id], T, true);
+        let deadline = std::time::Instant::now() + T;
+        while local.get("k").await.ok().flatten().as_deref() != Some(&b"v"[..]) {
+            assert!(std::time::Instant::now() < deadline, "node {id} never applied k");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    cluster.kill(1);
+    cluster.kill(2);
+    // Node 3 alone: its own copy is served, a read that needs a quorum is not.
+    let serializable = cluster.client_with(&[3], Duration::from_secs(5), true);
+    assert_eq!(serializable.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    let linearizable = cluster.client_with(&[3], Duration::from_secs(3), false);
+    let err = linearizable.get("k").await.unwrap_err();
+    // No leader to confirm it: the client gives up at its deadline and says why.
+    assert!(
+        err.to_string().contains("majority") || err.to_string().contains("leader"),
+        "{err}"
+    );
+}

@@ -121,7 +121,22 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
     // Remove the leader (with the seed's spelling): it hands leadership over first.
     let out = cluster.cli(&remaining, &["remove_node", &leader.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    cluster.wait_exit(leader, T).expect("the removed leader stops");
+    let exit = cluster.wait_exit(leader, T).expect("the removed leader stops");
+    assert!(exit.success(), "a removed leader exits cleanly: {exit:?}");
+    // It handed leadership over before the change was made: the removal was
+    // proposed by its successor, not by a leader removing itself.
+    let log = cluster.node(leader).log();
+    assert!(
+        log.contains("asked to remove myself: handing leadership over first"),
+        "{log}"
+    );
+    let after = &log[log.find("handing leadership over first").unwrap()..];
+    let stepped_down = after.find("role=Follower");
+    let removed = after.find("membership changed");
+    assert!(
+        matches!((stepped_down, removed), (Some(d), Some(r)) if d < r),
+        "the leader should follow another before the change removing it is applied:\n{log}"
+    );
     let remaining: Vec<u64> = remaining.into_iter().filter(|id| *id != leader).collect();
     let new_leader = cluster.wait_for_leader(&remaining, T).await;
     assert!(remaining.contains(&new_leader));
@@ -133,7 +148,12 @@ async fn add_a_fourth_node_and_remove_members_under_traffic() {
 
     // A removed node refuses to start again on its old data dir.
     cluster.start(follower);
-    cluster.wait_exit(follower, T).expect("refused at start");
+    let exit = cluster.wait_exit(follower, T).expect("refused at start");
+    assert_eq!(
+        exit.code(),
+        Some(78),
+        "a configuration error: the data dir can't serve again"
+    );
     assert!(
         cluster.node(follower).log().contains("was removed"),
         "{}",

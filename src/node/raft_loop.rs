@@ -96,6 +96,10 @@ pub struct RaftLoop {
     settings: LoopSettings,
     proposals: Proposals,
     reads: Reads,
+    /// The members' peer addresses, the loop's own copy: refreshed under the
+    /// state machine's write lock whenever entries or a snapshot are applied,
+    /// so sending a message never takes that lock.
+    peer_addrs: HashMap<u64, String>,
     /// Peer addresses learned from envelopes, for peers not (yet) in the
     /// member list (a joining node answers the leader before it knows members).
     learned_addrs: HashMap<u64, String>,
@@ -129,6 +133,7 @@ impl RaftLoop {
     /// hook: the loop stops making progress that long after it starts.
     pub fn new(parts: LoopParts, wedge_after: Option<Duration>) -> Self {
         let id = parts.settings.id;
+        let peer_addrs = member_addrs(&parts.state_machine.read().expect("state machine lock poisoned"));
         RaftLoop {
             node: parts.node,
             storage: parts.storage,
@@ -142,6 +147,7 @@ impl RaftLoop {
             settings: parts.settings,
             proposals: Proposals::new(),
             reads: Reads::new(id),
+            peer_addrs,
             learned_addrs: HashMap::new(),
             leader_id: 0,
             removed: false,
@@ -712,10 +718,10 @@ impl RaftLoop {
     }
 
     fn peer_addr(&self, id: u64) -> Option<String> {
-        let sm = self.state_machine.read().expect("state machine lock poisoned");
-        sm.member(id)
-            .map(|m| m.peer_addr.clone())
-            .or_else(|| self.learned_addrs.get(&id).cloned())
+        self.peer_addrs
+            .get(&id)
+            .or_else(|| self.learned_addrs.get(&id))
+            .cloned()
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
@@ -730,6 +736,7 @@ impl RaftLoop {
             if sm.is_removed(self.settings.id) {
                 self.removed = true;
             }
+            self.peer_addrs = member_addrs(&sm);
         }
         // Proposals may be inside the snapshot: we can't tell which applied.
         self.proposals.fail_all(
@@ -798,6 +805,7 @@ impl RaftLoop {
             }
         }
         let applied = sm.applied_index();
+        self.peer_addrs = member_addrs(&sm);
         drop(sm);
         // Publish the applied index before replying, so a read that follows an
         // acknowledged write on this node sees it.
@@ -926,4 +934,9 @@ impl RaftLoop {
         };
         self.status.offer(view, &self.state_machine);
     }
+}
+
+/// Member id -> peer address, as the state machine has them.
+fn member_addrs(sm: &StateMachine) -> HashMap<u64, String> {
+    sm.members().into_iter().map(|m| (m.id, m.peer_addr)).collect()
 }
