@@ -191,12 +191,16 @@ impl Drop for NotifySocket {
 }
 
 fn spawn_single(data_dir: &std::path::Path, env: &[(&str, &str)], log: &std::path::Path) -> Child {
+    spawn_single_at(data_dir, env, log, &format!("127.0.0.1:{}", free_port()))
+}
+
+fn spawn_single_at(data_dir: &std::path::Path, env: &[(&str, &str)], log: &std::path::Path, metrics: &str) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvraftd"));
     cmd.arg("--data-dir")
         .arg(data_dir)
         .args(["--client-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", metrics])
         .args(support::FAST_TIMING)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
@@ -251,7 +255,8 @@ fn a_wedged_raft_loop_stops_the_watchdog_pings() {
     let notify = NotifySocket::new();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let mut child = spawn_single(
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn_single_at(
         &dir.path().join("data"),
         &[
             ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
@@ -259,9 +264,15 @@ fn a_wedged_raft_loop_stops_the_watchdog_pings() {
             ("KVRAFT_TEST_WEDGE_RAFT_LOOP_AFTER_MS", "1500"),
         ],
         &log,
+        &metrics,
     );
     notify.wait("READY=1", |n| n.count("READY=1") == 1);
     notify.wait("pings while the loop runs", |n| n.count("WATCHDOG=1") >= 3);
+    assert_eq!(
+        support::http_get(&metrics, "/health").unwrap().0,
+        200,
+        "healthy before the wedge"
+    );
     // Wedged after 1.5 s: wait for the log to say so, then for 1 s (10 ping
     // intervals) no ping may arrive.
     let deadline = Instant::now() + T;
@@ -279,6 +290,20 @@ fn a_wedged_raft_loop_stops_the_watchdog_pings() {
         before,
         "pings continued with a wedged raft loop"
     );
+    // /health says so too, once the loop has been silent for 3 s.
+    let deadline = Instant::now() + T;
+    loop {
+        let (status, body) = support::http_get(&metrics, "/health").unwrap();
+        if status == 503 {
+            assert!(body.contains("raft loop made no progress"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health kept answering {status} for a wedged loop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A second signal exits at once even though graceful shutdown can't finish.
     signal(child.id(), libc::SIGTERM);
@@ -609,4 +634,84 @@ fn the_example_config_documents_every_key_with_its_default() {
             "the example does not document {key}"
         );
     }
+}
+
+#[test]
+fn ready_is_sent_before_a_multi_node_cluster_has_a_leader() {
+    // Node 1 of three, alone: it can never elect a leader, yet systemd must
+    // hear READY=1 (or a cluster cold start would wait on itself).
+    let notify = NotifySocket::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let peer = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvraftd"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--client-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--peer-addr", &format!("127.0.0.1:{peer}")])
+        .args(["--metrics-addr", ""])
+        .args([
+            "--initial-cluster",
+            &format!(
+                "1=127.0.0.1:{peer},2=127.0.0.1:{},3=127.0.0.1:{}",
+                free_port(),
+                free_port()
+            ),
+        ])
+        .args(support::FAST_TIMING)
+        .env("NOTIFY_SOCKET", notify.path.to_str().unwrap())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    notify.wait("READY=1", |n| n.count("READY=1") == 1);
+    notify.wait("STATUS says there is no leader", |n| {
+        n.last("STATUS=").is_some_and(|(_, s)| s.contains("leader 0,"))
+    });
+    signal(child.id(), libc::SIGINT);
+    assert!(wait_exit(&mut child, T).success(), "SIGINT stops it gracefully too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_gracefully_and_logs_can_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let client_port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvraftd"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--client-addr", &format!("127.0.0.1:{client_port}")])
+        .args(["--peer-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", "", "--log-format", "json"])
+        .args(support::FAST_TIMING)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let client = kvraft::Client::new(kvraft::ClientOptions {
+        endpoints: vec![format!("127.0.0.1:{client_port}")],
+        timeout: T,
+        serializable: false,
+        tls: Default::default(),
+    })
+    .unwrap();
+    client.set("k", "v").await.unwrap();
+
+    signal(child.id(), libc::SIGINT);
+    let status = wait_exit(&mut child, T);
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    // Every line is a JSON object, and the stop was the graceful one.
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{text}");
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["fields"]["message"].as_str()).collect();
+    assert!(messages.contains(&"shutting down gracefully"), "{messages:?}");
+    assert!(messages.contains(&"stopped"), "{messages:?}");
+    assert!(
+        lines.iter().any(|l| l["fields"]["signal"] == "SIGINT"),
+        "the log names the signal: {text}"
+    );
 }

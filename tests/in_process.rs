@@ -29,8 +29,19 @@ async fn a_partitioned_leader_acknowledges_nothing_the_majority_serves_and_heali
     // The minority side: its write is never acknowledged and its
     // linearizable read fails, whether it still thinks it leads or has
     // stepped down (check_quorum).
+    let started = std::time::Instant::now();
     let write = cluster.put(old, "minority", "x").await;
-    assert!(write.is_err(), "the cut-off leader acknowledged a write: {write:?}");
+    // Appended but never committed: after request_timeout_ms (2 s here) its
+    // outcome is unknown to the caller.
+    assert!(
+        matches!(write, Err(Error::OutcomeUnknown(_))),
+        "the cut-off leader's write: {write:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
     let read = cluster.get(old, "before").await;
     assert!(read.is_err(), "the cut-off leader served a linearizable read: {read:?}");
 
@@ -229,4 +240,26 @@ async fn a_server_runs_in_process_on_listeners_it_is_given_until_its_shutdown_fu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     node.shutdown(T).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_refuses_new_writes_as_shutting_down_and_the_rest_carry_on() {
+    let mut cluster = MemCluster::start(3);
+    let all = [1, 2, 3];
+    let leader = cluster.wait_for_leader(&all, T).await;
+    cluster.put(leader, "before", "1").await.unwrap();
+    let handle = cluster.handle(leader).clone();
+    handle
+        .request_shutdown(std::time::Instant::now() + Duration::from_secs(3))
+        .await;
+    // Whether it is still draining or already gone: nothing new is taken.
+    let refused = cluster.put(leader, "after", "x").await;
+    assert!(matches!(refused, Err(Error::ShuttingDown(_))), "{refused:?}");
+    cluster.stop(leader);
+    let rest = others(&all, leader);
+    let successor = cluster.wait_for_leader(&rest, T).await;
+    cluster.put(successor, "after", "y").await.unwrap();
+    let follower = others(&rest, successor)[0];
+    assert_eq!(cluster.get(follower, "before").await.unwrap().as_deref(), Some("1"));
+    assert_eq!(cluster.get(follower, "after").await.unwrap().as_deref(), Some("y"));
 }
