@@ -1,6 +1,7 @@
-//! A concurrent history of sets and gets on a few keys, every write a unique
-//! value, recorded across repeated kill -9 of the leader and checked for
-//! linearizability with a Wing-Gong style search.
+//! A concurrent history of sets, deletes and gets on a few keys, every write a
+//! unique value, recorded across repeated kill -9 of the leader and checked
+//! for linearizability with a Wing-Gong style search. Serializable reads run
+//! alongside; they may be stale, but may only return values that were written.
 
 #[path = "support/linearizability.rs"]
 mod linearizability;
@@ -15,6 +16,9 @@ use support::Cluster;
 
 const T: Duration = Duration::from_secs(30);
 const KEYS: [&str; 3] = ["x", "y", "z"];
+
+/// A serializable read: the key and the value it returned.
+type StaleRead = (String, Vec<u8>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn histories_across_leader_kills_are_linearizable() {
@@ -32,16 +36,26 @@ async fn histories_across_leader_kills_are_linearizable() {
             let mut n = 0;
             while Instant::now() < run_until {
                 let key = KEYS[rand::rng().random_range(0..KEYS.len())];
-                let write = rand::rng().random_bool(0.5);
+                let roll = rand::rng().random_range(0..100);
                 let invoke = clock.now();
-                let op = if write {
+                let op = if roll < 40 {
                     n += 1;
                     let value = format!("c{c}-{n}");
-                    let result = client.set(key, value.clone()).await;
-                    // Any failed write may still have been applied: record it
-                    // as "outcome unknown" (return time infinity).
-                    let complete = result.is_ok().then(|| clock.now());
-                    Op::write(key, value, invoke, complete)
+                    match client.set(key, value.clone()).await {
+                        Ok(_) => Op::write(key, value, invoke, Some(clock.now())),
+                        // Sent, but the client can't tell whether it applied:
+                        // it may take effect at any time after `invoke`.
+                        Err(kvraft::Error::OutcomeUnknown(_)) => Op::write(key, value, invoke, None),
+                        // Definitely not applied: it never happened. (If the
+                        // client were wrong, a read seeing it fails the check.)
+                        Err(_) => continue,
+                    }
+                } else if roll < 55 {
+                    match client.delete(key).await {
+                        Ok(_) => Op::delete(key, invoke, Some(clock.now())),
+                        Err(kvraft::Error::OutcomeUnknown(_)) => Op::delete(key, invoke, None),
+                        Err(_) => continue,
+                    }
                 } else {
                     match client.get(key).await {
                         Ok(value) => Op::read(key, value, invoke, clock.now()),
@@ -52,12 +66,29 @@ async fn histories_across_leader_kills_are_linearizable() {
             }
         }));
     }
+    // Serializable readers: any node's local copy, no read-index round.
+    let stale_reads: Arc<Mutex<Vec<StaleRead>>> = Arc::default();
+    for id in 1..=3u64 {
+        let client = cluster.client_with(&[id], Duration::from_secs(2), true);
+        let stale_reads = stale_reads.clone();
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < run_until {
+                let key = KEYS[rand::rng().random_range(0..KEYS.len())];
+                if let Ok(Some(value)) = client.get(key).await {
+                    stale_reads.lock().unwrap().push((key.to_string(), value));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
 
     // Nemesis: kill -9 the leader, restart it, three times.
+    let mut kills = Vec::new();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
         cluster.kill(leader);
+        kills.push(clock.now());
         tokio::time::sleep(Duration::from_millis(500)).await;
         cluster.start(leader);
     }
@@ -82,6 +113,46 @@ async fn histories_across_leader_kills_are_linearizable() {
         reads_with_values >= 100,
         "too few reads saw values: {reads_with_values}"
     );
+    // The kills hit live traffic: each had operations in flight across it,
+    // and writes were acknowledged after it.
+    for (i, kill) in kills.iter().enumerate() {
+        let in_flight = ops
+            .iter()
+            .filter(|o| o.invoke < *kill && o.complete.is_none_or(|c| c > *kill))
+            .count();
+        assert!(in_flight > 0, "kill {i}: no operation was in flight across it");
+        let acked_after = ops
+            .iter()
+            .filter(|o| o.invoke > *kill && matches!(o.kind, linearizability::OpKind::Write(_)) && o.complete.is_some())
+            .count();
+        assert!(acked_after > 0, "kill {i}: no write was acknowledged after it");
+    }
+    let deletes = ops
+        .iter()
+        .filter(|o| matches!(o.kind, linearizability::OpKind::Delete) && o.complete.is_some())
+        .count();
+    assert!(deletes >= 20, "too few deletes got through: {deletes}");
+    // A serializable read may be stale, never invented.
+    let written: std::collections::HashSet<(Vec<u8>, Vec<u8>)> = ops
+        .iter()
+        .filter_map(|o| match &o.kind {
+            linearizability::OpKind::Write(v) => Some((o.key.clone(), v.clone())),
+            _ => None,
+        })
+        .collect();
+    let stale_reads = stale_reads.lock().unwrap().clone();
+    assert!(
+        stale_reads.len() >= 100,
+        "too few serializable reads: {}",
+        stale_reads.len()
+    );
+    for (key, value) in &stale_reads {
+        assert!(
+            written.contains(&(key.as_bytes().to_vec(), value.clone())),
+            "a serializable read of {key} returned {:?}, which nobody wrote",
+            value.escape_ascii().to_string()
+        );
+    }
     if let Err(violation) = check(&ops) {
         panic!("not linearizable: {violation:?}");
     }
