@@ -305,3 +305,41 @@ async fn without_a_quorum_serializable_reads_still_answer_and_linearizable_ones_
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_larger_than_a_page_comes_back_whole_and_in_order_through_the_client() {
+    // Frames of 4 KiB make pages of 2 KiB: 60 pairs of ~110 bytes take 4 pages.
+    let cluster = Cluster::start_static(
+        1,
+        &[
+            "--max-frame-size",
+            "4096",
+            "--max-key-size",
+            "64",
+            "--max-value-size",
+            "1024",
+        ],
+    );
+    cluster.wait_for_leader(&[1], T).await;
+    let client = cluster.client(&[1]);
+    for i in 0..60 {
+        support::put(&client, format!("page/{i:03}"), "v".repeat(100)).await;
+    }
+    support::put(&client, "pagf", "outside the prefix").await;
+    let all = client
+        .scan(ScanOptions {
+            prefix: b"page/".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let keys: Vec<String> = all
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect();
+    let expected: Vec<String> = (0..60).map(|i| format!("page/{i:03}")).collect();
+    assert_eq!(keys, expected);
+    // It really took several pages: one page holds at most 2 KiB of pairs.
+    let bytes: usize = all.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+    assert!(bytes > 3 * 2048, "{bytes} bytes fit in fewer than four pages");
+}

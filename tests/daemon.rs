@@ -714,4 +714,6 @@ async fn sigint_stops_gracefully_and_logs_can_be_json() {
         lines.iter().any(|l| l["fields"]["signal"] == "SIGINT"),
         "the log names the signal: {text}"
     );
+    // metrics_addr = "" turns the endpoint off.
+    assert!(!messages.iter().any(|m| m.contains("serving /metrics")), "{messages:?}");
 }

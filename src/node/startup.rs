@@ -75,7 +75,8 @@ pub struct Prepared {
     pub lock: DataDirLock,
 }
 
-/// Opens (or creates) the node's data and builds its raft loop.
+/// Opens (or creates) the node's data and builds its raft loop: an
+/// initialised data dir is recovered, an empty one joins or bootstraps.
 pub fn prepare(
     config: &NodeConfig,
     advertise_client_addr: String,
@@ -85,7 +86,7 @@ pub fn prepare(
     crate::storage::create_private_dir(&config.data_dir)?;
     let lock = DataDirLock::acquire(&config.data_dir)?;
     let identity_file = NodeIdentityFile::in_dir(&config.data_dir);
-    let shown_dir = config.data_dir.display();
+    let shown_dir = config.data_dir.display().to_string();
     let (storage, report) = RaftStorage::open(&config.data_dir)?;
     for damaged in &report.damaged_snapshots {
         warn!(%damaged, "skipped a damaged snapshot file");
@@ -95,82 +96,11 @@ pub fn prepare(
     }
 
     let identity = match identity_file.load()? {
-        Some(identity) => {
-            if identity.node_id != config.id {
-                return Err(StartError::Config(format!(
-                    "data dir {shown_dir} belongs to node {}, but this node was started with --id {}; \
-                     start it with --id {} or point --data-dir at this node's own directory",
-                    identity.node_id, config.id, identity.node_id
-                )));
-            }
-            if identity.removed {
-                return Err(StartError::Config(format!(
-                    "node {} was removed from its cluster, so data dir {shown_dir} can't serve again; \
-                     wipe it and add the node back with `kvraft add-node` under a new id",
-                    config.id
-                )));
-            }
-            if config.initial_cluster.is_some() || config.join {
-                info!("data dir already initialised: --initial-cluster / --join are ignored");
-            }
-            identity
-        }
-        None if config.join => {
-            info!("empty data dir and --join: waiting to be added with `kvraft add-node`");
-            let identity = NodeIdentity {
-                node_id: config.id,
-                cluster_id: 0,
-                removed: false,
-            };
-            identity_file.store(&identity)?;
-            identity
-        }
-        None => {
-            let spec = config
-                .initial_cluster
-                .clone()
-                .unwrap_or_else(|| format!("{}={}", config.id, advertise_peer_addr));
-            let members = parse_initial_cluster(&spec).map_err(StartError::Config)?;
-            match members.iter().find(|(id, _)| *id == config.id) {
-                None => {
-                    return Err(StartError::Config(format!(
-                        "--initial-cluster does not list this node (--id {}); list every initial member, this one included",
-                        config.id
-                    )))
-                }
-                Some((_, addr)) if *addr != advertise_peer_addr => {
-                    return Err(StartError::Config(format!(
-                        "--initial-cluster gives node {} the peer address {addr}, but this node advertises {advertise_peer_addr}; \
-                         make them agree (see --peer-addr / --advertise-peer-addr)",
-                        config.id
-                    )))
-                }
-                Some(_) => {}
-            }
-            let cluster_id = cluster_id_of(&members);
-            storage.bootstrap(&bootstrap_snapshot(&members, cluster_id))?;
-            let identity = NodeIdentity {
-                node_id: config.id,
-                cluster_id,
-                removed: false,
-            };
-            identity_file.store(&identity)?;
-            info!(
-                cluster_id = format_args!("{cluster_id:016x}"),
-                members = ?members.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-                "bootstrapped a new cluster"
-            );
-            identity
-        }
+        Some(identity) => recover(config, identity, &shown_dir)?,
+        None if config.join => join(config, &identity_file)?,
+        None => bootstrap(config, &advertise_peer_addr, &storage, &identity_file)?,
     };
-
-    let mut state_machine = StateMachine::new(identity.cluster_id);
-    if let Some(snapshot) = storage.newest_snapshot() {
-        let meta = snapshot.get_metadata();
-        state_machine
-            .restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
-            .map_err(|e| StorageError::Corrupt(format!("the newest snapshot in {shown_dir} does not decode: {e}")))?;
-    }
+    let state_machine = recover_state_machine(&storage, identity.cluster_id, &shown_dir)?;
     let applied = state_machine.applied_index();
 
     let raft_config = raft::Config {
@@ -248,6 +178,98 @@ pub fn prepare(
         rounds,
         lock,
     })
+}
+
+/// A data dir that was initialised before: it must be this node's, and the
+/// node must not have been removed.
+fn recover(config: &NodeConfig, identity: NodeIdentity, shown_dir: &str) -> Result<NodeIdentity, StartError> {
+    if identity.node_id != config.id {
+        return Err(StartError::Config(format!(
+            "data dir {shown_dir} belongs to node {}, but this node was started with --id {}; \
+             start it with --id {} or point --data-dir at this node's own directory",
+            identity.node_id, config.id, identity.node_id
+        )));
+    }
+    if identity.removed {
+        return Err(StartError::Config(format!(
+            "node {} was removed from its cluster, so data dir {shown_dir} can't serve again; \
+             wipe it and add the node back with `kvraft add-node` under a new id",
+            config.id
+        )));
+    }
+    if config.initial_cluster.is_some() || config.join {
+        info!("data dir already initialised: --initial-cluster / --join are ignored");
+    }
+    Ok(identity)
+}
+
+/// An empty data dir and `join`: no cluster yet; the leader that adds this
+/// node sends it a snapshot with the members and the cluster id.
+fn join(config: &NodeConfig, identity_file: &NodeIdentityFile) -> Result<NodeIdentity, StartError> {
+    info!("empty data dir and --join: waiting to be added with `kvraft add-node`");
+    let identity = NodeIdentity {
+        node_id: config.id,
+        cluster_id: 0,
+        removed: false,
+    };
+    identity_file.store(&identity)?;
+    Ok(identity)
+}
+
+/// An empty data dir: a new cluster from `initial_cluster` (or this node
+/// alone), starting from the same snapshot on every initial member.
+fn bootstrap(
+    config: &NodeConfig,
+    advertise_peer_addr: &str,
+    storage: &RaftStorage,
+    identity_file: &NodeIdentityFile,
+) -> Result<NodeIdentity, StartError> {
+    let spec = config
+        .initial_cluster
+        .clone()
+        .unwrap_or_else(|| format!("{}={}", config.id, advertise_peer_addr));
+    let members = parse_initial_cluster(&spec).map_err(StartError::Config)?;
+    match members.iter().find(|(id, _)| *id == config.id) {
+        None => {
+            return Err(StartError::Config(format!(
+                "--initial-cluster does not list this node (--id {}); list every initial member, this one included",
+                config.id
+            )))
+        }
+        Some((_, addr)) if addr != advertise_peer_addr => return Err(StartError::Config(format!(
+            "--initial-cluster gives node {} the peer address {addr}, but this node advertises {advertise_peer_addr}; \
+                 make them agree (see --peer-addr / --advertise-peer-addr)",
+            config.id
+        ))),
+        Some(_) => {}
+    }
+    let cluster_id = cluster_id_of(&members);
+    storage.bootstrap(&bootstrap_snapshot(&members, cluster_id))?;
+    let identity = NodeIdentity {
+        node_id: config.id,
+        cluster_id,
+        removed: false,
+    };
+    identity_file.store(&identity)?;
+    info!(
+        cluster_id = format_args!("{cluster_id:016x}"),
+        members = ?members.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        "bootstrapped a new cluster"
+    );
+    Ok(identity)
+}
+
+/// The state machine as of the newest snapshot; raft replays the log after
+/// it. A snapshot that doesn't decode is damage, reported as such.
+fn recover_state_machine(storage: &RaftStorage, cluster_id: u64, shown_dir: &str) -> Result<StateMachine, StartError> {
+    let mut state_machine = StateMachine::new(cluster_id);
+    if let Some(snapshot) = storage.newest_snapshot() {
+        let meta = snapshot.get_metadata();
+        state_machine
+            .restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
+            .map_err(|e| StorageError::Corrupt(format!("the newest snapshot in {shown_dir} does not decode: {e}")))?;
+    }
+    Ok(state_machine)
 }
 
 /// The byte-identical initial state of every member of a new cluster. Client
