@@ -4,7 +4,8 @@
 //! - [`raft_loop`]: the loop, its `Ready` handling and apply.
 //! - [`membership`]: the membership rules, as pure functions.
 //! - [`pending`]: proposals and reads waiting for an answer.
-//! - [`transport`]: outbound peer connections, one queue per peer.
+//! - [`transport`]: the `Transport` trait outgoing raft messages go through
+//!   (the TCP one is `server::peer::outbound`).
 //! - [`status`]: the status and gauges, published when they change.
 //! - [`startup`]: data dir checks, bootstrap and recovery before the loop runs.
 //! - [`error`]: what can go wrong, in the node's terms (the server maps it to

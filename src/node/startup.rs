@@ -236,11 +236,13 @@ fn bootstrap(
                 config.id
             )))
         }
-        Some((_, addr)) if addr != advertise_peer_addr => return Err(StartError::Config(format!(
+        Some((_, addr)) if addr != advertise_peer_addr => {
+            return Err(StartError::Config(format!(
             "--initial-cluster gives node {} the peer address {addr}, but this node advertises {advertise_peer_addr}; \
                  make them agree (see --peer-addr / --advertise-peer-addr)",
             config.id
-        ))),
+        )))
+        }
         Some(_) => {}
     }
     let cluster_id = cluster_id_of(&members);

@@ -28,11 +28,12 @@ use tracing::info;
 
 use crate::config::NodeConfig;
 use crate::node::startup::prepare;
-use crate::node::transport::{TcpTransport, TransportFactory};
+use crate::node::transport::TransportFactory;
 use crate::node::NodeHandle;
 use crate::storage::{DataDirLock, StorageError};
 use crate::tls::server::{ClientPortTls, PeerTls};
 use access::AccessControl;
+use peer::outbound::TcpTransport;
 
 /// Request size limits enforced at the edge.
 #[derive(Debug, Clone, Copy)]

@@ -1,4 +1,6 @@
-//! Inbound peer connections. Each one must prove within a few seconds that it
+//! The peer protocol, both directions: [`outbound`] is the node's transport
+//! (connections this node opens to its peers); the rest of this module serves
+//! inbound peer connections. Each one must prove within a few seconds that it
 //! speaks for a member (TLS certificate or source address, then a small hello
 //! envelope) before frames larger than a few KiB are accepted from it; after
 //! that it may only ever speak for that member. The checks themselves live in
@@ -7,6 +9,7 @@
 //! - `slots`: how many connections may be open, and for how long.
 //! - `standing`: who is a member, and from which addresses.
 
+pub mod outbound;
 mod slots;
 mod standing;
 

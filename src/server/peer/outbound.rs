@@ -1,0 +1,337 @@
+//! The outbound side of the peer protocol: [`TcpTransport`], the node's
+//! [`Transport`] over TCP (and TLS). Each peer has a bounded queue drained by
+//! its own task, which connects (with backoff), says hello, writes frames and
+//! reports failures back through the inbox so the raft loop can call
+//! `report_unreachable` / `report_snapshot`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::SinkExt;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc as tokio_mpsc;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+
+use crate::codec::{self, ByteStream, FrameReader};
+use crate::metrics;
+use crate::node::transport::{LocalPeer, Transport, TransportContext};
+use crate::node::{Inbox, InboxSender};
+use crate::proto::{peer_rejection, PeerEnvelope, PeerRejection};
+use crate::tls::server::PeerTls;
+use ::metrics::counter;
+
+/// Messages queued per peer before we start dropping (raft retransmits).
+const QUEUE: usize = 4096;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+struct Peer {
+    addr: String,
+    queue: tokio_mpsc::Sender<Message>,
+}
+
+/// The outbound side of the peer protocol over TCP (and TLS).
+pub struct TcpTransport {
+    local: LocalPeer,
+    cluster_id: u64,
+    peers: HashMap<u64, Peer>,
+    runtime: tokio::runtime::Handle,
+    inbox: InboxSender,
+    tls: Option<Arc<PeerTls>>,
+}
+
+impl TcpTransport {
+    /// A transport whose peer tasks run on `runtime` and report to the
+    /// context's inbox, speaking TLS to peers when `tls` is set.
+    pub fn new(context: TransportContext, runtime: tokio::runtime::Handle, tls: Option<Arc<PeerTls>>) -> Self {
+        TcpTransport {
+            local: context.local,
+            cluster_id: context.cluster_id,
+            peers: HashMap::new(),
+            runtime,
+            inbox: context.inbox,
+            tls,
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn set_cluster_id(&mut self, cluster_id: u64) {
+        if self.cluster_id != cluster_id {
+            self.cluster_id = cluster_id;
+            self.peers.clear();
+        }
+    }
+
+    fn send(&mut self, message: Message, addr: Option<&str>) -> bool {
+        let to = message.to;
+        let Some(addr) = addr else {
+            debug!(to, "no address known for peer; dropping message");
+            return false;
+        };
+        let stale = self
+            .peers
+            .get(&to)
+            .is_some_and(|p| p.addr != addr || p.queue.is_closed());
+        if stale {
+            self.peers.remove(&to);
+        }
+        let peer = self.peers.entry(to).or_insert_with(|| {
+            let (tx, rx) = tokio_mpsc::channel(QUEUE);
+            let task = PeerTask {
+                to,
+                addr: addr.to_string(),
+                local: self.local.clone(),
+                cluster_id: self.cluster_id,
+                inbox: self.inbox.clone(),
+                tls: self.tls.clone(),
+            };
+            metrics::zero_peer(to);
+            self.runtime.spawn(task.run(rx));
+            Peer {
+                addr: addr.to_string(),
+                queue: tx,
+            }
+        });
+        peer.queue.try_send(message).is_ok()
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.peers.remove(&id);
+    }
+}
+
+/// Why a connection to a peer could not be made.
+enum ConnectFailure {
+    /// Unreachable for now (refused, timed out): retried quietly.
+    Network(String),
+    /// TLS or the peer's identity is wrong: needs an operator.
+    Identity(String),
+}
+
+struct PeerTask {
+    to: u64,
+    addr: String,
+    local: LocalPeer,
+    cluster_id: u64,
+    inbox: InboxSender,
+    tls: Option<Arc<PeerTls>>,
+}
+
+impl PeerTask {
+    /// Connects, with TLS when it is on: the peer's certificate must chain to
+    /// the peer CA, be valid for the address's host, and name node `to`.
+    async fn connect(&self) -> Result<Box<dyn ByteStream>, ConnectFailure> {
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(ConnectFailure::Network(e.to_string())),
+            Err(_) => return Err(ConnectFailure::Network("connect timed out".into())),
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let name = crate::tls::server_name_of(&self.addr).map_err(ConnectFailure::Identity)?;
+        let connector = TlsConnector::from(tls.configs().client.clone());
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT * 5, connector.connect(name, tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(self.explain_tls_failure(&e)),
+            Err(_) => return Err(ConnectFailure::Network("TLS handshake timed out".into())),
+        };
+        // The same identity rule as inbound: the certificate must name node `to`.
+        match crate::tls::leaf_certificate(stream.get_ref().1).map(crate::tls::files::node_identity) {
+            Some(Ok(node)) if node == self.to => Ok(Box::new(stream)),
+            Some(Ok(node)) => Err(ConnectFailure::Identity(format!(
+                "the peer at {} presented the certificate of node {node}, not of node {}: is the member list's address for node {} right?",
+                self.addr, self.to, self.to
+            ))),
+            Some(Err(what)) => Err(ConnectFailure::Identity(format!(
+                "the peer at {} presented {what}",
+                self.addr
+            ))),
+            None => Err(ConnectFailure::Identity(format!(
+                "the peer at {} presented no certificate",
+                self.addr
+            ))),
+        }
+    }
+
+    /// What a failed peer handshake means, in peer-port terms.
+    fn explain_tls_failure(&self, error: &std::io::Error) -> ConnectFailure {
+        use crate::tls::client::HandshakeProblem as P;
+        let who = format!("node {} at {}", self.to, self.addr);
+        let why = match crate::tls::client::classify(error) {
+            P::Network(why) => return ConnectFailure::Network(why),
+            P::NotTls | P::Closed => {
+                format!("{who} does not speak TLS on its peer port (or dropped the handshake): turn peer TLS on on every node")
+            }
+            P::UnknownIssuer => format!("{who} presented a certificate not signed by peer_trusted_ca_file"),
+            P::WrongName(_) => format!("{who} presented a certificate that does not name the host in its peer address"),
+            P::Expired | P::NotYetValid => format!("{who} presented a certificate that is not valid now"),
+            P::CertificateRequired | P::RefusedOurCertificate | P::OurCertificateExpired => format!(
+                "{who} refused this node's peer certificate: is it valid, and signed by the CA in its peer_trusted_ca_file?"
+            ),
+            P::Other(what) => format!("{who}: {what}"),
+        };
+        ConnectFailure::Identity(why)
+    }
+
+    async fn run(self, mut queue: tokio_mpsc::Receiver<Message>) {
+        let mut backoff = Duration::from_millis(20);
+        // A TLS or identity problem repeats on every attempt until an
+        // operator fixes it: say so once a minute, not once a second.
+        let mut last_warning: Option<(String, std::time::Instant)> = None;
+        loop {
+            let stream = match self.connect().await {
+                Ok(stream) => stream,
+                Err(failure) => {
+                    let why = match failure {
+                        ConnectFailure::Network(why) => why,
+                        ConnectFailure::Identity(why) => {
+                            let repeated = last_warning
+                                .as_ref()
+                                .is_some_and(|(said, at)| *said == why && at.elapsed() < Duration::from_secs(60));
+                            if !repeated {
+                                warn!(peer = self.to, addr = %self.addr, "{why}");
+                                last_warning = Some((why.clone(), std::time::Instant::now()));
+                            }
+                            why
+                        }
+                    };
+                    debug!(to = self.to, addr = %self.addr, %why, "peer unreachable");
+                    self.count_failure();
+                    // Whatever is queued can't go out now; raft resends.
+                    if !self.drop_queued(&mut queue) {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let (read_half, write_half) = tokio::io::split(stream);
+            let mut sink = tokio_util::codec::FramedWrite::new(write_half, codec::codec(codec::PEER_MAX_FRAME));
+            // Replies are only ever small rejections.
+            let mut replies = FrameReader::new(BufReader::new(read_half), codec::PEER_PREAUTH_MAX_FRAME);
+            // The hello names us before anything large is sent.
+            if sink.send(self.hello()).await.is_err() {
+                self.count_failure();
+                let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            loop {
+                tokio::select! {
+                    message = queue.recv() => {
+                        let Some(message) = message else { return };
+                        let mut batch = vec![message];
+                        while batch.len() < 256 {
+                            match queue.try_recv() {
+                                Ok(m) => batch.push(m),
+                                Err(_) => break,
+                            }
+                        }
+                        let snapshots: Vec<u64> = batch
+                            .iter()
+                            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                            .map(|m| m.to)
+                            .collect();
+                        let mut failed = false;
+                        let mut bytes = 0u64;
+                        for m in &batch {
+                            let frame = self.envelope(m);
+                            bytes += frame.len() as u64 + 4;
+                            if sink.feed(frame).await.is_err() {
+                                failed = true;
+                                break;
+                            }
+                        }
+                        if !failed {
+                            failed = SinkExt::<bytes::Bytes>::flush(&mut sink).await.is_err();
+                        }
+                        for to in snapshots {
+                            let _ = self.inbox.try_send(Inbox::SnapshotSent { to, ok: !failed });
+                        }
+                        if failed {
+                            self.count_failure();
+                            let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+                            break;
+                        }
+                        counter!(metrics::PEER_SENT_BYTES, "peer" => self.to.to_string()).increment(bytes);
+                        backoff = Duration::from_millis(20);
+                    }
+                    reply = replies.next_frame() => {
+                        // The receiver only ever writes a rejection, then closes.
+                        if let Ok(Some(frame)) = reply {
+                            if let Ok(rejection) = PeerRejection::decode(frame) {
+                                info!(peer = self.to, reason = %rejection.message, "peer refused us");
+                                let _ = self.inbox.try_send(Inbox::RejectedByPeer {
+                                    peer: self.to,
+                                    reason: rejection.message,
+                                    removed: rejection.reason == peer_rejection::Reason::Removed as i32,
+                                });
+                                // A refusal is not transient: retry slowly.
+                                backoff = MAX_BACKOFF;
+                            }
+                        }
+                        let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+                        tokio::time::sleep(backoff).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_failure(&self) {
+        counter!(metrics::PEER_SEND_FAILURES, "peer" => self.to.to_string()).increment(1);
+    }
+
+    fn envelope(&self, message: &Message) -> bytes::Bytes {
+        codec::encode(&PeerEnvelope {
+            cluster_id: self.cluster_id,
+            from_id: self.local.id,
+            from_peer_addr: self.local.peer_addr.clone(),
+            raft_message: message.write_to_bytes().expect("raft messages always encode"),
+        })
+    }
+
+    /// The first envelope on a connection: who we are, no raft message.
+    fn hello(&self) -> bytes::Bytes {
+        codec::encode(&PeerEnvelope {
+            cluster_id: self.cluster_id,
+            from_id: self.local.id,
+            from_peer_addr: self.local.peer_addr.clone(),
+            raft_message: Vec::new(),
+        })
+    }
+
+    /// Drops queued messages after a failed connect, telling the loop about
+    /// snapshots that did not go out. Returns false if the queue is closed.
+    fn drop_queued(&self, queue: &mut tokio_mpsc::Receiver<Message>) -> bool {
+        let mut dropped = false;
+        loop {
+            match queue.try_recv() {
+                Ok(m) => {
+                    dropped = true;
+                    if m.get_msg_type() == MessageType::MsgSnapshot {
+                        let _ = self.inbox.try_send(Inbox::SnapshotSent { to: m.to, ok: false });
+                    }
+                }
+                Err(tokio_mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio_mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        if dropped {
+            let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+        }
+        true
+    }
+}
