@@ -293,6 +293,12 @@ impl NodeHandle {
         self.status.borrow().clone()
     }
 
+    /// The cluster id as the raft loop, its one owner, last published it (0
+    /// while a joining node waits to learn it).
+    pub fn cluster_id(&self) -> u64 {
+        self.status.borrow().cluster_id
+    }
+
     /// A receiver that sees every status change.
     pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()

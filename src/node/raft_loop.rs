@@ -73,9 +73,8 @@ pub struct LoopParts {
     pub status_tx: watch::Sender<NodeStatus>,
     /// The data dir's identity file (cluster id, removal).
     pub identity: NodeIdentityFile,
-    /// The cluster id, shared with the peer listener (0 until a joining node
-    /// learns it).
-    pub cluster_id: Arc<AtomicU64>,
+    /// The cluster id (0 until a joining node learns it).
+    pub cluster_id: u64,
     /// Fixed settings.
     pub settings: LoopSettings,
     /// Counts loop rounds, for the watchdog.
@@ -92,7 +91,9 @@ pub struct RaftLoop {
     applied_tx: watch::Sender<u64>,
     status: StatusPublisher,
     identity: NodeIdentityFile,
-    cluster_id: Arc<AtomicU64>,
+    /// The cluster id: this loop is its one owner; the rest of the node reads
+    /// it from the status (`NodeHandle::cluster_id`).
+    cluster_id: u64,
     settings: LoopSettings,
     proposals: Proposals,
     reads: Reads,
@@ -330,7 +331,7 @@ impl RaftLoop {
     }
 
     fn step(&mut self, message: raft::prelude::Message, sender: u64, from_peer_addr: String, cluster_id: u64) {
-        let ours = self.cluster_id.load(Ordering::Acquire);
+        let ours = self.cluster_id;
         if ours != 0 && cluster_id != ours {
             return;
         }
@@ -364,8 +365,9 @@ impl RaftLoop {
                 error!(error = %e, "could not record the cluster id");
                 return;
             }
-            self.cluster_id.store(cluster_id, Ordering::Release);
+            self.cluster_id = cluster_id;
             self.transport.set_cluster_id(cluster_id);
+            self.publish_status();
         }
         // The address is the sender's own claim about itself: never store it
         // under another id (a forwarded proposal names its originator).
@@ -398,7 +400,7 @@ impl RaftLoop {
             last_index: raft.raft_log.last_index(),
             persisted: raft.raft_log.persisted,
             joining,
-            cluster_id: self.cluster_id.load(Ordering::Acquire),
+            cluster_id: self.cluster_id,
         }
     }
 
@@ -870,7 +872,7 @@ impl RaftLoop {
         self.removed = true;
         let identity = NodeIdentity {
             node_id: self.settings.id,
-            cluster_id: self.cluster_id.load(Ordering::Acquire),
+            cluster_id: self.cluster_id,
             removed: true,
         };
         if let Err(e) = self.identity.store(&identity) {
@@ -930,7 +932,7 @@ impl RaftLoop {
             snapshot_index: self.storage.snapshot_index(),
             pending: self.proposals.len(),
             removed: self.removed,
-            cluster_id: self.cluster_id.load(Ordering::Acquire),
+            cluster_id: self.cluster_id,
         };
         self.status.offer(view, &self.state_machine);
     }

@@ -65,8 +65,6 @@ pub struct Prepared {
     pub raft_loop: RaftLoop,
     /// For the client and peer listeners.
     pub handle: NodeHandle,
-    /// For the peer listener's cluster check (0 until a joining node learns it).
-    pub cluster_id: Arc<AtomicU64>,
     /// The raft loop's inbox, for the peer listener.
     pub inbox: crate::node::InboxSender,
     /// Counts raft loop rounds (for the watchdog).
@@ -126,7 +124,6 @@ pub fn prepare(
         cluster_id: identity.cluster_id,
         ..Default::default()
     });
-    let cluster_id = Arc::new(AtomicU64::new(identity.cluster_id));
     let state_machine = Arc::new(RwLock::new(state_machine));
     let rounds = Arc::new(AtomicU64::new(0));
     let local = LocalPeer {
@@ -146,7 +143,7 @@ pub fn prepare(
         applied_tx,
         status_tx,
         identity: identity_file,
-        cluster_id: cluster_id.clone(),
+        cluster_id: identity.cluster_id,
         settings: LoopSettings {
             id: config.id,
             tick: config.tick(),
@@ -173,7 +170,6 @@ pub fn prepare(
     Ok(Prepared {
         raft_loop,
         handle,
-        cluster_id,
         inbox: inbox_tx,
         rounds,
         lock,

@@ -229,7 +229,6 @@ pub async fn start(config: NodeConfig, listeners: Listeners) -> Result<RunningNo
             node_id: config.id,
             inbox: prepared.inbox,
             handle: handle.clone(),
-            cluster_id: Arc::clone(&prepared.cluster_id),
             tls: security.peer_tls.clone(),
         },
         stop_rx,

@@ -14,7 +14,6 @@ mod slots;
 mod standing;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,10 +53,8 @@ pub struct PeerContext {
     pub node_id: u64,
     /// The raft loop's inbox.
     pub inbox: crate::node::InboxSender,
-    /// For membership.
+    /// For membership and the cluster id (0 while a joining node waits).
     pub handle: NodeHandle,
-    /// Our cluster (0 while a joining node waits).
-    pub cluster_id: Arc<AtomicU64>,
     /// Peer TLS, if on.
     pub tls: Option<Arc<PeerTls>>,
 }
@@ -327,7 +324,7 @@ fn reject_cluster_or_removed(
     envelope: &PeerEnvelope,
     context: &PeerContext,
 ) -> Option<(PeerRejection, ConnectionRefusal)> {
-    let ours = context.cluster_id.load(Ordering::Acquire);
+    let ours = context.handle.cluster_id();
     if ours != 0 && envelope.cluster_id != ours {
         let message = format!(
             "node {} is in cluster {:016x} but node {} is in cluster {ours:016x}: it was bootstrapped with another --initial-cluster or its data dir belongs to another cluster",
