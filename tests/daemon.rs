@@ -717,3 +717,39 @@ async fn sigint_stops_gracefully_and_logs_can_be_json() {
     // metrics_addr = "" turns the endpoint off.
     assert!(!messages.iter().any(|m| m.contains("serving /metrics")), "{messages:?}");
 }
+
+#[test]
+fn a_graceful_stop_that_cannot_finish_ends_at_the_shutdown_deadline() {
+    let notify = NotifySocket::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut child = spawn_single(
+        &dir.path().join("data"),
+        &[
+            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+            ("KVRAFT_SHUTDOWN_TIMEOUT_MS", "1000"),
+            ("KVRAFT_TEST_WEDGE_RAFT_LOOP_AFTER_MS", "1000"),
+        ],
+        &log,
+    );
+    notify.wait("READY=1", |n| n.count("READY=1") == 1);
+    let deadline = Instant::now() + T;
+    while !std::fs::read_to_string(&log).unwrap().contains("wedging the raft loop") {
+        assert!(Instant::now() < deadline, "the test hook never wedged the loop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // One signal only: the wedged loop can't hand over or snapshot, so the
+    // daemon gives up once shutdown_timeout_ms (plus a second) has passed.
+    let started = Instant::now();
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_exit(&mut child, T);
+    assert_eq!(status.code(), Some(1), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("graceful shutdown took too long"),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}
