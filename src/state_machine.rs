@@ -197,6 +197,11 @@ impl StateMachine {
         self.removed.contains(&id)
     }
 
+    /// Every id removed from the cluster, in order.
+    pub fn removed_ids(&self) -> Vec<u64> {
+        self.removed.iter().copied().collect()
+    }
+
     /// The membership as of the applied index.
     pub fn conf_state(&self) -> &ConfState {
         &self.conf_state

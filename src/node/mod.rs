@@ -184,6 +184,8 @@ pub struct NodeStatus {
     pub last_index: u64,
     /// This node was removed from the cluster and has stopped.
     pub removed: bool,
+    /// The ids removed from the cluster (never to be let in again), in order.
+    pub removed_ids: Vec<u64>,
     /// The raft loop has exited.
     pub stopped: bool,
 }
@@ -291,6 +293,13 @@ impl NodeHandle {
     /// The latest status the raft loop published.
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
+    }
+
+    /// Whether node `id` was removed from the cluster, as of the last
+    /// published status (no state machine lock: the peer listener asks this
+    /// for every inbound frame).
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.status.borrow().removed_ids.binary_search(&id).is_ok()
     }
 
     /// The cluster id as the raft loop, its one owner, last published it (0

@@ -129,6 +129,7 @@ impl StatusPublisher {
             first_index: view.first_index,
             last_index: view.last_index,
             removed: view.removed,
+            removed_ids: sm.removed_ids(),
             stopped: false,
         };
         self.tx.send_if_modified(|s| {

@@ -337,7 +337,7 @@ fn reject_cluster_or_removed(
         };
         return Some((rejection, ConnectionRefusal::ClusterMismatch));
     }
-    if context.handle.read(|sm| sm.is_removed(envelope.from_id)) {
+    if context.handle.is_removed(envelope.from_id) {
         let rejection = PeerRejection {
             reason: Reason::Removed as i32,
             message: format!("node {} was removed from the cluster", envelope.from_id),
