@@ -263,3 +263,62 @@ async fn a_stopping_leader_refuses_new_writes_as_shutting_down_and_the_rest_carr
     assert_eq!(cluster.get(follower, "before").await.unwrap().as_deref(), Some("1"));
     assert_eq!(cluster.get(follower, "after").await.unwrap().as_deref(), Some("y"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_past_two_snapshot_thresholds_catches_up_by_snapshot() {
+    let threshold = 100u64;
+    let cluster = MemCluster::start_with(3, |config| config.snapshot_threshold = threshold);
+    let all = [1, 2, 3];
+    let leader = cluster.wait_for_leader(&all, T).await;
+    let lagging = others(&all, leader)[0];
+    for i in 0..20 {
+        cluster.put(leader, &format!("early/{i}"), "x").await.unwrap();
+    }
+    cluster
+        .wait_until(T, "the lagging node applied the early writes", |c| {
+            c.local_get(lagging, "early/19").is_some()
+        })
+        .await;
+    let stopped_at = cluster.handle(lagging).status().last_index;
+    cluster.net.partition(&[lagging], &others(&all, lagging));
+
+    for i in 0..(threshold * 3 + 50) {
+        cluster
+            .put(leader, &format!("late/{i:04}"), &format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    let at_leader = cluster.handle(leader).status();
+    assert!(
+        at_leader.snapshot_index >= stopped_at + 2 * threshold,
+        "the leader snapshotted past the lagging node: {at_leader:?}"
+    );
+    assert!(
+        at_leader.first_index > stopped_at + 1,
+        "the leader compacted the entries the lagging node needs: {at_leader:?}"
+    );
+    assert_eq!(cluster.local_get(lagging, "late/0000"), None, "the partition held");
+
+    cluster.net.heal();
+    let commit = at_leader.commit_index;
+    cluster
+        .wait_until(T, "the lagging node caught up", |c| {
+            c.handle(lagging).status().applied_index >= commit
+        })
+        .await;
+    // The leader no longer had the entries after `stopped_at` (compacted, as
+    // asserted above), so only a snapshot could bring the node this far.
+    let caught_up = cluster.handle(lagging).status();
+    assert!(caught_up.snapshot_index >= at_leader.snapshot_index, "{caught_up:?}");
+    assert_eq!(cluster.local_get(lagging, "late/0000").as_deref(), Some("v0"));
+    assert_eq!(cluster.local_get(lagging, "early/0").as_deref(), Some("x"));
+    let keys = |id: u64| cluster.handle(id).read(|sm| sm.len());
+    assert_eq!(keys(lagging), keys(leader));
+
+    // And it keeps up through the log afterwards.
+    cluster.put(lagging, "after-catch-up", "yes").await.unwrap();
+    assert_eq!(
+        cluster.get(lagging, "after-catch-up").await.unwrap().as_deref(),
+        Some("yes")
+    );
+}

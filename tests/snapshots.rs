@@ -1,5 +1,6 @@
-//! Snapshots and log compaction: a follower that misses more than two
-//! snapshot thresholds of writes is caught up with a snapshot.
+//! Snapshots and log compaction across a restart of the process. (A follower
+//! that misses more than two thresholds of writes and catches up by snapshot
+//! is tested on the in-process cluster, tests/in_process.rs.)
 
 mod support;
 
@@ -8,62 +9,6 @@ use std::time::Duration;
 use support::Cluster;
 
 const T: Duration = Duration::from_secs(30);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_that_missed_two_thresholds_catches_up_by_snapshot() {
-    let threshold = 100u64;
-    let mut cluster = Cluster::start_static(3, &["--snapshot-threshold", "100"]);
-    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
-    let lagging = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
-    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != lagging).collect();
-    let client = cluster.client(&others);
-    for i in 0..20 {
-        support::put(&client, format!("early/{i}"), "x").await;
-    }
-    cluster
-        .wait_info(lagging, T, "applied the early writes", |i| i.keys >= 20)
-        .await;
-    let stopped_at = cluster.info(lagging).await.unwrap().last_index;
-    cluster.kill(lagging);
-
-    for i in 0..(threshold * 3 + 50) {
-        support::put(&client, format!("late/{i:04}"), format!("v{i}")).await;
-    }
-    let leader_info = cluster.info(leader).await.unwrap();
-    assert!(
-        leader_info.snapshot_index >= stopped_at + 2 * threshold,
-        "the leader snapshotted past the lagging node: {leader_info:?}"
-    );
-    assert!(
-        leader_info.first_index > stopped_at + 1,
-        "the leader compacted the entries the lagging node needs: {leader_info:?}"
-    );
-
-    cluster.start(lagging);
-    let commit = leader_info.commit_index;
-    let caught_up = cluster
-        .wait_info(lagging, T, "caught up", |i| i.applied_index >= commit)
-        .await;
-    assert!(caught_up.snapshot_index > stopped_at, "{caught_up:?}");
-    assert!(
-        cluster
-            .node(lagging)
-            .log()
-            .contains("installed snapshot from the leader"),
-        "node {lagging} caught up without a snapshot"
-    );
-    let local = cluster.client_with(&[lagging], Duration::from_secs(5), true);
-    assert_eq!(local.get("late/0000").await.unwrap().as_deref(), Some(&b"v0"[..]));
-    assert_eq!(local.get("early/0").await.unwrap().as_deref(), Some(&b"x"[..]));
-    assert_eq!(
-        cluster.info(lagging).await.unwrap().keys,
-        cluster.info(leader).await.unwrap().keys
-    );
-
-    // And it keeps up with new writes through the log.
-    support::put(&cluster.client(&[lagging]), "after-catch-up", "yes").await;
-    assert_eq!(local.get("after-catch-up").await.unwrap().as_deref(), Some(&b"yes"[..]));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_recovers_from_its_snapshot_and_log() {

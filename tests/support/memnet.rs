@@ -184,6 +184,11 @@ impl MemCluster {
     /// Starts nodes 1..=n from a static initial cluster. Call from within a
     /// multi-threaded tokio runtime (delayed deliveries run on it).
     pub fn start(n: u64) -> Self {
+        Self::start_with(n, |_| {})
+    }
+
+    /// As [`MemCluster::start`], with `adjust` applied to each node's config.
+    pub fn start_with(n: u64, adjust: impl Fn(&mut NodeConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let net = Arc::new(Network::default());
         let members: Vec<String> = (1..=n).map(|id| format!("{id}={}", peer_addr(id))).collect();
@@ -200,13 +205,11 @@ impl MemCluster {
                     runtime,
                 }) as Box<dyn Transport>
             });
-            let prepared = kvraft::node::startup::prepare(
-                &config(dir.path(), id, &members),
-                format!("mem{id}:7379"),
-                peer_addr(id),
-                transport,
-            )
-            .unwrap_or_else(|e| panic!("node {id} did not start: {e}"));
+            let mut node_config = config(dir.path(), id, &members);
+            adjust(&mut node_config);
+            let prepared =
+                kvraft::node::startup::prepare(&node_config, format!("mem{id}:7379"), peer_addr(id), transport)
+                    .unwrap_or_else(|e| panic!("node {id} did not start: {e}"));
             net.state.lock().unwrap().inboxes.insert(id, prepared.inbox.clone());
             let thread = kvraft::node::spawn(prepared.raft_loop, id).unwrap();
             nodes.insert(
