@@ -249,9 +249,7 @@ async fn a_stopping_leader_refuses_new_writes_as_shutting_down_and_the_rest_carr
     let leader = cluster.wait_for_leader(&all, T).await;
     cluster.put(leader, "before", "1").await.unwrap();
     let handle = cluster.handle(leader).clone();
-    handle
-        .request_shutdown(std::time::Instant::now() + Duration::from_secs(3))
-        .await;
+    handle.request_shutdown(std::time::Instant::now() + Duration::from_secs(3));
     // Whether it is still draining or already gone: nothing new is taken.
     let refused = cluster.put(leader, "after", "x").await;
     assert!(matches!(refused, Err(Error::ShuttingDown(_))), "{refused:?}");

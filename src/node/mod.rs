@@ -45,6 +45,13 @@ pub const INBOX_CAPACITY: usize = 16 * 1024;
 /// blocking `send`.
 pub type InboxSender = mpsc::SyncSender<Inbox>;
 
+/// The sending side of the raft loop's control channel: unbounded, because
+/// only the node itself sends on it (its transport's delivery reports, which
+/// follow the loop's own messages, and a shutdown request), and a report
+/// that was lost could stall raft (a follower waiting forever on a snapshot
+/// report). The loop drains it before every inbox message.
+pub type ControlSender = mpsc::Sender<Inbox>;
+
 /// What the raft loop is told.
 pub enum Inbox {
     /// A raft message from a peer, with the address it says it listens on.
@@ -186,6 +193,8 @@ pub struct NodeStatus {
     pub removed: bool,
     /// The ids removed from the cluster (never to be let in again), in order.
     pub removed_ids: Vec<u64>,
+    /// A graceful shutdown has begun.
+    pub stopping: bool,
     /// The raft loop has exited.
     pub stopped: bool,
 }
@@ -194,6 +203,7 @@ pub struct NodeStatus {
 #[derive(Clone)]
 pub struct NodeHandle {
     inbox: InboxSender,
+    control: ControlSender,
     state_machine: Arc<RwLock<StateMachine>>,
     applied: watch::Receiver<u64>,
     status: watch::Receiver<NodeStatus>,
@@ -203,6 +213,7 @@ pub struct NodeHandle {
 impl NodeHandle {
     pub(crate) fn new(
         inbox: InboxSender,
+        control: ControlSender,
         state_machine: Arc<RwLock<StateMachine>>,
         applied: watch::Receiver<u64>,
         status: watch::Receiver<NodeStatus>,
@@ -210,6 +221,7 @@ impl NodeHandle {
     ) -> Self {
         NodeHandle {
             inbox,
+            control,
             state_machine,
             applied,
             status,
@@ -232,19 +244,11 @@ impl NodeHandle {
         }
     }
 
-    /// Asks the raft loop to stop gracefully by `deadline`, waiting for room
-    /// in its inbox if it is full. Returns at once if the loop has stopped.
-    pub async fn request_shutdown(&self, deadline: std::time::Instant) {
-        let mut message = Inbox::Shutdown { deadline };
-        loop {
-            match self.inbox.try_send(message) {
-                Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
-                    message = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                _ => return,
-            }
-        }
+    /// Asks the raft loop to stop gracefully by `deadline`. Goes on the
+    /// control channel, so a full inbox can't lose it; the loop takes it
+    /// before any request sent after this call.
+    pub fn request_shutdown(&self, deadline: std::time::Instant) {
+        let _ = self.control.send(Inbox::Shutdown { deadline });
     }
 
     /// Replicates a command and waits until it is applied.
@@ -320,6 +324,11 @@ impl NodeHandle {
         if status.removed {
             return Err(Error::removed(status.id));
         }
+        // A stopping node may already have handed leadership over (and so
+        // know no leader): say it is stopping, not that there is no leader.
+        if status.stopping || status.stopped {
+            return Err(Error::shutting_down());
+        }
         if status.leader_id == 0 {
             return Err(Error::no_leader(status.id));
         }
@@ -337,10 +346,11 @@ mod tests {
 
     fn handle_with_inbox(capacity: usize) -> (NodeHandle, mpsc::Receiver<Inbox>) {
         let (inbox, rx) = mpsc::sync_channel(capacity);
+        let (control, _control_rx) = mpsc::channel();
         let (_applied_tx, applied) = watch::channel(0);
         let (_status_tx, status) = watch::channel(NodeStatus::default());
         let state_machine = Arc::new(RwLock::new(StateMachine::new(1)));
-        let handle = NodeHandle::new(inbox, state_machine, applied, status, Duration::from_secs(1));
+        let handle = NodeHandle::new(inbox, control, state_machine, applied, status, Duration::from_secs(1));
         (handle, rx)
     }
 

@@ -61,8 +61,10 @@ pub struct LoopParts {
     pub node: RawNode<RaftStorage>,
     /// The same storage, for snapshots and compaction.
     pub storage: RaftStorage,
-    /// Where requests and peer messages arrive.
+    /// Where requests and peer messages arrive (bounded).
     pub inbox: mpsc::Receiver<Inbox>,
+    /// Delivery reports and shutdown (unbounded; drained first).
+    pub control: mpsc::Receiver<Inbox>,
     /// Shared with the node's handles, which read it.
     pub state_machine: Arc<RwLock<StateMachine>>,
     /// Where outgoing raft messages go.
@@ -86,6 +88,7 @@ pub struct RaftLoop {
     node: RawNode<RaftStorage>,
     storage: RaftStorage,
     inbox: mpsc::Receiver<Inbox>,
+    control: mpsc::Receiver<Inbox>,
     state_machine: Arc<RwLock<StateMachine>>,
     transport: Box<dyn Transport>,
     applied_tx: watch::Sender<u64>,
@@ -139,6 +142,7 @@ impl RaftLoop {
             node: parts.node,
             storage: parts.storage,
             inbox: parts.inbox,
+            control: parts.control,
             state_machine: parts.state_machine,
             transport: parts.transport,
             applied_tx: parts.applied_tx,
@@ -202,17 +206,21 @@ impl RaftLoop {
             }
             self.rounds.fetch_add(1, Ordering::Relaxed);
             let wait = next_tick.saturating_duration_since(Instant::now());
+            // Control messages first, before each inbox message: a shutdown
+            // requested before a request was sent is seen before it.
             match self.inbox.recv_timeout(wait) {
                 Ok(message) => {
+                    self.drain_control();
                     self.handle(message);
                     for _ in 0..INBOX_BATCH {
+                        self.drain_control();
                         match self.inbox.try_recv() {
                             Ok(message) => self.handle(message),
                             Err(_) => break,
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => self.drain_control(),
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
             let now = Instant::now();
@@ -232,6 +240,12 @@ impl RaftLoop {
             if self.removed || self.shutdown_done(now) {
                 return Ok(());
             }
+        }
+    }
+
+    fn drain_control(&mut self) {
+        while let Ok(message) = self.control.try_recv() {
+            self.handle(message);
         }
     }
 
@@ -432,14 +446,14 @@ impl RaftLoop {
             let _ = reply.send(Err(Error::removed(self.settings.id)));
             return;
         }
-        if self.leader_id == 0 {
-            metrics::proposal_failed("no_leader");
-            let _ = reply.send(Err(Error::no_leader(self.settings.id)));
-            return;
-        }
         if self.shutdown.is_some() {
             metrics::proposal_failed("shutdown");
             let _ = reply.send(Err(Error::shutting_down()));
+            return;
+        }
+        if self.leader_id == 0 {
+            metrics::proposal_failed("no_leader");
+            let _ = reply.send(Err(Error::no_leader(self.settings.id)));
             return;
         }
         let id = self.proposals.next_id();
@@ -932,6 +946,7 @@ impl RaftLoop {
             snapshot_index: self.storage.snapshot_index(),
             pending: self.proposals.len(),
             removed: self.removed,
+            stopping: self.shutdown.is_some(),
             cluster_id: self.cluster_id,
         };
         self.status.offer(view, &self.state_machine);

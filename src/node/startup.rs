@@ -118,6 +118,7 @@ pub fn prepare(
     let node = RawNode::new(&raft_config, storage.clone(), &logger)?;
 
     let (inbox_tx, inbox_rx) = mpsc::sync_channel(crate::node::INBOX_CAPACITY);
+    let (control_tx, control_rx) = mpsc::channel();
     let (applied_tx, applied_rx) = watch::channel(applied);
     let (status_tx, status_rx) = watch::channel(NodeStatus {
         id: config.id,
@@ -134,11 +135,12 @@ pub fn prepare(
         node,
         storage,
         inbox: inbox_rx,
+        control: control_rx,
         state_machine: state_machine.clone(),
         transport: transport(TransportContext {
             local,
             cluster_id: identity.cluster_id,
-            inbox: inbox_tx.clone(),
+            reports: control_tx.clone(),
         }),
         applied_tx,
         status_tx,
@@ -162,6 +164,7 @@ pub fn prepare(
     let raft_loop = RaftLoop::new(parts, wedge_after);
     let handle = NodeHandle::new(
         inbox_tx.clone(),
+        control_tx,
         state_machine,
         applied_rx,
         status_rx,

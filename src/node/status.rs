@@ -37,6 +37,8 @@ pub struct RaftView {
     pub pending: usize,
     /// This node was removed.
     pub removed: bool,
+    /// A graceful shutdown has begun.
+    pub stopping: bool,
     /// The cluster id.
     pub cluster_id: u64,
 }
@@ -130,6 +132,7 @@ impl StatusPublisher {
             last_index: view.last_index,
             removed: view.removed,
             removed_ids: sm.removed_ids(),
+            stopping: view.stopping,
             stopped: false,
         };
         self.tx.send_if_modified(|s| {
@@ -169,6 +172,7 @@ mod tests {
             snapshot_index: 0,
             pending: 0,
             removed: false,
+            stopping: false,
             cluster_id: 7,
         }
     }

@@ -6,7 +6,7 @@
 
 use raft::prelude::Message;
 
-use super::InboxSender;
+use super::ControlSender;
 
 /// Who we are on the wire.
 #[derive(Clone)]
@@ -38,8 +38,8 @@ pub struct TransportContext {
     pub local: LocalPeer,
     /// Our cluster (0 while a joining node hasn't learned it).
     pub cluster_id: u64,
-    /// The raft loop's inbox, for delivery reports.
-    pub inbox: InboxSender,
+    /// Where delivery reports go (the loop's control channel: never full).
+    pub reports: ControlSender,
 }
 
 /// Builds the transport once the raft loop's inbox exists.

@@ -34,14 +34,24 @@ pub struct Endpoints {
     pub raft_rounds: Arc<AtomicU64>,
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Serves the endpoints until the task is dropped; over HTTPS when `tls` is
 /// set (no client certificate asked: these endpoints are read-only).
 pub async fn serve(listener: TcpListener, endpoints: Endpoints, tls: Option<Arc<ClientPortTls>>) {
     let last_progress = Arc::new(Mutex::new(Instant::now()));
-    {
+    // Ends with this future: aborting the server aborts its upkeep too.
+    let _upkeep = {
         let (rounds, last_progress) = (endpoints.raft_rounds.clone(), last_progress.clone());
         let prometheus = endpoints.prometheus.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let mut seen = rounds.load(Ordering::Relaxed);
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -53,8 +63,8 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, tls: Option<Arc<
                 // Histograms need periodic upkeep in this exporter.
                 prometheus.run_upkeep();
             }
-        });
-    }
+        }))
+    };
     let mut acceptor = Acceptor::new(listener, "metrics");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {

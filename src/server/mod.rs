@@ -283,7 +283,7 @@ impl RunningNode {
             http.abort();
         }
         let deadline = std::time::Instant::now() + timeout;
-        self.handle.request_shutdown(deadline).await;
+        self.handle.request_shutdown(deadline);
         let thread = self.raft_thread;
         tokio::task::spawn_blocking(move || thread.join())
             .await

@@ -29,7 +29,8 @@ pub struct Network {
 
 #[derive(Default)]
 struct NetState {
-    inboxes: HashMap<u64, kvraft::node::InboxSender>,
+    /// Who listens at each peer address, and their inbox.
+    inboxes: HashMap<String, (u64, kvraft::node::InboxSender)>,
     /// (from, to) pairs whose messages are lost.
     cut: HashSet<(u64, u64)>,
     /// (from, to) pairs whose messages arrive this much later.
@@ -84,55 +85,66 @@ struct MemTransport {
     net: Arc<Network>,
     local: LocalPeer,
     cluster_id: u64,
+    reports: kvraft::node::ControlSender,
     runtime: tokio::runtime::Handle,
 }
 
-impl Transport for MemTransport {
-    fn send(&mut self, message: Message, _addr: Option<&str>) -> bool {
-        let (from, to) = (self.local.id, message.to);
-        let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-        let (target, own, lost, delay) = {
-            let mut state = self.net.state.lock().unwrap();
-            let lost = state.cut.contains(&(from, to));
-            if !lost {
-                *state.delivered.entry((from, to)).or_default() += 1;
-            }
-            (
-                state.inboxes.get(&to).cloned(),
-                state.inboxes.get(&from).cloned(),
-                lost,
-                state.delay.get(&(from, to)).copied(),
-            )
+impl Network {
+    /// Delivers `envelope` from `from` to the node listening at `addr`, if
+    /// the link is up at this moment; counts it when it arrives.
+    fn deliver(&self, from: u64, addr: &str, envelope: Inbox) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let Some((to, inbox)) = state.inboxes.get(addr).cloned() else {
+            return false;
         };
-        let Some(target) = target else { return false };
-        // The TCP transport reports every snapshot message; raft waits for it.
-        let report = move |ok: bool| {
-            if let (true, Some(own)) = (snapshot, own.as_ref()) {
-                let _ = own.try_send(Inbox::SnapshotSent { to, ok });
-            }
-        };
-        if lost {
-            report(false);
-            return true;
+        if state.cut.contains(&(from, to)) || inbox.try_send(envelope).is_err() {
+            return false;
         }
+        *state.delivered.entry((from, to)).or_default() += 1;
+        true
+    }
+}
+
+impl Transport for MemTransport {
+    /// Like the TCP transport: no address, or nobody at it, is a send that
+    /// could not be queued; a message on a cut link is lost on the way, and
+    /// every snapshot message is reported, delivered or not.
+    fn send(&mut self, message: Message, addr: Option<&str>) -> bool {
+        let Some(addr) = addr.map(str::to_string) else {
+            return false;
+        };
+        let (from, to) = (self.local.id, message.to);
+        let (known, delay) = {
+            let state = self.net.state.lock().unwrap();
+            (state.inboxes.contains_key(&addr), state.delay.get(&(from, to)).copied())
+        };
+        if !known {
+            return false;
+        }
+        let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+        let reports = self.reports.clone();
+        let report = move |ok: bool| {
+            if snapshot {
+                let _ = reports.send(Inbox::SnapshotSent { to, ok });
+            }
+        };
         let envelope = Inbox::Raft {
             message: Box::new(message),
             sender: from,
             from_peer_addr: self.local.peer_addr.clone(),
             cluster_id: self.cluster_id,
         };
+        let net = self.net.clone();
         match delay {
+            // The link is checked when the message arrives: a partition that
+            // starts while it is on the way loses it.
             Some(delay) => {
                 self.runtime.spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let delivered = target.try_send(envelope).is_ok();
-                    report(delivered);
+                    report(net.deliver(from, &addr, envelope));
                 });
             }
-            None => {
-                let delivered = target.try_send(envelope).is_ok();
-                report(delivered);
-            }
+            None => report(net.deliver(from, &addr, envelope)),
         }
         true
     }
@@ -148,7 +160,6 @@ impl Transport for MemTransport {
 pub struct MemNode {
     /// How the test talks to it, as the server would.
     pub handle: NodeHandle,
-    inbox: kvraft::node::InboxSender,
     thread: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
     _lock: kvraft::storage::DataDirLock,
 }
@@ -202,6 +213,7 @@ impl MemCluster {
                     net: transport_net,
                     local: context.local,
                     cluster_id: context.cluster_id,
+                    reports: context.reports,
                     runtime,
                 }) as Box<dyn Transport>
             });
@@ -210,13 +222,16 @@ impl MemCluster {
             let prepared =
                 kvraft::node::startup::prepare(&node_config, format!("mem{id}:7379"), peer_addr(id), transport)
                     .unwrap_or_else(|e| panic!("node {id} did not start: {e}"));
-            net.state.lock().unwrap().inboxes.insert(id, prepared.inbox.clone());
+            net.state
+                .lock()
+                .unwrap()
+                .inboxes
+                .insert(peer_addr(id), (id, prepared.inbox.clone()));
             let thread = kvraft::node::spawn(prepared.raft_loop, id).unwrap();
             nodes.insert(
                 id,
                 MemNode {
                     handle: prepared.handle,
-                    inbox: prepared.inbox,
                     thread: Some(thread),
                     _lock: prepared.lock,
                 },
@@ -292,13 +307,10 @@ impl MemCluster {
             .map(|v| String::from_utf8(v).unwrap())
     }
 
-    /// Stops node `id` (graceful shutdown, no deadline to speak of) and waits
-    /// for its thread.
+    /// Stops node `id` gracefully (within 2 s) and waits for its thread.
     pub fn stop(&mut self, id: u64) {
         if let Some(node) = self.nodes.get_mut(&id) {
-            let _ = node.inbox.try_send(Inbox::Shutdown {
-                deadline: Instant::now() + Duration::from_secs(2),
-            });
+            node.handle.request_shutdown(Instant::now() + Duration::from_secs(2));
             if let Some(thread) = node.thread.take() {
                 let _ = thread.join();
             }

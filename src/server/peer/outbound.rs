@@ -1,7 +1,7 @@
 //! The outbound side of the peer protocol: [`TcpTransport`], the node's
 //! [`Transport`] over TCP (and TLS). Each peer has a bounded queue drained by
 //! its own task, which connects (with backoff), says hello, writes frames and
-//! reports failures back through the inbox so the raft loop can call
+//! reports failures back through the control channel so the raft loop can call
 //! `report_unreachable` / `report_snapshot`.
 
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::codec::{self, ByteStream, FrameReader};
 use crate::metrics;
 use crate::node::transport::{LocalPeer, Transport, TransportContext};
-use crate::node::{Inbox, InboxSender};
+use crate::node::{ControlSender, Inbox};
 use crate::proto::{peer_rejection, PeerEnvelope, PeerRejection};
 use crate::tls::server::PeerTls;
 use ::metrics::counter;
@@ -42,7 +42,7 @@ pub struct TcpTransport {
     cluster_id: u64,
     peers: HashMap<u64, Peer>,
     runtime: tokio::runtime::Handle,
-    inbox: InboxSender,
+    reports: ControlSender,
     tls: Option<Arc<PeerTls>>,
 }
 
@@ -55,7 +55,7 @@ impl TcpTransport {
             cluster_id: context.cluster_id,
             peers: HashMap::new(),
             runtime,
-            inbox: context.inbox,
+            reports: context.reports,
             tls,
         }
     }
@@ -89,7 +89,7 @@ impl Transport for TcpTransport {
                 addr: addr.to_string(),
                 local: self.local.clone(),
                 cluster_id: self.cluster_id,
-                inbox: self.inbox.clone(),
+                reports: self.reports.clone(),
                 tls: self.tls.clone(),
             };
             metrics::zero_peer(to);
@@ -120,7 +120,7 @@ struct PeerTask {
     addr: String,
     local: LocalPeer,
     cluster_id: u64,
-    inbox: InboxSender,
+    reports: ControlSender,
     tls: Option<Arc<PeerTls>>,
 }
 
@@ -222,7 +222,7 @@ impl PeerTask {
             // The hello names us before anything large is sent.
             if sink.send(self.hello()).await.is_err() {
                 self.count_failure();
-                let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+                let _ = self.reports.send(Inbox::Unreachable(self.to));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
@@ -257,11 +257,11 @@ impl PeerTask {
                             failed = SinkExt::<bytes::Bytes>::flush(&mut sink).await.is_err();
                         }
                         for to in snapshots {
-                            let _ = self.inbox.try_send(Inbox::SnapshotSent { to, ok: !failed });
+                            let _ = self.reports.send(Inbox::SnapshotSent { to, ok: !failed });
                         }
                         if failed {
                             self.count_failure();
-                            let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+                            let _ = self.reports.send(Inbox::Unreachable(self.to));
                             break;
                         }
                         counter!(metrics::PEER_SENT_BYTES, "peer" => self.to.to_string()).increment(bytes);
@@ -272,7 +272,7 @@ impl PeerTask {
                         if let Ok(Some(frame)) = reply {
                             if let Ok(rejection) = PeerRejection::decode(frame) {
                                 info!(peer = self.to, reason = %rejection.message, "peer refused us");
-                                let _ = self.inbox.try_send(Inbox::RejectedByPeer {
+                                let _ = self.reports.send(Inbox::RejectedByPeer {
                                     peer: self.to,
                                     reason: rejection.message,
                                     removed: rejection.reason == peer_rejection::Reason::Removed as i32,
@@ -281,7 +281,7 @@ impl PeerTask {
                                 backoff = MAX_BACKOFF;
                             }
                         }
-                        let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+                        let _ = self.reports.send(Inbox::Unreachable(self.to));
                         tokio::time::sleep(backoff).await;
                         break;
                     }
@@ -322,7 +322,7 @@ impl PeerTask {
                 Ok(m) => {
                     dropped = true;
                     if m.get_msg_type() == MessageType::MsgSnapshot {
-                        let _ = self.inbox.try_send(Inbox::SnapshotSent { to: m.to, ok: false });
+                        let _ = self.reports.send(Inbox::SnapshotSent { to: m.to, ok: false });
                     }
                 }
                 Err(tokio_mpsc::error::TryRecvError::Empty) => break,
@@ -330,7 +330,7 @@ impl PeerTask {
             }
         }
         if dropped {
-            let _ = self.inbox.try_send(Inbox::Unreachable(self.to));
+            let _ = self.reports.send(Inbox::Unreachable(self.to));
         }
         true
     }
