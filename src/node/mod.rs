@@ -115,13 +115,17 @@ pub enum Inbox {
 
 /// Runs a raft loop on its own OS thread (storage calls block on fsync);
 /// the thread ends when the loop stops, with the loop's storage error if any.
+/// The thread holds the data dir's lock: it is released only once the loop
+/// can no longer write, however its caller goes away.
 pub fn spawn(
     raft_loop: raft_loop::RaftLoop,
     id: u64,
+    lock: crate::storage::DataDirLock,
 ) -> std::io::Result<std::thread::JoinHandle<Result<(), crate::storage::StorageError>>> {
     std::thread::Builder::new()
         .name(format!("raft-loop-{id}"))
         .spawn(move || {
+            let _lock = lock;
             let span = tracing::info_span!("raft", node = id);
             let _guard = span.enter();
             raft_loop.run()

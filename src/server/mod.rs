@@ -30,7 +30,7 @@ use crate::config::NodeConfig;
 use crate::node::startup::prepare;
 use crate::node::transport::TransportFactory;
 use crate::node::NodeHandle;
-use crate::storage::{DataDirLock, StorageError};
+use crate::storage::StorageError;
 use crate::tls::server::{ClientPortTls, PeerTls};
 use access::AccessControl;
 use peer::outbound::TcpTransport;
@@ -69,7 +69,6 @@ pub struct RunningNode {
     stop_listeners: watch::Sender<bool>,
     http: Option<tokio::task::JoinHandle<()>>,
     raft_thread: std::thread::JoinHandle<Result<(), StorageError>>,
-    _lock: DataDirLock,
 }
 
 /// Why a node could not start.
@@ -203,7 +202,7 @@ pub async fn start(config: NodeConfig, listeners: Listeners) -> Result<RunningNo
     .expect("startup task panicked")?;
 
     let handle = prepared.handle.clone();
-    let raft_thread = crate::node::spawn(prepared.raft_loop, config.id)
+    let raft_thread = crate::node::spawn(prepared.raft_loop, config.id, prepared.lock)
         .map_err(|e| StartError::Bind(format!("could not start the raft thread: {e}")))?;
 
     let (stop_listeners, stop_rx) = watch::channel(false);
@@ -262,7 +261,6 @@ pub async fn start(config: NodeConfig, listeners: Listeners) -> Result<RunningNo
         stop_listeners,
         http,
         raft_thread,
-        _lock: prepared.lock,
     })
 }
 

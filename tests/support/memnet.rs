@@ -161,7 +161,6 @@ pub struct MemNode {
     /// How the test talks to it, as the server would.
     pub handle: NodeHandle,
     thread: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
-    _lock: kvraft::storage::DataDirLock,
 }
 
 /// Nodes 1..=n forming one cluster over a [`Network`].
@@ -227,13 +226,12 @@ impl MemCluster {
                 .unwrap()
                 .inboxes
                 .insert(peer_addr(id), (id, prepared.inbox.clone()));
-            let thread = kvraft::node::spawn(prepared.raft_loop, id).unwrap();
+            let thread = kvraft::node::spawn(prepared.raft_loop, id, prepared.lock).unwrap();
             nodes.insert(
                 id,
                 MemNode {
                     handle: prepared.handle,
                     thread: Some(thread),
-                    _lock: prepared.lock,
                 },
             );
         }
