@@ -507,6 +507,40 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_newest_snapshot_is_reported_and_the_node_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path());
+            s.append(&entries(1..=100, 3), Some(&hs(3, 1, 100)), true).unwrap();
+            s.save_snapshot(&snapshot_at(40, 3), 20).unwrap();
+            s.save_snapshot(&snapshot_at(90, 3), 20).unwrap();
+        }
+        let newest = dir
+            .path()
+            .join("snapshots")
+            .join(format!("snap-{:020}-{:020}.snap", 90, 3));
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&newest, &bytes).unwrap();
+        // The previous snapshot (40) is behind the compacted log (70): it can't
+        // rebuild the state, so the node says so instead of serving.
+        let err = RaftStorage::open(dir.path())
+            .err()
+            .expect("opened with a damaged newest snapshot");
+        let err = err.to_string();
+        assert!(
+            err.contains("compacted up to 70") && err.contains("add it again"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&newest).unwrap(),
+            bytes,
+            "the damaged file is left as it is"
+        );
+    }
+
+    #[test]
     fn installing_a_snapshot_replaces_the_log() {
         let dir = tempfile::tempdir().unwrap();
         {
