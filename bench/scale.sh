@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# How kvraft behaves as the data it holds grows, on one 3-node loopback
+# cluster in one run (issue 11's targets; a benchmark, not a test):
+#   1. small: puts over 10k keys (throughput, p99, p99.9);
+#   2. fill: puts over FILL_SPACE keys until about 86% of them are held;
+#   3. large: the same puts as (1) over the large key space, with the data held;
+#   4. peak RSS of each node against the raw bytes of keys and values held;
+#   5. a new member (--join + add-node) catching up with the leader;
+#   6. kill -9 of every node, restart, time to the first linearizable read.
+# Prints each phase's JSON and a summary table with the ratios the targets use.
+#
+# usage: bench/scale.sh [FILL_SPACE]   (default 600000: about 520k keys held)
+# Takes several minutes (the fill dominates); not part of CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FILL_SPACE=${1:-600000}
+WORK=$(mktemp -d)
+B=target/release
+trap 'pkill -9 -f "kvraftd --id [1234] --data-dir $WORK" || true; rm -rf "$WORK"' EXIT
+
+cargo build --release --locked --bin kvraftd --bin kvraft
+
+CLUSTER=1=127.0.0.1:17480,2=127.0.0.1:17482,3=127.0.0.1:17484
+ENDPOINTS=127.0.0.1:17479,127.0.0.1:17481,127.0.0.1:17483
+start() { # start ID [extra flags...]
+  local i=$1
+  shift
+  "$B/kvraftd" --id "$i" --data-dir "$WORK/node-$i" --client-addr "127.0.0.1:$((17477 + 2 * i))" \
+    --peer-addr "127.0.0.1:$((17478 + 2 * i))" --metrics-addr "" --log-filter warn "$@" \
+    2>>"$WORK/node-$i.log" &
+  echo $! >"$WORK/node-$i.pid"
+  disown # kill -9 below is deliberate: no "Killed" notices from the shell
+}
+kv() { "$B/kvraft" --endpoints "$ENDPOINTS" "$@"; }
+bench() { # NAME ARGS...: one bench run, its JSON kept as NAME
+  local name=$1
+  shift
+  echo "== $name: kvraft bench $*" >&2
+  kv --output json --timeout 30s bench "$@" --key-size 16 --val-size 256 | tee "$WORK/$name.json"
+}
+json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d$2)" "$WORK/$1.json"; }
+now() { date +%s.%N; }
+
+for i in 1 2 3; do start "$i" --initial-cluster "$CLUSTER"; done
+for _ in $(seq 100); do kv --timeout 1s set warm up >/dev/null 2>&1 && break; sleep 0.2; done
+
+bench small put --clients 128 --conns 16 --total 100000 --key-space 10000
+bench fill put --clients 128 --conns 16 --total $((FILL_SPACE * 2)) --key-space "$FILL_SPACE"
+bench large put --clients 128 --conns 16 --total 100000 --key-space "$FILL_SPACE"
+
+kv --output json info >"$WORK/info.json"
+keys=$(json info "['keys']")
+raw=$((keys * (16 + 256)))
+peak_rss=0
+for i in 1 2 3; do
+  rss=$(awk '/^VmHWM:/ {print $2 * 1024}' "/proc/$(cat "$WORK/node-$i.pid")/status")
+  [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
+done
+
+echo "== a new member joins and catches up ($keys keys)" >&2
+start 4 --join
+joined_at=$(now)
+kv --timeout 30s add-node 4 127.0.0.1:17486 --client-addr 127.0.0.1:17485 >/dev/null
+target=$(kv --output json info | python3 -c "import json,sys; print(json.load(sys.stdin)['commit_index'])")
+deadline=$(($(date +%s) + 600))
+until applied=$("$B/kvraft" --endpoints 127.0.0.1:17485 --output json --timeout 2s --serializable info 2>/dev/null |
+  python3 -c "import json,sys; print(json.load(sys.stdin)['applied_index'])") && [ "$applied" -ge "$target" ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "node 4 did not catch up within 600 s" >&2; exit 1; }
+  sleep 0.1
+done
+catch_up=$(python3 -c "print(f'{$(now) - $joined_at:.1f}')")
+
+echo "== kill -9 of every node, restart, first linearizable read" >&2
+for i in 1 2 3 4; do kill -9 "$(cat "$WORK/node-$i.pid")"; done
+sleep 0.5
+restarted_at=$(now)
+for i in 1 2 3 4; do start "$i"; done
+deadline=$(($(date +%s) + 120))
+until kv --timeout 1s get warm >/dev/null 2>&1; do
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "no linearizable read within 120 s of the restart" >&2; exit 1; }
+  sleep 0.05
+done
+first_read=$(python3 -c "print(f'{$(now) - $restarted_at:.2f}')")
+
+python3 - "$WORK" "$keys" "$raw" "$peak_rss" "$catch_up" "$first_read" <<'PY'
+import json, sys
+work, keys, raw, rss, catch_up, first_read = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+small, large = (json.load(open(f"{work}/{n}.json")) for n in ("small", "large"))
+row = lambda name, d: f"| {name} | {d['ops_per_s']:,.0f} | {d['p99_ms']:.1f} ms | {d['p999_ms']:.1f} ms | {d['max_ms']:.1f} ms |"
+print()
+print("| puts (128 clients, 16 conns) | ops/s | p99 | p99.9 | max |")
+print("|---|---|---|---|---|")
+print(row("over 10k keys", small))
+print(row(f"over the large key space, {keys:,} keys held", large))
+print()
+print(f"large / small throughput: {large['ops_per_s'] / small['ops_per_s']:.2f}x (target >= 0.8x; p99.9 target < 50 ms)")
+print(f"peak RSS of any node: {rss / 2**20:,.0f} MiB for {raw / 2**20:,.0f} MiB of keys and values: {rss / raw:.1f}x (target <= 1.5x)")
+print(f"a new member caught up in {catch_up} s (target <= 20 s)")
+print(f"first linearizable read {first_read} s after kill -9 of every node (target <= 3 s)")
+PY
