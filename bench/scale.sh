@@ -36,7 +36,9 @@ bench() { # NAME ARGS...: one bench run, its JSON kept as NAME
   local name=$1
   shift
   echo "== $name: kvraft bench $*" >&2
-  kv --output json --timeout 30s bench "$@" --key-size 16 --val-size 256 | tee "$WORK/$name.json"
+  # The progress bar goes to a file; errors are in the JSON ("errors").
+  kv --output json --timeout 30s bench "$@" --key-size 16 --val-size 256 2>>"$WORK/bench.log" |
+    tee "$WORK/$name.json"
 }
 json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d$2)" "$WORK/$1.json"; }
 now() { date +%s.%N; }
