@@ -133,7 +133,7 @@ let
   # Credential name -> (config key, host path). Each file set is loaded into
   # the credentials directory under its own name (one file may be given for
   # two keys, e.g. the same certificate for both ports).
-  tlsFiles = lib.filterAttrs (_: f: f.path != null) {
+  tlsFileKeys = {
     "cert.pem" = {
       key = "cert_file";
       path = tls.certFile;
@@ -159,6 +159,7 @@ let
       path = tls.peerTrustedCaFile;
     };
   };
+  tlsFiles = lib.filterAttrs (_: f: f.path != null) tlsFileKeys;
   has = name: builtins.hasAttr name tlsFiles;
   peerFiles = lib.count has [
     "peer-cert.pem"
@@ -181,7 +182,8 @@ let
 
   # --- the rendered configuration --------------------------------------------
 
-  typedSettings = {
+  # Every key a typed option sets (null: unset, left out of the file).
+  typedKeys = {
     id = cfg.nodeId;
     data_dir = cfg.dataDir;
     client_addr = cfg.clientAddr;
@@ -190,29 +192,15 @@ let
     join = cfg.join;
     client_cert_auth = tls.clientCertAuth;
     metrics_tls = tls.metricsTls;
-  }
-  // lib.optionalAttrs (cfg.advertiseClientAddr != null) {
     advertise_client_addr = cfg.advertiseClientAddr;
-  }
-  // lib.optionalAttrs (cfg.advertisePeerAddr != null) {
     advertise_peer_addr = cfg.advertisePeerAddr;
-  }
-  // lib.optionalAttrs (initialClusterString != null) { initial_cluster = initialClusterString; }
-  // lib.optionalAttrs (clientRolesString != null) { client_roles = clientRolesString; };
+    initial_cluster = initialClusterString;
+    client_roles = clientRolesString;
+  };
+  typedSettings = lib.filterAttrs (_: value: value != null) typedKeys;
   # Keys with a typed option (or set through tls.*): never in `settings`.
-  ownedKeys = builtins.attrNames typedSettings ++ [
-    "advertise_client_addr"
-    "advertise_peer_addr"
-    "initial_cluster"
-    "client_roles"
-    "cert_file"
-    "key_file"
-    "trusted_ca_file"
-    "peer_cert_file"
-    "peer_key_file"
-    "peer_trusted_ca_file"
-  ];
-  clashingKeys = lib.filter (key: cfg.settings ? ${key}) (lib.unique ownedKeys);
+  ownedKeys = builtins.attrNames typedKeys ++ lib.mapAttrsToList (_: f: f.key) tlsFileKeys;
+  clashingKeys = lib.filter (key: cfg.settings ? ${key}) ownedKeys;
 
   renderedFile = settingsFormat.generate "kvraft.toml" (typedSettings // cfg.settings);
 

@@ -211,6 +211,23 @@ fn spawn_single_at(data_dir: &std::path::Path, env: &[(&str, &str)], log: &std::
     cmd.spawn().unwrap()
 }
 
+/// Waits until the node's log file contains `needle`, or fails the test with
+/// the log.
+fn wait_for_log(log: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log within {T:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
@@ -275,14 +292,7 @@ fn a_wedged_raft_loop_stops_the_watchdog_pings() {
     );
     // Wedged after 1.5 s: wait for the log to say so, then for 1 s (10 ping
     // intervals) no ping may arrive.
-    let deadline = Instant::now() + T;
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("withholding the watchdog ping")
-    {
-        assert!(Instant::now() < deadline, "the watchdog never noticed the wedged loop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&log, "withholding the watchdog ping");
     let before = notify.count("WATCHDOG=1");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
@@ -449,11 +459,7 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
     for id in [1, 2, 3] {
         cluster.start(id);
     }
-    let members: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| format!("{}={}={}", n.id, n.peer_addr, n.client_addr))
-        .collect();
+    let members = cluster.bootstrap_members();
     let run = |members: &[String]| {
         let kvraft = env!("CARGO_BIN_EXE_kvraft");
         Command::new("sh")
@@ -533,11 +539,7 @@ async fn the_bootstrap_script_passes_tls_settings_to_the_cli() {
     for id in [1, 2] {
         cluster.start(id);
     }
-    let members: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| format!("{}={}={}", n.id, n.peer_addr, n.client_addr))
-        .collect();
+    let members = cluster.bootstrap_members();
     let run = |options: &[String]| {
         Command::new("sh")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bootstrap.sh"))
@@ -733,23 +735,14 @@ fn a_graceful_stop_that_cannot_finish_ends_at_the_shutdown_deadline() {
         &log,
     );
     notify.wait("READY=1", |n| n.count("READY=1") == 1);
-    let deadline = Instant::now() + T;
-    while !std::fs::read_to_string(&log).unwrap().contains("wedging the raft loop") {
-        assert!(Instant::now() < deadline, "the test hook never wedged the loop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&log, "wedging the raft loop");
     // One signal only: the wedged loop can't hand over or snapshot, so the
     // daemon gives up once shutdown_timeout_ms (plus a second) has passed.
     let started = Instant::now();
     signal(child.id(), libc::SIGTERM);
     let status = wait_exit(&mut child, T);
-    assert_eq!(status.code(), Some(1), "{}", std::fs::read_to_string(&log).unwrap());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
     assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
-    assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("graceful shutdown took too long"),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    assert!(text.contains("graceful shutdown took too long"), "{text}");
 }

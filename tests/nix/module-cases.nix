@@ -203,6 +203,12 @@ in
       message = "metricsTls needs certFile and keyFile";
       daemonSays = "metrics_tls (from TOML file";
     };
+    # TLS files go through tls.* (credentials), never the world-readable file.
+    cert-file-in-settings = {
+      options.settings.cert_file = "/etc/kvraft/tls/node.pem";
+      message = "services.kvraft.settings sets cert_file: these keys have typed options";
+      daemonSays = "cert_file (from TOML file";
+    };
     # Refused by the module only: kvraftd would run, but not as intended.
     data-dir-in-settings = {
       options.settings.data_dir = "/srv/kvraft";

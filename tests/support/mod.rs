@@ -238,6 +238,14 @@ impl Cluster {
         .unwrap()
     }
 
+    /// Every node as `scripts/bootstrap.sh` takes it: ID=PEER_ADDR=CLIENT_ADDR.
+    pub fn bootstrap_members(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}={}", n.id, n.peer_addr, n.client_addr))
+            .collect()
+    }
+
     pub fn endpoints(&self, ids: &[u64]) -> String {
         self.nodes
             .iter()
