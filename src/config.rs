@@ -51,11 +51,17 @@ pub struct NodeConfig {
     pub initial_cluster: Option<String>,
     /// Start empty and wait to be added with `kvraft add-node`.
     pub join: bool,
-    /// Take a snapshot every this many applied entries.
+    /// Make the state store durable and compact the log at least every this
+    /// many applied entries (and every second while entries are applied).
     pub snapshot_threshold: u64,
-    /// Entries kept in the log behind a snapshot for slow followers (capped at
-    /// half the snapshot threshold).
+    /// Entries kept in the log behind the store's durable applied index for
+    /// slow followers (capped at half the snapshot threshold); a follower
+    /// further behind gets a streamed snapshot.
     pub snapshot_catchup_entries: u64,
+    /// The state store's page cache, in MiB: reads of keys outside it go to
+    /// the OS page cache. The node's memory is about this plus the raft log
+    /// tail and connection buffers.
+    pub store_cache_mb: u64,
     /// One raft tick, in milliseconds.
     pub tick_ms: u64,
     /// Election timeout in ticks (randomised by raft between this and twice it).
@@ -135,6 +141,7 @@ impl Default for NodeConfig {
             join: false,
             snapshot_threshold: 10_000,
             snapshot_catchup_entries: 5_000,
+            store_cache_mb: 64,
             tick_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 1,
@@ -225,7 +232,12 @@ impl NodeConfig {
         })
     }
 
-    /// The log entries kept behind a snapshot.
+    /// The state store's cache size in bytes.
+    pub fn store_cache_bytes(&self) -> usize {
+        (self.store_cache_mb as usize).saturating_mul(1 << 20)
+    }
+
+    /// The log entries kept behind the store's durable applied index.
     pub fn catchup_entries(&self) -> u64 {
         self.snapshot_catchup_entries.min(self.snapshot_threshold / 2)
     }
@@ -237,6 +249,9 @@ impl NodeConfig {
         }
         if self.snapshot_threshold == 0 {
             return Err(invalid("snapshot_threshold", "must be at least 1"));
+        }
+        if self.store_cache_mb == 0 {
+            return Err(invalid("store_cache_mb", "must be at least 1 (MiB)"));
         }
         if self.heartbeat_ticks == 0 {
             return Err(invalid("heartbeat_ticks", "must be at least 1"));
@@ -538,14 +553,18 @@ pub struct DaemonArgs {
     #[arg(long, action = ArgAction::SetTrue)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
-    /// Snapshot and compact the log every this many applied entries.
+    /// Make the state store durable and compact the log at least every this many applied entries.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_threshold: Option<u64>,
-    /// Log entries kept behind a snapshot for slow followers, at most half the threshold.
+    /// Log entries kept behind the store's durable index for slow followers, at most half the threshold.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_catchup_entries: Option<u64>,
+    /// The state store's page cache in MiB (the node's memory is about this plus buffers).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_cache_mb: Option<u64>,
     /// Raft tick length in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

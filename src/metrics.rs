@@ -35,6 +35,18 @@ pub const SNAPSHOT_DURATION: &str = "kvraft_snapshot_duration_seconds";
 pub const SNAPSHOTS: &str = "kvraft_snapshots_total";
 /// `kvraft_snapshot_failures_total`: Snapshots that failed to be created, sent or applied.
 pub const SNAPSHOT_FAILURES: &str = "kvraft_snapshot_failures_total";
+/// `kvraft_store_apply_duration_seconds`: Time to apply one batch of committed entries in one store transaction.
+pub const STORE_APPLY_DURATION: &str = "kvraft_store_apply_duration_seconds";
+/// `kvraft_store_checkpoint_duration_seconds`: Time to make the store durable (one fsynced commit) and compact the log.
+pub const STORE_CHECKPOINT_DURATION: &str = "kvraft_store_checkpoint_duration_seconds";
+/// `kvraft_store_durable_applied_index`: The applied index of the store's last fsynced commit.
+pub const STORE_DURABLE_INDEX: &str = "kvraft_store_durable_applied_index";
+/// `kvraft_store_size_bytes`: The state store file's size on disk.
+pub const STORE_SIZE: &str = "kvraft_store_size_bytes";
+/// `kvraft_snapshot_stream_bytes_total`: Snapshot stream bytes, by peer and direction (sent, received).
+pub const SNAPSHOT_STREAM_BYTES: &str = "kvraft_snapshot_stream_bytes_total";
+/// `kvraft_snapshot_stream_duration_seconds`: How long a snapshot stream took, by peer and direction.
+pub const SNAPSHOT_STREAM_DURATION: &str = "kvraft_snapshot_stream_duration_seconds";
 /// `kvraft_wal_fsync_duration_seconds`: Time of a durable raft log write (write + fsync).
 pub const WAL_FSYNC_DURATION: &str = "kvraft_wal_fsync_duration_seconds";
 /// `kvraft_commit_index`: Highest log index known committed.
@@ -142,7 +154,36 @@ fn describe() {
     describe_gauge!(TERM, "Current raft term.");
     describe_gauge!(IS_LEADER, "1 if this node is the leader.");
     describe_gauge!(HAS_LEADER, "1 if this node knows a leader.");
-    describe_gauge!(SNAPSHOT_SIZE, Unit::Bytes, "Size of the last snapshot written.");
+    describe_gauge!(
+        SNAPSHOT_SIZE,
+        Unit::Bytes,
+        "Size of the store after the last snapshot install."
+    );
+    describe_histogram!(
+        STORE_APPLY_DURATION,
+        Unit::Seconds,
+        "Time to apply one batch of committed entries in one store transaction."
+    );
+    describe_histogram!(
+        STORE_CHECKPOINT_DURATION,
+        Unit::Seconds,
+        "Time to make the store durable (one fsynced commit) and compact the log."
+    );
+    describe_gauge!(
+        STORE_DURABLE_INDEX,
+        "The applied index of the store's last fsynced commit."
+    );
+    describe_gauge!(STORE_SIZE, Unit::Bytes, "The state store file's size on disk.");
+    describe_counter!(
+        SNAPSHOT_STREAM_BYTES,
+        Unit::Bytes,
+        "Snapshot stream bytes, by peer and direction (sent, received)."
+    );
+    describe_histogram!(
+        SNAPSHOT_STREAM_DURATION,
+        Unit::Seconds,
+        "Time a snapshot stream took, by peer and direction (sent, received)."
+    );
     describe_histogram!(
         SNAPSHOT_DURATION,
         Unit::Seconds,
@@ -200,7 +241,13 @@ fn describe() {
 }
 
 fn zero() {
-    for name in [COMMIT_LATENCY, APPLY_LATENCY, WAL_FSYNC_DURATION] {
+    for name in [
+        COMMIT_LATENCY,
+        APPLY_LATENCY,
+        WAL_FSYNC_DURATION,
+        STORE_APPLY_DURATION,
+        STORE_CHECKPOINT_DURATION,
+    ] {
         let _ = histogram!(name);
     }
     for op in OPS {
@@ -221,6 +268,8 @@ fn zero() {
         LOG_LAST_INDEX,
         PROPOSALS_PENDING,
         KEYS,
+        STORE_DURABLE_INDEX,
+        STORE_SIZE,
         PROCESS_RESIDENT_MEMORY,
         PROCESS_OPEN_FDS,
     ] {
@@ -232,9 +281,7 @@ fn zero() {
     for kind in ["create", "send", "apply"] {
         counter!(SNAPSHOT_FAILURES, "kind" => kind).absolute(0);
     }
-    for kind in ["created", "applied"] {
-        let _ = histogram!(SNAPSHOT_DURATION, "kind" => kind);
-    }
+    let _ = histogram!(SNAPSHOT_DURATION, "kind" => "applied");
     for reason in FAILURE_REASONS {
         counter!(PROPOSALS_FAILED, "reason" => *reason).absolute(0);
     }
@@ -261,7 +308,10 @@ pub fn zero_peer(peer: u64) {
     let peer = peer.to_string();
     counter!(PEER_SENT_BYTES, "peer" => peer.clone()).absolute(0);
     counter!(PEER_RECEIVED_BYTES, "peer" => peer.clone()).absolute(0);
-    counter!(PEER_SEND_FAILURES, "peer" => peer).absolute(0);
+    counter!(PEER_SEND_FAILURES, "peer" => peer.clone()).absolute(0);
+    for direction in ["sent", "received"] {
+        counter!(SNAPSHOT_STREAM_BYTES, "peer" => peer.clone(), "direction" => direction).absolute(0);
+    }
 }
 
 /// Counts a failed proposal.

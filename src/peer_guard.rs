@@ -35,7 +35,7 @@ use prost::Message as _;
 use raft::prelude::{ConfState, EntryType, Message, MessageType};
 use tracing::{debug, warn};
 
-use crate::proto::SnapshotData;
+use crate::proto::SnapshotDescriptor;
 
 /// A term this far above ours can't come from a correct peer: terms grow by
 /// one per election, and pre-vote keeps partitioned nodes from inflating
@@ -70,6 +70,8 @@ pub enum ConnectionRefusal {
     CertificateMismatch,
     /// A later envelope claimed another sender than the first.
     SenderChanged,
+    /// A snapshot stream that was cut, damaged or did not match its message.
+    BadSnapshotStream,
 }
 
 impl ConnectionRefusal {
@@ -86,6 +88,7 @@ impl ConnectionRefusal {
         "address_mismatch",
         "certificate_mismatch",
         "sender_changed",
+        "bad_snapshot_stream",
     ];
 
     /// The metric label.
@@ -103,6 +106,7 @@ impl ConnectionRefusal {
             R::AddressMismatch => "address_mismatch",
             R::CertificateMismatch => "certificate_mismatch",
             R::SenderChanged => "sender_changed",
+            R::BadSnapshotStream => "bad_snapshot_stream",
         }
     }
 }
@@ -136,6 +140,8 @@ pub enum MessageRefusal {
     IndexBeyondLog,
     /// A node that has not joined yet only listens to a leader.
     NotYetJoined,
+    /// A snapshot message whose streamed state was not staged first.
+    SnapshotNotStaged,
 }
 
 impl MessageRefusal {
@@ -154,6 +160,7 @@ impl MessageRefusal {
         "malformed_request",
         "index_beyond_log",
         "not_yet_joined",
+        "snapshot_not_staged",
     ];
 
     /// The metric label.
@@ -173,6 +180,7 @@ impl MessageRefusal {
             R::MalformedRequest => "malformed_request",
             R::IndexBeyondLog => "index_beyond_log",
             R::NotYetJoined => "not_yet_joined",
+            R::SnapshotNotStaged => "snapshot_not_staged",
         }
     }
 }
@@ -424,7 +432,7 @@ fn check_snapshot(m: &Message, view: &RaftView) -> Result<(), MessageRefusal> {
     if !conf_state_is_simple(meta.get_conf_state()) {
         return Err(MessageRefusal::MalformedSnapshot);
     }
-    match SnapshotData::decode(&snapshot.data[..]) {
+    match SnapshotDescriptor::decode(&snapshot.data[..]) {
         Ok(data) if view.cluster_id == 0 || data.cluster_id == view.cluster_id => Ok(()),
         _ => Err(MessageRefusal::MalformedSnapshot),
     }

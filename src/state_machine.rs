@@ -1,17 +1,23 @@
-//! The replicated state: an ordered map of bytes to bytes, the member list
-//! with addresses, and the applied index. Applying is deterministic, so every
-//! node that applies the same log holds the same state.
+//! The replicated state: an ordered map of bytes to bytes (on disk, in the
+//! [`StateStore`]), the member list with addresses, and the applied index.
+//! Applying is deterministic, so every node that applies the same log holds
+//! the same state.
 //!
-//! The raft loop is the only writer; connection tasks read through the shared
-//! lock (reads never go through the raft thread).
+//! The raft loop is the only writer: it applies each batch of committed
+//! entries in one [`Batch`] (one store transaction, which also records the
+//! resulting [`StateMeta`]). Connection tasks read keys from the store
+//! directly and membership from the shared [`StateMachine`], so reads never
+//! wait for apply.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound;
+use std::sync::Arc;
 
-use prost::Message;
+use protobuf::Message as _;
 use raft::prelude::ConfState;
 
-use crate::proto::{command, Command, KeyValue, Member, MemberRole, SnapshotData};
+use crate::proto::{command, Command, Member, MemberRole, SnapshotHeader, StoredValue};
+use crate::storage::state_store::{ScanPage, StoreWriter, FORMAT};
+use crate::storage::{StateStore, StorageError};
 
 /// What applying one command produced, for the waiting client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,19 +38,10 @@ pub enum ApplyResult {
     Members(Vec<Member>),
 }
 
-/// One page of a scan.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ScanPage {
-    /// The pairs, in key order.
-    pub pairs: Vec<KeyValue>,
-    /// More pairs matched than fit the limits.
-    pub more: bool,
-}
-
-/// The state machine.
-#[derive(Debug, Default)]
-pub struct StateMachine {
-    map: BTreeMap<Vec<u8>, Vec<u8>>,
+/// Everything but the keys: small, kept in memory, and written with every
+/// batch (as a `SnapshotHeader`) so it always matches the applied index.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StateMeta {
     /// Addresses of every current member; roles come from `conf_state`.
     addresses: BTreeMap<u64, Member>,
     conf_state: ConfState,
@@ -54,11 +51,44 @@ pub struct StateMachine {
     applied_term: u64,
 }
 
-impl StateMachine {
-    /// An empty state machine of this cluster.
+impl StateMeta {
+    /// An empty state of this cluster.
     pub fn new(cluster_id: u64) -> Self {
-        StateMachine {
+        StateMeta {
             cluster_id,
+            ..Default::default()
+        }
+    }
+
+    /// Reads the state record a store or snapshot carries.
+    pub fn from_header(header: &SnapshotHeader) -> Result<Self, StorageError> {
+        let conf_state = if header.conf_state.is_empty() {
+            ConfState::default()
+        } else {
+            ConfState::parse_from_bytes(&header.conf_state).map_err(|e| {
+                StorageError::Corrupt(format!("the membership in the state record does not decode: {e}"))
+            })?
+        };
+        Ok(StateMeta {
+            addresses: header.members.iter().map(|m| (m.id, m.clone())).collect(),
+            conf_state,
+            removed: header.removed.iter().copied().collect(),
+            cluster_id: header.cluster_id,
+            applied_index: header.index,
+            applied_term: header.term,
+        })
+    }
+
+    /// The state record for the store or a snapshot.
+    pub fn to_header(&self) -> SnapshotHeader {
+        SnapshotHeader {
+            format: FORMAT,
+            cluster_id: self.cluster_id,
+            index: self.applied_index,
+            term: self.applied_term,
+            conf_state: self.conf_state.write_to_bytes().expect("ConfState always encodes"),
+            members: self.addresses.values().cloned().collect(),
+            removed: self.removed.iter().copied().collect(),
             ..Default::default()
         }
     }
@@ -73,36 +103,10 @@ impl StateMachine {
         self.applied_term
     }
 
-    /// Notes that an entry without a command (an empty entry a new leader
-    /// appends) was applied.
+    /// Notes that an entry that changes no state was applied.
     pub fn advance(&mut self, index: u64, term: u64) {
         self.applied_index = index;
         self.applied_term = term;
-    }
-
-    /// Applies one command.
-    pub fn apply(&mut self, index: u64, term: u64, command: Command) -> ApplyResult {
-        self.advance(index, term);
-        match command.op {
-            Some(command::Op::Set(set)) => {
-                self.map.insert(set.key, set.value);
-                ApplyResult::Set { revision: index }
-            }
-            Some(command::Op::Delete(delete)) => ApplyResult::Delete {
-                existed: self.map.remove(&delete.key).is_some(),
-                revision: index,
-            },
-            Some(command::Op::UpdateMember(update)) => {
-                if let Some(member) = self.addresses.get_mut(&update.id) {
-                    if !update.peer_addr.is_empty() {
-                        member.peer_addr = update.peer_addr;
-                    }
-                    member.client_addr = update.client_addr;
-                }
-                ApplyResult::Members(self.members())
-            }
-            None => ApplyResult::Members(self.members()),
-        }
     }
 
     /// Applies a membership change: the new ConfState, and the addresses of a
@@ -127,48 +131,15 @@ impl StateMachine {
         self.conf_state = conf_state;
     }
 
-    /// The value of a key.
-    pub fn get(&self, key: &[u8]) -> Option<&Vec<u8>> {
-        self.map.get(key)
-    }
-
-    /// Number of keys.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// True when the map holds no keys.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// Keys in `[from, to)` (empty `to`: unbounded) that start with `prefix`, at
-    /// most `limit` pairs (0: no limit) and about `max_bytes` of keys and values.
-    pub fn scan(&self, prefix: &[u8], from: &[u8], to: &[u8], limit: usize, max_bytes: usize) -> ScanPage {
-        let start = if from > prefix { from } else { prefix };
-        let upper = if to.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(to.to_vec())
-        };
-        let mut page = ScanPage::default();
-        let mut bytes = 0usize;
-        for (key, value) in self.map.range((Bound::Included(start.to_vec()), upper)) {
-            if !key.starts_with(prefix) {
-                break;
+    /// A member publishes its own addresses (an empty peer address keeps the
+    /// old one).
+    fn update_member(&mut self, update: Member) {
+        if let Some(member) = self.addresses.get_mut(&update.id) {
+            if !update.peer_addr.is_empty() {
+                member.peer_addr = update.peer_addr;
             }
-            let size = key.len() + value.len() + 8;
-            if (limit > 0 && page.pairs.len() >= limit) || (!page.pairs.is_empty() && bytes + size > max_bytes) {
-                page.more = true;
-                break;
-            }
-            bytes += size;
-            page.pairs.push(KeyValue {
-                key: key.clone(),
-                value: value.clone(),
-            });
+            member.client_addr = update.client_addr;
         }
-        page
     }
 
     /// Every member with its role, by id.
@@ -211,44 +182,138 @@ impl StateMachine {
     pub fn cluster_id(&self) -> u64 {
         self.cluster_id
     }
+}
 
-    /// Serialises the whole state for a snapshot.
-    pub fn snapshot_data(&self) -> Vec<u8> {
-        SnapshotData {
-            pairs: self
-                .map
-                .iter()
-                .map(|(k, v)| KeyValue {
-                    key: k.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
-            members: self.addresses.values().cloned().collect(),
-            removed: self.removed.iter().copied().collect(),
-            cluster_id: self.cluster_id,
-        }
-        .encode_to_vec()
+/// The state machine as readers see it: the store for keys, and the
+/// membership as of the last committed batch. Dereferences to [`StateMeta`].
+#[derive(Debug)]
+pub struct StateMachine {
+    store: Arc<StateStore>,
+    meta: StateMeta,
+}
+
+impl std::ops::Deref for StateMachine {
+    type Target = StateMeta;
+    fn deref(&self) -> &StateMeta {
+        &self.meta
+    }
+}
+
+impl StateMachine {
+    /// The state held by `store`.
+    pub fn open(store: Arc<StateStore>) -> Result<Self, StorageError> {
+        let meta = StateMeta::from_header(&store.header()?)?;
+        Ok(StateMachine { store, meta })
     }
 
-    /// Replaces the whole state with a snapshot's.
-    pub fn restore(
-        &mut self,
-        data: &[u8],
-        index: u64,
-        term: u64,
-        conf_state: ConfState,
-    ) -> Result<(), prost::DecodeError> {
-        let snap = SnapshotData::decode(data)?;
-        *self = StateMachine {
-            map: snap.pairs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
-            addresses: snap.members.into_iter().map(|m| (m.id, m)).collect(),
-            conf_state,
-            removed: snap.removed.into_iter().collect(),
-            cluster_id: snap.cluster_id,
-            applied_index: index,
-            applied_term: term,
-        };
-        Ok(())
+    /// The store the keys live in.
+    pub fn store(&self) -> &Arc<StateStore> {
+        &self.store
+    }
+
+    /// The membership and applied index, as of the last committed batch.
+    pub fn meta(&self) -> &StateMeta {
+        &self.meta
+    }
+
+    /// Publishes the state a committed batch (or installed snapshot) led to.
+    pub fn set_meta(&mut self, meta: StateMeta) {
+        self.meta = meta;
+    }
+
+    /// The value of a key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.store.get(key)?.map(|v| v.value))
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> Result<u64, StorageError> {
+        self.store.len()
+    }
+
+    /// True when the map holds no keys.
+    pub fn is_empty(&self) -> Result<bool, StorageError> {
+        self.store.is_empty()
+    }
+
+    /// Keys in `[from, to)` (empty `to`: unbounded) that start with `prefix`, at
+    /// most `limit` pairs (0: no limit) and about `max_bytes` of keys and values.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<ScanPage, StorageError> {
+        self.store.scan(prefix, from, to, limit, max_bytes)
+    }
+}
+
+/// One batch of committed entries being applied: one store transaction and
+/// the state it leads to. Nothing is visible until [`Batch::commit`].
+pub struct Batch<'a> {
+    writer: StoreWriter<'a>,
+    meta: StateMeta,
+}
+
+impl<'a> Batch<'a> {
+    /// Starts a batch on `store` from the state `meta`.
+    pub fn begin(store: &'a StateStore, meta: StateMeta) -> Result<Self, StorageError> {
+        Ok(Batch {
+            writer: store.writer()?,
+            meta,
+        })
+    }
+
+    /// The state as of the entries applied so far.
+    pub fn meta(&self) -> &StateMeta {
+        &self.meta
+    }
+
+    /// See [`StateMeta::advance`].
+    pub fn advance(&mut self, index: u64, term: u64) {
+        self.meta.advance(index, term);
+    }
+
+    /// See [`StateMeta::apply_conf_state`].
+    pub fn apply_conf_state(&mut self, index: u64, term: u64, conf_state: ConfState, added: Option<Member>) {
+        self.meta.apply_conf_state(index, term, conf_state, added);
+    }
+
+    /// Applies one command. A failure is the store's, and fatal.
+    pub fn apply(&mut self, index: u64, term: u64, command: Command) -> Result<ApplyResult, StorageError> {
+        self.meta.advance(index, term);
+        Ok(match command.op {
+            Some(command::Op::Set(set)) => {
+                let previous = self.writer.get(&set.key)?;
+                let record = StoredValue {
+                    value: set.value,
+                    create_revision: previous.as_ref().map_or(index, |p| p.create_revision),
+                    mod_revision: index,
+                    version: previous.as_ref().map_or(1, |p| p.version + 1),
+                    lease: 0,
+                };
+                self.writer.put(&set.key, &record)?;
+                ApplyResult::Set { revision: index }
+            }
+            Some(command::Op::Delete(delete)) => ApplyResult::Delete {
+                existed: self.writer.remove(&delete.key)?,
+                revision: index,
+            },
+            Some(command::Op::UpdateMember(update)) => {
+                self.meta.update_member(update);
+                ApplyResult::Members(self.meta.members())
+            }
+            None => ApplyResult::Members(self.meta.members()),
+        })
+    }
+
+    /// Commits the batch (fsynced when `durable`) and returns the state it
+    /// led to.
+    pub fn commit(self, durable: bool) -> Result<StateMeta, StorageError> {
+        self.writer.commit(&self.meta.to_header(), durable)?;
+        Ok(self.meta)
     }
 }
 
@@ -297,56 +362,108 @@ mod tests {
         cs
     }
 
+    fn machine(dir: &std::path::Path) -> StateMachine {
+        StateMachine::open(Arc::new(StateStore::open(dir, 8 << 20).unwrap())).unwrap()
+    }
+
+    /// Applies `commands` from `first` on, in one batch.
+    fn apply_all(sm: &mut StateMachine, first: u64, commands: Vec<Command>, durable: bool) -> Vec<ApplyResult> {
+        let store = sm.store().clone();
+        let mut batch = Batch::begin(&store, sm.meta().clone()).unwrap();
+        let results = commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| batch.apply(first + i as u64, 1, c).unwrap())
+            .collect();
+        sm.set_meta(batch.commit(durable).unwrap());
+        results
+    }
+
     #[test]
-    fn applies_sets_and_deletes_in_order() {
-        let mut sm = StateMachine::new(7);
-        assert_eq!(sm.apply(2, 1, set("a", "1")), ApplyResult::Set { revision: 2 });
-        sm.apply(3, 1, set("a", "2"));
-        assert_eq!(sm.get(b"a").unwrap(), b"2");
+    fn applies_sets_and_deletes_in_order_with_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        let results = apply_all(&mut sm, 2, vec![set("a", "1"), set("a", "2"), set("b", "x")], false);
+        assert_eq!(results[0], ApplyResult::Set { revision: 2 });
+        assert_eq!(sm.get(b"a").unwrap().unwrap(), b"2");
+        let record = sm.store().get(b"a").unwrap().unwrap();
+        assert_eq!((record.create_revision, record.mod_revision, record.version), (2, 3, 2));
+        let results = apply_all(&mut sm, 5, vec![delete("a"), delete("a")], false);
         assert_eq!(
-            sm.apply(4, 2, delete("a")),
-            ApplyResult::Delete {
-                existed: true,
-                revision: 4
-            }
+            results,
+            [
+                ApplyResult::Delete {
+                    existed: true,
+                    revision: 5
+                },
+                ApplyResult::Delete {
+                    existed: false,
+                    revision: 6
+                }
+            ]
         );
-        assert_eq!(
-            sm.apply(5, 2, delete("a")),
-            ApplyResult::Delete {
-                existed: false,
-                revision: 5
-            }
-        );
-        assert_eq!((sm.applied_index(), sm.applied_term()), (5, 2));
-        assert!(sm.is_empty());
+        assert_eq!(sm.applied_index(), 6);
+        assert_eq!(sm.len().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_batch_not_committed_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        apply_all(&mut sm, 1, vec![set("kept", "1")], false);
+        {
+            let store = sm.store().clone();
+            let mut batch = Batch::begin(&store, sm.meta().clone()).unwrap();
+            batch.apply(2, 1, set("lost", "1")).unwrap();
+            // dropped without commit
+        }
+        assert_eq!(sm.get(b"lost").unwrap(), None);
+        assert_eq!(sm.store().header().unwrap().index, 1);
+    }
+
+    #[test]
+    fn data_and_applied_index_come_back_together_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = machine(dir.path());
+            apply_all(&mut sm, 1, vec![set("a", "1")], true);
+            apply_all(&mut sm, 2, vec![set("b", "2")], false);
+            assert_eq!(sm.store().durable_index(), 1);
+        }
+        // A clean close keeps even the commits that were not fsynced.
+        let sm = machine(dir.path());
+        assert_eq!(sm.applied_index(), 2);
+        assert_eq!(sm.get(b"b").unwrap().unwrap(), b"2");
+        assert_eq!(sm.store().durable_index(), 2);
     }
 
     #[test]
     fn scans_by_prefix_range_and_limit() {
-        let mut sm = StateMachine::new(1);
-        for (i, k) in ["a", "b/1", "b/2", "b/3", "c"].iter().enumerate() {
-            sm.apply(i as u64 + 1, 1, set(k, "v"));
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        let commands = ["a", "b/1", "b/2", "b/3", "c"].iter().map(|k| set(k, "v")).collect();
+        apply_all(&mut sm, 1, commands, false);
         let keys = |p: &ScanPage| {
             p.pairs
                 .iter()
                 .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(keys(&sm.scan(b"b/", b"", b"", 0, usize::MAX)), ["b/1", "b/2", "b/3"]);
-        assert_eq!(keys(&sm.scan(b"", b"b/2", b"c", 0, usize::MAX)), ["b/2", "b/3"]);
-        let page = sm.scan(b"", b"", b"", 2, usize::MAX);
+        let scan = |prefix: &[u8], from: &[u8], to: &[u8], limit, max| sm.scan(prefix, from, to, limit, max).unwrap();
+        assert_eq!(keys(&scan(b"b/", b"", b"", 0, usize::MAX)), ["b/1", "b/2", "b/3"]);
+        assert_eq!(keys(&scan(b"", b"b/2", b"c", 0, usize::MAX)), ["b/2", "b/3"]);
+        let page = scan(b"", b"", b"", 2, usize::MAX);
         assert_eq!(keys(&page), ["a", "b/1"]);
         assert!(page.more);
-        let page = sm.scan(b"", b"", b"", 0, 1);
+        let page = scan(b"", b"", b"", 0, 1);
         assert_eq!(keys(&page), ["a"], "a byte cap still returns one pair");
         assert!(page.more);
-        assert!(!sm.scan(b"b/", b"", b"", 3, usize::MAX).more);
+        assert!(!scan(b"b/", b"", b"", 3, usize::MAX).more);
     }
 
     #[test]
     fn tracks_members_roles_and_removals() {
-        let mut sm = StateMachine::new(1);
+        let mut sm = StateMeta::new(1);
         sm.apply_conf_state(1, 1, voters(&[1]), Some(member(1)));
         let mut cs = voters(&[1]);
         cs.learners = vec![2];
@@ -363,40 +480,36 @@ mod tests {
 
     #[test]
     fn a_member_publishes_its_client_address() {
-        let mut sm = StateMachine::new(1);
-        sm.apply_conf_state(1, 1, voters(&[1]), Some(member(1)));
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        let mut meta = sm.meta().clone();
+        meta.apply_conf_state(1, 1, voters(&[1]), Some(member(1)));
+        sm.set_meta(meta);
         let update = Member {
             id: 1,
             client_addr: "127.0.0.1:9999".into(),
             ..Default::default()
         };
-        sm.apply(
-            2,
-            1,
-            Command {
-                op: Some(command::Op::UpdateMember(update)),
-            },
-        );
+        let command = Command {
+            op: Some(command::Op::UpdateMember(update)),
+        };
+        apply_all(&mut sm, 2, vec![command], false);
         let m = sm.member(1).unwrap();
         assert_eq!(m.client_addr, "127.0.0.1:9999");
         assert_eq!(m.peer_addr, "127.0.0.1:7001", "an empty peer address keeps the old one");
     }
 
     #[test]
-    fn snapshot_and_restore_round_trip() {
-        let mut sm = StateMachine::new(99);
-        sm.apply_conf_state(1, 1, voters(&[1, 2]), Some(member(1)));
-        sm.apply_conf_state(2, 1, voters(&[1, 2]), Some(member(2)));
-        sm.apply(3, 1, set("k", "v"));
-        sm.apply_conf_state(4, 1, voters(&[1]), None);
-        let data = sm.snapshot_data();
-        let mut restored = StateMachine::default();
-        restored.restore(&data, 4, 1, voters(&[1])).unwrap();
-        assert_eq!(restored.get(b"k").unwrap(), b"v");
-        assert_eq!(restored.members(), sm.members());
-        assert!(restored.is_removed(2));
-        assert_eq!(restored.cluster_id(), 99);
-        assert_eq!(restored.applied_index(), 4);
-        assert!(restored.restore(b"\xff\xff\xff", 1, 1, ConfState::default()).is_err());
+    fn the_state_record_round_trips() {
+        let mut meta = StateMeta::new(99);
+        meta.apply_conf_state(1, 1, voters(&[1, 2]), Some(member(1)));
+        meta.apply_conf_state(2, 1, voters(&[1, 2]), Some(member(2)));
+        meta.apply_conf_state(4, 3, voters(&[1]), None);
+        let back = StateMeta::from_header(&meta.to_header()).unwrap();
+        assert_eq!(back, meta);
+        assert!(back.is_removed(2));
+        let mut broken = meta.to_header();
+        broken.conf_state = vec![0xff, 0xff, 0xff];
+        assert!(StateMeta::from_header(&broken).is_err());
     }
 }

@@ -383,9 +383,9 @@ async fn sigterm_under_load_hands_leadership_over_snapshots_and_loses_nothing() 
     assert!(log.contains("transferring leadership"), "{log}");
     let stopped_at: u64 = log
         .lines()
-        .find_map(|l| l.split("shutdown snapshot at the applied index index=").nth(1))
+        .find_map(|l| l.split("shutdown checkpoint at the applied index index=").nth(1))
         .and_then(|rest| rest.trim().parse().ok())
-        .expect("the shutdown snapshot is logged");
+        .expect("the shutdown checkpoint is logged");
 
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -393,9 +393,12 @@ async fn sigterm_under_load_hands_leadership_over_snapshots_and_loses_nothing() 
     }
     cluster.start(leader);
     let info = cluster.wait_info(leader, T, "restarted", |i| i.leader_id != 0).await;
-    assert_eq!(
-        info.snapshot_index, stopped_at,
-        "restart starts from the shutdown snapshot"
+    // The store was durable at the stop (later checkpoints may follow as it
+    // catches up on what it missed).
+    assert!(
+        info.snapshot_index >= stopped_at && stopped_at > 0,
+        "restart starts from the shutdown checkpoint: {} < {stopped_at}",
+        info.snapshot_index
     );
     let client = cluster.client(&[1, 2, 3]);
     let acked = acked.lock().unwrap().clone();

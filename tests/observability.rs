@@ -43,6 +43,10 @@ const REQUIRED: &[&str] = &[
     "kvraft_peer_received_bytes_total",
     "kvraft_peer_send_failures_total",
     "kvraft_keys",
+    "kvraft_store_apply_duration_seconds_bucket",
+    "kvraft_store_checkpoint_duration_seconds_bucket",
+    "kvraft_store_durable_applied_index",
+    "kvraft_store_size_bytes",
     "kvraft_members",
     "kvraft_process_resident_memory_bytes",
     "kvraft_process_cpu_seconds_total",
@@ -138,8 +142,9 @@ async fn every_series_exists_at_start_and_moves_with_traffic_a_leader_kill_and_s
             metric_sum(text, "kvraft_leader_changes_total", &[]).unwrap() >= 2.0,
             "first leader and the new one"
         );
-        assert!(metric_sum(text, "kvraft_snapshots_total", &[("kind", "created")]).unwrap() >= 1.0);
-        assert!(metric_sum(text, "kvraft_snapshot_size_bytes", &[]).unwrap() > 0.0);
+        assert!(metric_sum(text, "kvraft_store_checkpoint_duration_seconds_count", &[]).unwrap() >= 1.0);
+        assert!(metric_sum(text, "kvraft_store_durable_applied_index", &[]).unwrap() > 1.0);
+        assert!(metric_sum(text, "kvraft_store_size_bytes", &[]).unwrap() > 0.0);
         assert!(metric_sum(text, "kvraft_wal_fsync_duration_seconds_count", &[]).unwrap() > 0.0);
         assert!(metric_sum(text, "kvraft_peer_sent_bytes_total", &[]).unwrap() > 0.0);
         assert!(metric_sum(text, "kvraft_peer_received_bytes_total", &[]).unwrap() > 0.0);
@@ -198,6 +203,56 @@ async fn every_series_exists_at_start_and_moves_with_traffic_a_leader_kill_and_s
             promtool_check_metrics(&promtool, text);
         }
     }
+
+    // The old leader comes back behind the survivors' compacted logs (60
+    // entries past a catch-up tail of 25): it catches up by a streamed
+    // snapshot, which both ends count.
+    // Write until the new leader's log starts past anything the old one had.
+    let old_last = metric_sum(&before_kill, "kvraft_log_last_index", &[]).unwrap();
+    let deadline = Instant::now() + T;
+    let mut i = 0;
+    while metric_sum(&scrape(&cluster, new_leader), "kvraft_log_first_index", &[]).unwrap() <= old_last + 10.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the new leader never compacted past {old_last}"
+        );
+        support::put(&client, format!("more{i}"), "v").await;
+        i += 1;
+    }
+    cluster.start(leader);
+    let deadline = Instant::now() + T;
+    loop {
+        let text = scrape(&cluster, leader);
+        let applied = metric_sum(&text, "kvraft_snapshots_total", &[("kind", "applied")]).unwrap_or(0.0);
+        let received = metric_sum(
+            &text,
+            "kvraft_snapshot_stream_bytes_total",
+            &[("direction", "received")],
+        )
+        .unwrap_or(0.0);
+        if applied >= 1.0 && received > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node installed no streamed snapshot; its log:\n{}\nthe leader's:\n{}",
+            cluster.node_log(leader),
+            cluster.node_log(new_leader)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader_text = scrape(&cluster, new_leader);
+    assert!(metric_sum(&leader_text, "kvraft_snapshots_total", &[("kind", "created")]).unwrap() >= 1.0);
+    assert!(
+        metric_sum(
+            &leader_text,
+            "kvraft_snapshot_stream_bytes_total",
+            &[("direction", "sent")]
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert!(metric_sum(&leader_text, "kvraft_snapshot_stream_duration_seconds_count", &[]).unwrap() >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use raft::prelude::ConfState;
 
 use super::{Error, LeaderHint, MembershipChange};
 use crate::proto::Member;
-use crate::state_machine::{conf_ids, StateMachine};
+use crate::state_machine::{conf_ids, StateMeta};
 
 /// A learner is promoted once its log is within this many entries of the
 /// leader's commit index.
@@ -19,7 +19,7 @@ pub struct ClusterView<'a> {
     /// This node (the leader).
     pub me: u64,
     /// The members and the ids removed for good.
-    pub state: &'a StateMachine,
+    pub state: &'a StateMeta,
     /// How far each peer's log matches the leader's (None: not tracked).
     pub matched: &'a dyn Fn(u64) -> Option<u64>,
 }
@@ -138,8 +138,8 @@ mod tests {
     }
 
     /// Voters 1, 2, 3; learner 4; node 5 removed earlier.
-    fn cluster() -> StateMachine {
-        let mut sm = StateMachine::new(7);
+    fn cluster() -> StateMeta {
+        let mut sm = StateMeta::new(7);
         let mut conf = ConfState::default();
         for id in [1, 2, 3, 5] {
             conf.voters.push(id);
@@ -159,7 +159,7 @@ mod tests {
             .map(|(_, m)| *m)
     }
 
-    fn plan_on(sm: &StateMachine, change: MembershipChange) -> Result<Plan, Error> {
+    fn plan_on(sm: &StateMeta, change: MembershipChange) -> Result<Plan, Error> {
         plan(
             change,
             &ClusterView {
@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn the_only_voter_is_never_removed() {
-        let mut sm = StateMachine::new(7);
+        let mut sm = StateMeta::new(7);
         let mut conf = ConfState::default();
         conf.voters.push(1);
         sm.apply_conf_state(0, 0, conf, Some(member(1)));

@@ -298,6 +298,11 @@ impl NodeHandle {
         f(&self.state_machine.read().expect("state machine lock poisoned"))
     }
 
+    /// The node's state store (the same object across snapshot installs).
+    pub fn store(&self) -> Arc<crate::storage::StateStore> {
+        self.read(|sm| sm.store().clone())
+    }
+
     /// The latest status the raft loop published.
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
@@ -348,19 +353,21 @@ fn stopped() -> Error {
 mod tests {
     use super::*;
 
-    fn handle_with_inbox(capacity: usize) -> (NodeHandle, mpsc::Receiver<Inbox>) {
+    fn handle_with_inbox(capacity: usize) -> (NodeHandle, mpsc::Receiver<Inbox>, tempfile::TempDir) {
         let (inbox, rx) = mpsc::sync_channel(capacity);
         let (control, _control_rx) = mpsc::channel();
         let (_applied_tx, applied) = watch::channel(0);
         let (_status_tx, status) = watch::channel(NodeStatus::default());
-        let state_machine = Arc::new(RwLock::new(StateMachine::new(1)));
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::storage::StateStore::open(dir.path(), 1 << 20).unwrap());
+        let state_machine = Arc::new(RwLock::new(StateMachine::open(store).unwrap()));
         let handle = NodeHandle::new(inbox, control, state_machine, applied, status, Duration::from_secs(1));
-        (handle, rx)
+        (handle, rx, dir)
     }
 
     #[test]
     fn a_full_inbox_refuses_with_a_retryable_error_instead_of_growing() {
-        let (handle, rx) = handle_with_inbox(2);
+        let (handle, rx, _dir) = handle_with_inbox(2);
         handle.send(Inbox::Unreachable(1)).unwrap();
         handle.send(Inbox::Unreachable(2)).unwrap();
         let refused = handle.send(Inbox::Unreachable(3)).unwrap_err();

@@ -27,14 +27,18 @@ use super::{Error, Inbox, LeaderHint, MembershipChange, NodeStatus};
 use crate::metrics;
 use crate::peer_guard;
 use crate::proto::{command, Command, Member, NodeIdentity, ProposalContext};
-use crate::state_machine::{ApplyResult, StateMachine};
-use crate::storage::{NodeIdentityFile, RaftStorage, StorageError};
+use crate::state_machine::{ApplyResult, Batch, StateMachine, StateMeta};
+use crate::storage::{NodeIdentityFile, RaftStorage, StateStore, StorageError};
 use ::metrics::{counter, gauge, histogram};
 
 /// How often a node re-proposes its own addresses until they are applied.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// At most this many inbox messages per round, so ticks and Ready keep up.
 const INBOX_BATCH: usize = 4096;
+/// The store is made durable at least this often while entries are applied
+/// (and every `checkpoint_entries`): it bounds what a restart replays, and
+/// lets redb reuse the pages its unsynced commits freed.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings the loop needs, fixed at start.
 #[derive(Debug, Clone)]
@@ -43,9 +47,10 @@ pub struct LoopSettings {
     pub id: u64,
     /// One raft tick.
     pub tick: Duration,
-    /// Snapshot every this many applied entries.
-    pub snapshot_threshold: u64,
-    /// Entries kept behind a snapshot.
+    /// Make the store durable (and compact the log) at least every this many
+    /// applied entries.
+    pub checkpoint_entries: u64,
+    /// Entries kept in the log behind the store's durable applied index.
     pub catchup_entries: u64,
     /// Deadline for proposals and reads.
     pub request_timeout: Duration,
@@ -59,8 +64,10 @@ pub struct LoopSettings {
 pub struct LoopParts {
     /// The raft node over its storage.
     pub node: RawNode<RaftStorage>,
-    /// The same storage, for snapshots and compaction.
+    /// The same storage, for compaction and snapshot installs.
     pub storage: RaftStorage,
+    /// The state machine's store (the loop is its one writer).
+    pub store: Arc<StateStore>,
     /// Where requests and peer messages arrive (bounded).
     pub inbox: mpsc::Receiver<Inbox>,
     /// Delivery reports and shutdown (unbounded; drained first).
@@ -87,6 +94,9 @@ pub struct LoopParts {
 pub struct RaftLoop {
     node: RawNode<RaftStorage>,
     storage: RaftStorage,
+    store: Arc<StateStore>,
+    /// When the store was last made durable.
+    last_checkpoint: Instant,
     inbox: mpsc::Receiver<Inbox>,
     control: mpsc::Receiver<Inbox>,
     state_machine: Arc<RwLock<StateMachine>>,
@@ -137,10 +147,12 @@ impl RaftLoop {
     /// hook: the loop stops making progress that long after it starts.
     pub fn new(parts: LoopParts, wedge_after: Option<Duration>) -> Self {
         let id = parts.settings.id;
-        let peer_addrs = member_addrs(&parts.state_machine.read().expect("state machine lock poisoned"));
+        let peer_addrs = member_addrs(parts.state_machine.read().expect("state machine lock poisoned").meta());
         RaftLoop {
             node: parts.node,
             storage: parts.storage,
+            store: parts.store,
+            last_checkpoint: Instant::now(),
             inbox: parts.inbox,
             control: parts.control,
             state_machine: parts.state_machine,
@@ -167,7 +179,7 @@ impl RaftLoop {
 
     /// Runs until shutdown, removal or a storage failure.
     pub fn run(mut self) -> Result<(), StorageError> {
-        let result = self.run_rounds().and_then(|()| self.final_snapshot());
+        let result = self.run_rounds().and_then(|()| self.final_checkpoint());
         let why = if self.removed {
             "this node was removed from the cluster"
         } else {
@@ -188,6 +200,7 @@ impl RaftLoop {
         if let Err(e) = &result {
             error!(error = %e, "raft loop stopped on a storage error");
         }
+        self.store.close();
         self.status.stopped();
         result
     }
@@ -235,7 +248,7 @@ impl RaftLoop {
                 self.node.read_index(ctx);
             }
             self.handle_ready()?;
-            self.maybe_snapshot()?;
+            self.maybe_checkpoint(now)?;
             self.publish_status();
             if self.removed || self.shutdown_done(now) {
                 return Ok(());
@@ -253,7 +266,7 @@ impl RaftLoop {
     /// caught-up voter so the cluster doesn't wait out an election timeout.
     fn begin_shutdown(&mut self, deadline: Instant) {
         let now = Instant::now();
-        // Leave half the time for the final snapshot.
+        // Leave half the time for the final checkpoint.
         let drain_until = now + deadline.saturating_duration_since(now) / 2;
         self.shutdown = Some(Shutdown { deadline, drain_until });
         if self.node.raft.state == StateRole::Leader {
@@ -277,22 +290,17 @@ impl RaftLoop {
         !leading && self.proposals.is_empty() && self.reads.is_empty()
     }
 
-    /// On a graceful stop: snapshot at the applied index and compact, so the
-    /// next start replays nothing.
-    fn final_snapshot(&mut self) -> Result<(), StorageError> {
+    /// On a graceful stop: make the store durable at the applied index and
+    /// compact, so the next start replays nothing.
+    fn final_checkpoint(&mut self) -> Result<(), StorageError> {
         if self.shutdown.is_none() || self.removed {
             return Ok(());
         }
-        let applied = self
-            .state_machine
-            .read()
-            .expect("state machine lock poisoned")
-            .applied_index();
-        if applied > self.storage.snapshot_index() {
-            self.snapshot_now()
-                .inspect_err(|_| counter!(metrics::SNAPSHOT_FAILURES, "kind" => "create").increment(1))?;
-        }
-        info!(index = applied, "shutdown snapshot at the applied index");
+        self.checkpoint()?;
+        info!(
+            index = self.store.durable_index(),
+            "shutdown checkpoint at the applied index"
+        );
         Ok(())
     }
 
@@ -365,6 +373,20 @@ impl RaftLoop {
             self.refusals
                 .refused(&format!("node {}", message.from), refusal.label(), &detail);
             return;
+        }
+        if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+            let meta = message.get_snapshot().get_metadata();
+            if !self.store.staged_path(meta.index, meta.term).exists() {
+                // The state travels in a stream that is staged first; a
+                // snapshot message without it can't be installed.
+                let refusal = peer_guard::MessageRefusal::SnapshotNotStaged;
+                counter!(metrics::PEER_MESSAGES_REFUSED, "reason" => refusal.label()).increment(1);
+                debug!(
+                    index = meta.index,
+                    "a snapshot message without its staged state; ignored"
+                );
+                return;
+            }
         }
         if ours == 0 && cluster_id != 0 {
             // A joining node learns its cluster from the first leader that
@@ -664,7 +686,7 @@ impl RaftLoop {
         }
         // 3. Committed entries are already durable here, so apply them now.
         let committed = ready.take_committed_entries();
-        self.apply(committed);
+        self.apply(committed)?;
         // 4. New entries and HardState: one write, one fsync.
         self.storage.append(ready.entries(), ready.hs(), ready.must_sync())?;
         // 5. Messages that promise the write above (votes, append acks,
@@ -681,7 +703,7 @@ impl RaftLoop {
             self.storage.set_commit(commit)?;
         }
         self.send(light.take_messages());
-        self.apply(light.take_committed_entries());
+        self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
         Ok(())
     }
@@ -740,20 +762,36 @@ impl RaftLoop {
             .cloned()
     }
 
+    /// Installs a snapshot from the leader, whose state was streamed and
+    /// staged before raft saw the message: the log first, then the store (a
+    /// crash in between is completed at the next start).
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
         let started = Instant::now();
         counter!(metrics::SNAPSHOTS, "kind" => "received").increment(1);
         let meta = snapshot.get_metadata().clone();
-        let size = self.storage.install_snapshot(&snapshot)?;
-        {
-            let mut sm = self.state_machine.write().expect("state machine lock poisoned");
-            sm.restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
-                .map_err(|e| StorageError::Corrupt(format!("snapshot from the leader does not decode: {e}")))?;
-            if sm.is_removed(self.settings.id) {
-                self.removed = true;
-            }
-            self.peer_addrs = member_addrs(&sm);
+        let staged = self.store.staged_path(meta.index, meta.term);
+        self.storage.start_at(meta.index, meta.term)?;
+        let header = self.store.install(&staged)?;
+        if (header.index, header.term) != (meta.index, meta.term) {
+            return Err(StorageError::Corrupt(format!(
+                "the staged snapshot {} holds index {} term {}, not {} term {}",
+                staged.display(),
+                header.index,
+                header.term,
+                meta.index,
+                meta.term
+            )));
         }
+        let state = StateMeta::from_header(&header)?;
+        if state.is_removed(self.settings.id) {
+            self.removed = true;
+        }
+        self.peer_addrs = member_addrs(&state);
+        self.state_machine
+            .write()
+            .expect("state machine lock poisoned")
+            .set_meta(state);
+        self.last_checkpoint = Instant::now();
         // Proposals may be inside the snapshot: we can't tell which applied.
         self.proposals.fail_all(
             "snapshot",
@@ -763,13 +801,14 @@ impl RaftLoop {
             ),
         );
         self.applied_tx.send_replace(meta.index);
+        let size = self.store.size_on_disk();
         counter!(metrics::SNAPSHOTS, "kind" => "applied").increment(1);
         histogram!(metrics::SNAPSHOT_DURATION, "kind" => "applied").record(started.elapsed().as_secs_f64());
         gauge!(metrics::SNAPSHOT_SIZE).set(size as f64);
         info!(
             index = meta.index,
             term = meta.term,
-            bytes = size,
+            store_bytes = size,
             "installed snapshot from the leader"
         );
         if self.removed {
@@ -778,15 +817,22 @@ impl RaftLoop {
         Ok(())
     }
 
-    /// Applies committed entries to the state machine and answers the
-    /// proposals this node made.
-    fn apply(&mut self, entries: Vec<Entry>) {
+    /// Applies committed entries to the state machine, in one store
+    /// transaction, and answers the proposals this node made.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StorageError> {
         if entries.is_empty() {
-            return;
+            return Ok(());
         }
+        let started = Instant::now();
         let mut replies = Vec::new();
-        let state_machine = self.state_machine.clone();
-        let mut sm = state_machine.write().expect("state machine lock poisoned");
+        let store = self.store.clone();
+        let meta = self
+            .state_machine
+            .read()
+            .expect("state machine lock poisoned")
+            .meta()
+            .clone();
+        let mut batch = Batch::begin(&store, meta)?;
         for entry in entries {
             let (index, term) = (entry.index, entry.term);
             let context = ProposalContext::decode(&entry.context[..]).ok();
@@ -799,30 +845,35 @@ impl RaftLoop {
                 self.proposals.committed(id);
             }
             match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => sm.advance(index, term),
+                EntryType::EntryNormal if entry.data.is_empty() => batch.advance(index, term),
                 EntryType::EntryNormal => match Command::decode(&entry.data[..]) {
                     Ok(command) => {
-                        let result = sm.apply(index, term, command);
+                        let result = batch.apply(index, term, command)?;
                         if let Some(id) = ours {
                             replies.push((id, Ok(result)));
                         }
                     }
                     Err(e) => {
                         error!(index, error = %e, "skipping an entry that does not decode");
-                        sm.advance(index, term);
+                        batch.advance(index, term);
                     }
                 },
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let result = self.apply_conf_change(&mut sm, &entry, context.and_then(|c| c.member));
+                    let result = self.apply_conf_change(&mut batch, &entry, context.and_then(|c| c.member));
                     if let Some(id) = ours {
                         replies.push((id, result));
                     }
                 }
             }
         }
-        let applied = sm.applied_index();
-        self.peer_addrs = member_addrs(&sm);
-        drop(sm);
+        let state = batch.commit(false)?;
+        let applied = state.applied_index();
+        self.peer_addrs = member_addrs(&state);
+        self.state_machine
+            .write()
+            .expect("state machine lock poisoned")
+            .set_meta(state);
+        histogram!(metrics::STORE_APPLY_DURATION).record(started.elapsed().as_secs_f64());
         // Publish the applied index before replying, so a read that follows an
         // acknowledged write on this node sees it.
         self.applied_tx.send_replace(applied);
@@ -832,11 +883,12 @@ impl RaftLoop {
         if self.removed {
             self.mark_removed();
         }
+        Ok(())
     }
 
     fn apply_conf_change(
         &mut self,
-        sm: &mut StateMachine,
+        sm: &mut Batch<'_>,
         entry: &Entry,
         member: Option<Member>,
     ) -> Result<ApplyResult, Error> {
@@ -855,9 +907,9 @@ impl RaftLoop {
                 return Err(Error::Internal("membership entry does not decode".into()));
             }
         };
-        if change.changes.is_empty() && sm.conf_state().voters_outgoing.is_empty() {
+        if change.changes.is_empty() && sm.meta().conf_state().voters_outgoing.is_empty() {
             sm.advance(index, term);
-            return Ok(ApplyResult::Members(sm.members()));
+            return Ok(ApplyResult::Members(sm.meta().members()));
         }
         match self.node.apply_conf_change(&change) {
             Ok(conf_state) => {
@@ -871,8 +923,8 @@ impl RaftLoop {
                         }
                     }
                 }
-                info!(index, members = ?sm.members().iter().map(|m| m.id).collect::<Vec<_>>(), "membership changed");
-                Ok(ApplyResult::Members(sm.members()))
+                info!(index, members = ?sm.meta().members().iter().map(|m| m.id).collect::<Vec<_>>(), "membership changed");
+                Ok(ApplyResult::Members(sm.meta().members()))
             }
             Err(e) => {
                 warn!(index, error = %e, "raft refused a committed membership change");
@@ -895,41 +947,33 @@ impl RaftLoop {
         self.status.removed();
     }
 
-    /// Takes a snapshot every `snapshot_threshold` applied entries, or when raft
-    /// needs one newer than we have for a lagging follower.
-    fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
-        let asked = self.storage.take_snapshot_request();
-        let last = self.storage.snapshot_index();
-        let applied = self
-            .state_machine
-            .read()
-            .expect("state machine lock poisoned")
-            .applied_index();
-        let due = applied >= last + self.settings.snapshot_threshold;
-        if applied > last && (due || asked) {
-            self.snapshot_now()
-                .inspect_err(|_| counter!(metrics::SNAPSHOT_FAILURES, "kind" => "create").increment(1))?;
+    /// Makes the store durable every `checkpoint_entries` applied entries or
+    /// every [`CHECKPOINT_INTERVAL`], whichever comes first.
+    fn maybe_checkpoint(&mut self, now: Instant) -> Result<(), StorageError> {
+        let applied = *self.applied_tx.borrow();
+        let durable = self.store.durable_index();
+        if applied <= durable {
+            return Ok(());
+        }
+        if applied >= durable + self.settings.checkpoint_entries || now >= self.last_checkpoint + CHECKPOINT_INTERVAL {
+            self.checkpoint()?;
         }
         Ok(())
     }
 
-    /// Snapshots the state machine at its applied index and compacts the log.
-    fn snapshot_now(&mut self) -> Result<(), StorageError> {
+    /// fsyncs the store at the applied index, then compacts the log behind
+    /// it, keeping `catchup_entries` for slow followers.
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
         let started = Instant::now();
-        let mut snapshot = Snapshot::default();
-        {
-            let sm = self.state_machine.read().expect("state machine lock poisoned");
-            snapshot.data = sm.snapshot_data().into();
-            let meta = snapshot.mut_metadata();
-            meta.index = sm.applied_index();
-            meta.term = sm.applied_term();
-            meta.set_conf_state(sm.conf_state().clone());
-        }
-        let size = self.storage.save_snapshot(&snapshot, self.settings.catchup_entries)?;
-        counter!(metrics::SNAPSHOTS, "kind" => "created").increment(1);
-        histogram!(metrics::SNAPSHOT_DURATION, "kind" => "created").record(started.elapsed().as_secs_f64());
-        gauge!(metrics::SNAPSHOT_SIZE).set(size as f64);
-        info!(index = snapshot.get_metadata().index, bytes = size, took = ?started.elapsed(), "snapshot saved, log compacted");
+        self.store.make_durable()?;
+        self.last_checkpoint = Instant::now();
+        let durable = self.store.durable_index();
+        self.storage
+            .compact_to(durable.saturating_sub(self.settings.catchup_entries))?;
+        histogram!(metrics::STORE_CHECKPOINT_DURATION).record(started.elapsed().as_secs_f64());
+        gauge!(metrics::STORE_DURABLE_INDEX).set(durable as f64);
+        gauge!(metrics::STORE_SIZE).set(self.store.size_on_disk() as f64);
+        debug!(index = durable, took = ?started.elapsed(), "store checkpoint");
         Ok(())
     }
 
@@ -943,7 +987,7 @@ impl RaftLoop {
             applied: *self.applied_tx.borrow(),
             first_index: raft.raft_log.first_index(),
             last_index: raft.raft_log.last_index(),
-            snapshot_index: self.storage.snapshot_index(),
+            snapshot_index: self.store.durable_index(),
             pending: self.proposals.len(),
             removed: self.removed,
             stopping: self.shutdown.is_some(),
@@ -954,6 +998,6 @@ impl RaftLoop {
 }
 
 /// Member id -> peer address, as the state machine has them.
-fn member_addrs(sm: &StateMachine) -> HashMap<u64, String> {
+fn member_addrs(sm: &StateMeta) -> HashMap<u64, String> {
     sm.members().into_iter().map(|m| (m.id, m.peer_addr)).collect()
 }

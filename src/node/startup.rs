@@ -6,10 +6,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 
-use raft::prelude::{ConfState, Snapshot};
+use raft::prelude::ConfState;
 use raft::{RawNode, ReadOnlyOption};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::raft_loop::{LoopParts, LoopSettings, RaftLoop};
 use super::transport::{LocalPeer, TransportContext, TransportFactory};
@@ -17,8 +17,8 @@ use super::{NodeHandle, NodeStatus};
 use crate::address::parse_initial_cluster;
 use crate::config::NodeConfig;
 use crate::proto::{Member, NodeIdentity};
-use crate::state_machine::StateMachine;
-use crate::storage::{DataDirLock, NodeIdentityFile, RaftStorage, StorageError};
+use crate::state_machine::{StateMachine, StateMeta};
+use crate::storage::{upgrade, DataDirLock, NodeIdentityFile, RaftStorage, StateStore, StorageError};
 
 /// The log index and term a new cluster starts from. Starting above zero
 /// means a joining node's empty log never matches, so the leader sends it a
@@ -85,20 +85,27 @@ pub fn prepare(
     let lock = DataDirLock::acquire(&config.data_dir)?;
     let identity_file = NodeIdentityFile::in_dir(&config.data_dir);
     let shown_dir = config.data_dir.display().to_string();
-    let (storage, report) = RaftStorage::open(&config.data_dir)?;
-    for damaged in &report.damaged_snapshots {
-        warn!(%damaged, "skipped a damaged snapshot file");
+    let mut storage = RaftStorage::open(&config.data_dir)?;
+    if let Some(converted) = upgrade::convert_legacy_snapshots(&config.data_dir, config.store_cache_bytes())? {
+        info!(
+            index = converted.index,
+            keys = converted.keys,
+            "converted this data dir from snapshot files to the state store"
+        );
     }
-    if report.completed_snapshot_install {
+    let store = Arc::new(StateStore::open(&config.data_dir, config.store_cache_bytes())?);
+    if finish_interrupted_install(&storage, &store)? {
         info!("completed a snapshot install interrupted by a crash");
     }
 
     let identity = match identity_file.load()? {
         Some(identity) => recover(config, identity, &shown_dir)?,
         None if config.join => join(config, &identity_file)?,
-        None => bootstrap(config, &advertise_peer_addr, &storage, &identity_file)?,
+        None => bootstrap(config, &advertise_peer_addr, &storage, &store, &identity_file)?,
     };
-    let state_machine = recover_state_machine(&storage, identity.cluster_id, &shown_dir)?;
+    let state_machine = StateMachine::open(store.clone())?;
+    check_consistency(&storage, state_machine.meta(), &shown_dir)?;
+    storage.attach_store(store.clone(), state_machine.conf_state().clone());
     let applied = state_machine.applied_index();
 
     let raft_config = raft::Config {
@@ -134,6 +141,7 @@ pub fn prepare(
     let parts = LoopParts {
         node,
         storage,
+        store: store.clone(),
         inbox: inbox_rx,
         control: control_rx,
         state_machine: state_machine.clone(),
@@ -141,6 +149,7 @@ pub fn prepare(
             local,
             cluster_id: identity.cluster_id,
             reports: control_tx.clone(),
+            store: store.clone(),
         }),
         applied_tx,
         status_tx,
@@ -149,7 +158,7 @@ pub fn prepare(
         settings: LoopSettings {
             id: config.id,
             tick: config.tick(),
-            snapshot_threshold: config.snapshot_threshold,
+            checkpoint_entries: config.snapshot_threshold,
             catchup_entries: config.catchup_entries(),
             request_timeout: config.request_timeout(),
             advertise_peer_addr,
@@ -221,6 +230,7 @@ fn bootstrap(
     config: &NodeConfig,
     advertise_peer_addr: &str,
     storage: &RaftStorage,
+    store: &StateStore,
     identity_file: &NodeIdentityFile,
 ) -> Result<NodeIdentity, StartError> {
     let spec = config
@@ -245,7 +255,11 @@ fn bootstrap(
         Some(_) => {}
     }
     let cluster_id = cluster_id_of(&members);
-    storage.bootstrap(&bootstrap_snapshot(&members, cluster_id))?;
+    // The store first: a crash before the log is started leaves a store at
+    // the bootstrap index and an empty log, which the next start finishes.
+    let state = bootstrap_state(&members, cluster_id);
+    store.writer()?.commit(&state.to_header(), true)?;
+    storage.start_at(BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
     let identity = NodeIdentity {
         node_id: config.id,
         cluster_id,
@@ -260,26 +274,76 @@ fn bootstrap(
     Ok(identity)
 }
 
-/// The state machine as of the newest snapshot; raft replays the log after
-/// it. A snapshot that doesn't decode is damage, reported as such.
-fn recover_state_machine(storage: &RaftStorage, cluster_id: u64, shown_dir: &str) -> Result<StateMachine, StartError> {
-    let mut state_machine = StateMachine::new(cluster_id);
-    if let Some(snapshot) = storage.newest_snapshot() {
-        let meta = snapshot.get_metadata();
-        state_machine
-            .restore(&snapshot.data, meta.index, meta.term, meta.get_conf_state().clone())
-            .map_err(|e| StorageError::Corrupt(format!("the newest snapshot in {shown_dir} does not decode: {e}")))?;
+/// Completes a snapshot install that a crash interrupted after the log was
+/// started at the snapshot but before the staged store replaced the old one.
+/// Every other staged file is a leftover, removed.
+fn finish_interrupted_install(storage: &RaftStorage, store: &StateStore) -> Result<bool, StorageError> {
+    let (index, term) = storage.truncated();
+    let staged = store.staged_path(index, term);
+    let applied = store.header()?.index;
+    let mut finished = false;
+    if applied < index && staged.exists() {
+        store.install(&staged)?;
+        finished = true;
     }
-    Ok(state_machine)
+    if let Ok(entries) = std::fs::read_dir(store.incoming_dir()) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(finished)
 }
 
-/// The byte-identical initial state of every member of a new cluster. Client
-/// addresses are not known yet: each member publishes its own through raft
-/// once a leader is elected.
-fn bootstrap_snapshot(members: &[(u64, String)], cluster_id: u64) -> Snapshot {
+/// The store and the log must describe one history: the store applied up to
+/// `A`, the log holds `(T, L]` and says `C` is committed. Anything else is
+/// damage, refused with what was lost and what to do, never served and never
+/// handed to raft (which would panic on it).
+fn check_consistency(storage: &RaftStorage, state: &StateMeta, shown_dir: &str) -> Result<(), StorageError> {
+    use raft::Storage as _;
+    let applied = state.applied_index();
+    let (truncated, _) = storage.truncated();
+    let last = storage.last_index().map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    let commit = storage.hard_state().commit;
+    let remedy = "this node can't rebuild its state from its own data: keep the data dir for inspection, \
+                  remove the node (`kvraft remove-node`) and add a fresh one under a new id";
+    if applied == 0 && truncated == 0 && last == 0 {
+        return Ok(()); // a joining node, waiting for its first snapshot
+    }
+    if applied < truncated {
+        return Err(StorageError::Corrupt(format!(
+            "in {shown_dir}: the state store is at index {applied} but the raft log starts after {truncated}: \
+             entries {}..={truncated} are gone (state.redb is older than the log); {remedy}",
+            applied + 1
+        )));
+    }
+    if applied > last {
+        return Err(StorageError::Corrupt(format!(
+            "in {shown_dir}: the state store applied up to index {applied} but the raft log ends at {last}: \
+             the log lost entries it had fsynced (raft-log/ is damaged or older than state.redb); {remedy}"
+        )));
+    }
+    if commit > last {
+        return Err(StorageError::Corrupt(format!(
+            "in {shown_dir}: the raft log says index {commit} is committed but ends at {last}: \
+             entries {}..={commit} were lost (raft-log/ is damaged); {remedy}",
+            last + 1
+        )));
+    }
+    storage
+        .verify_entries()
+        .map_err(|e| StorageError::Corrupt(format!("in {shown_dir}/raft-log: {e}; {remedy}")))?;
+    // Applied entries were committed, whatever an unsynced HardState says.
+    storage.raise_commit(applied)?;
+    Ok(())
+}
+
+/// The initial state of every member of a new cluster, identical on each.
+/// Client addresses are not known yet: each member publishes its own through
+/// raft once a leader is elected.
+fn bootstrap_state(members: &[(u64, String)], cluster_id: u64) -> StateMeta {
     let mut conf_state = ConfState::default();
     conf_state.voters = members.iter().map(|(id, _)| *id).collect();
-    let mut state = StateMachine::new(cluster_id);
+    let mut state = StateMeta::new(cluster_id);
     for (id, peer_addr) in members {
         let member = Member {
             id: *id,
@@ -287,13 +351,82 @@ fn bootstrap_snapshot(members: &[(u64, String)], cluster_id: u64) -> Snapshot {
             client_addr: String::new(),
             role: 0,
         };
-        state.apply_conf_state(0, 0, conf_state.clone(), Some(member));
+        state.apply_conf_state(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, conf_state.clone(), Some(member));
     }
-    let mut snapshot = Snapshot::default();
-    snapshot.data = state.snapshot_data().into();
-    let meta = snapshot.mut_metadata();
-    meta.index = BOOTSTRAP_INDEX;
-    meta.term = BOOTSTRAP_TERM;
-    meta.set_conf_state(conf_state);
-    snapshot
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::prelude::{Entry, HardState};
+
+    fn log_with(dir: &std::path::Path, last: u64, commit: u64) -> RaftStorage {
+        let log = RaftStorage::open(dir).unwrap();
+        log.start_at(10, 1).unwrap();
+        let entries: Vec<Entry> = (11..=last)
+            .map(|i| {
+                let mut e = Entry::default();
+                e.index = i;
+                e.term = 1;
+                e
+            })
+            .collect();
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.commit = commit;
+        log.append(&entries, Some(&hs), true).unwrap();
+        log
+    }
+
+    fn applied(index: u64) -> StateMeta {
+        let mut state = StateMeta::new(1);
+        state.advance(index, 1);
+        state
+    }
+
+    fn refusal(log: &RaftStorage, index: u64) -> String {
+        check_consistency(log, &applied(index), "DIR")
+            .expect_err("damage went unnoticed")
+            .to_string()
+    }
+
+    #[test]
+    fn a_store_and_log_of_one_history_pass_and_the_commit_index_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 40, 20);
+        check_consistency(&log, &applied(30), "DIR").unwrap();
+        assert_eq!(log.hard_state().commit, 30, "applied entries were committed");
+    }
+
+    #[test]
+    fn a_log_that_lost_entries_the_store_applied_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 40, 40);
+        let err = refusal(&log, 45);
+        assert!(
+            err.contains("applied up to index 45") && err.contains("ends at 40"),
+            "{err}"
+        );
+        assert!(err.contains("remove the node") && err.contains("new id"), "{err}");
+    }
+
+    #[test]
+    fn a_log_that_ends_before_its_commit_index_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 40, 55);
+        let err = refusal(&log, 30);
+        assert!(
+            err.contains("committed but ends at 40") && err.contains("41..=55"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_store_older_than_the_compacted_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_with(dir.path(), 40, 40);
+        let err = refusal(&log, 5);
+        assert!(err.contains("starts after 10"), "{err}");
+    }
 }

@@ -112,7 +112,7 @@ impl StatusPublisher {
         g.first.set(view.first_index as f64);
         g.last.set(view.last_index as f64);
         g.pending.set(view.pending as f64);
-        g.keys.set(sm.len() as f64);
+        g.keys.set(sm.len().unwrap_or(0) as f64);
         g.voters.set(conf.voters.len() as f64);
         g.learners.set(conf.learners.len() as f64);
         let status = NodeStatus {
@@ -180,7 +180,9 @@ mod tests {
     #[test]
     fn the_status_is_published_when_the_view_changes_and_only_then() {
         let (tx, rx) = watch::channel(NodeStatus::default());
-        let sm = RwLock::new(StateMachine::new(7));
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(crate::storage::StateStore::open(dir.path(), 1 << 20).unwrap());
+        let sm = RwLock::new(StateMachine::open(store).unwrap());
         let mut publisher = StatusPublisher::new(1, tx);
         assert!(publisher.offer(view(), &sm));
         assert_eq!(

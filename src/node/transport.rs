@@ -4,6 +4,8 @@
 //! inbound side of the same protocol; tests plug in an in-memory network
 //! instead (tests/support/memnet.rs).
 
+use std::sync::Arc;
+
 use raft::prelude::Message;
 
 use super::ControlSender;
@@ -20,7 +22,9 @@ pub struct LocalPeer {
 /// Where the raft loop's outgoing messages go. An implementation must not
 /// block: it queues, and reports what it could not deliver through the inbox
 /// ([`super::Inbox::Unreachable`], and [`super::Inbox::SnapshotSent`] for every snapshot
-/// message).
+/// message). A snapshot message carries only metadata: the transport streams
+/// the state with it (`storage::snapshot_stream`), and the receiver stages
+/// that before it hands the message to its raft loop.
 pub trait Transport: Send {
     /// Queues a message for peer `message.to` at `addr`. Returns false when
     /// it could not be queued (no address known, queue full): the caller
@@ -40,6 +44,9 @@ pub struct TransportContext {
     pub cluster_id: u64,
     /// Where delivery reports go (the loop's control channel: never full).
     pub reports: ControlSender,
+    /// This node's state store: a snapshot message's state is streamed from
+    /// the view raft pinned in it (`StateStore::take_pinned`).
+    pub store: Arc<crate::storage::StateStore>,
 }
 
 /// Builds the transport once the raft loop's inbox exists.

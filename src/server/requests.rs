@@ -138,7 +138,7 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
             if !get.serializable {
                 handle.linearizable_barrier().await?;
             }
-            let value = handle.read(|sm| sm.get(&get.key).cloned());
+            let value = handle.read(|sm| sm.get(&get.key)).map_err(store_failure)?;
             Ok(response::Result::Get(GetResponse {
                 found: value.is_some(),
                 value: value.unwrap_or_default(),
@@ -153,7 +153,9 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
             }
             // Leave room in the response frame for framing and field overhead.
             let max_bytes = limits.max_frame_size / 2;
-            let page = handle.read(|sm| sm.scan(&scan.prefix, &scan.from, &scan.to, scan.limit as usize, max_bytes));
+            let page = handle
+                .read(|sm| sm.scan(&scan.prefix, &scan.from, &scan.to, scan.limit as usize, max_bytes))
+                .map_err(store_failure)?;
             Ok(response::Result::Scan(ScanResponse {
                 pairs: page.pairs,
                 more: page.more,
@@ -215,7 +217,7 @@ fn info(handle: &NodeHandle) -> InfoResponse {
         last_index,
         ..
     } = handle.status();
-    let (members, keys) = handle.read(|sm| (sm.members(), sm.len() as u64));
+    let (members, keys) = handle.read(|sm| (sm.members(), sm.len().unwrap_or(0)));
     InfoResponse {
         id,
         role: role.as_str().into(),
@@ -231,4 +233,13 @@ fn info(handle: &NodeHandle) -> InfoResponse {
         cluster_id,
         version: env!("CARGO_PKG_VERSION").into(),
     }
+}
+
+/// A read the store could not serve: said as it is, never as "not found".
+fn store_failure(e: crate::storage::StorageError) -> WireError {
+    tracing::error!(error = %e, "a read from the state store failed");
+    WireError::new(
+        ErrorCode::Internal,
+        format!("this node could not read its state store: {e}"),
+    )
 }

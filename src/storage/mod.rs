@@ -16,12 +16,16 @@ pub mod identity;
 pub mod lock;
 pub mod raft_storage;
 pub mod snapshot_files;
+pub mod snapshot_stream;
+pub mod state_store;
+pub mod upgrade;
 
 pub use fs_util::create_private_dir;
 pub use identity::NodeIdentityFile;
 pub use lock::DataDirLock;
 pub use raft_storage::RaftStorage;
 pub use snapshot_files::SnapshotFiles;
+pub use state_store::StateStore;
 
 /// A storage failure. Apart from corruption detected at start-up, these are
 /// fatal to the node: a consensus log that can't be written must stop.
@@ -41,6 +45,9 @@ pub enum StorageError {
     /// A file failed its checksum or could not be decoded.
     #[error("{0}")]
     Corrupt(String),
+    /// The state store failed.
+    #[error("state store: {0}")]
+    Store(String),
     /// The data dir does not fit the flags the node was started with.
     #[error("{0}")]
     Mismatch(String),

@@ -1,28 +1,31 @@
-//! `raft::Storage` over raft-engine (the log, HardState and log bounds) and the
-//! newest snapshot file.
+//! `raft::Storage` over raft-engine (the log, HardState and log bounds) and
+//! the state store (snapshots for followers are views of it).
 //!
 //! Invariants:
 //! - The log holds the entries `(truncated_index, last_index]`; `truncated_index`
 //!   and its term are persisted with every compaction and snapshot install.
-//! - The newest snapshot's index is `>= truncated_index`: we only compact behind
-//!   a durable snapshot, keeping a catch-up tail for slow followers.
-//! - The ConfState that raft starts from is the newest snapshot's; conf changes
-//!   applied after it are redelivered as committed entries and re-applied, so
-//!   membership always matches the applied index.
+//! - The store's durable applied index is `>= truncated_index`: the log is
+//!   compacted only behind it, keeping a catch-up tail for slow followers, so
+//!   a restart replays the entries after the store's applied index.
+//! - The ConfState raft starts from is the store's, as of its applied index.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use prost::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use raft_engine::{Command, Engine, LogBatch, MessageExt, ReadableSize};
 
-use super::{SnapshotFiles, StorageError};
+use super::{StateStore, StorageError};
+use crate::proto::SnapshotDescriptor;
 
 /// raft-engine can hold many raft groups; kvraft has one.
 const GROUP: u64 = 1;
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_TRUNCATED: &[u8] = b"truncated";
+/// The log's own directory under the data dir.
+pub const LOG_DIR: &str = "raft-log";
 
 /// Tells raft-engine how to find an entry's index.
 #[derive(Clone)]
@@ -40,35 +43,24 @@ struct LogState {
     hard_state: HardState,
     truncated_index: u64,
     truncated_term: u64,
-    /// The newest durable snapshot; its metadata carries the ConfState raft
-    /// starts from.
-    snapshot: Option<Snapshot>,
-    /// raft asked for a snapshot newer than the one we have.
-    snapshot_wanted: bool,
+    /// The membership raft starts from (the store's, at open).
+    conf_state: ConfState,
 }
 
 /// The durable raft state of one node. Cheap to clone: clones share state.
 #[derive(Clone)]
 pub struct RaftStorage {
     engine: Arc<Engine>,
-    snapshots: SnapshotFiles,
     state: Arc<RwLock<LogState>>,
-}
-
-/// What [`RaftStorage::open`] found, for the log.
-#[derive(Debug, Default)]
-pub struct OpenReport {
-    /// Snapshot files that failed their checks and were skipped.
-    pub damaged_snapshots: Vec<String>,
-    /// A snapshot install that a crash interrupted was completed.
-    pub completed_snapshot_install: bool,
+    /// Where snapshots for followers come from.
+    store: Option<Arc<StateStore>>,
 }
 
 impl RaftStorage {
-    /// Opens the log and snapshots under `data_dir`, recovering a torn log tail
-    /// and completing a snapshot install interrupted by a crash.
-    pub fn open(data_dir: &Path) -> Result<(Self, OpenReport), StorageError> {
-        let log_dir = data_dir.join("raft-log");
+    /// Opens the log under `data_dir`, cutting off a torn tail (a write a
+    /// crash interrupted, never acknowledged).
+    pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
+        let log_dir = data_dir.join(LOG_DIR);
         super::fs_util::create_private_dir(&log_dir)?;
         let config = raft_engine::Config {
             dir: log_dir.to_string_lossy().into_owned(),
@@ -78,54 +70,25 @@ impl RaftStorage {
             ..Default::default()
         };
         let engine = Arc::new(Engine::open(config)?);
-        let snapshots = SnapshotFiles::open(&data_dir.join("snapshots"))?;
-        let (snapshot, damaged_snapshots) = snapshots.load_newest()?;
-
         let hard_state: HardState = engine.get_message(GROUP, KEY_HARD_STATE)?.unwrap_or_default();
         let truncated: SnapshotMetadata = engine.get_message(GROUP, KEY_TRUNCATED)?.unwrap_or_default();
-        let storage = RaftStorage {
+        Ok(RaftStorage {
             engine,
-            snapshots,
             state: Arc::new(RwLock::new(LogState {
                 hard_state,
                 truncated_index: truncated.index,
                 truncated_term: truncated.term,
-                snapshot: None,
-                snapshot_wanted: false,
+                conf_state: ConfState::default(),
             })),
-        };
-        let mut report = OpenReport {
-            damaged_snapshots,
-            completed_snapshot_install: false,
-        };
+            store: None,
+        })
+    }
 
-        match snapshot {
-            Some(snap) => {
-                let meta = snap.get_metadata();
-                if meta.index < truncated.index {
-                    return Err(StorageError::Corrupt(format!(
-                        "the newest usable snapshot is at index {} but the log was compacted up to {}: \
-                         this node can't rebuild its state; remove it from the cluster, wipe its data dir and add it again",
-                        meta.index, truncated.index
-                    )));
-                }
-                if !storage.log_contains(meta.index, meta.term) {
-                    // A crash between writing a received snapshot and resetting
-                    // the log: finish the install.
-                    storage.reset_log_to(&snap)?;
-                    report.completed_snapshot_install = true;
-                }
-                storage.write_state().snapshot = Some(snap);
-            }
-            None if truncated.index > 0 => {
-                return Err(StorageError::Corrupt(format!(
-                    "no usable snapshot but the log was compacted up to {}: remove this node from the cluster, wipe its data dir and add it again",
-                    truncated.index
-                )));
-            }
-            None => {}
-        }
-        Ok((storage, report))
+    /// Serves snapshots from `store`, and starts raft from `conf_state` (the
+    /// store's, as of its applied index).
+    pub fn attach_store(&mut self, store: Arc<StateStore>, conf_state: ConfState) {
+        self.write_state().conf_state = conf_state;
+        self.store = Some(store);
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, LogState> {
@@ -136,46 +99,50 @@ impl RaftStorage {
         self.state.write().expect("storage lock poisoned")
     }
 
-    /// True if the log covers `index` with this term (at the truncation point or
-    /// as an entry).
-    fn log_contains(&self, index: u64, term: u64) -> bool {
+    /// The index and term the log starts after.
+    pub fn truncated(&self) -> (u64, u64) {
         let st = self.read_state();
-        if index == st.truncated_index {
-            return st.truncated_term == term;
-        }
-        matches!(self.engine.get_entry::<EntryExt>(GROUP, index), Ok(Some(e)) if e.term == term && index > st.truncated_index)
+        (st.truncated_index, st.truncated_term)
     }
 
-    /// Makes this data dir start from `snapshot`: the initial state of a new
-    /// cluster, written identically on every initial member.
-    pub fn bootstrap(&self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        self.snapshots.save(snapshot)?;
-        self.reset_log_to(snapshot)?;
-        self.write_state().snapshot = Some(snapshot.clone());
+    /// Reads every entry in the log, so damage is found at start and not when
+    /// raft needs the entry: an entry that fails its checksum is corruption.
+    pub fn verify_entries(&self) -> Result<(), StorageError> {
+        let (first, last) = {
+            let st = self.read_state();
+            (st.truncated_index + 1, self.last_index_locked(&st))
+        };
+        let mut low = first;
+        while low <= last {
+            let high = (low + 1024).min(last + 1);
+            let mut entries = Vec::new();
+            self.engine
+                .fetch_entries_to::<EntryExt>(GROUP, low, high, None, &mut entries)
+                .map_err(|e| {
+                    StorageError::Corrupt(format!(
+                        "the raft log entries {low}..{high} can't be read ({e}): the log is damaged"
+                    ))
+                })?;
+            if entries.len() as u64 != high - low {
+                return Err(StorageError::Corrupt(format!(
+                    "the raft log is missing entries between {low} and {high}: the log is damaged"
+                )));
+            }
+            low = high;
+        }
         Ok(())
     }
 
-    /// Installs a snapshot received from the leader: the file first, then the
-    /// log reset, so a crash in between is completed at the next open.
-    pub fn install_snapshot(&self, snapshot: &Snapshot) -> Result<u64, StorageError> {
-        let size = self.snapshots.save(snapshot)?;
-        self.reset_log_to(snapshot)?;
-        let mut st = self.write_state();
-        st.snapshot = Some(snapshot.clone());
-        st.snapshot_wanted = false;
-        Ok(size)
-    }
-
-    /// Empties the log and sets its start to the snapshot, in one fsynced batch.
-    fn reset_log_to(&self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        let meta = snapshot.get_metadata();
+    /// Makes the log start after `(index, term)`: empties it, in one fsynced
+    /// batch (a new cluster's start, or a snapshot install).
+    pub fn start_at(&self, index: u64, term: u64) -> Result<(), StorageError> {
         let mut st = self.write_state();
         let mut hs = st.hard_state.clone();
-        hs.commit = hs.commit.max(meta.index);
-        hs.term = hs.term.max(meta.term);
+        hs.commit = hs.commit.max(index);
+        hs.term = hs.term.max(term);
         let mut truncated = SnapshotMetadata::default();
-        truncated.index = meta.index;
-        truncated.term = meta.term;
+        truncated.index = index;
+        truncated.term = term;
 
         let mut batch = LogBatch::default();
         batch.add_command(GROUP, Command::Clean);
@@ -183,8 +150,8 @@ impl RaftStorage {
         batch.put_message(GROUP, KEY_TRUNCATED.to_vec(), &truncated)?;
         self.engine.write(&mut batch, true)?;
         st.hard_state = hs;
-        st.truncated_index = meta.index;
-        st.truncated_term = meta.term;
+        st.truncated_index = index;
+        st.truncated_term = term;
         Ok(())
     }
 
@@ -223,70 +190,42 @@ impl RaftStorage {
         self.append(&[], Some(&hs), false)
     }
 
-    /// Saves a snapshot taken from the local state machine, then compacts the
-    /// log behind it, keeping `keep_entries` entries for slow followers.
-    /// Returns the snapshot file size.
-    pub fn save_snapshot(&self, snapshot: &Snapshot, keep_entries: u64) -> Result<u64, StorageError> {
-        let size = self.snapshots.save(snapshot)?;
-        let index = snapshot.get_metadata().index;
-        let new_truncated = index.saturating_sub(keep_entries);
-        let (truncated_index, mut hs) = {
-            let st = self.read_state();
-            (st.truncated_index, st.hard_state.clone())
-        };
-        let mut batch = LogBatch::default();
-        // A restart applies from the snapshot, so the commit index must not be
-        // behind it (raft panics on applied > committed).
-        hs.commit = hs.commit.max(index);
-        batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &hs)?;
-        let mut compacted_to = None;
-        if new_truncated > truncated_index {
-            let term = raft::Storage::term(self, new_truncated)
-                .map_err(|e| StorageError::Corrupt(format!("term of {new_truncated}: {e}")))?;
-            let mut truncated = SnapshotMetadata::default();
-            truncated.index = new_truncated;
-            truncated.term = term;
-            batch.add_command(
-                GROUP,
-                Command::Compact {
-                    index: new_truncated + 1,
-                },
-            );
-            batch.put_message(GROUP, KEY_TRUNCATED.to_vec(), &truncated)?;
-            compacted_to = Some((new_truncated, term));
+    /// Compacts the log up to `index`: the store is durable past it, so
+    /// neither a restart nor a follower within the kept tail needs the
+    /// entries up to it.
+    pub fn compact_to(&self, index: u64) -> Result<(), StorageError> {
+        let truncated_index = self.read_state().truncated_index;
+        if index <= truncated_index {
+            return Ok(());
         }
+        let term =
+            raft::Storage::term(self, index).map_err(|e| StorageError::Corrupt(format!("term of {index}: {e}")))?;
+        let mut truncated = SnapshotMetadata::default();
+        truncated.index = index;
+        truncated.term = term;
+        let mut batch = LogBatch::default();
+        batch.add_command(GROUP, Command::Compact { index: index + 1 });
+        batch.put_message(GROUP, KEY_TRUNCATED.to_vec(), &truncated)?;
         self.engine.write(&mut batch, true)?;
         {
             let mut st = self.write_state();
-            st.hard_state = hs;
-            st.snapshot = Some(snapshot.clone());
-            st.snapshot_wanted = false;
-            if let Some((index, term)) = compacted_to {
-                st.truncated_index = index;
-                st.truncated_term = term;
-            }
+            st.truncated_index = index;
+            st.truncated_term = term;
         }
         // Old log files are deleted only by a purge pass.
         self.engine.purge_expired_files()?;
-        Ok(size)
+        Ok(())
     }
 
-    /// The newest durable snapshot.
-    pub fn newest_snapshot(&self) -> Option<Snapshot> {
-        self.read_state().snapshot.clone()
-    }
-
-    /// The index of the newest durable snapshot (0 if none).
-    pub fn snapshot_index(&self) -> u64 {
-        self.read_state()
-            .snapshot
-            .as_ref()
-            .map_or(0, |s| s.get_metadata().index)
-    }
-
-    /// True once, after raft asked for a snapshot newer than the newest one.
-    pub fn take_snapshot_request(&self) -> bool {
-        std::mem::take(&mut self.write_state().snapshot_wanted)
+    /// Raises the persisted commit index to `index` (entries the store has
+    /// applied were committed, whatever an unsynced HardState says).
+    pub fn raise_commit(&self, index: u64) -> Result<(), StorageError> {
+        let mut hs = self.hard_state();
+        if index <= hs.commit {
+            return Ok(());
+        }
+        hs.commit = index;
+        self.append(&[], Some(&hs), true)
     }
 
     /// The persisted HardState.
@@ -305,12 +244,7 @@ impl RaftStorage {
 impl raft::Storage for RaftStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let st = self.read_state();
-        let conf_state: ConfState = st
-            .snapshot
-            .as_ref()
-            .map(|s| s.get_metadata().get_conf_state().clone())
-            .unwrap_or_default();
-        Ok(RaftState::new(st.hard_state.clone(), conf_state))
+        Ok(RaftState::new(st.hard_state.clone(), st.conf_state.clone()))
     }
 
     fn entries(
@@ -363,25 +297,39 @@ impl raft::Storage for RaftStorage {
         Ok(self.last_index_locked(&st))
     }
 
+    /// A snapshot for follower `to`: a view of the store pinned now, which
+    /// the transport streams; the message itself carries only metadata.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let mut st = self.write_state();
-        // A node only accepts a snapshot whose membership includes it, so a
-        // node added after the newest snapshot needs a fresh one.
-        let usable = |s: &Snapshot| {
-            let meta = s.get_metadata();
-            meta.index >= request_index
-                && meta.index >= st.truncated_index
-                && crate::state_machine::conf_ids(meta.get_conf_state()).any(|id| id == to)
+        let unavailable = || raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable);
+        let Some(store) = &self.store else {
+            return Err(unavailable());
         };
-        match &st.snapshot {
-            Some(s) if usable(s) => Ok(s.clone()),
-            _ => {
-                // The raft loop sees the flag and snapshots the state machine;
-                // raft asks again on its next attempt.
-                st.snapshot_wanted = true;
-                Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable))
-            }
+        let header = store
+            .pin_for(to)
+            .map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?;
+        let meta = crate::state_machine::StateMeta::from_header(&header)
+            .map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?;
+        // A node only accepts a snapshot whose membership includes it; a node
+        // being added is in it once the change is applied.
+        let usable = header.index >= request_index
+            && header.index >= self.read_state().truncated_index
+            && crate::state_machine::conf_ids(meta.conf_state()).any(|id| id == to);
+        if !usable {
+            store.take_pinned(to, header.index);
+            return Err(unavailable());
         }
+        ::metrics::counter!(crate::metrics::SNAPSHOTS, "kind" => "created").increment(1);
+        let mut snapshot = Snapshot::default();
+        snapshot.data = SnapshotDescriptor {
+            cluster_id: header.cluster_id,
+        }
+        .encode_to_vec()
+        .into();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = header.index;
+        metadata.term = header.term;
+        metadata.set_conf_state(meta.conf_state().clone());
+        Ok(snapshot)
     }
 }
 
@@ -410,17 +358,8 @@ mod tests {
         h
     }
 
-    fn snapshot_at(index: u64, term: u64) -> Snapshot {
-        let mut s = Snapshot::default();
-        s.mut_metadata().index = index;
-        s.mut_metadata().term = term;
-        s.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
-        s.data = b"state".to_vec().into();
-        s
-    }
-
     fn open(dir: &Path) -> RaftStorage {
-        RaftStorage::open(dir).unwrap().0
+        RaftStorage::open(dir).unwrap()
     }
 
     fn all(s: &RaftStorage) -> Vec<(u64, u64)> {
@@ -476,12 +415,12 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_compacts_behind_it_keeping_a_tail() {
+    fn compaction_keeps_the_tail_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path());
             s.append(&entries(1..=100, 3), Some(&hs(3, 1, 90)), true).unwrap();
-            s.save_snapshot(&snapshot_at(90, 3), 20).unwrap();
+            s.compact_to(70).unwrap();
             assert_eq!(s.first_index().unwrap(), 71);
             assert_eq!(s.term(70).unwrap(), 3, "term of the truncation point is kept");
             assert!(matches!(
@@ -492,61 +431,33 @@ mod tests {
                 s.entries(50, 60, None, GetEntriesContext::empty(false)),
                 Err(raft::Error::Store(RaftStorageError::Compacted))
             ));
-            assert_eq!(s.snapshot(0, 2).unwrap().get_metadata().index, 90);
-            assert!(s.snapshot(95, 2).is_err(), "a newer snapshot is asked for");
-            assert!(s.take_snapshot_request());
-            assert!(s.snapshot(0, 4).is_err(), "node 4 is not in the snapshot's membership");
-            assert!(s.take_snapshot_request());
-            assert!(!s.take_snapshot_request());
+            s.compact_to(60).unwrap();
+            assert_eq!(s.first_index().unwrap(), 71, "never backwards");
         }
         let s = open(dir.path());
         assert_eq!(s.first_index().unwrap(), 71);
         assert_eq!(s.last_index().unwrap(), 100);
-        assert_eq!(s.snapshot_index(), 90);
-        assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(s.truncated(), (70, 3));
+        s.verify_entries().unwrap();
     }
 
     #[test]
-    fn a_damaged_newest_snapshot_is_reported_and_the_node_refuses_to_start() {
+    fn without_a_store_raft_is_told_to_wait_for_a_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let s = open(dir.path());
-            s.append(&entries(1..=100, 3), Some(&hs(3, 1, 100)), true).unwrap();
-            s.save_snapshot(&snapshot_at(40, 3), 20).unwrap();
-            s.save_snapshot(&snapshot_at(90, 3), 20).unwrap();
-        }
-        let newest = dir
-            .path()
-            .join("snapshots")
-            .join(format!("snap-{:020}-{:020}.snap", 90, 3));
-        let mut bytes = std::fs::read(&newest).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(&newest, &bytes).unwrap();
-        // The previous snapshot (40) is behind the compacted log (70): it can't
-        // rebuild the state, so the node says so instead of serving.
-        let err = RaftStorage::open(dir.path())
-            .err()
-            .expect("opened with a damaged newest snapshot");
-        let err = err.to_string();
-        assert!(
-            err.contains("compacted up to 70") && err.contains("add it again"),
-            "{err}"
-        );
-        assert_eq!(
-            std::fs::read(&newest).unwrap(),
-            bytes,
-            "the damaged file is left as it is"
-        );
+        let s = open(dir.path());
+        assert!(matches!(
+            s.snapshot(0, 2),
+            Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable))
+        ));
     }
 
     #[test]
-    fn installing_a_snapshot_replaces_the_log() {
+    fn starting_at_a_snapshot_replaces_the_log() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path());
             s.append(&entries(1..=10, 1), Some(&hs(1, 0, 5)), true).unwrap();
-            s.install_snapshot(&snapshot_at(50, 4)).unwrap();
+            s.start_at(50, 4).unwrap();
             assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (51, 50));
             assert_eq!(s.term(50).unwrap(), 4);
             assert_eq!(s.hard_state().commit, 50);
@@ -557,18 +468,30 @@ mod tests {
     }
 
     #[test]
-    fn an_install_interrupted_after_the_snapshot_file_is_completed_at_open() {
+    fn a_damaged_entry_is_found_at_start_as_damage() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = open(dir.path());
-            s.append(&entries(1..=10, 1), Some(&hs(1, 0, 5)), true).unwrap();
-            // Crash right after the file is durable, before the log reset.
-            s.snapshots.save(&snapshot_at(50, 4)).unwrap();
+            for i in 1..=40 {
+                s.append(&entries(i..=i, 1), None, true).unwrap();
+            }
         }
-        let (s, report) = RaftStorage::open(dir.path()).unwrap();
-        assert!(report.completed_snapshot_install);
-        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (51, 50));
-        assert!(s.hard_state().commit >= 50);
+        // Flip a byte inside an early entry's data ("e5t1"): raft-engine's
+        // recovery reads only batch footers, so only a read finds it.
+        let newest = newest_log_file(dir.path());
+        let mut bytes = std::fs::read(&newest).unwrap();
+        let at = bytes
+            .windows(4)
+            .position(|w| w == b"e5t1")
+            .expect("entry 5 is in the file");
+        bytes[at] ^= 0x01;
+        std::fs::write(&newest, &bytes).unwrap();
+        let s = open(dir.path());
+        let err = s
+            .verify_entries()
+            .expect_err("a damaged entry went unnoticed")
+            .to_string();
+        assert!(err.contains("damaged"), "{err}");
     }
 
     #[test]
@@ -581,14 +504,7 @@ mod tests {
             }
         }
         // Tear the last write: chop bytes off the end of the newest log file.
-        let log_dir = dir.path().join("raft-log");
-        let mut files: Vec<_> = std::fs::read_dir(&log_dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
-            .collect();
-        files.sort();
-        let newest = files.last().unwrap();
+        let newest = &newest_log_file(dir.path());
         let len = std::fs::metadata(newest).unwrap().len();
         // raft-engine preallocates; find the real end by the last non-zero byte.
         let bytes = std::fs::read(newest).unwrap();
@@ -610,18 +526,13 @@ mod tests {
         assert_eq!(open(dir.path()).last_index().unwrap(), last + 3);
     }
 
-    #[test]
-    fn a_log_compacted_past_every_usable_snapshot_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = open(dir.path());
-            s.append(&entries(1..=100, 1), None, true).unwrap();
-            s.save_snapshot(&snapshot_at(90, 1), 10).unwrap();
-        }
-        for f in std::fs::read_dir(dir.path().join("snapshots")).unwrap() {
-            std::fs::remove_file(f.unwrap().path()).unwrap();
-        }
-        let err = RaftStorage::open(dir.path()).err().unwrap();
-        assert!(err.to_string().contains("wipe its data dir"), "{err}");
+    fn newest_log_file(dir: &Path) -> std::path::PathBuf {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(LOG_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+            .collect();
+        files.sort();
+        files.pop().unwrap()
     }
 }

@@ -6,7 +6,9 @@
 //! What crosses a link is exactly what the TCP transport delivers: an
 //! `Inbox::Raft` with the sender's id, advertised address and cluster id, so
 //! the raft loop's own checks (the peer guard's rules on the live raft state)
-//! run on every message.
+//! run on every message. A snapshot message's state is streamed the same
+//! way as over TCP (frames from the sender's pinned view into the receiver's
+//! stager) before the message is delivered.
 
 #![allow(dead_code)]
 
@@ -18,7 +20,8 @@ use kvraft::config::NodeConfig;
 use kvraft::node::transport::{LocalPeer, Transport, TransportContext, TransportFactory};
 use kvraft::node::{Error, Inbox, NodeHandle};
 use kvraft::proto::{command, Command, DeleteRequest, SetRequest};
-use kvraft::storage::StorageError;
+use kvraft::storage::snapshot_stream::{SnapshotFrames, SnapshotStager};
+use kvraft::storage::{StateStore, StorageError};
 use raft::prelude::{Message, MessageType};
 
 /// The links between nodes: who can reach whom, and how late.
@@ -30,7 +33,7 @@ pub struct Network {
 #[derive(Default)]
 struct NetState {
     /// Who listens at each peer address, and their inbox.
-    inboxes: HashMap<String, (u64, kvraft::node::InboxSender)>,
+    inboxes: HashMap<String, (u64, kvraft::node::InboxSender, Arc<StateStore>)>,
     /// (from, to) pairs whose messages are lost.
     cut: HashSet<(u64, u64)>,
     /// (from, to) pairs whose messages arrive this much later.
@@ -87,14 +90,20 @@ struct MemTransport {
     cluster_id: u64,
     reports: kvraft::node::ControlSender,
     runtime: tokio::runtime::Handle,
+    store: Arc<StateStore>,
 }
 
 impl Network {
     /// Delivers `envelope` from `from` to the node listening at `addr`, if
     /// the link is up at this moment; counts it when it arrives.
     fn deliver(&self, from: u64, addr: &str, envelope: Inbox) -> bool {
+        if let Inbox::Raft { message, .. } = &envelope {
+            if message.get_msg_type() == MessageType::MsgSnapshot && !self.stream_snapshot(from, addr, message) {
+                return false;
+            }
+        }
         let mut state = self.state.lock().unwrap();
-        let Some((to, inbox)) = state.inboxes.get(addr).cloned() else {
+        let Some((to, inbox, _)) = state.inboxes.get(addr).cloned() else {
             return false;
         };
         if state.cut.contains(&(from, to)) || inbox.try_send(envelope).is_err() {
@@ -102,6 +111,47 @@ impl Network {
         }
         *state.delivered.entry((from, to)).or_default() += 1;
         true
+    }
+}
+
+impl Network {
+    /// Streams the state of snapshot `message` from `from`'s pinned view
+    /// into the stager of the node at `addr`, frame by frame (each frame
+    /// lost if the link is cut meanwhile). True once it is staged.
+    fn stream_snapshot(&self, from: u64, addr: &str, message: &Message) -> bool {
+        let (to, sender_store, receiver_store) = {
+            let state = self.state.lock().unwrap();
+            let Some((to, _, receiver)) = state.inboxes.get(addr).cloned() else {
+                return false;
+            };
+            let sender = state
+                .inboxes
+                .values()
+                .find(|(id, _, _)| *id == from)
+                .map(|v| v.2.clone());
+            let Some(sender) = sender else { return false };
+            (to, sender, receiver)
+        };
+        let index = message.get_snapshot().get_metadata().index;
+        let Some(view) = sender_store.take_pinned(to, index) else {
+            return false;
+        };
+        let Ok(frames) = SnapshotFrames::new(view, from) else {
+            return false;
+        };
+        let mut stager = SnapshotStager::new(&receiver_store.incoming_dir(), 0);
+        for frame in frames {
+            let Ok(frame) = frame else { return false };
+            if self.state.lock().unwrap().cut.contains(&(from, to)) {
+                return false;
+            }
+            match stager.push(&frame, |h| receiver_store.staged_path(h.index, h.term)) {
+                Ok(Some(_)) => return true,
+                Ok(None) => {}
+                Err(_) => return false,
+            }
+        }
+        false
     }
 }
 
@@ -141,8 +191,13 @@ impl Transport for MemTransport {
             Some(delay) => {
                 self.runtime.spawn(async move {
                     tokio::time::sleep(delay).await;
-                    report(net.deliver(from, &addr, envelope));
+                    let _ = tokio::task::spawn_blocking(move || report(net.deliver(from, &addr, envelope))).await;
                 });
+            }
+            // Snapshots stream off the raft thread, as over TCP.
+            None if snapshot => {
+                self.runtime
+                    .spawn_blocking(move || report(net.deliver(from, &addr, envelope)));
             }
             None => report(net.deliver(from, &addr, envelope)),
         }
@@ -214,6 +269,7 @@ impl MemCluster {
                     cluster_id: context.cluster_id,
                     reports: context.reports,
                     runtime,
+                    store: context.store,
                 }) as Box<dyn Transport>
             });
             let mut node_config = config(dir.path(), id, &members);
@@ -225,7 +281,7 @@ impl MemCluster {
                 .lock()
                 .unwrap()
                 .inboxes
-                .insert(peer_addr(id), (id, prepared.inbox.clone()));
+                .insert(peer_addr(id), (id, prepared.inbox.clone(), prepared.handle.store()));
             let thread = kvraft::node::spawn(prepared.raft_loop, id, prepared.lock).unwrap();
             nodes.insert(
                 id,
@@ -301,7 +357,7 @@ impl MemCluster {
     /// What node `id` has applied for `key`, without asking anyone.
     pub fn local_get(&self, id: u64, key: &str) -> Option<String> {
         self.handle(id)
-            .read(|sm| sm.get(key.as_bytes()).cloned())
+            .read(|sm| sm.get(key.as_bytes()).unwrap())
             .map(|v| String::from_utf8(v).unwrap())
     }
 

@@ -81,6 +81,7 @@ impl Probe {
             from_id: self.from_id,
             from_peer_addr: String::new(),
             raft_message: Vec::new(),
+            snapshot_stream: false,
         };
         self.send_frame(envelope.encode_to_vec()).await
     }
@@ -92,6 +93,7 @@ impl Probe {
             from_id: self.from_id,
             from_peer_addr: String::new(),
             raft_message: message.write_to_bytes().unwrap(),
+            snapshot_stream: false,
         };
         self.send_frame(envelope.encode_to_vec()).await
     }

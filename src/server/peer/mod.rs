@@ -11,6 +11,7 @@
 
 pub mod outbound;
 mod slots;
+mod snapshot;
 mod standing;
 
 use std::net::SocketAddr;
@@ -65,6 +66,7 @@ struct Shared {
     members: Members,
     pending: Arc<PendingSlots>,
     sessions: Arc<Sessions>,
+    snapshot_streams: Arc<slots::SnapshotStreams>,
     log: RefusalLog,
 }
 
@@ -75,6 +77,7 @@ pub async fn serve(listener: TcpListener, context: PeerContext, mut stop: watch:
         context,
         pending: Arc::default(),
         sessions: Arc::default(),
+        snapshot_streams: Arc::default(),
         log: RefusalLog::new("refused peer input", LOG_EVERY),
     });
     let mut acceptor = Acceptor::new(listener, "peer");
@@ -109,7 +112,7 @@ impl Shared {
     }
 }
 
-type Refused = (ConnectionRefusal, String);
+pub(super) type Refused = (ConnectionRefusal, String);
 
 /// Serves one inbound connection; an error says why it was refused.
 async fn connection(stream: TcpStream, remote: SocketAddr, slot: PendingSlot, shared: &Shared) -> Result<(), Refused> {
@@ -220,8 +223,19 @@ where
         return Err((refusal, rejection.message));
     }
     let admitted_while_joining = admit(sender, &peer, shared).await?;
-    // Proven: no longer pending, but this node's one session.
     drop(slot);
+    if hello.snapshot_stream {
+        // One stream at a time per sender; it does not replace the sender's
+        // raft session.
+        let Some(_stream) = shared.snapshot_streams.start(sender) else {
+            return Err((
+                ConnectionRefusal::TooManyConnections,
+                format!("node {sender} opened a second snapshot stream while one is running"),
+            ));
+        };
+        return snapshot::receive(&mut frames, &mut replies, sender, shared).await;
+    }
+    // Proven: no longer pending, but this node's one session.
     let session = shared.sessions.start(sender);
     frames.set_max_frame(codec::PEER_MAX_FRAME);
     // Admitted while this node knew no members: checked again, in full, once

@@ -39,6 +39,7 @@ struct Peer {
 /// The outbound side of the peer protocol over TCP (and TLS).
 pub struct TcpTransport {
     local: LocalPeer,
+    store: Arc<crate::storage::StateStore>,
     cluster_id: u64,
     peers: HashMap<u64, Peer>,
     runtime: tokio::runtime::Handle,
@@ -52,11 +53,26 @@ impl TcpTransport {
     pub fn new(context: TransportContext, runtime: tokio::runtime::Handle, tls: Option<Arc<PeerTls>>) -> Self {
         TcpTransport {
             local: context.local,
+            store: context.store,
             cluster_id: context.cluster_id,
             peers: HashMap::new(),
             runtime,
             reports: context.reports,
             tls,
+        }
+    }
+}
+
+impl TcpTransport {
+    /// A task speaking to peer `to` at `addr` on this node's behalf.
+    fn peer_task(&self, to: u64, addr: &str) -> PeerTask {
+        PeerTask {
+            to,
+            addr: addr.to_string(),
+            local: self.local.clone(),
+            cluster_id: self.cluster_id,
+            reports: self.reports.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -82,24 +98,24 @@ impl Transport for TcpTransport {
         if stale {
             self.peers.remove(&to);
         }
-        let peer = self.peers.entry(to).or_insert_with(|| {
+        if !self.peers.contains_key(&to) {
             let (tx, rx) = tokio_mpsc::channel(QUEUE);
-            let task = PeerTask {
-                to,
-                addr: addr.to_string(),
-                local: self.local.clone(),
-                cluster_id: self.cluster_id,
-                reports: self.reports.clone(),
-                tls: self.tls.clone(),
-            };
             metrics::zero_peer(to);
-            self.runtime.spawn(task.run(rx));
-            Peer {
+            self.runtime.spawn(self.peer_task(to, addr).run(rx));
+            let peer = Peer {
                 addr: addr.to_string(),
                 queue: tx,
-            }
-        });
-        peer.queue.try_send(message).is_ok()
+            };
+            self.peers.insert(to, peer);
+        }
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            // The state goes on its own connection, streamed; the raft
+            // session keeps flowing meanwhile.
+            let stream = super::snapshot::send(self.peer_task(to, addr), message, self.store.clone());
+            self.runtime.spawn(stream);
+            return true;
+        }
+        self.peers[&to].queue.try_send(message).is_ok()
     }
 
     fn forget(&mut self, id: u64) {
@@ -108,26 +124,26 @@ impl Transport for TcpTransport {
 }
 
 /// Why a connection to a peer could not be made.
-enum ConnectFailure {
+pub(super) enum ConnectFailure {
     /// Unreachable for now (refused, timed out): retried quietly.
     Network(String),
     /// TLS or the peer's identity is wrong: needs an operator.
     Identity(String),
 }
 
-struct PeerTask {
-    to: u64,
-    addr: String,
-    local: LocalPeer,
-    cluster_id: u64,
-    reports: ControlSender,
-    tls: Option<Arc<PeerTls>>,
+pub(super) struct PeerTask {
+    pub(super) to: u64,
+    pub(super) addr: String,
+    pub(super) local: LocalPeer,
+    pub(super) cluster_id: u64,
+    pub(super) reports: ControlSender,
+    pub(super) tls: Option<Arc<PeerTls>>,
 }
 
 impl PeerTask {
     /// Connects, with TLS when it is on: the peer's certificate must chain to
     /// the peer CA, be valid for the address's host, and name node `to`.
-    async fn connect(&self) -> Result<Box<dyn ByteStream>, ConnectFailure> {
+    pub(super) async fn connect(&self) -> Result<Box<dyn ByteStream>, ConnectFailure> {
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Err(ConnectFailure::Network(e.to_string())),
@@ -294,22 +310,29 @@ impl PeerTask {
         counter!(metrics::PEER_SEND_FAILURES, "peer" => self.to.to_string()).increment(1);
     }
 
-    fn envelope(&self, message: &Message) -> bytes::Bytes {
+    pub(super) fn envelope(&self, message: &Message) -> bytes::Bytes {
         codec::encode(&PeerEnvelope {
             cluster_id: self.cluster_id,
             from_id: self.local.id,
             from_peer_addr: self.local.peer_addr.clone(),
             raft_message: message.write_to_bytes().expect("raft messages always encode"),
+            snapshot_stream: false,
         })
     }
 
     /// The first envelope on a connection: who we are, no raft message.
     fn hello(&self) -> bytes::Bytes {
+        self.hello_for(false)
+    }
+
+    /// A hello; `snapshot_stream` says the connection carries one snapshot.
+    pub(super) fn hello_for(&self, snapshot_stream: bool) -> bytes::Bytes {
         codec::encode(&PeerEnvelope {
             cluster_id: self.cluster_id,
             from_id: self.local.id,
             from_peer_addr: self.local.peer_addr.clone(),
             raft_message: Vec::new(),
+            snapshot_stream,
         })
     }
 

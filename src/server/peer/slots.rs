@@ -9,6 +9,7 @@
 //!   session of the same node closes the older one (a node keeps one
 //!   connection to each peer; a newer one means it reconnected), so the
 //!   number of sessions is bounded by the members.
+//! - **A snapshot stream** is a session of its own, one per sender at a time.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -205,5 +206,38 @@ mod tests {
             .is_some_and(|(n, _)| *n == second.number));
         drop((other, second));
         assert!(sessions.by_node.lock().unwrap().is_empty());
+    }
+}
+
+/// The senders with a snapshot stream running.
+#[derive(Default)]
+pub struct SnapshotStreams {
+    running: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Held while a snapshot stream runs; frees its sender's slot when dropped.
+pub struct SnapshotStream {
+    streams: Arc<SnapshotStreams>,
+    sender: u64,
+}
+
+impl SnapshotStreams {
+    /// Starts `sender`'s stream, unless one is running already.
+    pub fn start(self: &Arc<Self>, sender: u64) -> Option<SnapshotStream> {
+        let fresh = self.running.lock().expect("streams lock poisoned").insert(sender);
+        fresh.then(|| SnapshotStream {
+            streams: self.clone(),
+            sender,
+        })
+    }
+}
+
+impl Drop for SnapshotStream {
+    fn drop(&mut self) {
+        self.streams
+            .running
+            .lock()
+            .expect("streams lock poisoned")
+            .remove(&self.sender);
     }
 }

@@ -1,0 +1,538 @@
+//! The state machine's data on disk: one redb database, `DATA_DIR/state.redb`.
+//!
+//! Tables (the schema; see `proto/kvraft.proto` for the records):
+//!
+//! ```text
+//! meta   "state"  -> SnapshotHeader: applied index and term, ConfState,
+//!                    members, removed ids, cluster id, format
+//! kv     user key -> StoredValue: value, create/mod revision, version, lease
+//! ```
+//!
+//! Reserved for the coordination API, in the same file and so without a
+//! migration: `history` (revision -> change, for watch) and `leases`.
+//!
+//! Every batch of committed entries is applied in one write transaction that
+//! also writes `meta`, so data and applied index never disagree. Those
+//! commits are not fsynced (the raft log already is): the raft loop makes one
+//! durable every so often ([`StoreWriter::commit`] with `durable`), and the log
+//! is compacted only behind the durable one. After a crash redb comes back at
+//! its last durable commit and raft replays the entries after it.
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use super::StorageError;
+use crate::proto::{KeyValue, SnapshotHeader, StoredValue};
+
+/// The store's file under the data dir.
+pub const STORE_FILE: &str = "state.redb";
+/// Where received snapshots are built and verified before they are installed.
+pub const INCOMING_DIR: &str = "snapshot-incoming";
+/// The record format this code writes (`SnapshotHeader::format`).
+pub const FORMAT: u32 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+const META_STATE: &str = "state";
+/// `SnapshotRecord::table` of the kv table.
+pub const TABLE_KV: u32 = 1;
+
+/// A pinned view for a follower is dropped after this long unused: it holds
+/// pages the store can't reuse.
+const PIN_TTL: Duration = Duration::from_secs(120);
+
+impl From<redb::Error> for StorageError {
+    fn from(e: redb::Error) -> Self {
+        match e {
+            redb::Error::Corrupted(what) => StorageError::Corrupt(format!("state store: {what}")),
+            other => StorageError::Store(other.to_string()),
+        }
+    }
+}
+
+macro_rules! store_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                redb::Error::from(e).into()
+            }
+        }
+    )*};
+}
+store_error_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// The state machine's store. Cheap to share (`Arc`); one writer at a time
+/// (the raft loop), any number of readers, which never wait for it.
+pub struct StateStore {
+    dir: PathBuf,
+    cache_bytes: usize,
+    /// Swapped whole when a snapshot from the leader is installed; readers
+    /// holding the old one finish on it. `None` once closed.
+    db: RwLock<Option<Arc<Database>>>,
+    /// The applied index of the last fsynced commit.
+    durable_index: AtomicU64,
+    /// Views pinned for followers that need a snapshot, by follower id.
+    pinned: Mutex<HashMap<u64, Pinned>>,
+}
+
+struct Pinned {
+    view: StoreView,
+    at: Instant,
+}
+
+/// A consistent read view of the whole store (a read transaction) with the
+/// state it was taken at.
+pub struct StoreView {
+    txn: ReadTransaction,
+    /// Applied index, term, membership as of this view.
+    pub header: SnapshotHeader,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore").field("dir", &self.dir).finish()
+    }
+}
+
+/// Opens a redb file with our cache size, failing (not blocking) if another
+/// process has it.
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StorageError> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_bytes);
+    Ok(builder.create(path)?)
+}
+
+fn read_header(txn: &ReadTransaction) -> Result<SnapshotHeader, StorageError> {
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(SnapshotHeader::default()),
+        Err(e) => return Err(e.into()),
+    };
+    match meta.get(META_STATE)? {
+        Some(bytes) => SnapshotHeader::decode(bytes.value())
+            .map_err(|e| StorageError::Corrupt(format!("state store: the state record does not decode: {e}"))),
+        None => Ok(SnapshotHeader::default()),
+    }
+}
+
+fn decode_value(bytes: &[u8]) -> Result<StoredValue, StorageError> {
+    StoredValue::decode(bytes)
+        .map_err(|e| StorageError::Corrupt(format!("state store: a value record does not decode: {e}")))
+}
+
+impl StateStore {
+    /// The store file of a data dir.
+    pub fn path_in(data_dir: &Path) -> PathBuf {
+        data_dir.join(STORE_FILE)
+    }
+
+    /// Opens (or creates, empty) the store of a data dir, with a page cache of
+    /// `cache_bytes`.
+    pub fn open(data_dir: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
+        let db = open_db(&Self::path_in(data_dir), cache_bytes)?;
+        let store = StateStore {
+            dir: data_dir.to_path_buf(),
+            cache_bytes,
+            db: RwLock::new(Some(Arc::new(db))),
+            durable_index: AtomicU64::new(0),
+            pinned: Mutex::default(),
+        };
+        // Whatever redb opened is what survived: its last durable commit.
+        let applied = store.header()?.index;
+        store.durable_index.store(applied, Ordering::Release);
+        Ok(store)
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StorageError> {
+        self.db
+            .read()
+            .expect("store lock poisoned")
+            .clone()
+            .ok_or_else(|| StorageError::Store("the node has stopped; its state store is closed".into()))
+    }
+
+    /// Closes the store when the node stops, so the file (and its lock) is
+    /// free once the last in-flight read finishes, even while handles to
+    /// this object live on.
+    pub fn close(&self) {
+        self.pinned.lock().expect("pin lock poisoned").clear();
+        self.db.write().expect("store lock poisoned").take();
+    }
+
+    /// A consistent read view of everything.
+    pub fn view(&self) -> Result<StoreView, StorageError> {
+        let txn = self.db()?.begin_read()?;
+        let header = read_header(&txn)?;
+        Ok(StoreView { txn, header })
+    }
+
+    /// The state record as of the last commit.
+    pub fn header(&self) -> Result<SnapshotHeader, StorageError> {
+        read_header(&self.db()?.begin_read()?)
+    }
+
+    /// One key's record.
+    pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        let txn = self.db()?.begin_read()?;
+        let kv = match txn.open_table(KV) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match kv.get(key)? {
+            Some(v) => Ok(Some(decode_value(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> Result<u64, StorageError> {
+        let txn = self.db()?.begin_read()?;
+        match txn.open_table(KV) {
+            Ok(t) => Ok(t.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> Result<bool, StorageError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Keys in `[from, to)` (empty `to`: unbounded) that start with `prefix`,
+    /// at most `limit` pairs (0: no limit) and about `max_bytes` of keys and
+    /// values (at least one pair).
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<ScanPage, StorageError> {
+        let txn = self.db()?.begin_read()?;
+        let kv = match txn.open_table(KV) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(ScanPage::default()),
+            Err(e) => return Err(e.into()),
+        };
+        let start = if from > prefix { from } else { prefix };
+        let upper = if to.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(to)
+        };
+        let mut page = ScanPage::default();
+        let mut bytes = 0usize;
+        for item in kv.range::<&[u8]>((Bound::Included(start), upper))? {
+            let (key, value) = item?;
+            let key = key.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let value = decode_value(value.value())?.value;
+            let size = key.len() + value.len() + 8;
+            if (limit > 0 && page.pairs.len() >= limit) || (!page.pairs.is_empty() && bytes + size > max_bytes) {
+                page.more = true;
+                break;
+            }
+            bytes += size;
+            page.pairs.push(KeyValue {
+                key: key.to_vec(),
+                value,
+            });
+        }
+        Ok(page)
+    }
+
+    /// Starts a batch of writes (the raft loop's, one at a time).
+    pub fn writer(&self) -> Result<StoreWriter<'_>, StorageError> {
+        let mut txn = self.db()?.begin_write()?;
+        txn.set_durability(Durability::None);
+        Ok(StoreWriter {
+            txn,
+            durable_index: Some(&self.durable_index),
+        })
+    }
+
+    /// Makes every commit so far durable.
+    pub fn make_durable(&self) -> Result<(), StorageError> {
+        let writer = self.writer()?;
+        let header = writer.header()?;
+        writer.commit(&header, true)
+    }
+
+    /// The applied index of the last fsynced commit: what a crash can't take
+    /// back, and what the raft log may be compacted behind.
+    pub fn durable_index(&self) -> u64 {
+        self.durable_index.load(Ordering::Acquire)
+    }
+
+    /// The store file's size on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        std::fs::metadata(Self::path_in(&self.dir)).map_or(0, |m| m.len())
+    }
+
+    /// Pins a view for follower `to` and returns its header (raft's snapshot
+    /// metadata); the transport takes the view with [`Self::take_pinned`].
+    pub fn pin_for(&self, to: u64) -> Result<SnapshotHeader, StorageError> {
+        let view = self.view()?;
+        let header = view.header.clone();
+        let mut pinned = self.pinned.lock().expect("pin lock poisoned");
+        pinned.retain(|_, p| p.at.elapsed() < PIN_TTL);
+        pinned.insert(
+            to,
+            Pinned {
+                view,
+                at: Instant::now(),
+            },
+        );
+        Ok(header)
+    }
+
+    /// The view pinned for `to` at `index`, if it is still there.
+    pub fn take_pinned(&self, to: u64, index: u64) -> Option<StoreView> {
+        let mut pinned = self.pinned.lock().expect("pin lock poisoned");
+        match pinned.remove(&to) {
+            Some(p) if p.view.header.index == index => Some(p.view),
+            Some(p) => {
+                pinned.insert(to, p);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Where received snapshots are staged.
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.dir.join(INCOMING_DIR)
+    }
+
+    /// Where the verified state of a received snapshot at `(index, term)` waits
+    /// for raft to accept it.
+    pub fn staged_path(&self, index: u64, term: u64) -> PathBuf {
+        self.incoming_dir().join(format!("{index:020}-{term:020}.redb"))
+    }
+
+    /// Replaces the whole store with a staged (received, verified, fsynced)
+    /// one, atomically: a rename over the store file. Readers on the old
+    /// store finish on it.
+    pub fn install(&self, staged: &Path) -> Result<SnapshotHeader, StorageError> {
+        let target = Self::path_in(&self.dir);
+        let mut slot = self.db.write().expect("store lock poisoned");
+        std::fs::rename(staged, &target).map_err(StorageError::io(format!(
+            "rename {} to {}",
+            staged.display(),
+            target.display()
+        )))?;
+        super::fs_util::sync_dir(&self.dir)?;
+        *slot = Some(Arc::new(open_db(&target, self.cache_bytes)?));
+        drop(slot);
+        self.pinned.lock().expect("pin lock poisoned").clear();
+        let header = self.header()?;
+        self.durable_index.store(header.index, Ordering::Release);
+        Ok(header)
+    }
+
+    /// Checks every page's checksum (slow: reads the whole file).
+    pub fn check_integrity(data_dir: &Path) -> Result<(), StorageError> {
+        let mut db = open_db(&Self::path_in(data_dir), 16 << 20)?;
+        db.check_integrity()?;
+        Ok(())
+    }
+}
+
+/// A raw kv record: the key and its encoded `StoredValue`.
+pub type Record = (Vec<u8>, Vec<u8>);
+
+/// One page of a scan.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The pairs, in key order.
+    pub pairs: Vec<KeyValue>,
+    /// More pairs matched than fit the limits.
+    pub more: bool,
+}
+
+/// A batch of writes in one transaction; nothing is visible until
+/// [`StoreWriter::commit`], and dropping it discards the batch.
+pub struct StoreWriter<'a> {
+    txn: redb::WriteTransaction,
+    /// Where a durable commit records its applied index.
+    durable_index: Option<&'a AtomicU64>,
+}
+
+/// Writes one raw record of `table` (from a snapshot stream).
+fn put_record(txn: &redb::WriteTransaction, table: u32, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+    match table {
+        TABLE_KV => {
+            txn.open_table(KV)?.insert(key, value)?;
+            Ok(())
+        }
+        other => Err(StorageError::Corrupt(format!(
+            "a snapshot record names table {other}, which this version does not know; upgrade this node"
+        ))),
+    }
+}
+
+impl StoreWriter<'_> {
+    /// The state record as of this batch.
+    pub fn header(&self) -> Result<SnapshotHeader, StorageError> {
+        let meta = self.txn.open_table(META)?;
+        let found = meta.get(META_STATE)?;
+        match found {
+            Some(bytes) => SnapshotHeader::decode(bytes.value())
+                .map_err(|e| StorageError::Corrupt(format!("state store: the state record does not decode: {e}"))),
+            None => Ok(SnapshotHeader::default()),
+        }
+    }
+
+    /// A key's record as of this batch.
+    pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        let kv = self.txn.open_table(KV)?;
+        let found = kv.get(key)?;
+        match found {
+            Some(v) => Ok(Some(decode_value(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets a key's record.
+    pub fn put(&self, key: &[u8], value: &StoredValue) -> Result<(), StorageError> {
+        let mut kv = self.txn.open_table(KV)?;
+        kv.insert(key, value.encode_to_vec().as_slice())?;
+        Ok(())
+    }
+
+    /// Removes a key; returns whether it existed.
+    pub fn remove(&self, key: &[u8]) -> Result<bool, StorageError> {
+        let mut kv = self.txn.open_table(KV)?;
+        let existed = kv.remove(key)?.is_some();
+        Ok(existed)
+    }
+
+    /// Commits the batch with `header` as the state it leads to; fsynced
+    /// when `durable`.
+    pub fn commit(mut self, header: &SnapshotHeader, durable: bool) -> Result<(), StorageError> {
+        self.txn
+            .open_table(META)?
+            .insert(META_STATE, header.encode_to_vec().as_slice())?;
+        if durable {
+            self.txn.set_durability(Durability::Immediate);
+            // Recovery after a crash then needs no full scan of the file.
+            self.txn.set_quick_repair(true);
+        }
+        self.txn.commit()?;
+        if let (true, Some(durable_index)) = (durable, self.durable_index) {
+            durable_index.store(header.index, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+impl StoreView {
+    /// Every kv record in key order, as (key, encoded `StoredValue`).
+    pub fn records(&self) -> Result<impl Iterator<Item = Result<Record, StorageError>>, StorageError> {
+        let kv = match self.txn.open_table(KV) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let range = match &kv {
+            Some(t) => Some(t.range::<&[u8]>(..)?),
+            None => None,
+        };
+        Ok(range.into_iter().flatten().map(|item| {
+            let (k, v) = item?;
+            Ok((k.value().to_vec(), v.value().to_vec()))
+        }))
+    }
+
+    /// Number of kv records in the view.
+    pub fn len(&self) -> Result<u64, StorageError> {
+        match self.txn.open_table(KV) {
+            Ok(t) => Ok(t.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// True when the view holds no key.
+    pub fn is_empty(&self) -> Result<bool, StorageError> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// A new, empty store file to fill from a snapshot stream; it becomes a store
+/// only when [`StoreBuilder::finish`] commits it durably.
+pub struct StoreBuilder {
+    /// Declared before `db`: a transaction must go before its database.
+    pending: Option<redb::WriteTransaction>,
+    db: Database,
+    path: PathBuf,
+    pending_records: usize,
+}
+
+impl StoreBuilder {
+    /// Creates `path` (replacing a leftover one).
+    pub fn create(path: &Path) -> Result<Self, StorageError> {
+        let _ = std::fs::remove_file(path);
+        let db = open_db(path, 32 << 20)?;
+        Ok(StoreBuilder {
+            db,
+            path: path.to_path_buf(),
+            pending: None,
+            pending_records: 0,
+        })
+    }
+
+    /// Adds one record (records arrive in key order, which redb writes fast).
+    pub fn add(&mut self, table: u32, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        if self.pending.is_none() {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::None);
+            self.pending = Some(txn);
+        }
+        put_record(self.pending.as_ref().expect("a transaction is open"), table, key, value)?;
+        self.pending_records += 1;
+        // Bounded transactions, and a durable one now and then so redb can
+        // reuse the pages the others freed.
+        if self.pending_records.is_multiple_of(20_000) {
+            let mut txn = self.pending.take().expect("a transaction is open");
+            if self.pending_records.is_multiple_of(200_000) {
+                txn.set_durability(Durability::Immediate);
+            }
+            txn.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the state record and commits everything durably.
+    pub fn finish(mut self, header: &SnapshotHeader) -> Result<PathBuf, StorageError> {
+        let txn = match self.pending.take() {
+            Some(t) => t,
+            None => self.db.begin_write()?,
+        };
+        let writer = StoreWriter {
+            txn,
+            durable_index: None,
+        };
+        writer.commit(header, true)?;
+        drop(self.db);
+        Ok(self.path)
+    }
+}
