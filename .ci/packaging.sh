@@ -26,7 +26,8 @@ MAX_EXPOSURE=1.5
 export CARGO_TARGET_DIR="${KVRAFT_STATIC_TARGET_DIR:-/tmp/kvraft-static}"
 export CARGO_TERM_COLOR=never
 TRIPLE="$(uname -m)-unknown-linux-gnu"
-UNITS=(packaging/systemd/kvraft.service packaging/systemd/kvraft@.service)
+UNITS=(packaging/systemd/kvraft.service packaging/systemd/kvraft@.service
+  packaging/systemd/kvraft-backup.service packaging/systemd/kvraft-backup.timer)
 DROPINS=(packaging/systemd/kvraft.service.d packaging/systemd/kvraft@.service.d)
 
 section() { echo; echo "== packaging: $*"; }
@@ -91,6 +92,7 @@ else
   cp -a /lib/systemd/system "$sysroot/usr/lib/systemd/"
 fi
 install -m 0755 "$KVRAFTD" "$sysroot/usr/bin/kvraftd"
+install -m 0755 "$CARGO_TARGET_DIR/$TRIPLE/release/kvraft" "$sysroot/usr/bin/kvraft"
 # ExecReload's /bin/kill: procps' if there is one, else any executable.
 install -m 0755 "$(type -P kill || type -P true)" "$sysroot/bin/kill"
 cp "${UNITS[@]}" "$sysroot/etc/systemd/system/"
@@ -100,14 +102,14 @@ cp "${UNITS[@]}" "$sysroot/etc/systemd/system/"
 verify_clean() { # what
   local out rc
   set +e
-  out="$(systemd-analyze verify --root="$sysroot" kvraft.service kvraft@node1.service 2>&1)"
+  out="$(systemd-analyze verify --root="$sysroot" kvraft.service kvraft@node1.service kvraft-backup.service kvraft-backup.timer 2>&1)"
   rc=$?
   set -e
   if [ "$rc" != 0 ] || [ -n "$out" ]; then
     printf '%s\n' "$out" >&2
     fail "systemd-analyze verify $1: exit $rc, output above"
   fi
-  echo "verify: clean (no output, exit 0) for kvraft.service and kvraft@node1.service $1"
+  echo "verify: clean (no output, exit 0) for kvraft.service, kvraft@node1.service and kvraft-backup.{service,timer} $1"
 }
 
 check_exposure() { # unit, what
@@ -133,6 +135,7 @@ section "systemd-analyze verify and security --offline=true (fail above $MAX_EXP
 verify_clean "(units alone)"
 check_exposure kvraft.service "(unit alone)"
 check_exposure kvraft@node1.service "(unit alone)"
+check_exposure kvraft-backup.service "(unit alone)"
 
 section "systemd-analyze verify and security --offline=true (fail above $MAX_EXPOSURE): with the TLS drop-ins"
 cp -r "${DROPINS[@]}" "$sysroot/etc/systemd/system/"

@@ -416,6 +416,95 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Streams a consistent snapshot of a node's whole state (a backup),
+    /// handing each checked frame to `on_frame`; returns the snapshot's
+    /// header once its trailer checked out. Unless `serializable`, every
+    /// write acknowledged before the call is in it. The timeout applies to
+    /// each frame, not to the whole stream.
+    pub async fn snapshot_save(
+        &self,
+        serializable: bool,
+        mut on_frame: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<crate::proto::SnapshotHeader, Error> {
+        use crate::storage::snapshot_stream::{Checked, FrameCheck};
+        let timeout = self.inner.options.timeout;
+        let mut last = String::from("no endpoint answered");
+        let mut connection = None;
+        for _ in 0..self.endpoints().len() {
+            let endpoint = self.current_endpoint();
+            match self.connection(&endpoint, Instant::now() + timeout).await {
+                Ok(c) => {
+                    connection = Some((endpoint, c));
+                    break;
+                }
+                Err(ConnectFailure::Tls(message)) => return Err(Error::Tls(message)),
+                Err(ConnectFailure::Retry(e)) => {
+                    last = format!("{endpoint}: {e}");
+                    self.rotate_from(&endpoint);
+                }
+            }
+        }
+        let Some((endpoint, connection)) = connection else {
+            return Err(Error::Unavailable {
+                timeout,
+                endpoints: self.endpoints().join(","),
+                last,
+            });
+        };
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel(4);
+        connection.streams.lock().unwrap().insert(id, tx);
+        let request = Request {
+            id,
+            command: Some(request::Command::SnapshotSave(crate::proto::SnapshotSaveRequest {
+                serializable,
+            })),
+        };
+        let sent = connection.outgoing.send(request).await;
+        let result = async {
+            sent.map_err(|_| Error::Protocol(format!("the connection to {endpoint} closed")))?;
+            let mut check = FrameCheck::default();
+            loop {
+                let response = tokio::time::timeout(timeout, rx.recv())
+                    .await
+                    .map_err(|_| {
+                        Error::Protocol(format!("{endpoint} sent nothing for {timeout:?} during the snapshot"))
+                    })?
+                    .ok_or_else(|| {
+                        Error::Protocol(format!("the connection to {endpoint} broke during the snapshot"))
+                    })?;
+                match response.result {
+                    Some(response::Result::SnapshotFrame(frame)) => {
+                        let checked = check
+                            .check(&frame)
+                            .map_err(|e| Error::Protocol(format!("{endpoint}: {e}")))?;
+                        on_frame(&frame)?;
+                        if let Checked::Done(header) = checked {
+                            return Ok(header);
+                        }
+                    }
+                    Some(response::Result::Error(e)) => {
+                        let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+                        return Err(match code {
+                            ErrorCode::PermissionDenied => Error::PermissionDenied(e.message),
+                            ErrorCode::Unauthenticated => Error::Tls(e.message),
+                            _ => Error::Server {
+                                code,
+                                message: e.message,
+                            },
+                        });
+                    }
+                    other => return Err(Error::Protocol(format!("unexpected response {other:?} in a snapshot"))),
+                }
+            }
+        }
+        .await;
+        connection.streams.lock().unwrap().remove(&id);
+        result
+    }
+}
+
 fn mismatch(result: response::Result) -> Error {
     Error::Protocol(format!("unexpected response {result:?}"))
 }
@@ -456,12 +545,15 @@ impl CloseReason {
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+/// Requests answered by a stream of responses (`snapshot_save`), by id.
+type Streams = Arc<Mutex<HashMap<u64, mpsc::Sender<Response>>>>;
 
 /// One multiplexed connection: a writer task and a reader task that routes
 /// responses to waiters by request id.
 struct Connection {
     outgoing: mpsc::Sender<Request>,
     waiters: Waiters,
+    streams: Streams,
     /// Why the server closed the connection, if it said (e.g. frame too large).
     close_reason: Arc<Mutex<Option<CloseReason>>>,
     /// Set once the reader has stopped: the connection is of no further use.
@@ -477,6 +569,8 @@ impl Connection {
         let mut frames = FrameReader::new(BufReader::new(read_half), codec::CLIENT_MAX_FRAME);
         let (outgoing, rx) = mpsc::channel::<Request>(1024);
         let waiters: Waiters = Arc::default();
+        let streams: Streams = Arc::default();
+        let reader_streams = streams.clone();
         let close_reason: Arc<Mutex<Option<CloseReason>>> = Arc::default();
         let reader_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(codec::write_frames(rx, sink, None, codec::encode));
@@ -515,6 +609,15 @@ impl Connection {
                     }
                     continue;
                 }
+                let stream = reader_streams.lock().unwrap().get(&response.id).cloned();
+                if let Some(stream) = stream {
+                    // Waiting here pushes back on the server (TCP).
+                    let id = response.id;
+                    if stream.send(response).await.is_err() {
+                        reader_streams.lock().unwrap().remove(&id);
+                    }
+                    continue;
+                }
                 if let Some(waiter) = reader_waiters.lock().unwrap().remove(&response.id) {
                     let _ = waiter.send(response);
                 }
@@ -522,10 +625,12 @@ impl Connection {
             done.store(true, Ordering::Release);
             // Dropping the senders wakes every waiter with an error.
             reader_waiters.lock().unwrap().clear();
+            reader_streams.lock().unwrap().clear();
         });
         Connection {
             outgoing,
             waiters,
+            streams,
             close_reason,
             reader_done,
         }

@@ -99,6 +99,7 @@ pub const OPS: &[&str] = &[
     "members",
     "info",
     "ping",
+    "snapshot_save",
 ];
 /// Snapshot events, as the `kind` label.
 pub const SNAPSHOT_KINDS: &[&str] = &["created", "sent", "received", "applied"];

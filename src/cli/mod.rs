@@ -6,6 +6,7 @@
 mod bench;
 mod certs;
 mod output;
+mod snapshot;
 
 use std::time::Duration;
 
@@ -127,6 +128,9 @@ enum Command {
     /// Certificates for a first try with TLS (production should use its own PKI).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Backups: save a node's state to a file, restore one into a new cluster.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
@@ -188,6 +192,9 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
     match cli.command {
         Command::Bench(args) => return bench::run(args, options, printer).await,
         Command::Certs(command) => return certs::run(command, printer),
+        Command::Snapshot(command) => {
+            return snapshot::run(command, || Client::new(options), cli.serializable, printer).await
+        }
         _ => {}
     }
     let client = Client::new(options)?;
@@ -239,7 +246,7 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             let (node, rtt) = client.ping().await?;
             printer.ping(node, rtt)
         }
-        Command::Bench(_) | Command::Certs(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Certs(_) | Command::Snapshot(_) => unreachable!("handled above"),
     }
     Ok(0)
 }

@@ -148,6 +148,10 @@ impl Printer {
     pub(crate) fn bench(&self, summary: Value, text: String) {
         self.emit(summary, || text);
     }
+
+    pub(crate) fn emit_summary(&self, summary: Value, text: impl FnOnce() -> String) {
+        self.emit(summary, text);
+    }
 }
 
 fn members_table(members: &[Member], leader: u64) -> String {

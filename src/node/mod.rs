@@ -8,6 +8,7 @@
 //!   (the TCP one is `server::peer::outbound`).
 //! - [`status`]: the status and gauges, published when they change.
 //! - [`startup`]: data dir checks, bootstrap and recovery before the loop runs.
+//! - [`restore`]: a backup made into the data dir of a new cluster's member.
 //! - [`error`]: what can go wrong, in the node's terms (the server maps it to
 //!   the wire once).
 //!
@@ -19,6 +20,7 @@ pub mod error;
 pub mod membership;
 pub mod pending;
 pub mod raft_loop;
+pub mod restore;
 pub mod startup;
 pub mod status;
 pub mod transport;

@@ -94,6 +94,7 @@ pub fn prepare(
         );
     }
     let store = Arc::new(StateStore::open(&config.data_dir, config.store_cache_bytes())?);
+    store.spawn_flusher(std::time::Duration::from_millis(200));
     if finish_interrupted_install(&storage, &store)? {
         info!("completed a snapshot install interrupted by a crash");
     }
@@ -257,7 +258,7 @@ fn bootstrap(
     let cluster_id = cluster_id_of(&members);
     // The store first: a crash before the log is started leaves a store at
     // the bootstrap index and an empty log, which the next start finishes.
-    let state = bootstrap_state(&members, cluster_id);
+    let state = initial_state(&members, cluster_id, BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
     store.writer()?.commit(&state.to_header(), true)?;
     storage.start_at(BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
     let identity = NodeIdentity {
@@ -337,10 +338,11 @@ fn check_consistency(storage: &RaftStorage, state: &StateMeta, shown_dir: &str) 
     Ok(())
 }
 
-/// The initial state of every member of a new cluster, identical on each.
+/// The membership every member of a new cluster starts from, identical on
+/// each, at `(index, term)` (the bootstrap's, or a restored backup's).
 /// Client addresses are not known yet: each member publishes its own through
 /// raft once a leader is elected.
-fn bootstrap_state(members: &[(u64, String)], cluster_id: u64) -> StateMeta {
+pub(crate) fn initial_state(members: &[(u64, String)], cluster_id: u64, index: u64, term: u64) -> StateMeta {
     let mut conf_state = ConfState::default();
     conf_state.voters = members.iter().map(|(id, _)| *id).collect();
     let mut state = StateMeta::new(cluster_id);
@@ -351,7 +353,7 @@ fn bootstrap_state(members: &[(u64, String)], cluster_id: u64) -> StateMeta {
             client_addr: String::new(),
             role: 0,
         };
-        state.apply_conf_state(BOOTSTRAP_INDEX, BOOTSTRAP_TERM, conf_state.clone(), Some(member));
+        state.apply_conf_state(index, term, conf_state.clone(), Some(member));
     }
     state
 }

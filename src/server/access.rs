@@ -55,7 +55,8 @@ pub fn required_role(command: &request::Command) -> Role {
     match command {
         C::Get(_) | C::Scan(_) | C::Members(_) | C::Info(_) | C::Ping(_) => Role::Read,
         C::Set(_) | C::Delete(_) => Role::Write,
-        C::AddNode(_) | C::RemoveNode(_) => Role::Admin,
+        // A backup reads everything, members included.
+        C::AddNode(_) | C::RemoveNode(_) | C::SnapshotSave(_) => Role::Admin,
     }
 }
 

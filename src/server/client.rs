@@ -40,13 +40,13 @@ use crate::tls::server::ClientPortTls;
 const MAX_IN_FLIGHT: usize = 64;
 
 /// A response on its way out, with the in-flight slot it frees once written.
-struct Reply {
+pub(super) struct Reply {
     response: Response,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Reply {
-    fn without_slot(response: Response) -> Reply {
+    pub(super) fn without_slot(response: Response) -> Reply {
         Reply { response, _slot: None }
     }
 }
@@ -283,6 +283,14 @@ async fn handle_frame(
                 return;
             };
             let (tx, port, identity) = (tx.clone(), port.clone(), identity.clone());
+            if let Some(crate::proto::request::Command::SnapshotSave(save)) = request.command {
+                // A stream of responses; it holds its slot until done.
+                tokio::spawn(async move {
+                    super::backup::stream(request.id, save, port, identity, tx).await;
+                    drop(slot);
+                });
+                return;
+            }
             tokio::spawn(async move {
                 let response =
                     requests::dispatch(request, &port.handle, port.limits, &port.access, identity.as_deref()).await;

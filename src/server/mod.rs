@@ -11,6 +11,7 @@
 
 pub mod accept;
 pub mod access;
+mod backup;
 pub mod client;
 pub mod http;
 pub mod peer;

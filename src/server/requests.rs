@@ -68,7 +68,7 @@ pub async fn dispatch(
 }
 
 /// The `op` label of a command.
-fn op_name(command: &request::Command) -> &'static str {
+pub(super) fn op_name(command: &request::Command) -> &'static str {
     use request::Command as C;
     match command {
         C::Set(_) => "set",
@@ -80,6 +80,7 @@ fn op_name(command: &request::Command) -> &'static str {
         C::Members(_) => "members",
         C::Info(_) => "info",
         C::Ping(_) => "ping",
+        C::SnapshotSave(_) => "snapshot_save",
     }
 }
 
@@ -197,6 +198,8 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
             }))
         }
         C::Info(_) => Ok(response::Result::Info(info(handle))),
+        // Streamed by `server::backup`, never dispatched here.
+        C::SnapshotSave(_) => Err(WireError::invalid("snapshot_save is a stream; send it on its own")),
         C::Ping(_) => Ok(response::Result::Ping(PingResponse {
             node_id: handle.status().id,
         })),

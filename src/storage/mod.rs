@@ -3,14 +3,19 @@
 //! ```text
 //! DATA_DIR/LOCK              held (flock) by the running daemon (lock.rs)
 //! DATA_DIR/identity          which node and cluster this data dir belongs to (identity.rs)
+//! DATA_DIR/state.redb        the state machine: keys, applied index, membership (state_store.rs)
 //! DATA_DIR/raft-log/         the raft log, HardState and log bounds, in raft-engine (raft_storage.rs)
-//! DATA_DIR/snapshots/*.snap  checksummed snapshots of the state machine (snapshot_files.rs)
+//! DATA_DIR/snapshot-incoming/ snapshots from the leader, built and verified before install (snapshot_stream.rs)
 //! ```
 //!
-//! [`RaftStorage`] implements `raft::Storage` over the log and the newest
-//! snapshot. Every write that raft depends on is fsynced before the raft loop
+//! Before the state store, `DATA_DIR/snapshots/*.snap` held checksummed full
+//! snapshots (snapshot_files.rs); upgrade.rs converts such a data dir.
+//!
+//! [`RaftStorage`] implements `raft::Storage` over the log, with snapshots
+//! for followers taken as read views of the [`StateStore`]. Every write that raft depends on is fsynced before the raft loop
 //! lets anything that depends on it leave the node.
 
+pub mod backup_file;
 mod fs_util;
 pub mod identity;
 pub mod lock;

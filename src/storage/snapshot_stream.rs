@@ -21,6 +21,10 @@ use super::state_store::{Record, StoreBuilder, StoreView, FORMAT, TABLE_KV};
 use super::StorageError;
 use crate::proto::{snapshot_frame, SnapshotChunk, SnapshotFrame, SnapshotHeader, SnapshotRecord, SnapshotTrailer};
 
+/// The first bytes of a backup file; frames follow, each after its length
+/// (u32, big-endian).
+pub const BACKUP_MAGIC: &[u8] = b"KVRAFT-SNAPSHOT-1\n";
+
 /// About this many bytes of records per chunk frame.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// The largest frame a stream may carry: a chunk of CHUNK_BYTES plus one
@@ -116,15 +120,82 @@ impl Iterator for SnapshotFrames {
     }
 }
 
+/// What a stream's frames must add up to: one header first, chunks, and a
+/// trailer whose count and checksum match what came before it.
+#[derive(Default)]
+pub struct FrameCheck {
+    header: Option<SnapshotHeader>,
+    crc: crc32fast::Hasher,
+    count: u64,
+}
+
+/// One checked frame.
+pub enum Checked {
+    /// The header (the first frame).
+    Header(SnapshotHeader),
+    /// Records, in key order.
+    Chunk(SnapshotChunk),
+    /// The trailer checked out: the stream is whole.
+    Done(SnapshotHeader),
+}
+
+impl FrameCheck {
+    /// Checks the next frame of the stream.
+    pub fn check(&mut self, bytes: &[u8]) -> Result<Checked, StorageError> {
+        let part = SnapshotFrame::decode(bytes)
+            .map_err(|e| damaged(format!("a frame does not decode: {e}")))?
+            .part
+            .ok_or_else(|| damaged("an empty frame"))?;
+        match (part, &self.header) {
+            (snapshot_frame::Part::Header(header), None) => {
+                if header.format != FORMAT {
+                    return Err(damaged(format!(
+                        "format {} is not {FORMAT}, the one this version reads; use the same version on both ends",
+                        header.format
+                    )));
+                }
+                if header.index == 0 || header.term == 0 {
+                    return Err(damaged("the header has no index or term"));
+                }
+                self.crc.update(bytes);
+                self.header = Some(header.clone());
+                Ok(Checked::Header(header))
+            }
+            (snapshot_frame::Part::Chunk(chunk), Some(header)) => {
+                self.crc.update(bytes);
+                self.count += chunk.records.len() as u64;
+                if self.count > header.records {
+                    return Err(damaged(format!(
+                        "more records than the {} the header announced",
+                        header.records
+                    )));
+                }
+                Ok(Checked::Chunk(chunk))
+            }
+            (snapshot_frame::Part::Trailer(trailer), Some(header)) => {
+                let crc = self.crc.clone().finalize();
+                if trailer.crc32 != crc || trailer.records != self.count || header.records != self.count {
+                    return Err(damaged(format!(
+                        "checksum {crc:08x} over {} records, the trailer says {:08x} over {} (header: {})",
+                        self.count, trailer.crc32, trailer.records, header.records
+                    )));
+                }
+                Ok(Checked::Done(header.clone()))
+            }
+            (snapshot_frame::Part::Header(_), Some(_)) => Err(damaged("a second header")),
+            (snapshot_frame::Part::Ack(_), _) => Err(damaged("an acknowledgement inside the stream")),
+            (_, None) => Err(damaged("records before the header")),
+        }
+    }
+}
+
 /// Builds a store from a stream, frame by frame.
 pub struct SnapshotStager {
     staging_dir: PathBuf,
     expect_cluster: u64,
-    header: Option<SnapshotHeader>,
+    check: FrameCheck,
     builder: Option<StoreBuilder>,
     partial: Option<PathBuf>,
-    crc: crc32fast::Hasher,
-    count: u64,
 }
 
 fn damaged(what: impl std::fmt::Display) -> StorageError {
@@ -138,11 +209,9 @@ impl SnapshotStager {
         SnapshotStager {
             staging_dir: staging_dir.to_path_buf(),
             expect_cluster,
-            header: None,
+            check: FrameCheck::default(),
             builder: None,
             partial: None,
-            crc: crc32fast::Hasher::new(),
-            count: 0,
         }
     }
 
@@ -165,26 +234,13 @@ impl SnapshotStager {
         bytes: &[u8],
         staged_name: impl Fn(&SnapshotHeader) -> PathBuf,
     ) -> Result<Option<(SnapshotHeader, PathBuf)>, StorageError> {
-        let part = SnapshotFrame::decode(bytes)
-            .map_err(|e| damaged(format!("a frame does not decode: {e}")))?
-            .part
-            .ok_or_else(|| damaged("an empty frame"))?;
-        match (part, self.header.is_some()) {
-            (snapshot_frame::Part::Header(header), false) => {
-                if header.format != FORMAT {
-                    return Err(damaged(format!(
-                        "format {} is not {FORMAT}, the one this version reads; upgrade the older node",
-                        header.format
-                    )));
-                }
+        match self.check.check(bytes)? {
+            Checked::Header(header) => {
                 if self.expect_cluster != 0 && header.cluster_id != self.expect_cluster {
                     return Err(damaged(format!(
                         "it belongs to cluster {:016x}, not {:016x}",
                         header.cluster_id, self.expect_cluster
                     )));
-                }
-                if header.index == 0 || header.term == 0 {
-                    return Err(damaged("the header has no index or term"));
                 }
                 super::fs_util::create_private_dir(&self.staging_dir)?;
                 let partial = self
@@ -192,45 +248,26 @@ impl SnapshotStager {
                     .join(format!("{:020}-{:020}.partial", header.index, header.term));
                 self.builder = Some(StoreBuilder::create(&partial)?);
                 self.partial = Some(partial);
-                self.crc.update(bytes);
-                self.header = Some(header);
                 Ok(None)
             }
-            (snapshot_frame::Part::Chunk(chunk), true) => {
-                self.crc.update(bytes);
+            Checked::Chunk(chunk) => {
                 let builder = self.builder.as_mut().expect("a builder exists once the header came");
                 for record in chunk.records {
                     builder.add(record.table, &record.key, &record.value)?;
-                    self.count += 1;
-                }
-                let expected = self.header.as_ref().map_or(0, |h| h.records);
-                if self.count > expected {
-                    return Err(damaged(format!(
-                        "more records than the {expected} the header announced"
-                    )));
                 }
                 Ok(None)
             }
-            (snapshot_frame::Part::Trailer(trailer), true) => {
-                let header = self.header.clone().expect("checked above");
-                let crc = self.crc.clone().finalize();
-                if trailer.crc32 != crc || trailer.records != self.count || header.records != self.count {
-                    return Err(damaged(format!(
-                        "checksum {crc:08x} over {} records, the trailer says {:08x} over {} (header: {})",
-                        self.count, trailer.crc32, trailer.records, header.records
-                    )));
-                }
+            Checked::Done(header) => {
                 let builder = self.builder.take().expect("a builder exists once the header came");
                 let built = builder.finish(&header)?;
                 let staged = staged_name(&header);
                 std::fs::rename(&built, &staged).map_err(StorageError::io(format!("rename {}", built.display())))?;
-                super::fs_util::sync_dir(&self.staging_dir)?;
+                if let Some(dir) = staged.parent() {
+                    super::fs_util::sync_dir(dir)?;
+                }
                 self.partial = None;
                 Ok(Some((header, staged)))
             }
-            (snapshot_frame::Part::Header(_), true) => Err(damaged("a second header")),
-            (snapshot_frame::Part::Ack(_), _) => Err(damaged("an acknowledgement inside the stream")),
-            (_, false) => Err(damaged("records before the header")),
         }
     }
 

@@ -164,6 +164,31 @@ impl StateStore {
             .ok_or_else(|| StorageError::Store("the node has stopped; its state store is closed".into()))
     }
 
+    /// Starts a thread that writes the store's dirty pages back to disk every
+    /// `every`, so the durable commit the raft loop makes now and then finds
+    /// little left to fsync (an fsync on any descriptor of the file flushes
+    /// all of it) and stalls the loop for milliseconds, not for the whole
+    /// second's writes. It stops once the store is closed.
+    pub fn spawn_flusher(self: &Arc<Self>, every: Duration) {
+        let store = Arc::downgrade(self);
+        let path = Self::path_in(&self.dir);
+        let spawned = std::thread::Builder::new()
+            .name("store-flusher".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                match store.upgrade() {
+                    Some(store) if store.db.read().expect("store lock poisoned").is_some() => {}
+                    _ => return,
+                }
+                if let Ok(file) = std::fs::File::open(&path) {
+                    let _ = file.sync_data();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no store flusher thread: checkpoints fsync everything themselves");
+        }
+    }
+
     /// Closes the store when the node stops, so the file (and its lock) is
     /// free once the last in-flight read finishes, even while handles to
     /// this object live on.

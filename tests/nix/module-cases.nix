@@ -50,6 +50,11 @@ in
       };
     };
 
+    backups = {
+      backup.enable = true;
+      backup.interval = "daily";
+    };
+
     cluster-as-string = {
       nodeId = 3;
       peerAddr = "[::1]:7382";

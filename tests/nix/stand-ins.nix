@@ -75,6 +75,10 @@ rec {
           type = types.attrsOf (types.attrsOf types.anything);
           default = { };
         };
+        systemd.timers = mkOption {
+          type = types.attrsOf (types.attrsOf types.anything);
+          default = { };
+        };
       };
     };
 
