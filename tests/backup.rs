@@ -50,16 +50,21 @@ async fn serve(config: NodeConfig, peer: TcpListener) -> (RunningNode, String) {
     (start(config, listeners).await.unwrap(), addr)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_under_load_restores_into_a_new_cluster_with_every_write_acknowledged_before_it() {
-    let dir = tempfile::tempdir().unwrap();
+/// A one-node cluster to take backups from, with its client address.
+async fn source_node(dir: &std::path::Path) -> (RunningNode, String) {
     let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = timing(NodeConfig {
-        data_dir: dir.path().join("source"),
+        data_dir: dir.join("source"),
         peer_addr: peer.local_addr().unwrap().to_string(),
         ..NodeConfig::default()
     });
-    let (source, source_addr) = serve(config, peer).await;
+    serve(config, peer).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_load_restores_into_a_new_cluster_with_every_write_acknowledged_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, source_addr) = source_node(dir.path()).await;
     let writer_client = client(vec![source_addr.clone()]);
     // Enough data for several chunks.
     let value = "v".repeat(200);
@@ -192,13 +197,7 @@ fn a_damaged_backup_is_refused_and_restores_nothing() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let backup = dir.path().join("backup.kvsnap");
     runtime.block_on(async {
-        let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let config = timing(NodeConfig {
-            data_dir: dir.path().join("source"),
-            peer_addr: peer.local_addr().unwrap().to_string(),
-            ..NodeConfig::default()
-        });
-        let (source, addr) = serve(config, peer).await;
+        let (source, addr) = source_node(dir.path()).await;
         let c = client(vec![addr.clone()]);
         for i in 0..300 {
             c.set(format!("k{i}"), "value").await.unwrap();

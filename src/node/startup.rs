@@ -425,6 +425,33 @@ mod tests {
     }
 
     #[test]
+    fn an_install_interrupted_after_the_log_reset_is_finished_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        store.writer().unwrap().commit(&applied(5).to_header(), true).unwrap();
+        // The leader's snapshot at 50 was staged, and the log reset to it,
+        // when the process died: the store is still at 5.
+        let staged = store.staged_path(50, 3);
+        std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+        let mut state = applied(50);
+        state.advance(50, 3);
+        crate::storage::state_store::StoreBuilder::create(&staged)
+            .unwrap()
+            .finish(&state.to_header())
+            .unwrap();
+        let leftover = store.staged_path(40, 3);
+        std::fs::write(&leftover, b"an older stream").unwrap();
+        let log = RaftStorage::open(dir.path()).unwrap();
+        log.start_at(50, 3).unwrap();
+
+        assert!(finish_interrupted_install(&log, &store).unwrap());
+        assert_eq!(store.header().unwrap().index, 50);
+        assert!(!staged.exists() && !leftover.exists(), "staging is emptied");
+        // Nothing to finish the next time.
+        assert!(!finish_interrupted_install(&log, &store).unwrap());
+    }
+
+    #[test]
     fn a_store_older_than_the_compacted_log_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_with(dir.path(), 40, 40);
