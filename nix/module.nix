@@ -704,7 +704,7 @@ in
         RestartPreventExitStatus = exitConfig;
         # Pinged at half the interval, only while the raft loop progresses.
         WatchdogSec = "30s";
-        # Above shutdown_timeout_ms (default 10 s): handover, drain, final snapshot.
+        # Above shutdown_timeout_ms (default 10 s): handover, drain, final checkpoint.
         TimeoutStopSec = "30s";
         LimitNOFILE = 65536;
 

@@ -7,7 +7,7 @@
 # MemoryDenyWriteExecute...), Type=notify readiness and STATUS=, the dynamic
 # user and its 0700 state directory, ExecReload, the watchdog restarting a
 # stopped (SIGSTOP) daemon, graceful stop with leadership handover and a final
-# snapshot, and three template instances forming a cluster. Then the TLS
+# checkpoint, and three template instances forming a cluster. Then the TLS
 # drop-ins (kvraft.service.d/tls.conf, kvraft@.service.d/tls.conf) with
 # certificates from `kvraft certs init` in /etc/kvraft/tls, keys root-only:
 # LoadCredential= hands them to the dynamic user, a TLS client works, a
@@ -264,9 +264,9 @@ took=$(($(date +%s) - start))
 result="$(in_ct "systemctl show -p Result --value kvraft@node$leader")"
 [ "$result" = success ] || fail "stop result '$result' (exit status $(in_ct "systemctl show -p ExecMainStatus --value kvraft@node$leader"))"
 in_ct "journalctl -u kvraft@node$leader --no-pager -o cat | grep -q 'transferring leadership'" || fail "no leadership transfer logged"
-in_ct "journalctl -u kvraft@node$leader --no-pager -o cat | grep -q 'shutdown snapshot'" || fail "no shutdown snapshot logged"
+in_ct "journalctl -u kvraft@node$leader --no-pager -o cat | grep -q 'shutdown checkpoint'" || fail "no shutdown checkpoint logged"
 in_ct "kvraft --endpoints $ep set after-stop yes >/dev/null" || fail "the other two instances don't take writes after the stop"
-echo "   stopped in ${took} s (exit 0) with leadership handover and a final snapshot; the others go on"
+echo "   stopped in ${took} s (exit 0) with leadership handover and a final checkpoint (the store made durable); the others go on"
 
 # ------------------------------------------------------------ TLS drop-ins --
 step "TLS drop-in on kvraft.service: certificates as credentials, both ports"

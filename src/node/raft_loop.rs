@@ -801,6 +801,7 @@ impl RaftLoop {
             ),
         );
         self.applied_tx.send_replace(meta.index);
+        self.store.remove_staged_up_to(meta.index);
         let size = self.store.size_on_disk();
         counter!(metrics::SNAPSHOTS, "kind" => "applied").increment(1);
         histogram!(metrics::SNAPSHOT_DURATION, "kind" => "applied").record(started.elapsed().as_secs_f64());
@@ -970,6 +971,7 @@ impl RaftLoop {
         let durable = self.store.durable_index();
         self.storage
             .compact_to(durable.saturating_sub(self.settings.catchup_entries))?;
+        self.store.remove_staged_up_to(durable);
         histogram!(metrics::STORE_CHECKPOINT_DURATION).record(started.elapsed().as_secs_f64());
         gauge!(metrics::STORE_DURABLE_INDEX).set(durable as f64);
         gauge!(metrics::STORE_SIZE).set(self.store.size_on_disk() as f64);

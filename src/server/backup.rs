@@ -1,12 +1,13 @@
 //! `snapshot_save`: a backup streamed over a client connection. After a
 //! linearizable barrier (so every write acknowledged before the request is
 //! in it) the node takes a read view of its store and sends its frames, one
-//! response each, all under the request's id; the writer channel's bound
-//! paces the store reads to the client.
+//! response each, all under the request's id. At most `WINDOW` frames are
+//! queued or being written at a time, so a slow client holds a few MiB, not
+//! a whole queue of chunks, and paces the store reads.
 
 use ::metrics::{counter, histogram};
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tracing::info;
 
 use super::client::{ClientPort, Reply};
@@ -14,6 +15,9 @@ use crate::error::WireError;
 use crate::metrics;
 use crate::proto::{request, response, ErrorCode, Response, SnapshotSaveRequest};
 use crate::storage::snapshot_stream::SnapshotFrames;
+
+/// Frames of one backup queued or being written at once.
+const WINDOW: usize = 2;
 
 /// Streams a backup for request `id`; every response goes through `tx`.
 pub(super) async fn stream(
@@ -70,6 +74,7 @@ async fn send_frames(
         }
     });
     let (mut count, mut bytes) = (0u64, 0u64);
+    let window = std::sync::Arc::new(Semaphore::new(WINDOW));
     while let Some(frame) = frame_rx.recv().await {
         let frame = frame.map_err(internal)?;
         bytes += frame.len() as u64;
@@ -78,7 +83,13 @@ async fn send_frames(
             id,
             result: Some(response::Result::SnapshotFrame(Bytes::from(frame).into())),
         };
-        if tx.send(Reply::without_slot(response)).await.is_err() {
+        // Released once the writer has written the frame.
+        let slot = window
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the window is never closed");
+        if tx.send(Reply::with_slot(response, slot)).await.is_err() {
             return Err(WireError::new(ErrorCode::Internal, "the client went away"));
         }
     }

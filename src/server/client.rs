@@ -46,6 +46,14 @@ pub(super) struct Reply {
 }
 
 impl Reply {
+    /// A response that holds `slot` until it is written.
+    pub(super) fn with_slot(response: Response, slot: OwnedSemaphorePermit) -> Reply {
+        Reply {
+            response,
+            _slot: Some(slot),
+        }
+    }
+
     pub(super) fn without_slot(response: Response) -> Reply {
         Reply { response, _slot: None }
     }

@@ -353,6 +353,29 @@ impl StateStore {
         self.incoming_dir().join(format!("{index:020}-{term:020}.redb"))
     }
 
+    /// Removes staged snapshots at or below `applied`: raft can no longer
+    /// install them, and each is as large as the state. Only the raft loop
+    /// calls this (it alone installs), so it never races an install.
+    pub fn remove_staged_up_to(&self, applied: u64) {
+        let Ok(entries) = std::fs::read_dir(self.incoming_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|x| x != "redb") {
+                continue;
+            }
+            let index = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.split('-').next())
+                .and_then(|i| i.parse::<u64>().ok());
+            if index.is_some_and(|i| i <= applied) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
     /// Replaces the whole store with a staged (received, verified, fsynced)
     /// one, atomically: a rename over the store file. Readers on the old
     /// store finish on it.
@@ -559,5 +582,43 @@ impl StoreBuilder {
         writer.commit(header, true)?;
         drop(self.db);
         Ok(self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_snapshots_raft_can_no_longer_install_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        std::fs::create_dir_all(store.incoming_dir()).unwrap();
+        let (old, current, newer) = (
+            store.staged_path(40, 2),
+            store.staged_path(50, 2),
+            store.staged_path(60, 3),
+        );
+        let partial = store
+            .incoming_dir()
+            .join("00000000000000000030-00000000000000000002.partial");
+        for path in [&old, &current, &newer, &partial] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        store.remove_staged_up_to(50);
+        assert!(!old.exists() && !current.exists());
+        assert!(newer.exists(), "a newer snapshot may still be installed");
+        assert!(partial.exists(), "a stream still arriving is its receiver's");
+    }
+
+    #[test]
+    fn a_closed_store_refuses_reads_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        store.close();
+        let err = store.get(b"k").unwrap_err().to_string();
+        assert!(err.contains("stopped"), "{err}");
+        // The file is free again: another store can open it.
+        StateStore::open(dir.path(), 1 << 20).unwrap();
     }
 }
