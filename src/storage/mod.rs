@@ -19,6 +19,7 @@ pub mod backup_file;
 mod fs_util;
 pub mod identity;
 pub mod lock;
+pub mod log_check;
 pub mod raft_storage;
 pub mod snapshot_files;
 pub mod snapshot_stream;

@@ -62,6 +62,13 @@ impl RaftStorage {
     pub fn open(data_dir: &Path) -> Result<Self, StorageError> {
         let log_dir = data_dir.join(LOG_DIR);
         super::fs_util::create_private_dir(&log_dir)?;
+        // Before raft-engine may cut anything: only a torn last write may go.
+        super::log_check::check_newest_files(&log_dir).map_err(|e| {
+            StorageError::Corrupt(format!(
+                "{e}; this node can't trust its log: keep the data dir for inspection, remove the node \
+                 (`kvraft remove-node`) and add a fresh one under a new id"
+            ))
+        })?;
         let config = raft_engine::Config {
             dir: log_dir.to_string_lossy().into_owned(),
             // Keep files small enough that compaction frees disk soon.
@@ -476,8 +483,9 @@ mod tests {
                 s.append(&entries(i..=i, 1), None, true).unwrap();
             }
         }
-        // Flip a byte inside an early entry's data ("e5t1"): raft-engine's
-        // recovery reads only batch footers, so only a read finds it.
+        // Flip a byte inside an early entry's data ("e5t1"). In the newest
+        // file the check before open finds it; in an older one raft-engine's
+        // recovery reads only batch footers, and verify_entries finds it.
         let newest = newest_log_file(dir.path());
         let mut bytes = std::fs::read(&newest).unwrap();
         let at = bytes
@@ -486,12 +494,11 @@ mod tests {
             .expect("entry 5 is in the file");
         bytes[at] ^= 0x01;
         std::fs::write(&newest, &bytes).unwrap();
-        let s = open(dir.path());
-        let err = s
-            .verify_entries()
-            .expect_err("a damaged entry went unnoticed")
-            .to_string();
-        assert!(err.contains("damaged"), "{err}");
+        let err = match RaftStorage::open(dir.path()) {
+            Ok(s) => s.verify_entries().expect_err("a damaged entry went unnoticed"),
+            Err(e) => e,
+        };
+        assert!(err.to_string().contains("damaged"), "{err}");
     }
 
     #[test]
@@ -524,6 +531,43 @@ mod tests {
         s.append(&entries(last + 1..=last + 3, 2), None, true).unwrap();
         drop(s);
         assert_eq!(open(dir.path()).last_index().unwrap(), last + 3);
+    }
+
+    #[test]
+    fn damage_in_the_middle_of_the_newest_file_is_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path());
+            for i in 1..=40 {
+                s.append(&entries(i..=i, 1), Some(&hs(1, 1, i)), true).unwrap();
+            }
+        }
+        let newest = newest_log_file(dir.path());
+        let before = std::fs::read(&newest).unwrap();
+        // A byte of entry 12's data: its record fails, complete ones follow.
+        let mut bytes = before.clone();
+        let at = bytes
+            .windows(5)
+            .position(|w| w == b"e12t1")
+            .expect("entry 12 is in the file");
+        bytes[at] ^= 0x01;
+        std::fs::write(&newest, &bytes).unwrap();
+        let err = RaftStorage::open(dir.path())
+            .err()
+            .expect("mid-file damage was cut silently")
+            .to_string();
+        assert!(
+            err.contains("a complete record follows") && err.contains("new id"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&newest).unwrap(),
+            bytes,
+            "the damaged file is left as it is"
+        );
+        // Put right, it opens with everything.
+        std::fs::write(&newest, &before).unwrap();
+        assert_eq!(open(dir.path()).last_index().unwrap(), 40);
     }
 
     fn newest_log_file(dir: &Path) -> std::path::PathBuf {
