@@ -285,6 +285,19 @@ impl NodeConfig {
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
         }
+        // A key and its value travel in one snapshot frame, next to up to a
+        // chunk of other records.
+        let record_room =
+            crate::storage::snapshot_stream::MAX_FRAME - crate::storage::snapshot_stream::CHUNK_BYTES - 4096;
+        if self.max_key_size + self.max_value_size > record_room {
+            return Err(invalid(
+                "max_value_size",
+                format!(
+                    "max_key_size + max_value_size ({}) must be at most {record_room} bytes: a key and its value must fit one snapshot frame",
+                    self.max_key_size + self.max_value_size
+                ),
+            ));
+        }
         if self.max_key_size + self.max_value_size + 64 > self.max_frame_size {
             return Err(invalid(
                 "max_frame_size",
@@ -872,6 +885,11 @@ mod tests {
         assert_eq!(bad.validate().unwrap_err().key, "election_ticks");
         let bad = NodeConfig {
             max_value_size: 10 << 20,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().key, "max_value_size");
+        let bad = NodeConfig {
+            max_value_size: 5 << 20,
             ..Default::default()
         };
         assert_eq!(bad.validate().unwrap_err().key, "max_frame_size");

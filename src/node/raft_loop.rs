@@ -97,6 +97,8 @@ pub struct RaftLoop {
     store: Arc<StateStore>,
     /// When the store was last made durable.
     last_checkpoint: Instant,
+    /// When stale pinned views and staged snapshots were last swept.
+    last_sweep: Instant,
     inbox: mpsc::Receiver<Inbox>,
     control: mpsc::Receiver<Inbox>,
     state_machine: Arc<RwLock<StateMachine>>,
@@ -153,6 +155,7 @@ impl RaftLoop {
             storage: parts.storage,
             store: parts.store,
             last_checkpoint: Instant::now(),
+            last_sweep: Instant::now(),
             inbox: parts.inbox,
             control: parts.control,
             state_machine: parts.state_machine,
@@ -608,6 +611,13 @@ impl RaftLoop {
     fn on_tick(&mut self, now: Instant) {
         self.proposals.expire(now);
         self.reads.expire(now);
+        if now >= self.last_sweep + CHECKPOINT_INTERVAL {
+            // Even with no writes: stale views and staged snapshots each hold
+            // as much disk as the state.
+            self.last_sweep = now;
+            self.store.prune_pins();
+            self.store.remove_staged_up_to(*self.applied_tx.borrow());
+        }
         if self.node.raft.state == StateRole::Leader && !self.node.raft.has_pending_conf() {
             self.promote_caught_up_learner();
         }
@@ -748,6 +758,7 @@ impl RaftLoop {
             if !self.transport.send(message, addr.as_deref()) {
                 self.node.report_unreachable(to);
                 if is_snapshot {
+                    self.store.unpin(to);
                     counter!(metrics::SNAPSHOT_FAILURES, "kind" => "send").increment(1);
                     self.node.report_snapshot(to, SnapshotStatus::Failure);
                 }
@@ -770,8 +781,10 @@ impl RaftLoop {
         counter!(metrics::SNAPSHOTS, "kind" => "received").increment(1);
         let meta = snapshot.get_metadata().clone();
         let staged = self.store.staged_path(meta.index, meta.term);
-        self.storage.start_at(meta.index, meta.term)?;
-        let header = self.store.install(&staged)?;
+        // Check the file before anything changes: raft has taken the
+        // snapshot, so a file that can't be installed stops the node here,
+        // with its log and store as they were.
+        let header = StateStore::read_staged_header(&staged)?;
         if (header.index, header.term) != (meta.index, meta.term) {
             return Err(StorageError::Corrupt(format!(
                 "the staged snapshot {} holds index {} term {}, not {} term {}",
@@ -782,6 +795,9 @@ impl RaftLoop {
                 meta.term
             )));
         }
+        StateMeta::from_header(&header)?;
+        self.storage.start_at(meta.index, meta.term)?;
+        let header = self.store.install(&staged)?;
         let state = StateMeta::from_header(&header)?;
         if state.is_removed(self.settings.id) {
             self.removed = true;

@@ -18,6 +18,8 @@ use crate::storage::snapshot_stream::SnapshotFrames;
 
 /// Frames of one backup queued or being written at once.
 const WINDOW: usize = 2;
+/// A backup whose client takes no frame for this long is abandoned.
+const STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Streams a backup for request `id`; every response goes through `tx`.
 pub(super) async fn stream(
@@ -83,14 +85,23 @@ async fn send_frames(
             id,
             result: Some(response::Result::SnapshotFrame(Bytes::from(frame).into())),
         };
-        // Released once the writer has written the frame.
-        let slot = window
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the window is never closed");
-        if tx.send(Reply::with_slot(response, slot)).await.is_err() {
-            return Err(WireError::new(ErrorCode::Internal, "the client went away"));
+        // The slot is released once the writer has written the frame. A
+        // client that takes no frame for STALL loses its backup (and frees
+        // the view it holds).
+        let sent = tokio::time::timeout(STALL, async {
+            let slot = window
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the window is never closed");
+            tx.send(Reply::with_slot(response, slot)).await.is_ok()
+        })
+        .await;
+        if sent != Ok(true) {
+            return Err(WireError::new(
+                ErrorCode::Internal,
+                "the client stopped reading the backup (or went away)",
+            ));
         }
     }
     Ok((count, bytes))

@@ -169,10 +169,19 @@ impl RaftStorage {
         if !entries.is_empty() {
             batch.add_entries::<EntryExt>(GROUP, entries)?;
         }
-        if let Some(hs) = hard_state {
+        // A change of the commit index alone (no entries, sync not needed)
+        // stays in memory: written unsynced, it could outlive an earlier
+        // unsynced write after a power loss and look like mid-file damage to
+        // the log check. A restart raises commit to the store's applied index
+        // and learns the rest from the leader.
+        let commit_only = entries.is_empty() && !sync;
+        if let Some(hs) = hard_state.filter(|_| !commit_only) {
             batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), hs)?;
         }
         if batch.is_empty() {
+            if let Some(hs) = hard_state {
+                self.write_state().hard_state = hs.clone();
+            }
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -186,8 +195,8 @@ impl RaftStorage {
         Ok(())
     }
 
-    /// Records a newer commit index (from a `LightReady`). Not fsynced: losing it
-    /// only means learning it again from the leader.
+    /// Records a newer commit index (from a `LightReady`), in memory only (see
+    /// [`RaftStorage::append`]): losing it only means learning it again.
     pub fn set_commit(&self, commit: u64) -> Result<(), StorageError> {
         let mut hs = self.read_state().hard_state.clone();
         if commit <= hs.commit {
@@ -311,11 +320,18 @@ impl raft::Storage for RaftStorage {
         let Some(store) = &self.store else {
             return Err(unavailable());
         };
-        let header = store
+        // raft-rs treats any other error here as fatal (a panic): a store
+        // that can't give a view now is logged, and raft asks again later.
+        let pinned = store
             .pin_for(to)
-            .map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?;
-        let meta = crate::state_machine::StateMeta::from_header(&header)
-            .map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?;
+            .and_then(|header| Ok((crate::state_machine::StateMeta::from_header(&header)?, header)));
+        let (meta, header) = match pinned {
+            Ok(pinned) => pinned,
+            Err(e) => {
+                tracing::error!(error = %e, to, "no snapshot view for a follower");
+                return Err(unavailable());
+            }
+        };
         // A node only accepts a snapshot whose membership includes it; a node
         // being added is in it once the change is applied.
         let usable = header.index >= request_index
@@ -394,6 +410,24 @@ mod tests {
         assert_eq!(state.hard_state, hs(1, 2, 3));
         let e = s.entries(3, 4, None, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(&e[0].data[..], b"e3t1");
+    }
+
+    #[test]
+    fn a_commit_index_alone_stays_in_memory_and_comes_back_with_the_next_synced_write() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path());
+            s.append(&entries(1..=5, 1), Some(&hs(1, 1, 2)), true).unwrap();
+            s.set_commit(5).unwrap();
+            assert_eq!(s.hard_state().commit, 5);
+        }
+        // Never written unsynced (so never a lone record a power loss could
+        // leave behind a lost one): the restart has the synced commit index.
+        let s = open(dir.path());
+        assert_eq!(s.hard_state().commit, 2);
+        s.raise_commit(5).unwrap();
+        drop(s);
+        assert_eq!(open(dir.path()).hard_state().commit, 5);
     }
 
     #[test]

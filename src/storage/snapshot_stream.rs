@@ -243,9 +243,16 @@ impl SnapshotStager {
                     )));
                 }
                 super::fs_util::create_private_dir(&self.staging_dir)?;
-                let partial = self
-                    .staging_dir
-                    .join(format!("{:020}-{:020}.partial", header.index, header.term));
+                // Unique per stream: two leaders may send the same snapshot
+                // at once, and neither may write into the other's file.
+                static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let stream = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let partial = self.staging_dir.join(format!(
+                    "{:020}-{:020}-{}-{stream}.partial",
+                    header.index,
+                    header.term,
+                    std::process::id()
+                ));
                 self.builder = Some(StoreBuilder::create(&partial)?);
                 self.partial = Some(partial);
                 Ok(None)

@@ -329,6 +329,31 @@ impl StateStore {
         Ok(header)
     }
 
+    /// Drops the view pinned for `to` (its snapshot could not be sent).
+    pub fn unpin(&self, to: u64) {
+        self.pinned.lock().expect("pin lock poisoned").remove(&to);
+    }
+
+    /// Drops views pinned longer than their time to live: each holds pages
+    /// the store can't reuse.
+    pub fn prune_pins(&self) {
+        self.pinned
+            .lock()
+            .expect("pin lock poisoned")
+            .retain(|_, p| p.at.elapsed() < PIN_TTL);
+    }
+
+    /// The state record of a staged (closed) store file, read before it is
+    /// installed: an install starts only from a file that opens and holds
+    /// the state it claims.
+    pub fn read_staged_header(path: &Path) -> Result<SnapshotHeader, StorageError> {
+        let db = Database::builder()
+            .set_cache_size(1 << 20)
+            .open(path)
+            .map_err(|e| StorageError::Corrupt(format!("the staged snapshot {} does not open: {e}", path.display())))?;
+        read_header(&db.begin_read()?)
+    }
+
     /// The view pinned for `to` at `index`, if it is still there.
     pub fn take_pinned(&self, to: u64, index: u64) -> Option<StoreView> {
         let mut pinned = self.pinned.lock().expect("pin lock poisoned");
