@@ -20,6 +20,23 @@ fn cli(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kvraft")).args(args).output().unwrap()
 }
 
+/// `kvraft --output json snapshot restore BACKUP --data-dir DIR --id ID --initial-cluster SPEC`.
+fn restore(backup: &std::path::Path, data_dir: &std::path::Path, id: u64, spec: &str) -> std::process::Output {
+    cli(&[
+        "--output",
+        "json",
+        "snapshot",
+        "restore",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--id",
+        &id.to_string(),
+        "--initial-cluster",
+        spec,
+    ])
+}
+
 fn client(endpoints: Vec<String>) -> Client {
     Client::new(ClientOptions {
         endpoints,
@@ -124,19 +141,7 @@ async fn a_backup_under_load_restores_into_a_new_cluster_with_every_write_acknow
     let mut cluster_ids = Vec::new();
     for id in 1..=3 {
         let data_dir = dir.path().join(format!("restored{id}"));
-        let out = cli(&[
-            "--output",
-            "json",
-            "snapshot",
-            "restore",
-            backup.to_str().unwrap(),
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--id",
-            &id.to_string(),
-            "--initial-cluster",
-            &spec,
-        ]);
+        let out = restore(&backup, &data_dir, id, &spec);
         assert!(
             out.status.success(),
             "restore: {}",
@@ -217,17 +222,7 @@ fn a_damaged_backup_is_refused_and_restores_nothing() {
     assert!(err.contains("checksum") || err.contains("decode"), "{err}");
 
     let data_dir = dir.path().join("restored");
-    let out = cli(&[
-        "snapshot",
-        "restore",
-        backup.to_str().unwrap(),
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--id",
-        "1",
-        "--initial-cluster",
-        "1=127.0.0.1:1",
-    ]);
+    let out = restore(&backup, &data_dir, 1, "1=127.0.0.1:1");
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!data_dir.exists(), "nothing is left to start a node on");
 

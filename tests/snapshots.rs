@@ -19,8 +19,10 @@ async fn a_restarted_node_recovers_from_its_snapshot_and_log() {
         support::put(&client, format!("k{i:03}"), format!("{i}")).await;
     }
     client.delete("k000").await.unwrap();
-    let before = cluster.info(1).await.unwrap();
-    assert!(before.snapshot_index >= 90, "{before:?}");
+    // The store is made durable every 30 entries and every second.
+    let before = cluster
+        .wait_info(1, T, "the store durable past index 90", |i| i.snapshot_index >= 90)
+        .await;
     assert!(before.first_index > 1, "log compacted: {before:?}");
 
     cluster.kill(1);

@@ -113,16 +113,17 @@ pub async fn run(
             });
         }
         SnapshotCommand::Status { file } => {
+            let unusable = |e: &dyn std::fmt::Display| local(backup_file::unusable(&file, e));
             let mut check = FrameCheck::default();
             let mut done = None;
             for frame in backup_file::read_frames(&file).map_err(local)? {
-                if let Checked::Done(header) = check.check(&frame.map_err(local)?).map_err(local)? {
+                let frame = frame.map_err(|e| unusable(&e))?;
+                if let Checked::Done(header) = check.check(&frame).map_err(|e| unusable(&e))? {
                     done = Some(header);
                     break;
                 }
             }
-            let header =
-                done.ok_or_else(|| local(format!("{} ends before its trailer: it is cut short", file.display())))?;
+            let header = done.ok_or_else(|| unusable(&"it ends before its trailer (cut short)"))?;
             printer.emit_summary(describe(&header), || {
                 format!(
                     "{}: intact; index {} term {}, {} keys, cluster {:016x}, from node {}",

@@ -64,17 +64,17 @@ fn write_member(backup: &Path, data_dir: &Path, id: u64, members: &[(u64, String
     let mut stager = SnapshotStager::new(&data_dir.join(crate::storage::state_store::INCOMING_DIR), 0);
     let mut header = None;
     for frame in backup_file::read_frames(backup)? {
-        if let Some((h, _)) = stager.push(&frame?, |_| store_path.clone())? {
+        let frame = frame.map_err(|e| backup_file::unusable(backup, e))?;
+        if let Some((h, _)) = stager
+            .push(&frame, |_| store_path.clone())
+            .map_err(|e| backup_file::unusable(backup, e))?
+        {
             header = Some(h);
             break;
         }
     }
-    let backup_header = header.ok_or_else(|| {
-        StorageError::Corrupt(format!(
-            "{} ends before its trailer: the backup is cut short",
-            backup.display()
-        ))
-    })?;
+    let backup_header =
+        header.ok_or_else(|| backup_file::unusable(backup, "it ends before its trailer (cut short)"))?;
     // A new cluster: its id differs from the source's and from a fresh
     // bootstrap of the same members.
     let cluster_id = cluster_id_of(members) ^ backup_header.cluster_id.rotate_left(17) ^ backup_header.index;

@@ -243,6 +243,6 @@ fn store_failure(e: crate::storage::StorageError) -> WireError {
     tracing::error!(error = %e, "a read from the state store failed");
     WireError::new(
         ErrorCode::Internal,
-        format!("this node could not read its state store: {e}"),
+        format!("this node could not read its state store ({e}); retry on another endpoint, and see this node's log"),
     )
 }

@@ -118,3 +118,11 @@ pub fn read_frames(path: &Path) -> Result<impl Iterator<Item = Result<Vec<u8>, S
         Some(Ok(frame))
     }))
 }
+
+/// A backup file that can't be used, said with what to do about it.
+pub fn unusable(path: &Path, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(format!(
+        "backup {}: {e}; this file can't be used: restore from another backup, or take a new one with `kvraft snapshot save`",
+        path.display()
+    ))
+}

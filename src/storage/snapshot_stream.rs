@@ -68,11 +68,6 @@ impl SnapshotFrames {
         })
     }
 
-    /// The header the stream starts with.
-    pub fn header(&self) -> Option<&SnapshotHeader> {
-        self.header.as_ref()
-    }
-
     fn next_frame(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
         if let Some(header) = self.header.take() {
             let bytes = frame(snapshot_frame::Part::Header(header));

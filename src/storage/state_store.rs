@@ -121,9 +121,18 @@ fn read_header(txn: &ReadTransaction) -> Result<SnapshotHeader, StorageError> {
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(SnapshotHeader::default()),
         Err(e) => return Err(e.into()),
     };
-    match meta.get(META_STATE)? {
-        Some(bytes) => SnapshotHeader::decode(bytes.value())
-            .map_err(|e| StorageError::Corrupt(format!("state store: the state record does not decode: {e}"))),
+    let found = meta.get(META_STATE)?;
+    decode_header(found.as_ref().map(|bytes| bytes.value()))
+}
+
+/// The state record's bytes, decoded (none yet: an empty store's).
+fn decode_header(bytes: Option<&[u8]>) -> Result<SnapshotHeader, StorageError> {
+    match bytes {
+        Some(bytes) => SnapshotHeader::decode(bytes).map_err(|e| {
+            StorageError::Corrupt(format!(
+                "state store: the state record does not decode ({e}): state.redb is damaged"
+            ))
+        }),
         None => Ok(SnapshotHeader::default()),
     }
 }
@@ -406,26 +415,20 @@ impl StateStore {
     /// store finish on it.
     pub fn install(&self, staged: &Path) -> Result<SnapshotHeader, StorageError> {
         let target = Self::path_in(&self.dir);
-        let mut slot = self.db.write().expect("store lock poisoned");
         std::fs::rename(staged, &target).map_err(StorageError::io(format!(
             "rename {} to {}",
             staged.display(),
             target.display()
         )))?;
         super::fs_util::sync_dir(&self.dir)?;
-        *slot = Some(Arc::new(open_db(&target, self.cache_bytes)?));
-        drop(slot);
+        // Opened (and fsynced) before the swap: readers keep the old store
+        // (its inode lives on) until then, instead of waiting on the lock.
+        let installed = Arc::new(open_db(&target, self.cache_bytes)?);
+        *self.db.write().expect("store lock poisoned") = Some(installed);
         self.pinned.lock().expect("pin lock poisoned").clear();
         let header = self.header()?;
         self.durable_index.store(header.index, Ordering::Release);
         Ok(header)
-    }
-
-    /// Checks every page's checksum (slow: reads the whole file).
-    pub fn check_integrity(data_dir: &Path) -> Result<(), StorageError> {
-        let mut db = open_db(&Self::path_in(data_dir), 16 << 20)?;
-        db.check_integrity()?;
-        Ok(())
     }
 }
 
@@ -467,11 +470,7 @@ impl StoreWriter<'_> {
     pub fn header(&self) -> Result<SnapshotHeader, StorageError> {
         let meta = self.txn.open_table(META)?;
         let found = meta.get(META_STATE)?;
-        match found {
-            Some(bytes) => SnapshotHeader::decode(bytes.value())
-                .map_err(|e| StorageError::Corrupt(format!("state store: the state record does not decode: {e}"))),
-            None => Ok(SnapshotHeader::default()),
-        }
+        decode_header(found.as_ref().map(|bytes| bytes.value()))
     }
 
     /// A key's record as of this batch.

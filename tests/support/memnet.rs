@@ -191,10 +191,14 @@ impl Transport for MemTransport {
             Some(delay) => {
                 self.runtime.spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let _ = tokio::task::spawn_blocking(move || report(net.deliver(from, &addr, envelope))).await;
+                    if snapshot {
+                        let _ = tokio::task::spawn_blocking(move || report(net.deliver(from, &addr, envelope))).await;
+                    } else {
+                        report(net.deliver(from, &addr, envelope));
+                    }
                 });
             }
-            // Snapshots stream off the raft thread, as over TCP.
+            // A snapshot streams (it builds a store): off the raft thread, as over TCP.
             None if snapshot => {
                 self.runtime
                     .spawn_blocking(move || report(net.deliver(from, &addr, envelope)));
