@@ -35,11 +35,11 @@ pub const SNAPSHOT_DURATION: &str = "kvraft_snapshot_duration_seconds";
 pub const SNAPSHOTS: &str = "kvraft_snapshots_total";
 /// `kvraft_snapshot_failures_total`: Snapshots that failed to be created, sent or applied.
 pub const SNAPSHOT_FAILURES: &str = "kvraft_snapshot_failures_total";
-/// `kvraft_store_apply_duration_seconds`: Time to apply one batch of committed entries in one store transaction.
+/// `kvraft_store_apply_duration_seconds`: Time to apply one batch of committed entries (into the store's memory).
 pub const STORE_APPLY_DURATION: &str = "kvraft_store_apply_duration_seconds";
-/// `kvraft_store_checkpoint_duration_seconds`: Time to make the store durable (one fsynced commit) and compact the log.
+/// `kvraft_store_checkpoint_duration_seconds`: Time to flush applied changes from memory into the store file (one fsynced commit).
 pub const STORE_CHECKPOINT_DURATION: &str = "kvraft_store_checkpoint_duration_seconds";
-/// `kvraft_store_durable_applied_index`: The applied index of the store's last fsynced commit.
+/// `kvraft_store_durable_applied_index`: The applied index of the store's last flush (each is fsynced).
 pub const STORE_DURABLE_INDEX: &str = "kvraft_store_durable_applied_index";
 /// `kvraft_store_size_bytes`: The state store file's size on disk.
 pub const STORE_SIZE: &str = "kvraft_store_size_bytes";
@@ -163,16 +163,16 @@ fn describe() {
     describe_histogram!(
         STORE_APPLY_DURATION,
         Unit::Seconds,
-        "Time to apply one batch of committed entries in one store transaction."
+        "Time to apply one batch of committed entries (into the store's memory)."
     );
     describe_histogram!(
         STORE_CHECKPOINT_DURATION,
         Unit::Seconds,
-        "Time to make the store durable (one fsynced commit) and compact the log."
+        "Time to flush applied changes from memory into the store file (one fsynced commit)."
     );
     describe_gauge!(
         STORE_DURABLE_INDEX,
-        "The applied index of the store's last fsynced commit."
+        "The applied index of the store's last flush (each is fsynced)."
     );
     describe_gauge!(STORE_SIZE, Unit::Bytes, "The state store file's size on disk.");
     describe_counter!(

@@ -4,10 +4,10 @@
 //! the same state.
 //!
 //! The raft loop is the only writer: it applies each batch of committed
-//! entries in one [`Batch`] (one store transaction, which also records the
-//! resulting [`StateMeta`]). Connection tasks read keys from the store
-//! directly and membership from the shared [`StateMachine`], so reads never
-//! wait for apply.
+//! entries in one [`Batch`], which reaches the store (its memory first, the
+//! file at the next flush) all at once with the resulting [`StateMeta`].
+//! Connection tasks read keys from the store directly and membership from the
+//! shared [`StateMachine`], so reads never wait for apply.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -16,7 +16,8 @@ use protobuf::Message as _;
 use raft::prelude::ConfState;
 
 use crate::proto::{command, Command, Member, MemberRole, SnapshotHeader, StoredValue};
-use crate::storage::state_store::{ScanPage, StoreWriter, FORMAT};
+use crate::storage::memtable::Layer;
+use crate::storage::state_store::{ScanPage, FORMAT};
 use crate::storage::{StateStore, StorageError};
 
 /// What applying one command produced, for the waiting client.
@@ -250,10 +251,12 @@ impl StateMachine {
     }
 }
 
-/// One batch of committed entries being applied: one store transaction and
-/// the state it leads to. Nothing is visible until [`Batch::commit`].
+/// One batch of committed entries being applied: its changes and the state
+/// it leads to. Nothing is visible until [`Batch::commit`].
 pub struct Batch<'a> {
-    writer: StoreWriter<'a>,
+    store: &'a StateStore,
+    changes: Layer,
+    keys_added: i64,
     meta: StateMeta,
 }
 
@@ -261,7 +264,9 @@ impl<'a> Batch<'a> {
     /// Starts a batch on `store` from the state `meta`.
     pub fn begin(store: &'a StateStore, meta: StateMeta) -> Result<Self, StorageError> {
         Ok(Batch {
-            writer: store.writer()?,
+            store,
+            changes: Layer::default(),
+            keys_added: 0,
             meta,
         })
     }
@@ -281,12 +286,20 @@ impl<'a> Batch<'a> {
         self.meta.apply_conf_state(index, term, conf_state, added);
     }
 
+    /// A key's record as of the entries applied so far.
+    fn current(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        match self.changes.get(key) {
+            Some(change) => Ok(change.clone()),
+            None => self.store.get(key),
+        }
+    }
+
     /// Applies one command. A failure is the store's, and fatal.
     pub fn apply(&mut self, index: u64, term: u64, command: Command) -> Result<ApplyResult, StorageError> {
         self.meta.advance(index, term);
         Ok(match command.op {
             Some(command::Op::Set(set)) => {
-                let previous = self.writer.get(&set.key)?;
+                let previous = self.current(&set.key)?;
                 let record = StoredValue {
                     value: set.value,
                     create_revision: previous.as_ref().map_or(index, |p| p.create_revision),
@@ -294,13 +307,23 @@ impl<'a> Batch<'a> {
                     version: previous.as_ref().map_or(1, |p| p.version + 1),
                     lease: 0,
                 };
-                self.writer.put(&set.key, &record)?;
+                if previous.is_none() {
+                    self.keys_added += 1;
+                }
+                self.changes.insert(set.key, Some(record));
                 ApplyResult::Set { revision: index }
             }
-            Some(command::Op::Delete(delete)) => ApplyResult::Delete {
-                existed: self.writer.remove(&delete.key)?,
-                revision: index,
-            },
+            Some(command::Op::Delete(delete)) => {
+                let existed = self.current(&delete.key)?.is_some();
+                if existed {
+                    self.keys_added -= 1;
+                    self.changes.insert(delete.key, None);
+                }
+                ApplyResult::Delete {
+                    existed,
+                    revision: index,
+                }
+            }
             Some(command::Op::UpdateMember(update)) => {
                 self.meta.update_member(update);
                 ApplyResult::Members(self.meta.members())
@@ -309,10 +332,11 @@ impl<'a> Batch<'a> {
         })
     }
 
-    /// Commits the batch (fsynced when `durable`) and returns the state it
-    /// led to.
-    pub fn commit(self, durable: bool) -> Result<StateMeta, StorageError> {
-        self.writer.commit(&self.meta.to_header(), durable)?;
+    /// Hands the batch to the store (readers see it at once; the file has
+    /// it after the next flush) and returns the state it led to.
+    pub fn commit(self) -> Result<StateMeta, StorageError> {
+        self.store
+            .commit_batch(self.changes, self.meta.to_header(), self.keys_added)?;
         Ok(self.meta)
     }
 }
@@ -366,7 +390,8 @@ mod tests {
         StateMachine::open(Arc::new(StateStore::open(dir, 8 << 20).unwrap())).unwrap()
     }
 
-    /// Applies `commands` from `first` on, in one batch.
+    /// Applies `commands` from `first` on, in one batch (flushed to the file
+    /// when `durable`).
     fn apply_all(sm: &mut StateMachine, first: u64, commands: Vec<Command>, durable: bool) -> Vec<ApplyResult> {
         let store = sm.store().clone();
         let mut batch = Batch::begin(&store, sm.meta().clone()).unwrap();
@@ -375,7 +400,10 @@ mod tests {
             .enumerate()
             .map(|(i, c)| batch.apply(first + i as u64, 1, c).unwrap())
             .collect();
-        sm.set_meta(batch.commit(durable).unwrap());
+        sm.set_meta(batch.commit().unwrap());
+        if durable {
+            store.flush().unwrap();
+        }
         results
     }
 
@@ -410,7 +438,7 @@ mod tests {
     fn a_batch_not_committed_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = machine(dir.path());
-        apply_all(&mut sm, 1, vec![set("kept", "1")], false);
+        apply_all(&mut sm, 1, vec![set("kept", "1")], true);
         {
             let store = sm.store().clone();
             let mut batch = Batch::begin(&store, sm.meta().clone()).unwrap();
@@ -429,12 +457,66 @@ mod tests {
             apply_all(&mut sm, 1, vec![set("a", "1")], true);
             apply_all(&mut sm, 2, vec![set("b", "2")], false);
             assert_eq!(sm.store().durable_index(), 1);
+            assert_eq!(sm.get(b"b").unwrap().unwrap(), b"2", "readers see memory");
         }
-        // A clean close keeps even the commits that were not fsynced.
+        // What was only in memory is gone (the raft log replays it), and
+        // the file's index says so.
+        let mut sm = machine(dir.path());
+        assert_eq!(sm.applied_index(), 1);
+        assert_eq!(sm.get(b"a").unwrap().unwrap(), b"1");
+        assert_eq!(sm.get(b"b").unwrap(), None);
+        apply_all(&mut sm, 2, vec![set("b", "2")], true);
+        drop(sm);
         let sm = machine(dir.path());
-        assert_eq!(sm.applied_index(), 2);
         assert_eq!(sm.get(b"b").unwrap().unwrap(), b"2");
         assert_eq!(sm.store().durable_index(), 2);
+    }
+
+    #[test]
+    fn scans_merge_memory_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        let commands = ["a", "b", "c", "d", "e"].iter().map(|k| set(k, "file")).collect();
+        apply_all(&mut sm, 1, commands, true);
+        // In memory: "b" deleted, "c" changed, "bb" and "f" new.
+        apply_all(
+            &mut sm,
+            6,
+            vec![delete("b"), set("c", "mem"), set("bb", "mem"), set("f", "mem")],
+            false,
+        );
+        let pairs = |p: &ScanPage| {
+            p.pairs
+                .iter()
+                .map(|kv| {
+                    format!(
+                        "{}={}",
+                        String::from_utf8_lossy(&kv.key),
+                        String::from_utf8_lossy(&kv.value)
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let all = sm.scan(b"", b"", b"", 0, usize::MAX).unwrap();
+        assert_eq!(pairs(&all), ["a=file", "bb=mem", "c=mem", "d=file", "e=file", "f=mem"]);
+        assert!(!all.more);
+        assert_eq!(sm.len().unwrap(), 6);
+        // Page by page (two at a time), nothing is lost or repeated.
+        let (mut seen, mut from) = (Vec::new(), Vec::new());
+        loop {
+            let page = sm.scan(b"", &from, b"", 2, usize::MAX).unwrap();
+            seen.extend(pairs(&page));
+            if !page.more {
+                break;
+            }
+            from = page.pairs.last().unwrap().key.clone();
+            from.push(0);
+        }
+        assert_eq!(seen, pairs(&all));
+        // The same after a flush moved memory into the file.
+        sm.store().flush().unwrap();
+        assert_eq!(pairs(&sm.scan(b"", b"", b"", 0, usize::MAX).unwrap()), pairs(&all));
+        assert_eq!(sm.store().view().unwrap().len().unwrap(), 6);
     }
 
     #[test]

@@ -35,10 +35,8 @@ use ::metrics::{counter, gauge, histogram};
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// At most this many inbox messages per round, so ticks and Ready keep up.
 const INBOX_BATCH: usize = 4096;
-/// The store is made durable at least this often while entries are applied
-/// (and every `checkpoint_entries`): it bounds what a restart replays, and
-/// lets redb reuse the pages its unsynced commits freed.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Stale pinned views and staged snapshots are swept this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings the loop needs, fixed at start.
 #[derive(Debug, Clone)]
@@ -47,8 +45,8 @@ pub struct LoopSettings {
     pub id: u64,
     /// One raft tick.
     pub tick: Duration,
-    /// Make the store durable (and compact the log) at least every this many
-    /// applied entries.
+    /// Flush the store (and compact the log behind it) at least every this
+    /// many applied entries; the flusher also flushes every second.
     pub checkpoint_entries: u64,
     /// Entries kept in the log behind the store's durable applied index.
     pub catchup_entries: u64,
@@ -95,8 +93,8 @@ pub struct RaftLoop {
     node: RawNode<RaftStorage>,
     storage: RaftStorage,
     store: Arc<StateStore>,
-    /// When the store was last made durable.
-    last_checkpoint: Instant,
+    /// The flushed index the log was last compacted behind.
+    compacted_for: u64,
     /// When stale pinned views and staged snapshots were last swept.
     last_sweep: Instant,
     inbox: mpsc::Receiver<Inbox>,
@@ -154,7 +152,7 @@ impl RaftLoop {
             node: parts.node,
             storage: parts.storage,
             store: parts.store,
-            last_checkpoint: Instant::now(),
+            compacted_for: 0,
             last_sweep: Instant::now(),
             inbox: parts.inbox,
             control: parts.control,
@@ -251,7 +249,7 @@ impl RaftLoop {
                 self.node.read_index(ctx);
             }
             self.handle_ready()?;
-            self.maybe_checkpoint(now)?;
+            self.maybe_checkpoint()?;
             self.publish_status();
             if self.removed || self.shutdown_done(now) {
                 return Ok(());
@@ -299,7 +297,8 @@ impl RaftLoop {
         if self.shutdown.is_none() || self.removed {
             return Ok(());
         }
-        self.checkpoint()?;
+        self.store.flush()?;
+        self.compact_behind_flush()?;
         info!(
             index = self.store.durable_index(),
             "shutdown checkpoint at the applied index"
@@ -611,7 +610,7 @@ impl RaftLoop {
     fn on_tick(&mut self, now: Instant) {
         self.proposals.expire(now);
         self.reads.expire(now);
-        if now >= self.last_sweep + CHECKPOINT_INTERVAL {
+        if now >= self.last_sweep + SWEEP_INTERVAL {
             // Even with no writes: stale views and staged snapshots each hold
             // as much disk as the state.
             self.last_sweep = now;
@@ -807,7 +806,7 @@ impl RaftLoop {
             .write()
             .expect("state machine lock poisoned")
             .set_meta(state);
-        self.last_checkpoint = Instant::now();
+        self.compacted_for = header.index;
         // Proposals may be inside the snapshot: we can't tell which applied.
         self.proposals.fail_all(
             "snapshot",
@@ -834,8 +833,8 @@ impl RaftLoop {
         Ok(())
     }
 
-    /// Applies committed entries to the state machine, in one store
-    /// transaction, and answers the proposals this node made.
+    /// Applies committed entries to the state machine, as one batch, and
+    /// answers the proposals this node made.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StorageError> {
         if entries.is_empty() {
             return Ok(());
@@ -883,7 +882,7 @@ impl RaftLoop {
                 }
             }
         }
-        let state = batch.commit(false)?;
+        let state = batch.commit()?;
         let applied = state.applied_index();
         self.peer_addrs = member_addrs(&state);
         self.state_machine
@@ -964,34 +963,32 @@ impl RaftLoop {
         self.status.removed();
     }
 
-    /// Makes the store durable every `checkpoint_entries` applied entries or
-    /// every [`CHECKPOINT_INTERVAL`], whichever comes first.
-    fn maybe_checkpoint(&mut self, now: Instant) -> Result<(), StorageError> {
+    /// Asks for a flush every `checkpoint_entries` applied entries (the
+    /// flusher flushes every second anyway) and compacts the log behind each
+    /// new flush. A flush that failed stops the node.
+    fn maybe_checkpoint(&mut self) -> Result<(), StorageError> {
+        self.store.flush_failure()?;
         let applied = *self.applied_tx.borrow();
         let durable = self.store.durable_index();
-        if applied <= durable {
-            return Ok(());
+        if applied >= durable + self.settings.checkpoint_entries {
+            self.store.request_flush();
         }
-        if applied >= durable + self.settings.checkpoint_entries || now >= self.last_checkpoint + CHECKPOINT_INTERVAL {
-            self.checkpoint()?;
+        if durable > self.compacted_for {
+            self.compact_behind_flush()?;
         }
         Ok(())
     }
 
-    /// fsyncs the store at the applied index, then compacts the log behind
-    /// it, keeping `catchup_entries` for slow followers.
-    fn checkpoint(&mut self) -> Result<(), StorageError> {
-        let started = Instant::now();
-        self.store.make_durable()?;
-        self.last_checkpoint = Instant::now();
+    /// Compacts the log behind the store's flushed index, keeping
+    /// `catchup_entries` for slow followers.
+    fn compact_behind_flush(&mut self) -> Result<(), StorageError> {
         let durable = self.store.durable_index();
         self.storage
             .compact_to(durable.saturating_sub(self.settings.catchup_entries))?;
+        self.compacted_for = durable;
         self.store.remove_staged_up_to(durable);
-        histogram!(metrics::STORE_CHECKPOINT_DURATION).record(started.elapsed().as_secs_f64());
         gauge!(metrics::STORE_DURABLE_INDEX).set(durable as f64);
         gauge!(metrics::STORE_SIZE).set(self.store.size_on_disk() as f64);
-        debug!(index = durable, took = ?started.elapsed(), "store checkpoint");
         Ok(())
     }
 

@@ -82,7 +82,7 @@ fn write_member(backup: &Path, data_dir: &Path, id: u64, members: &[(u64, String
     let (index, term) = (backup_header.index, backup_header.term);
     let state = initial_state(members, cluster_id, index, term);
     let store = StateStore::open(data_dir, 16 << 20)?;
-    store.writer()?.commit(&state.to_header(), true)?;
+    store.write_header(&state.to_header())?;
     store.close();
     RaftStorage::open(data_dir)?.start_at(index, term)?;
     NodeIdentityFile::in_dir(data_dir).store(&NodeIdentity {

@@ -94,7 +94,7 @@ pub fn prepare(
         );
     }
     let store = Arc::new(StateStore::open(&config.data_dir, config.store_cache_bytes())?);
-    store.spawn_flusher(std::time::Duration::from_millis(200));
+    store.spawn_flusher(crate::storage::state_store::FLUSH_INTERVAL);
     if finish_interrupted_install(&storage, &store)? {
         info!("completed a snapshot install interrupted by a crash");
     }
@@ -259,7 +259,7 @@ fn bootstrap(
     // The store first: a crash before the log is started leaves a store at
     // the bootstrap index and an empty log, which the next start finishes.
     let state = initial_state(&members, cluster_id, BOOTSTRAP_INDEX, BOOTSTRAP_TERM);
-    store.writer()?.commit(&state.to_header(), true)?;
+    store.write_header(&state.to_header())?;
     storage.start_at(BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
     let identity = NodeIdentity {
         node_id: config.id,
@@ -428,7 +428,7 @@ mod tests {
     fn an_install_interrupted_after_the_log_reset_is_finished_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path(), 1 << 20).unwrap();
-        store.writer().unwrap().commit(&applied(5).to_header(), true).unwrap();
+        store.write_header(&applied(5).to_header()).unwrap();
         // The leader's snapshot at 50 was staged, and the log reset to it,
         // when the process died: the store is still at 5.
         let staged = store.staged_path(50, 3);

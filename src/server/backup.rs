@@ -63,7 +63,12 @@ async fn send_frames(
     let store = port.handle.store();
     let internal =
         |e: crate::storage::StorageError| WireError::new(ErrorCode::Internal, format!("reading the state store: {e}"));
-    let view = store.view().map_err(internal)?;
+    // A view is of the file: flush first, so it holds every write applied
+    // before the barrier (a flush fsyncs, so it runs on a blocking thread).
+    let view = tokio::task::spawn_blocking(move || store.flush().and_then(|()| store.view()))
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("the backup's flush stopped: {e}")))?
+        .map_err(internal)?;
     let frames = SnapshotFrames::new(view, port.handle.status().id).map_err(internal)?;
     // Reading the store blocks: a blocking thread produces frames, at most
     // two ahead of the connection.

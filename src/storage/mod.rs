@@ -3,7 +3,8 @@
 //! ```text
 //! DATA_DIR/LOCK              held (flock) by the running daemon (lock.rs)
 //! DATA_DIR/identity          which node and cluster this data dir belongs to (identity.rs)
-//! DATA_DIR/state.redb        the state machine: keys, applied index, membership (state_store.rs)
+//! DATA_DIR/state.redb        the state machine: keys, applied index, membership (state_store.rs;
+//!                            recent changes wait in memory for a flush, memtable.rs)
 //! DATA_DIR/raft-log/         the raft log, HardState and log bounds, in raft-engine (raft_storage.rs)
 //! DATA_DIR/snapshot-incoming/ snapshots from the leader, built and verified before install (snapshot_stream.rs)
 //! ```
@@ -20,6 +21,7 @@ mod fs_util;
 pub mod identity;
 pub mod lock;
 pub mod log_check;
+pub mod memtable;
 pub mod raft_storage;
 pub mod snapshot_files;
 pub mod snapshot_stream;

@@ -338,7 +338,10 @@ impl raft::Storage for RaftStorage {
             && header.index >= self.read_state().truncated_index
             && crate::state_machine::conf_ids(meta.conf_state()).any(|id| id == to);
         if !usable {
+            // The file lags what is applied by up to a flush: ask for one,
+            // so raft's next try finds the member (or index) it needs.
             store.take_pinned(to, header.index);
+            store.request_flush();
             return Err(unavailable());
         }
         ::metrics::counter!(crate::metrics::SNAPSHOTS, "kind" => "created").increment(1);

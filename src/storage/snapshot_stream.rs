@@ -315,7 +315,8 @@ mod tests {
             };
             batch.apply(i + 2, 1, command).unwrap();
         }
-        sm.set_meta(batch.commit(true).unwrap());
+        sm.set_meta(batch.commit().unwrap());
+        store.flush().unwrap();
         store
     }
 

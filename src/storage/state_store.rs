@@ -11,23 +11,28 @@
 //! Reserved for the coordination API, in the same file and so without a
 //! migration: `history` (revision -> change, for watch) and `leases`.
 //!
-//! Every batch of committed entries is applied in one write transaction that
-//! also writes `meta`, so data and applied index never disagree. Those
-//! commits are not fsynced (the raft log already is): the raft loop makes one
-//! durable every so often ([`StoreWriter::commit`] with `durable`), and the log
-//! is compacted only behind the durable one. After a crash redb comes back at
-//! its last durable commit and raft replays the entries after it.
+//! The raft loop applies each batch of committed entries to the in-memory
+//! [`Memtable`] in front of the file (cheap, on the raft thread). A flush moves
+//! all of it into redb in one durable write transaction that also writes
+//! `meta`, so the file's data and applied index never disagree. The flusher
+//! thread flushes every second (and sooner when asked or when memory fills);
+//! the log is compacted only behind the flushed index. After a crash redb
+//! comes back at its last flush and raft replays the entries after it.
+//!
+//! Readers see memory over the file. Views for snapshots and backups are
+//! read transactions of the file, as of a flush.
 
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDefinition};
 
+use super::memtable::{self, Layer, Memtable};
 use super::StorageError;
 use crate::proto::{KeyValue, SnapshotHeader, StoredValue};
 
@@ -47,6 +52,14 @@ pub const TABLE_KV: u32 = 1;
 /// A pinned view for a follower is dropped after this long unused: it holds
 /// pages the store can't reuse.
 const PIN_TTL: Duration = Duration::from_secs(120);
+/// The flusher flushes this often while anything is applied: it bounds what
+/// a restart replays.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// The flusher starts early once this many bytes of changes wait in memory.
+const FLUSH_EARLY_BYTES: usize = 32 << 20;
+/// With this many bytes waiting (a flush is slower than the writes), the
+/// raft loop flushes itself before it applies more: memory stays bounded.
+const HOLD_BYTES: usize = 128 << 20;
 
 impl From<redb::Error> for StorageError {
     fn from(e: redb::Error) -> Self {
@@ -82,10 +95,32 @@ pub struct StateStore {
     /// Swapped whole when a snapshot from the leader is installed; readers
     /// holding the old one finish on it. `None` once closed.
     db: RwLock<Option<Arc<Database>>>,
-    /// The applied index of the last fsynced commit.
+    /// Applied changes not yet in the file. Read-locked by readers for a
+    /// lookup (and while they take the file's handle, so both agree),
+    /// write-locked by the raft loop to add a batch and by a flush.
+    mem: RwLock<Memtable>,
+    /// The applied index of the last flush (each is fsynced).
     durable_index: AtomicU64,
+    flush: FlushControl,
     /// Views pinned for followers that need a snapshot, by follower id.
     pinned: Mutex<HashMap<u64, Pinned>>,
+}
+
+/// Coordinates the flusher thread, the raft loop's flushes and installs.
+#[derive(Default)]
+struct FlushControl {
+    /// Held for the whole of a flush or an install: one at a time.
+    running: Mutex<()>,
+    state: Mutex<FlushState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct FlushState {
+    requested: bool,
+    stopped: bool,
+    /// A flush failed: the node must stop (the frozen layer stays readable).
+    failed: Option<String>,
 }
 
 struct Pinned {
@@ -152,17 +187,17 @@ impl StateStore {
     /// `cache_bytes`.
     pub fn open(data_dir: &Path, cache_bytes: usize) -> Result<Self, StorageError> {
         let db = open_db(&Self::path_in(data_dir), cache_bytes)?;
-        let store = StateStore {
+        // Whatever redb opened is what survived: its last durable commit.
+        let (header, keys) = header_and_len(&db)?;
+        Ok(StateStore {
             dir: data_dir.to_path_buf(),
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
-            durable_index: AtomicU64::new(0),
+            durable_index: AtomicU64::new(header.index),
+            mem: RwLock::new(Memtable::new(header, keys)),
+            flush: FlushControl::default(),
             pinned: Mutex::default(),
-        };
-        // Whatever redb opened is what survived: its last durable commit.
-        let applied = store.header()?.index;
-        store.durable_index.store(applied, Ordering::Release);
-        Ok(store)
+        })
     }
 
     fn db(&self) -> Result<Arc<Database>, StorageError> {
@@ -173,54 +208,153 @@ impl StateStore {
             .ok_or_else(|| StorageError::Store("the node has stopped; its state store is closed".into()))
     }
 
-    /// Starts a thread that writes the store's dirty pages back to disk every
-    /// `every`, so the durable commit the raft loop makes now and then finds
-    /// little left to fsync (an fsync on any descriptor of the file flushes
-    /// all of it) and stalls the loop for milliseconds, not for the whole
-    /// second's writes. It stops once the store is closed.
+    /// Starts the thread that flushes memory to the file every `every` (or
+    /// sooner when asked), off the raft thread. It stops once the store is
+    /// closed or dropped.
     pub fn spawn_flusher(self: &Arc<Self>, every: Duration) {
         let store = Arc::downgrade(self);
-        let path = Self::path_in(&self.dir);
         let spawned = std::thread::Builder::new()
             .name("store-flusher".into())
             .spawn(move || loop {
-                std::thread::sleep(every);
-                match store.upgrade() {
-                    Some(store) if store.db.read().expect("store lock poisoned").is_some() => {}
-                    _ => return,
+                let Some(store) = store.upgrade() else { return };
+                {
+                    let state = store.flush.state.lock().expect("flush lock poisoned");
+                    let (mut state, _) = store
+                        .flush
+                        .wake
+                        .wait_timeout_while(state, every, |s| !s.requested && !s.stopped)
+                        .expect("flush lock poisoned");
+                    if state.stopped || state.failed.is_some() {
+                        return;
+                    }
+                    state.requested = false;
                 }
-                if let Ok(file) = std::fs::File::open(&path) {
-                    let _ = file.sync_data();
+                if let Err(e) = store.flush() {
+                    tracing::error!(error = %e, "flushing the state store failed; the node stops");
+                    return;
                 }
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "no store flusher thread: checkpoints fsync everything themselves");
+            tracing::warn!(error = %e, "no store flusher thread: the raft loop flushes the store itself");
         }
+    }
+
+    /// Asks the flusher for a flush now, without waiting for it.
+    pub fn request_flush(&self) {
+        self.flush.state.lock().expect("flush lock poisoned").requested = true;
+        self.flush.wake.notify_all();
+    }
+
+    /// Writes everything applied so far to the file and fsyncs it; returns
+    /// when done. Waits for a flush already running.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        let _running = self.flush.running.lock().expect("flush lock poisoned");
+        self.flush_failure()?;
+        let Some(frozen) = self
+            .mem
+            .write()
+            .expect("memtable lock poisoned")
+            .freeze(self.durable_index())
+        else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        if let Err(e) = self.write_frozen(&frozen) {
+            self.flush.state.lock().expect("flush lock poisoned").failed = Some(e.to_string());
+            return Err(e);
+        }
+        self.durable_index.store(frozen.header.index, Ordering::Release);
+        self.mem.write().expect("memtable lock poisoned").flushed();
+        metrics::histogram!(crate::metrics::STORE_CHECKPOINT_DURATION).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// The error of a flush that failed: the node can't go on (its applied
+    /// state can no longer reach the file).
+    pub fn flush_failure(&self) -> Result<(), StorageError> {
+        match &self.flush.state.lock().expect("flush lock poisoned").failed {
+            Some(e) => Err(StorageError::Store(format!("flushing the state store failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// One durable transaction with every change of `frozen` and its state
+    /// record.
+    fn write_frozen(&self, frozen: &memtable::Frozen) -> Result<(), StorageError> {
+        let txn = self.db()?.begin_write()?;
+        {
+            let mut kv = txn.open_table(KV)?;
+            for (key, change) in frozen.layer.iter() {
+                match change {
+                    Some(value) => {
+                        kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?;
+                    }
+                    None => {
+                        kv.remove(key.as_slice())?;
+                    }
+                }
+            }
+        }
+        commit_with_header(txn, &frozen.header)
+    }
+
+    /// Adds a batch the raft loop applied: its changes, the state record it
+    /// led to, and how it changed the number of keys. Visible to readers at
+    /// once; in the file after the next flush.
+    pub fn commit_batch(&self, changes: Layer, header: SnapshotHeader, keys_added: i64) -> Result<(), StorageError> {
+        let waiting = {
+            let mut mem = self.mem.write().expect("memtable lock poisoned");
+            mem.commit(changes, header, keys_added);
+            mem.active_bytes()
+        };
+        if waiting >= HOLD_BYTES {
+            // The flusher is behind: catch up here rather than hold more.
+            self.flush()?;
+        } else if waiting >= FLUSH_EARLY_BYTES {
+            self.request_flush();
+        }
+        Ok(())
     }
 
     /// Closes the store when the node stops, so the file (and its lock) is
     /// free once the last in-flight read finishes, even while handles to
-    /// this object live on.
+    /// this object live on. What is only in memory is dropped: the raft log
+    /// still has it.
     pub fn close(&self) {
+        self.flush.state.lock().expect("flush lock poisoned").stopped = true;
+        self.flush.wake.notify_all();
+        let _running = self.flush.running.lock().expect("flush lock poisoned");
         self.pinned.lock().expect("pin lock poisoned").clear();
         self.db.write().expect("store lock poisoned").take();
     }
 
-    /// A consistent read view of everything.
+    /// A consistent read view of the file, as of the last flush (call
+    /// [`Self::flush`] first for one of everything applied).
     pub fn view(&self) -> Result<StoreView, StorageError> {
         let txn = self.db()?.begin_read()?;
         let header = read_header(&txn)?;
         Ok(StoreView { txn, header })
     }
 
-    /// The state record as of the last commit.
+    /// The file's state record, as of the last flush.
     pub fn header(&self) -> Result<SnapshotHeader, StorageError> {
         read_header(&self.db()?.begin_read()?)
     }
 
-    /// One key's record.
+    /// One key's newest record.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        let txn = self.db()?.begin_read()?;
+        // The file's handle is taken under the memory lock: an install swaps
+        // both at once.
+        let db = {
+            let mem = self.mem.read().expect("memtable lock poisoned");
+            if let Some(change) = mem.lookup(key) {
+                return Ok(change.clone());
+            }
+            self.db()?
+        };
+        // Not in memory: the file holds the newest record (a flush drops a
+        // frozen layer only after committing it).
+        let txn = db.begin_read()?;
         let kv = match txn.open_table(KV) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -234,12 +368,7 @@ impl StateStore {
 
     /// Number of keys.
     pub fn len(&self) -> Result<u64, StorageError> {
-        let txn = self.db()?.begin_read()?;
-        match txn.open_table(KV) {
-            Ok(t) => Ok(t.len()?),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.mem.read().expect("memtable lock poisoned").keys())
     }
 
     /// True when no key is held.
@@ -258,60 +387,73 @@ impl StateStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<ScanPage, StorageError> {
-        let txn = self.db()?.begin_read()?;
-        let kv = match txn.open_table(KV) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(ScanPage::default()),
-            Err(e) => return Err(e.into()),
-        };
         let start = if from > prefix { from } else { prefix };
         let upper = if to.is_empty() {
             Bound::Unbounded
         } else {
             Bound::Excluded(to)
         };
+        // Memory's part of the range and a read transaction of the file, as
+        // of the same moment.
+        let (memory, known_until, txn) = {
+            let mem = self.mem.read().expect("memtable lock poisoned");
+            let (memory, known_until) = mem.collect_range(prefix, start, upper, limit, max_bytes);
+            (memory, known_until, self.db()?.begin_read()?)
+        };
+        let kv = match txn.open_table(KV) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let range = match &kv {
+            Some(t) => Some(t.range::<&[u8]>((Bound::Included(start), upper))?),
+            None => None,
+        };
+        let file = range
+            .into_iter()
+            .flatten()
+            .map(|item| -> Result<(Vec<u8>, StoredValue), StorageError> {
+                let (key, value) = item?;
+                Ok((key.value().to_vec(), decode_value(value.value())?))
+            })
+            .take_while(|item| item.as_ref().map_or(true, |(key, _)| key.starts_with(prefix)));
         let mut page = ScanPage::default();
         let mut bytes = 0usize;
-        for item in kv.range::<&[u8]>((Bound::Included(start), upper))? {
-            let (key, value) = item?;
-            let key = key.value();
-            if !key.starts_with(prefix) {
-                break;
-            }
-            let value = decode_value(value.value())?.value;
-            let size = key.len() + value.len() + 8;
+        let stopped = memtable::merge(memory, known_until.as_deref(), file, |key, value| {
+            let size = key.len() + value.value.len() + 8;
             if (limit > 0 && page.pairs.len() >= limit) || (!page.pairs.is_empty() && bytes + size > max_bytes) {
                 page.more = true;
-                break;
+                return false;
             }
             bytes += size;
             page.pairs.push(KeyValue {
-                key: key.to_vec(),
-                value,
+                key,
+                value: value.value,
             });
-        }
+            true
+        })?;
+        page.more |= stopped;
         Ok(page)
     }
 
-    /// Starts a batch of writes (the raft loop's, one at a time).
-    pub fn writer(&self) -> Result<StoreWriter<'_>, StorageError> {
-        let mut txn = self.db()?.begin_write()?;
-        txn.set_durability(Durability::None);
-        Ok(StoreWriter {
-            txn,
-            durable_index: Some(&self.durable_index),
-        })
+    /// Writes the state record straight to the file, durably: only for a
+    /// store nothing was applied to in memory (bootstrap, restore).
+    pub fn write_header(&self, header: &SnapshotHeader) -> Result<(), StorageError> {
+        let mut mem = self.mem.write().expect("memtable lock poisoned");
+        if mem.active_bytes() > 0 {
+            return Err(StorageError::Store(
+                "the state record can't be written under applied changes that are only in memory".into(),
+            ));
+        }
+        commit_with_header(self.db()?.begin_write()?, header)?;
+        let keys = mem.keys();
+        mem.reset(header.clone(), keys);
+        self.durable_index.store(header.index, Ordering::Release);
+        Ok(())
     }
 
-    /// Makes every commit so far durable.
-    pub fn make_durable(&self) -> Result<(), StorageError> {
-        let writer = self.writer()?;
-        let header = writer.header()?;
-        writer.commit(&header, true)
-    }
-
-    /// The applied index of the last fsynced commit: what a crash can't take
-    /// back, and what the raft log may be compacted behind.
+    /// The applied index of the last flush: what a crash can't take back,
+    /// and what the raft log may be compacted behind.
     pub fn durable_index(&self) -> u64 {
         self.durable_index.load(Ordering::Acquire)
     }
@@ -414,6 +556,8 @@ impl StateStore {
     /// one, atomically: a rename over the store file. Readers on the old
     /// store finish on it.
     pub fn install(&self, staged: &Path) -> Result<SnapshotHeader, StorageError> {
+        // No flush may write to the file being replaced.
+        let _running = self.flush.running.lock().expect("flush lock poisoned");
         let target = Self::path_in(&self.dir);
         std::fs::rename(staged, &target).map_err(StorageError::io(format!(
             "rename {} to {}",
@@ -424,12 +568,28 @@ impl StateStore {
         // Opened (and fsynced) before the swap: readers keep the old store
         // (its inode lives on) until then, instead of waiting on the lock.
         let installed = Arc::new(open_db(&target, self.cache_bytes)?);
-        *self.db.write().expect("store lock poisoned") = Some(installed);
+        let (header, keys) = header_and_len(&installed)?;
+        {
+            // Memory (older than the snapshot) goes with the old file.
+            let mut mem = self.mem.write().expect("memtable lock poisoned");
+            *self.db.write().expect("store lock poisoned") = Some(installed);
+            mem.reset(header.clone(), keys);
+        }
         self.pinned.lock().expect("pin lock poisoned").clear();
-        let header = self.header()?;
         self.durable_index.store(header.index, Ordering::Release);
         Ok(header)
     }
+}
+
+/// A database's state record and key count.
+fn header_and_len(db: &Database) -> Result<(SnapshotHeader, u64), StorageError> {
+    let txn = db.begin_read()?;
+    let keys = match txn.open_table(KV) {
+        Ok(t) => t.len()?,
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((read_header(&txn)?, keys))
 }
 
 /// A raw kv record: the key and its encoded `StoredValue`.
@@ -442,14 +602,6 @@ pub struct ScanPage {
     pub pairs: Vec<KeyValue>,
     /// More pairs matched than fit the limits.
     pub more: bool,
-}
-
-/// A batch of writes in one transaction; nothing is visible until
-/// [`StoreWriter::commit`], and dropping it discards the batch.
-pub struct StoreWriter<'a> {
-    txn: redb::WriteTransaction,
-    /// Where a durable commit records its applied index.
-    durable_index: Option<&'a AtomicU64>,
 }
 
 /// Writes one raw record of `table` (from a snapshot stream).
@@ -465,55 +617,15 @@ fn put_record(txn: &redb::WriteTransaction, table: u32, key: &[u8], value: &[u8]
     }
 }
 
-impl StoreWriter<'_> {
-    /// The state record as of this batch.
-    pub fn header(&self) -> Result<SnapshotHeader, StorageError> {
-        let meta = self.txn.open_table(META)?;
-        let found = meta.get(META_STATE)?;
-        decode_header(found.as_ref().map(|bytes| bytes.value()))
-    }
-
-    /// A key's record as of this batch.
-    pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        let kv = self.txn.open_table(KV)?;
-        let found = kv.get(key)?;
-        match found {
-            Some(v) => Ok(Some(decode_value(v.value())?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Sets a key's record.
-    pub fn put(&self, key: &[u8], value: &StoredValue) -> Result<(), StorageError> {
-        let mut kv = self.txn.open_table(KV)?;
-        kv.insert(key, value.encode_to_vec().as_slice())?;
-        Ok(())
-    }
-
-    /// Removes a key; returns whether it existed.
-    pub fn remove(&self, key: &[u8]) -> Result<bool, StorageError> {
-        let mut kv = self.txn.open_table(KV)?;
-        let existed = kv.remove(key)?.is_some();
-        Ok(existed)
-    }
-
-    /// Commits the batch with `header` as the state it leads to; fsynced
-    /// when `durable`.
-    pub fn commit(mut self, header: &SnapshotHeader, durable: bool) -> Result<(), StorageError> {
-        self.txn
-            .open_table(META)?
-            .insert(META_STATE, header.encode_to_vec().as_slice())?;
-        if durable {
-            self.txn.set_durability(Durability::Immediate);
-            // Recovery after a crash then needs no full scan of the file.
-            self.txn.set_quick_repair(true);
-        }
-        self.txn.commit()?;
-        if let (true, Some(durable_index)) = (durable, self.durable_index) {
-            durable_index.store(header.index, Ordering::Release);
-        }
-        Ok(())
-    }
+/// Commits `txn` durably with `header` as the state record.
+fn commit_with_header(mut txn: redb::WriteTransaction, header: &SnapshotHeader) -> Result<(), StorageError> {
+    txn.open_table(META)?
+        .insert(META_STATE, header.encode_to_vec().as_slice())?;
+    txn.set_durability(Durability::Immediate);
+    // Recovery after a crash then needs no full scan of the file.
+    txn.set_quick_repair(true);
+    txn.commit()?;
+    Ok(())
 }
 
 impl StoreView {
@@ -599,11 +711,7 @@ impl StoreBuilder {
             Some(t) => t,
             None => self.db.begin_write()?,
         };
-        let writer = StoreWriter {
-            txn,
-            durable_index: None,
-        };
-        writer.commit(header, true)?;
+        commit_with_header(txn, header)?;
         drop(self.db);
         Ok(self.path)
     }
