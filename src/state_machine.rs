@@ -501,6 +501,8 @@ mod tests {
         assert_eq!(pairs(&all), ["a=file", "bb=mem", "c=mem", "d=file", "e=file", "f=mem"]);
         assert!(!all.more);
         assert_eq!(sm.len().unwrap(), 6);
+        let crossed = sm.scan(b"e", b"", b"c", 0, usize::MAX).unwrap();
+        assert_eq!(crossed, ScanPage::default(), "a prefix past `to` is an empty range");
         // Page by page (two at a time), nothing is lost or repeated.
         let (mut seen, mut from) = (Vec::new(), Vec::new());
         loop {

@@ -152,6 +152,17 @@ impl Memtable {
         Some(frozen)
     }
 
+    /// True while a frozen layer is being written to the file.
+    pub fn is_flushing(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// True when the file holds everything applied up to `flushed_index`
+    /// and memory holds nothing newer.
+    pub fn is_clean(&self, flushed_index: u64) -> bool {
+        self.active.is_empty() && self.frozen.is_none() && self.header.index <= flushed_index
+    }
+
     /// Drops the frozen layer once the file holds it.
     pub fn flushed(&mut self) {
         self.frozen = None;
@@ -197,7 +208,8 @@ impl Memtable {
             if !key.starts_with(prefix) {
                 return (collected, None);
             }
-            let full = (live_limit > 0 && live >= live_limit) || bytes >= live_bytes;
+            // At least one live change, as a scan returns at least one pair.
+            let full = (live_limit > 0 && live >= live_limit) || (live > 0 && bytes >= live_bytes);
             if full {
                 let last = collected.last().map(|(k, _): &KeyedChange| k.clone());
                 return (collected, last);

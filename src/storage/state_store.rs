@@ -101,7 +101,12 @@ pub struct StateStore {
     mem: RwLock<Memtable>,
     /// The applied index of the last flush (each is fsynced).
     durable_index: AtomicU64,
-    flush: FlushControl,
+    /// Shared with the flusher thread, which must not keep the store alive
+    /// while it waits.
+    flush: Arc<FlushControl>,
+    /// Bytes waiting in memory at which the flusher starts early, and at
+    /// which the raft loop flushes itself ([`FLUSH_EARLY_BYTES`], [`HOLD_BYTES`]).
+    memory_limits: (usize, usize),
     /// Views pinned for followers that need a snapshot, by follower id.
     pinned: Mutex<HashMap<u64, Pinned>>,
 }
@@ -112,13 +117,18 @@ struct FlushControl {
     /// Held for the whole of a flush or an install: one at a time.
     running: Mutex<()>,
     state: Mutex<FlushState>,
+    /// Wakes the flusher (a request, or the store closing).
     wake: Condvar,
+    /// Signalled after every flush.
+    flushed: Condvar,
 }
 
 #[derive(Default)]
 struct FlushState {
     requested: bool,
     stopped: bool,
+    /// A flusher thread runs; without one, requests are served at once.
+    flusher: bool,
     /// A flush failed: the node must stop (the frozen layer stays readable).
     failed: Option<String>,
 }
@@ -195,7 +205,8 @@ impl StateStore {
             db: RwLock::new(Some(Arc::new(db))),
             durable_index: AtomicU64::new(header.index),
             mem: RwLock::new(Memtable::new(header, keys)),
-            flush: FlushControl::default(),
+            flush: Arc::default(),
+            memory_limits: (FLUSH_EARLY_BYTES, HOLD_BYTES),
             pinned: Mutex::default(),
         })
     }
@@ -213,36 +224,48 @@ impl StateStore {
     /// closed or dropped.
     pub fn spawn_flusher(self: &Arc<Self>, every: Duration) {
         let store = Arc::downgrade(self);
+        let control = self.flush.clone();
         let spawned = std::thread::Builder::new()
             .name("store-flusher".into())
             .spawn(move || loop {
-                let Some(store) = store.upgrade() else { return };
                 {
-                    let state = store.flush.state.lock().expect("flush lock poisoned");
-                    let (mut state, _) = store
-                        .flush
+                    let state = control.state.lock().expect("flush lock poisoned");
+                    let (mut state, _) = control
                         .wake
                         .wait_timeout_while(state, every, |s| !s.requested && !s.stopped)
                         .expect("flush lock poisoned");
                     if state.stopped || state.failed.is_some() {
+                        state.flusher = false;
                         return;
                     }
                     state.requested = false;
                 }
+                let Some(store) = store.upgrade() else { return };
                 if let Err(e) = store.flush() {
                     tracing::error!(error = %e, "flushing the state store failed; the node stops");
                     return;
                 }
             });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "no store flusher thread: the raft loop flushes the store itself");
+        match spawned {
+            Ok(_) => self.flush.state.lock().expect("flush lock poisoned").flusher = true,
+            Err(e) => tracing::warn!(error = %e, "no store flusher thread: the raft loop flushes the store itself"),
         }
     }
 
-    /// Asks the flusher for a flush now, without waiting for it.
+    /// Asks the flusher for a flush now, without waiting for it (without a
+    /// flusher thread: flushes here; a failure is kept for
+    /// [`Self::flush_failure`]).
     pub fn request_flush(&self) {
-        self.flush.state.lock().expect("flush lock poisoned").requested = true;
-        self.flush.wake.notify_all();
+        let flusher = {
+            let mut state = self.flush.state.lock().expect("flush lock poisoned");
+            state.requested = true;
+            state.flusher
+        };
+        if flusher {
+            self.flush.wake.notify_all();
+        } else {
+            let _ = self.flush();
+        }
     }
 
     /// Writes everything applied so far to the file and fsyncs it; returns
@@ -250,6 +273,10 @@ impl StateStore {
     pub fn flush(&self) -> Result<(), StorageError> {
         let _running = self.flush.running.lock().expect("flush lock poisoned");
         self.flush_failure()?;
+        if self.flush.state.lock().expect("flush lock poisoned").stopped {
+            // Closed while this flush waited: the log keeps what memory held.
+            return Ok(());
+        }
         let Some(frozen) = self
             .mem
             .write()
@@ -265,6 +292,10 @@ impl StateStore {
         }
         self.durable_index.store(frozen.header.index, Ordering::Release);
         self.mem.write().expect("memtable lock poisoned").flushed();
+        // Under the state lock: a waiter checks and sleeps holding it, so it
+        // can't miss this.
+        let _state = self.flush.state.lock().expect("flush lock poisoned");
+        self.flush.flushed.notify_all();
         metrics::histogram!(crate::metrics::STORE_CHECKPOINT_DURATION).record(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -307,10 +338,22 @@ impl StateStore {
             mem.commit(changes, header, keys_added);
             mem.active_bytes()
         };
-        if waiting >= HOLD_BYTES {
-            // The flusher is behind: catch up here rather than hold more.
-            self.flush()?;
-        } else if waiting >= FLUSH_EARLY_BYTES {
+        let (early, hold) = self.memory_limits;
+        if waiting >= hold {
+            // The flusher is behind: wait for the flush it is running to end
+            // (the one asked for here then takes what waits), so at most
+            // about twice `hold` is held. Not a flush of our own: that would
+            // hold the raft thread for two flushes.
+            self.request_flush();
+            let state = self.flush.state.lock().expect("flush lock poisoned");
+            let _ = self
+                .flush
+                .flushed
+                .wait_timeout_while(state, Duration::from_secs(30), |s| {
+                    s.failed.is_none() && !s.stopped && self.mem.read().expect("memtable lock poisoned").is_flushing()
+                })
+                .expect("flush lock poisoned");
+        } else if waiting >= early {
             self.request_flush();
         }
         Ok(())
@@ -323,6 +366,7 @@ impl StateStore {
     pub fn close(&self) {
         self.flush.state.lock().expect("flush lock poisoned").stopped = true;
         self.flush.wake.notify_all();
+        self.flush.flushed.notify_all();
         let _running = self.flush.running.lock().expect("flush lock poisoned");
         self.pinned.lock().expect("pin lock poisoned").clear();
         self.db.write().expect("store lock poisoned").take();
@@ -388,6 +432,11 @@ impl StateStore {
         max_bytes: usize,
     ) -> Result<ScanPage, StorageError> {
         let start = if from > prefix { from } else { prefix };
+        if !to.is_empty() && start >= to {
+            // An empty range (a prefix past `to`): nothing, and no range
+            // with its ends crossed reaches the maps below.
+            return Ok(ScanPage::default());
+        }
         let upper = if to.is_empty() {
             Bound::Unbounded
         } else {
@@ -439,8 +488,9 @@ impl StateStore {
     /// Writes the state record straight to the file, durably: only for a
     /// store nothing was applied to in memory (bootstrap, restore).
     pub fn write_header(&self, header: &SnapshotHeader) -> Result<(), StorageError> {
+        let _running = self.flush.running.lock().expect("flush lock poisoned");
         let mut mem = self.mem.write().expect("memtable lock poisoned");
-        if mem.active_bytes() > 0 {
+        if !mem.is_clean(self.durable_index()) {
             return Err(StorageError::Store(
                 "the state record can't be written under applied changes that are only in memory".into(),
             ));
@@ -569,12 +619,14 @@ impl StateStore {
         // (its inode lives on) until then, instead of waiting on the lock.
         let installed = Arc::new(open_db(&target, self.cache_bytes)?);
         let (header, keys) = header_and_len(&installed)?;
-        {
-            // Memory (older than the snapshot) goes with the old file.
+        let old = {
+            // Memory (older than the snapshot) goes with the old file, and
+            // is freed after the locks readers need are released.
             let mut mem = self.mem.write().expect("memtable lock poisoned");
-            *self.db.write().expect("store lock poisoned") = Some(installed);
-            mem.reset(header.clone(), keys);
-        }
+            let old = self.db.write().expect("store lock poisoned").replace(installed);
+            (std::mem::replace(&mut *mem, Memtable::new(header.clone(), keys)), old)
+        };
+        drop(old);
         self.pinned.lock().expect("pin lock poisoned").clear();
         self.durable_index.store(header.index, Ordering::Release);
         Ok(header)
@@ -741,6 +793,75 @@ mod tests {
         assert!(!old.exists() && !current.exists());
         assert!(newer.exists(), "a newer snapshot may still be installed");
         assert!(partial.exists(), "a stream still arriving is its receiver's");
+    }
+
+    fn value(len: usize) -> StoredValue {
+        StoredValue {
+            value: vec![7; len],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn without_a_flusher_thread_memory_is_flushed_where_it_fills() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        store.memory_limits = (4 << 10, 16 << 10);
+        for index in 1..=100u64 {
+            let mut changes = Layer::default();
+            changes.insert(format!("key{index:04}").into_bytes(), Some(value(1000)));
+            let header = SnapshotHeader {
+                index,
+                ..Default::default()
+            };
+            store.commit_batch(changes, header, 1).unwrap();
+            let waiting = store.mem.read().unwrap().active_bytes();
+            assert!(waiting < 16 << 10, "{waiting} bytes wait in memory at index {index}");
+        }
+        // The writer's own flushes (no thread to ask) moved it to the file.
+        assert!(store.durable_index() > 80, "{}", store.durable_index());
+        assert_eq!(store.view().unwrap().len().unwrap(), store.durable_index());
+        assert_eq!(store.len().unwrap(), 100);
+        store.flush().unwrap();
+        assert_eq!(
+            (store.durable_index(), store.view().unwrap().len().unwrap()),
+            (100, 100)
+        );
+    }
+
+    #[test]
+    fn a_flush_writes_deletes_and_the_state_record_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(StateStore::open(dir.path(), 1 << 20).unwrap());
+        let header = |index| SnapshotHeader {
+            index,
+            ..Default::default()
+        };
+        let mut changes = Layer::default();
+        changes.insert(b"gone".to_vec(), Some(value(3)));
+        changes.insert(b"kept".to_vec(), Some(value(3)));
+        store.commit_batch(changes, header(1), 2).unwrap();
+        store.flush().unwrap();
+        let mut changes = Layer::default();
+        changes.insert(b"gone".to_vec(), None);
+        store.commit_batch(changes, header(2), -1).unwrap();
+        assert_eq!(
+            store.view().unwrap().len().unwrap(),
+            2,
+            "not in the file before the flush"
+        );
+        assert_eq!(store.get(b"gone").unwrap(), None, "readers see memory at once");
+        // The flusher thread, woken on request, not on its timer.
+        store.spawn_flusher(Duration::from_secs(3600));
+        store.request_flush();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.durable_index() < 2 {
+            assert!(Instant::now() < deadline, "the flusher did not flush on request");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let view = store.view().unwrap();
+        assert_eq!((view.header.index, view.len().unwrap()), (2, 1));
+        store.close();
     }
 
     #[test]
