@@ -36,9 +36,10 @@ async fn a_restarted_node_recovers_from_its_snapshot_and_log() {
     assert_eq!(client.get("k099").await.unwrap().as_deref(), Some(&b"99"[..]));
 }
 
-/// A follower killed (-9) while a snapshot streams to it never installs a
-/// part: after the restart it gets the snapshot again, whole, and serves
-/// every write acknowledged before.
+/// A follower killed (-9) while a snapshot streams to it (more state than
+/// one stream frame may carry) never installs a part: after the restart it
+/// gets the snapshot again, whole, and serves every write acknowledged
+/// before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_killed_mid_stream_gets_the_whole_snapshot_again_and_loses_nothing() {
     let mut cluster = Cluster::start_static(3, &["--snapshot-threshold", "100"]);
@@ -47,11 +48,14 @@ async fn a_follower_killed_mid_stream_gets_the_whole_snapshot_again_and_loses_no
     let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != follower).collect();
     cluster.kill(follower);
     let client = cluster.client(&others);
-    // Enough state that the stream takes a while (several chunks), written
-    // past the catch-up tail so only a snapshot can bring the follower back.
-    let value = "x".repeat(1000);
+    // More state than one frame of the stream may carry, so it takes a
+    // while (many chunks), written past the catch-up tail so only a
+    // snapshot can bring the follower back.
+    let value = "x".repeat(8 * 1024);
+    const KEYS: usize = 1600;
+    assert!(KEYS * value.len() > kvraft::storage::snapshot_stream::MAX_FRAME);
     let mut acked = Vec::new();
-    for i in 0..4000 {
+    for i in 0..KEYS {
         support::put(&client, format!("k{i:05}"), &value).await;
         acked.push((format!("k{i:05}"), value.clone()));
     }
@@ -80,10 +84,68 @@ async fn a_follower_killed_mid_stream_gets_the_whole_snapshot_again_and_loses_no
             i.applied_index >= leader_info.commit_index
         })
         .await;
-    assert_eq!(caught_up.keys, 4000, "{caught_up:?}");
+    assert_eq!(caught_up.keys, KEYS as u64, "{caught_up:?}");
     let log = cluster.node_log(follower);
     assert!(log.contains("installed snapshot from the leader"), "{log}");
     // Read the follower's own copy: it holds every acknowledged write.
     let local = cluster.client_with(&[follower], T, true);
     support::assert_all_readable(&local, &acked).await;
+}
+
+/// A crash between the two steps of a snapshot install (the log reset to the
+/// snapshot's index, then the store file replaced by the staged one) is
+/// finished at the next start: the follower serves every acknowledged write
+/// and takes new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_log_reset_and_the_store_install_is_finished_at_the_next_start() {
+    let mut cluster = Cluster::start_static(3, &["--snapshot-threshold", "100"]);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != follower).collect();
+    cluster.kill(follower);
+    let client = cluster.client(&others);
+    // Past the catch-up tail: only a snapshot can bring the follower back.
+    let mut acked = Vec::new();
+    for i in 0..600 {
+        support::put(&client, format!("k{i:04}"), &format!("v{i}")).await;
+        acked.push((format!("k{i:04}"), format!("v{i}")));
+    }
+    cluster
+        .node(follower)
+        .env(kvraft::node::startup::CRASH_MID_INSTALL_HOOK, "1");
+    cluster.start(follower);
+    let status = cluster
+        .wait_exit(follower, T)
+        .expect("the follower got a snapshot and aborted in the middle of installing it");
+    assert!(!status.success(), "{status:?}");
+    let log = cluster.node_log(follower);
+    assert!(
+        log.contains("aborting between the log reset and the store install"),
+        "{log}"
+    );
+
+    cluster
+        .node(follower)
+        .env(kvraft::node::startup::CRASH_MID_INSTALL_HOOK, "0");
+    cluster.start(follower);
+    let leader_info = cluster.info(leader).await.unwrap();
+    cluster
+        .wait_info(
+            follower,
+            T,
+            "the follower caught up after the interrupted install",
+            |i| i.applied_index >= leader_info.commit_index,
+        )
+        .await;
+    let log = cluster.node_log(follower);
+    assert!(
+        log.contains("completed a snapshot install interrupted by a crash"),
+        "{log}"
+    );
+    let local = cluster.client_with(&[follower], T, true);
+    support::assert_all_readable(&local, &acked).await;
+    support::put(&client, "after", "the crash").await;
+    acked.push(("after".to_string(), "the crash".to_string()));
+    let everyone = cluster.client(&[1, 2, 3]);
+    support::assert_all_readable(&everyone, &acked).await;
 }

@@ -124,8 +124,7 @@ pub struct RaftLoop {
     rounds: Arc<AtomicU64>,
     /// Set once a graceful shutdown has begun.
     shutdown: Option<Shutdown>,
-    /// Test hook: stop making progress this long after start.
-    wedge_after: Option<Duration>,
+    hooks: TestHooks,
     /// Rate-limits the log lines about refused peer messages.
     refusals: peer_guard::RefusalLog,
     /// Rate-limits the log lines about peers refusing us (they repeat on
@@ -142,10 +141,20 @@ pub(crate) struct Shutdown {
     drain_until: Instant,
 }
 
+/// Faults the process-level tests inject (unset in production).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TestHooks {
+    /// Stop making progress this long after start.
+    pub wedge_after: Option<Duration>,
+    /// Abort the process between the log reset and the store rename of a
+    /// snapshot install, as a crash there would.
+    pub crash_mid_install: bool,
+}
+
 impl RaftLoop {
-    /// A loop over `parts`, with nothing pending. `wedge_after` is a test
-    /// hook: the loop stops making progress that long after it starts.
-    pub fn new(parts: LoopParts, wedge_after: Option<Duration>) -> Self {
+    /// A loop over `parts`, with nothing pending, and the faults `hooks` asks
+    /// for.
+    pub fn new(parts: LoopParts, hooks: TestHooks) -> Self {
         let id = parts.settings.id;
         let peer_addrs = member_addrs(parts.state_machine.read().expect("state machine lock poisoned").meta());
         RaftLoop {
@@ -172,7 +181,7 @@ impl RaftLoop {
             last_publish: None,
             rounds: parts.rounds,
             shutdown: None,
-            wedge_after,
+            hooks,
             refusals: peer_guard::RefusalLog::new("refused peer input", Duration::from_secs(300)),
             rejections: peer_guard::RefusalLog::new("a peer refused this node", Duration::from_secs(60)),
         }
@@ -212,7 +221,7 @@ impl RaftLoop {
         let mut next_tick = Instant::now() + tick;
         self.publish_status();
         loop {
-            if self.wedge_after.is_some_and(|after| started.elapsed() >= after) {
+            if self.hooks.wedge_after.is_some_and(|after| started.elapsed() >= after) {
                 warn!("test hook: wedging the raft loop");
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
@@ -796,6 +805,10 @@ impl RaftLoop {
         }
         StateMeta::from_header(&header)?;
         self.storage.start_at(meta.index, meta.term)?;
+        if self.hooks.crash_mid_install {
+            error!("test hook: aborting between the log reset and the store install");
+            std::process::abort();
+        }
         let header = self.store.install(&staged)?;
         let state = StateMeta::from_header(&header)?;
         if state.is_removed(self.settings.id) {

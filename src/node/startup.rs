@@ -11,7 +11,7 @@ use raft::{RawNode, ReadOnlyOption};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::raft_loop::{LoopParts, LoopSettings, RaftLoop};
+use super::raft_loop::{LoopParts, LoopSettings, RaftLoop, TestHooks};
 use super::transport::{LocalPeer, TransportContext, TransportFactory};
 use super::{NodeHandle, NodeStatus};
 use crate::address::parse_initial_cluster;
@@ -29,6 +29,9 @@ const BOOTSTRAP_TERM: u64 = 1;
 /// Test hook: the raft loop stops making progress this many milliseconds after
 /// start (to test that the systemd watchdog pings stop).
 pub const WEDGE_HOOK: &str = "KVRAFT_TEST_WEDGE_RAFT_LOOP_AFTER_MS";
+/// Test hook: set to 1, a snapshot install aborts the process after
+/// the raft log was reset and before the store file is replaced.
+pub const CRASH_MID_INSTALL_HOOK: &str = "KVRAFT_TEST_CRASH_MID_SNAPSHOT_INSTALL";
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -167,11 +170,14 @@ pub fn prepare(
         },
         rounds: rounds.clone(),
     };
-    let wedge_after = std::env::var(WEDGE_HOOK)
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-        .map(std::time::Duration::from_millis);
-    let raft_loop = RaftLoop::new(parts, wedge_after);
+    let hooks = TestHooks {
+        wedge_after: std::env::var(WEDGE_HOOK)
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis),
+        crash_mid_install: std::env::var(CRASH_MID_INSTALL_HOOK).is_ok_and(|v| v == "1"),
+    };
+    let raft_loop = RaftLoop::new(parts, hooks);
     let handle = NodeHandle::new(
         inbox_tx.clone(),
         control_tx,
