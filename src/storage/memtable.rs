@@ -122,11 +122,6 @@ impl Memtable {
         self.keys = self.keys.saturating_add_signed(keys_added);
     }
 
-    /// The state record as of the last applied batch.
-    pub fn header(&self) -> &SnapshotHeader {
-        &self.header
-    }
-
     /// Keys held.
     pub fn keys(&self) -> u64 {
         self.keys

@@ -58,7 +58,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// The flusher starts early once this many bytes of changes wait in memory.
 const FLUSH_EARLY_BYTES: usize = 32 << 20;
 /// With this many bytes waiting (a flush is slower than the writes), the
-/// raft loop flushes itself before it applies more: memory stays bounded.
+/// raft loop waits for the running flush before it applies more: memory
+/// stays bounded.
 const HOLD_BYTES: usize = 128 << 20;
 
 impl From<redb::Error> for StorageError {
@@ -88,7 +89,9 @@ store_error_from!(
 );
 
 /// The state machine's store. Cheap to share (`Arc`); one writer at a time
-/// (the raft loop), any number of readers, which never wait for it.
+/// (the raft loop), any number of readers, which wait for it only while a
+/// batch is merged into memory (and it for them only while a scan copies
+/// its part of memory).
 pub struct StateStore {
     dir: PathBuf,
     cache_bytes: usize,
@@ -105,7 +108,7 @@ pub struct StateStore {
     /// while it waits.
     flush: Arc<FlushControl>,
     /// Bytes waiting in memory at which the flusher starts early, and at
-    /// which the raft loop flushes itself ([`FLUSH_EARLY_BYTES`], [`HOLD_BYTES`]).
+    /// which the raft loop waits for it ([`FLUSH_EARLY_BYTES`], [`HOLD_BYTES`]).
     memory_limits: (usize, usize),
     /// Views pinned for followers that need a snapshot, by follower id.
     pinned: Mutex<HashMap<u64, Pinned>>,
@@ -288,6 +291,8 @@ impl StateStore {
         let started = Instant::now();
         if let Err(e) = self.write_frozen(&frozen) {
             self.flush.state.lock().expect("flush lock poisoned").failed = Some(e.to_string());
+            // A raft loop waiting past the hold limit wakes to the failure.
+            self.flush.flushed.notify_all();
             return Err(e);
         }
         self.durable_index.store(frozen.header.index, Ordering::Release);
