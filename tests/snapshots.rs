@@ -40,14 +40,21 @@ async fn a_restarted_node_recovers_from_its_snapshot_and_log() {
 /// one stream frame may carry) never installs a part: after the restart it
 /// gets the snapshot again, whole, and serves every write acknowledged
 /// before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_killed_mid_stream_gets_the_whole_snapshot_again_and_loses_nothing() {
+/// A 3-node cluster that compacts its log often, with one follower killed:
+/// the cluster, the leader, the follower, and a client of the other two.
+async fn with_a_follower_down() -> (Cluster, u64, u64, kvraft::Client) {
     let mut cluster = Cluster::start_static(3, &["--snapshot-threshold", "100"]);
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
     let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != follower).collect();
     cluster.kill(follower);
     let client = cluster.client(&others);
+    (cluster, leader, follower, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_killed_mid_stream_gets_the_whole_snapshot_again_and_loses_nothing() {
+    let (mut cluster, leader, follower, client) = with_a_follower_down().await;
     // More state than one frame of the stream may carry, so it takes a
     // while (many chunks), written past the catch-up tail so only a
     // snapshot can bring the follower back.
@@ -98,12 +105,7 @@ async fn a_follower_killed_mid_stream_gets_the_whole_snapshot_again_and_loses_no
 /// and takes new ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_log_reset_and_the_store_install_is_finished_at_the_next_start() {
-    let mut cluster = Cluster::start_static(3, &["--snapshot-threshold", "100"]);
-    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
-    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
-    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != follower).collect();
-    cluster.kill(follower);
-    let client = cluster.client(&others);
+    let (mut cluster, leader, follower, client) = with_a_follower_down().await;
     // Past the catch-up tail: only a snapshot can bring the follower back.
     let mut acked = Vec::new();
     for i in 0..600 {
