@@ -156,11 +156,15 @@ done
 section "docker-compose.yml"
 if docker-compose version >/dev/null 2>&1; then COMPOSE=(docker-compose); else COMPOSE=(docker compose); fi
 "${COMPOSE[@]}" -f docker-compose.yml config -q
-KVRAFT_DOCKER_TARGET=prebuilt "${COMPOSE[@]}" -f docker-compose.yml config | grep -q 'target: prebuilt' ||
+# Rendered into a variable first: `config | grep -q` under pipefail fails
+# whenever grep exits before docker-compose has written everything (SIGPIPE).
+rendered="$(KVRAFT_DOCKER_TARGET=prebuilt "${COMPOSE[@]}" -f docker-compose.yml config)"
+grep -q 'target: prebuilt' <<<"$rendered" ||
   fail "KVRAFT_DOCKER_TARGET=prebuilt does not select the prebuilt target"
 "${COMPOSE[@]}" -f docker-compose.yml --profile monitoring config -q
 "${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.plaintext.yml config -q
-"${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.plaintext.yml config | grep -q 'KVRAFT_CERT_FILE: /certs' &&
+rendered="$("${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.plaintext.yml config)"
+grep -q 'KVRAFT_CERT_FILE: /certs' <<<"$rendered" &&
   fail "docker-compose.plaintext.yml does not unset KVRAFT_CERT_FILE"
 echo "valid (default, KVRAFT_DOCKER_TARGET=prebuilt, --profile monitoring, + docker-compose.plaintext.yml)"
 echo "the monitoring profile (Prometheus, Grafana images) is not started here: no registry to pull them from"
