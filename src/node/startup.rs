@@ -89,7 +89,7 @@ pub fn prepare(
     let identity_file = NodeIdentityFile::in_dir(&config.data_dir);
     let shown_dir = config.data_dir.display().to_string();
     let mut storage = RaftStorage::open(&config.data_dir)?;
-    if let Some(converted) = upgrade::convert_legacy_snapshots(&config.data_dir, config.store_cache_bytes())? {
+    if let Some(converted) = upgrade::convert_legacy_snapshots(&config.data_dir)? {
         info!(
             index = converted.index,
             keys = converted.keys,
@@ -287,7 +287,7 @@ fn bootstrap(
 fn finish_interrupted_install(storage: &RaftStorage, store: &StateStore) -> Result<bool, StorageError> {
     let (index, term) = storage.truncated();
     let staged = store.staged_path(index, term);
-    let applied = store.header()?.index;
+    let applied = store.durable_index();
     let mut finished = false;
     if applied < index && staged.exists() {
         store.install(&staged)?;
@@ -309,10 +309,12 @@ fn check_consistency(storage: &RaftStorage, state: &StateMeta, shown_dir: &str) 
     use raft::Storage as _;
     let applied = state.applied_index();
     let (truncated, _) = storage.truncated();
-    let last = storage.last_index().map_err(|e| StorageError::Corrupt(e.to_string()))?;
-    let commit = storage.hard_state().commit;
     let remedy = "this node can't rebuild its state from its own data: keep the data dir for inspection, \
                   remove the node (`kvraft remove-node`) and add a fresh one under a new id";
+    let last = storage
+        .last_index()
+        .map_err(|e| StorageError::Corrupt(format!("the raft log in {shown_dir}/raft-log: {e}; {remedy}")))?;
+    let commit = storage.hard_state().commit;
     if applied == 0 && truncated == 0 && last == 0 {
         return Ok(()); // a joining node, waiting for its first snapshot
     }

@@ -328,6 +328,7 @@ impl raft::Storage for RaftStorage {
         let (meta, header) = match pinned {
             Ok(pinned) => pinned,
             Err(e) => {
+                ::metrics::counter!(crate::metrics::SNAPSHOT_FAILURES, "kind" => "create").increment(1);
                 tracing::error!(error = %e, to, "no snapshot view for a follower");
                 return Err(unavailable());
             }
@@ -340,7 +341,7 @@ impl raft::Storage for RaftStorage {
         if !usable {
             // The file lags what is applied by up to a flush: ask for one,
             // so raft's next try finds the member (or index) it needs.
-            store.take_pinned(to, header.index);
+            store.unpin(to);
             store.request_flush();
             return Err(unavailable());
         }

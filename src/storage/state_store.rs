@@ -309,7 +309,10 @@ impl StateStore {
     /// state can no longer reach the file).
     pub fn flush_failure(&self) -> Result<(), StorageError> {
         match &self.flush.state.lock().expect("flush lock poisoned").failed {
-            Some(e) => Err(StorageError::Store(format!("flushing the state store failed: {e}"))),
+            Some(e) => Err(StorageError::Store(format!(
+                "a flush failed ({e}): check the disk (space, errors), then restart the node; its raft log \
+                 replays what the store lacks"
+            ))),
             None => Ok(()),
         }
     }
@@ -553,11 +556,16 @@ impl StateStore {
     /// installed: an install starts only from a file that opens and holds
     /// the state it claims.
     pub fn read_staged_header(path: &Path) -> Result<SnapshotHeader, StorageError> {
+        Ok(Self::read_staged(path)?.0)
+    }
+
+    /// The state record and key count of a built (closed) store file.
+    pub fn read_staged(path: &Path) -> Result<(SnapshotHeader, u64), StorageError> {
         let db = Database::builder()
             .set_cache_size(1 << 20)
             .open(path)
             .map_err(|e| StorageError::Corrupt(format!("the staged snapshot {} does not open: {e}", path.display())))?;
-        read_header(&db.begin_read()?)
+        header_and_len(&db)
     }
 
     /// The view pinned for `to` at `index`, if it is still there.

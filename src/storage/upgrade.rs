@@ -11,7 +11,7 @@ use prost::Message as _;
 
 use super::state_store::{StoreBuilder, TABLE_KV};
 use super::{SnapshotFiles, StateStore, StorageError};
-use crate::proto::{SnapshotData, StoredValue};
+use crate::proto::{SnapshotData, SnapshotHeader, StoredValue};
 use crate::state_machine::StateMeta;
 
 /// The directory the old layout kept snapshots in.
@@ -28,7 +28,7 @@ pub struct Converted {
 
 /// Converts the old layout in `data_dir`, if that is what it holds: snapshot
 /// files and no store. Returns `None` when there is nothing to convert.
-pub fn convert_legacy_snapshots(data_dir: &Path, cache_bytes: usize) -> Result<Option<Converted>, StorageError> {
+pub fn convert_legacy_snapshots(data_dir: &Path) -> Result<Option<Converted>, StorageError> {
     let legacy_dir = data_dir.join(LEGACY_SNAPSHOT_DIR);
     if StateStore::path_in(data_dir).exists() || !legacy_dir.is_dir() {
         return Ok(None);
@@ -53,11 +53,12 @@ pub fn convert_legacy_snapshots(data_dir: &Path, cache_bytes: usize) -> Result<O
             meta.index
         ))
     })?;
-    let mut state = StateMeta::new(data.cluster_id);
-    let mut header = state.to_header();
-    header.members = data.members.clone();
-    header.removed = data.removed.clone();
-    state = StateMeta::from_header(&header)?;
+    let mut state = StateMeta::from_header(&SnapshotHeader {
+        cluster_id: data.cluster_id,
+        members: data.members,
+        removed: data.removed,
+        ..Default::default()
+    })?;
     state.apply_conf_state(meta.index, meta.term, meta.get_conf_state().clone(), None);
 
     let partial: PathBuf = data_dir.join("state.redb.upgrading");
@@ -74,22 +75,22 @@ pub fn convert_legacy_snapshots(data_dir: &Path, cache_bytes: usize) -> Result<O
         builder.add(TABLE_KV, &pair.key, &record.encode_to_vec())?;
     }
     let built = builder.finish(&state.to_header())?;
-    let target = StateStore::path_in(data_dir);
-    std::fs::rename(&built, &target).map_err(StorageError::io(format!("rename {}", built.display())))?;
-    super::fs_util::sync_dir(data_dir)?;
-
-    // Check what was written before the old files go.
-    let store = StateStore::open(data_dir, cache_bytes)?;
-    let (held, index) = (store.len()?, store.header()?.index);
-    drop(store);
-    if held != keys || index != meta.index {
+    // Check what was written before it becomes the store: once state.redb
+    // exists, no later start converts again.
+    let (header, held) = StateStore::read_staged(&built)?;
+    if held != keys || header.index != meta.index {
+        let _ = std::fs::remove_file(&built);
         return Err(StorageError::Corrupt(format!(
-            "upgrading {}: the new store holds {held} keys at index {index}, the snapshot {keys} at {}; \
-             the snapshot files were kept",
+            "upgrading {}: the new store held {held} keys at index {}, the snapshot {keys} at {}; \
+             nothing was changed (check the disk, then restart to convert again)",
             data_dir.display(),
+            header.index,
             meta.index
         )));
     }
+    let target = StateStore::path_in(data_dir);
+    std::fs::rename(&built, &target).map_err(StorageError::io(format!("rename {}", built.display())))?;
+    super::fs_util::sync_dir(data_dir)?;
     std::fs::remove_dir_all(&legacy_dir).map_err(StorageError::io(format!("remove {}", legacy_dir.display())))?;
     super::fs_util::sync_dir(data_dir)?;
     Ok(Some(Converted {
