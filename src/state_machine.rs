@@ -17,7 +17,7 @@ use raft::prelude::ConfState;
 
 use crate::proto::{command, Command, Member, MemberRole, SnapshotHeader, StoredValue};
 use crate::storage::memtable::Layer;
-use crate::storage::state_store::{ScanPage, FORMAT};
+use crate::storage::state_store::FORMAT;
 use crate::storage::{StateStore, StorageError};
 
 /// What applying one command produced, for the waiting client.
@@ -226,29 +226,6 @@ impl StateMachine {
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.store.get(key)?.map(|v| v.value))
     }
-
-    /// Number of keys.
-    pub fn len(&self) -> Result<u64, StorageError> {
-        self.store.len()
-    }
-
-    /// True when the map holds no keys.
-    pub fn is_empty(&self) -> Result<bool, StorageError> {
-        self.store.is_empty()
-    }
-
-    /// Keys in `[from, to)` (empty `to`: unbounded) that start with `prefix`, at
-    /// most `limit` pairs (0: no limit) and about `max_bytes` of keys and values.
-    pub fn scan(
-        &self,
-        prefix: &[u8],
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<ScanPage, StorageError> {
-        self.store.scan(prefix, from, to, limit, max_bytes)
-    }
 }
 
 /// One batch of committed entries being applied: its changes and the state
@@ -355,6 +332,7 @@ pub fn conf_ids(cs: &ConfState) -> impl Iterator<Item = u64> + '_ {
 mod tests {
     use super::*;
     use crate::proto::{DeleteRequest, SetRequest};
+    use crate::storage::state_store::ScanPage;
 
     fn set(k: &str, v: &str) -> Command {
         Command {
@@ -431,7 +409,7 @@ mod tests {
             ]
         );
         assert_eq!(sm.applied_index(), 6);
-        assert_eq!(sm.len().unwrap(), 1);
+        assert_eq!(sm.store().len().unwrap(), 1);
     }
 
     #[test]
@@ -497,16 +475,16 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let all = sm.scan(b"", b"", b"", 0, usize::MAX).unwrap();
+        let all = sm.store().scan(b"", b"", b"", 0, usize::MAX).unwrap();
         assert_eq!(pairs(&all), ["a=file", "bb=mem", "c=mem", "d=file", "e=file", "f=mem"]);
         assert!(!all.more);
-        assert_eq!(sm.len().unwrap(), 6);
-        let crossed = sm.scan(b"e", b"", b"c", 0, usize::MAX).unwrap();
+        assert_eq!(sm.store().len().unwrap(), 6);
+        let crossed = sm.store().scan(b"e", b"", b"c", 0, usize::MAX).unwrap();
         assert_eq!(crossed, ScanPage::default(), "a prefix past `to` is an empty range");
         // Page by page (two at a time), nothing is lost or repeated.
         let (mut seen, mut from) = (Vec::new(), Vec::new());
         loop {
-            let page = sm.scan(b"", &from, b"", 2, usize::MAX).unwrap();
+            let page = sm.store().scan(b"", &from, b"", 2, usize::MAX).unwrap();
             seen.extend(pairs(&page));
             if !page.more {
                 break;
@@ -517,7 +495,10 @@ mod tests {
         assert_eq!(seen, pairs(&all));
         // The same after a flush moved memory into the file.
         sm.store().flush().unwrap();
-        assert_eq!(pairs(&sm.scan(b"", b"", b"", 0, usize::MAX).unwrap()), pairs(&all));
+        assert_eq!(
+            pairs(&sm.store().scan(b"", b"", b"", 0, usize::MAX).unwrap()),
+            pairs(&all)
+        );
         assert_eq!(sm.store().view().unwrap().len().unwrap(), 6);
     }
 
@@ -533,7 +514,8 @@ mod tests {
                 .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
                 .collect::<Vec<_>>()
         };
-        let scan = |prefix: &[u8], from: &[u8], to: &[u8], limit, max| sm.scan(prefix, from, to, limit, max).unwrap();
+        let scan =
+            |prefix: &[u8], from: &[u8], to: &[u8], limit, max| sm.store().scan(prefix, from, to, limit, max).unwrap();
         assert_eq!(keys(&scan(b"b/", b"", b"", 0, usize::MAX)), ["b/1", "b/2", "b/3"]);
         assert_eq!(keys(&scan(b"", b"b/2", b"c", 0, usize::MAX)), ["b/2", "b/3"]);
         let page = scan(b"", b"", b"", 2, usize::MAX);

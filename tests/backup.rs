@@ -105,8 +105,17 @@ async fn a_backup_under_load_restores_into_a_new_cluster_with_every_write_acknow
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Writes acknowledged before the backup starts: it must hold them all.
+    let deadline = std::time::Instant::now() + T;
+    while acked.lock().unwrap().len() < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer got no 50 writes acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before_backup = acked.lock().unwrap().clone();
+    assert!(!before_backup.is_empty());
     let backup = dir.path().join("backup.kvsnap");
     let out = cli(&[
         "--endpoints",

@@ -310,7 +310,7 @@ async fn a_follower_cut_off_past_two_snapshot_thresholds_catches_up_by_snapshot(
     assert!(caught_up.snapshot_index >= at_leader.snapshot_index, "{caught_up:?}");
     assert_eq!(cluster.local_get(lagging, "late/0000").as_deref(), Some("v0"));
     assert_eq!(cluster.local_get(lagging, "early/0").as_deref(), Some("x"));
-    let keys = |id: u64| cluster.handle(id).read(|sm| sm.len().unwrap());
+    let keys = |id: u64| cluster.handle(id).read(|sm| sm.store().len().unwrap());
     assert_eq!(keys(lagging), keys(leader));
 
     // And it keeps up through the log afterwards.

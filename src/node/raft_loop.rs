@@ -795,7 +795,8 @@ impl RaftLoop {
         let header = StateStore::read_staged_header(&staged)?;
         if (header.index, header.term) != (meta.index, meta.term) {
             return Err(StorageError::Corrupt(format!(
-                "the staged snapshot {} holds index {} term {}, not {} term {}",
+                "the staged snapshot {} holds index {} term {}, not {} term {}: remove that file and \
+                 restart the node; the leader sends the snapshot again",
                 staged.display(),
                 header.index,
                 header.term,
@@ -803,14 +804,15 @@ impl RaftLoop {
                 meta.term
             )));
         }
-        StateMeta::from_header(&header)?;
+        // Decoded before the log is reset: a staged state that doesn't
+        // decode must leave the log as it was.
+        let state = StateMeta::from_header(&header)?;
         self.storage.start_at(meta.index, meta.term)?;
         if self.hooks.crash_mid_install {
             error!("test hook: aborting between the log reset and the store install");
             std::process::abort();
         }
-        let header = self.store.install(&staged)?;
-        let state = StateMeta::from_header(&header)?;
+        self.store.install(&staged)?;
         if state.is_removed(self.settings.id) {
             self.removed = true;
         }

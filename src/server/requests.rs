@@ -33,7 +33,7 @@ pub async fn dispatch(
     let Some(command) = request.command else {
         let error = WireError::new(
             ErrorCode::MalformedRequest,
-            "the request has no command; set one of set/get/delete/scan/add_node/remove_node/members/info/ping",
+            "the request has no command; set one of set/get/delete/scan/add_node/remove_node/members/info/ping/snapshot_save",
         );
         return Response {
             id,
@@ -139,7 +139,9 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
             if !get.serializable {
                 handle.linearizable_barrier().await?;
             }
-            let value = handle.read(|sm| sm.get(&get.key)).map_err(store_failure)?;
+            // Straight from the store: a read never holds the state machine
+            // lock the raft loop takes after every batch.
+            let value = handle.store().get(&get.key).map_err(store_failure)?.map(|r| r.value);
             Ok(response::Result::Get(GetResponse {
                 found: value.is_some(),
                 value: value.unwrap_or_default(),
@@ -155,7 +157,8 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
             // Leave room in the response frame for framing and field overhead.
             let max_bytes = limits.max_frame_size / 2;
             let page = handle
-                .read(|sm| sm.scan(&scan.prefix, &scan.from, &scan.to, scan.limit as usize, max_bytes))
+                .store()
+                .scan(&scan.prefix, &scan.from, &scan.to, scan.limit as usize, max_bytes)
                 .map_err(store_failure)?;
             Ok(response::Result::Scan(ScanResponse {
                 pairs: page.pairs,
@@ -220,7 +223,7 @@ fn info(handle: &NodeHandle) -> InfoResponse {
         last_index,
         ..
     } = handle.status();
-    let (members, keys) = handle.read(|sm| (sm.members(), sm.len().unwrap_or(0)));
+    let (members, keys) = handle.read(|sm| (sm.members(), sm.store().len().unwrap_or(0)));
     InfoResponse {
         id,
         role: role.as_str().into(),

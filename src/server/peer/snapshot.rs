@@ -28,6 +28,9 @@ use crate::proto::{snapshot_frame, PeerEnvelope, SnapshotAck, SnapshotFrame};
 use crate::storage::snapshot_stream::{SnapshotFrames, SnapshotStager, MAX_FRAME};
 use crate::storage::{StateStore, StorageError};
 
+/// Largest frame on a snapshot connection: a stream frame plus its envelope.
+const STREAM_MAX_FRAME: usize = MAX_FRAME + 1024;
+
 /// A stream silent this long (either way) is abandoned.
 const STALL: Duration = Duration::from_secs(30);
 /// How long the follower may take to finish building and fsyncing.
@@ -76,7 +79,7 @@ async fn stream_to(task: &PeerTask, message: &Message, store: Arc<StateStore>) -
         ConnectFailure::Network(why) | ConnectFailure::Identity(why) => why,
     })?;
     let (read_half, write_half) = tokio::io::split(stream);
-    let mut sink = tokio_util::codec::FramedWrite::new(write_half, codec::codec(MAX_FRAME + 1024));
+    let mut sink = tokio_util::codec::FramedWrite::new(write_half, codec::codec(STREAM_MAX_FRAME));
     let mut replies = FrameReader::new(BufReader::new(read_half), codec::PEER_PREAUTH_MAX_FRAME);
     write_frame(&mut sink, task.hello_for(true)).await?;
     let mut sent = write_frame(&mut sink, task.envelope(message)).await?;
@@ -142,7 +145,7 @@ where
             format!("snapshot stream from node {sender}: {why}"),
         )
     };
-    frames.set_max_frame(MAX_FRAME + 1024);
+    frames.set_max_frame(STREAM_MAX_FRAME);
     // The snapshot message itself comes first.
     let first = next_frame(frames).await.map_err(refuse)?;
     let envelope = PeerEnvelope::decode(first).map_err(|e| refuse(format!("not a peer envelope: {e}")))?;
