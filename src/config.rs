@@ -52,7 +52,7 @@ pub struct NodeConfig {
     /// Start empty and wait to be added with `kvraft add-node`.
     pub join: bool,
     /// Make the state store durable and compact the log at least every this
-    /// many applied entries (and every second while entries are applied).
+    /// many applied entries (and every five seconds while entries are applied).
     pub snapshot_threshold: u64,
     /// Entries kept in the log behind the store's durable applied index for
     /// slow followers (capped at half the snapshot threshold); a follower
@@ -139,7 +139,7 @@ impl Default for NodeConfig {
             advertise_peer_addr: None,
             initial_cluster: None,
             join: false,
-            snapshot_threshold: 10_000,
+            snapshot_threshold: 100_000,
             snapshot_catchup_entries: 5_000,
             store_cache_mb: 64,
             tick_ms: 100,

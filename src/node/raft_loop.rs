@@ -46,7 +46,7 @@ pub struct LoopSettings {
     /// One raft tick.
     pub tick: Duration,
     /// Flush the store (and compact the log behind it) at least every this
-    /// many applied entries; the flusher also flushes every second.
+    /// many applied entries; the flusher also flushes every five seconds.
     pub checkpoint_entries: u64,
     /// Entries kept in the log behind the store's durable applied index.
     pub catchup_entries: u64,
@@ -979,7 +979,7 @@ impl RaftLoop {
     }
 
     /// Asks for a flush every `checkpoint_entries` applied entries (the
-    /// flusher flushes every second anyway) and compacts the log behind each
+    /// flusher flushes every five seconds anyway) and compacts the log behind each
     /// new flush. A flush that failed stops the node.
     fn maybe_checkpoint(&mut self) -> Result<(), StorageError> {
         self.store.flush_failure()?;

@@ -15,7 +15,8 @@
 //! [`Memtable`] in front of the file (cheap, on the raft thread). A flush moves
 //! all of it into redb in one durable write transaction that also writes
 //! `meta`, so the file's data and applied index never disagree. The flusher
-//! thread flushes every second (and sooner when asked or when memory fills);
+//! thread flushes every five seconds (and sooner when asked or when memory
+//! fills);
 //! the log is compacted only behind the flushed index. After a crash redb
 //! comes back at its last flush and raft replays the entries after it.
 //!
@@ -54,7 +55,7 @@ pub const TABLE_KV: u32 = 1;
 const PIN_TTL: Duration = Duration::from_secs(120);
 /// The flusher flushes this often while anything is applied: it bounds what
 /// a restart replays.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// The flusher starts early once this many bytes of changes wait in memory.
 const FLUSH_EARLY_BYTES: usize = 32 << 20;
 /// With this many bytes waiting (a flush is slower than the writes), the
