@@ -44,6 +44,15 @@ fn nixpkgs_lib() -> Option<PathBuf> {
     }
 }
 
+/// Runs a nix command, one at a time: concurrent nix processes on a store
+/// that was just installed fail with "SQLite database ... is busy" while the
+/// first one creates its database, which reads as the evaluation failing.
+fn run_nix(command: &mut Command) -> std::process::Output {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    command.output().expect("nix-instantiate runs")
+}
+
 /// `nix-instantiate --eval --strict --json` of a file under tests/nix.
 fn nix_eval(lib: &Path, file: &str, args: &[(&str, &str)]) -> Result<Value, String> {
     let mut command = Command::new("nix-instantiate");
@@ -56,7 +65,7 @@ fn nix_eval(lib: &Path, file: &str, args: &[(&str, &str)]) -> Result<Value, Stri
     for (name, value) in args {
         command.args(["--argstr", name, value]);
     }
-    let out = command.output().expect("nix-instantiate runs");
+    let out = run_nix(&mut command);
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -69,13 +78,13 @@ fn eval_case(lib: &Path, group: &str, case: &str) -> Value {
 }
 
 fn case_names(group: &str) -> Vec<String> {
-    let out = Command::new("nix-instantiate")
-        .args(["--eval", "--strict", "--json", "-E"])
-        .arg(format!(
-            "builtins.attrNames (import {ROOT}/tests/nix/module-cases.nix).{group}"
-        ))
-        .output()
-        .unwrap();
+    let out = run_nix(
+        Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json", "-E"])
+            .arg(format!(
+                "builtins.attrNames (import {ROOT}/tests/nix/module-cases.nix).{group}"
+            )),
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let names: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(names.len() >= 5, "{group}: {names:?}");
