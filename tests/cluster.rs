@@ -196,6 +196,82 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     assert!(stdout(&out).contains("p99.9"), "{}", stdout(&out));
 }
 
+/// Runs the CLI with `input` on its stdin.
+fn cli_with_stdin(cluster: &Cluster, args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvraft"))
+        .arg("--endpoints")
+        .arg(cluster.endpoints(&[1, 2, 3]))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // A separate thread: a CLI that fails early stops reading its stdin.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mib_binary_value_round_trips_through_stdin_a_file_and_get_raw() {
+    let cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let all = [1, 2, 3];
+    // Every byte value, NULs and newlines included, in no simple pattern.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let value: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+
+    let out = cli_with_stdin(&cluster, &["set", "blob", "-"], &value);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cluster.cli(&all, &["get", "blob", "--raw"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        out.stdout == value,
+        "get --raw gives back the exact bytes set from stdin"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("value.bin");
+    let reversed: Vec<u8> = value.iter().rev().copied().collect();
+    std::fs::write(&file, &reversed).unwrap();
+    let out = cluster.cli(&all, &["set", "blob", "--value-file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(cluster.cli(&[2], &["get", "--raw", "blob"]).stdout == reversed);
+
+    // One byte over the server's limit: refused by the server, nothing changed.
+    let over = vec![b'v'; (1 << 20) + 1];
+    let out = cli_with_stdin(&cluster, &["set", "blob", "-"], &over);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("max-value-size"), "{}", stderr(&out));
+    assert!(cluster.cli(&all, &["get", "--raw", "blob"]).stdout == reversed);
+
+    let missing = dir.path().join("missing.bin");
+    let out = cluster.cli(&all, &["set", "k", "--value-file", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("can't read the value file") && stderr(&out).contains("missing.bin"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cluster.cli(&all, &["set", "k", "v", "--value-file", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_endpoints_and_failover_to_a_live_endpoint() {
     let cluster = Cluster::start_static(3, &[]);

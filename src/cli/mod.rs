@@ -7,6 +7,7 @@ mod bench;
 mod certs;
 mod output;
 mod snapshot;
+mod value_input;
 
 use std::time::Duration;
 
@@ -79,10 +80,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Set KEY to VALUE.
-    Set { key: String, value: String },
+    /// Set KEY to VALUE (`-` reads the value from stdin; or --value-file).
+    Set {
+        key: String,
+        /// The value; `-` reads it from stdin (binary-safe).
+        #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
+        value: Option<String>,
+        /// Read the value from this file (binary-safe), for values too large
+        /// or too binary for an argument.
+        #[arg(long, value_name = "PATH")]
+        value_file: Option<std::path::PathBuf>,
+    },
     /// Print the value of KEY (exit status 1 if it does not exist).
-    Get { key: String },
+    Get {
+        key: String,
+        /// Write the value's bytes exactly as stored, with no newline (for
+        /// binary values; `> FILE` round-trips what `set --value-file` stored).
+        /// Overrides --output.
+        #[arg(long)]
+        raw: bool,
+    },
     /// Delete KEY.
     Delete { key: String },
     /// List pairs in key order, one `KEY<TAB>VALUE` line each.
@@ -199,8 +216,12 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
     }
     let client = Client::new(options)?;
     match cli.command {
-        Command::Set { key, value } => printer.set(client.set(key, value).await?),
-        Command::Get { key } => match client.get(key.clone()).await? {
+        Command::Set { key, value, value_file } => {
+            let value = value_input::read(value.as_deref(), value_file.as_deref())?;
+            printer.set(client.set(key, value).await?)
+        }
+        Command::Get { key, raw } => match client.get(key.clone()).await? {
+            Some(value) if raw => output::write_raw(&value)?,
             Some(value) => printer.value(&key, &value),
             None => {
                 printer.not_found(&key);

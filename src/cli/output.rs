@@ -17,6 +17,16 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Writes a value's bytes to stdout exactly as stored (`get --raw`).
+pub(crate) fn write_raw(value: &[u8]) -> Result<(), crate::error::Error> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(value)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| crate::error::Error::InvalidArgument(format!("can't write the value to stdout: {e}")))
+}
+
 fn role_name(member: &Member) -> &'static str {
     if member.role == MemberRole::Learner as i32 {
         "learner"
