@@ -62,6 +62,8 @@ pub enum ConnectionRefusal {
     ClusterMismatch,
     /// The sender was removed from the cluster.
     Removed,
+    /// The sender's data dir was wiped or replaced since it last ran.
+    ReplacedDataDir,
     /// The sender is not a member.
     NotMember,
     /// The connection does not come from the member's address (no TLS).
@@ -84,6 +86,7 @@ impl ConnectionRefusal {
         "no_hello",
         "cluster_mismatch",
         "removed",
+        "replaced_data_dir",
         "not_member",
         "address_mismatch",
         "certificate_mismatch",
@@ -102,6 +105,7 @@ impl ConnectionRefusal {
             R::NoHello => "no_hello",
             R::ClusterMismatch => "cluster_mismatch",
             R::Removed => "removed",
+            R::ReplacedDataDir => "replaced_data_dir",
             R::NotMember => "not_member",
             R::AddressMismatch => "address_mismatch",
             R::CertificateMismatch => "certificate_mismatch",

@@ -136,6 +136,14 @@ impl StateMeta {
     /// old one).
     fn update_member(&mut self, update: Member) {
         if let Some(member) = self.addresses.get_mut(&update.id) {
+            if member.incarnation != 0 && update.incarnation != 0 && member.incarnation != update.incarnation {
+                // From a wiped or replaced data dir (its peers refuse it, so
+                // this only arrives if it was proposed before the record was).
+                return;
+            }
+            if update.incarnation != 0 {
+                member.incarnation = update.incarnation;
+            }
             if !update.peer_addr.is_empty() {
                 member.peer_addr = update.peer_addr;
             }
@@ -355,6 +363,7 @@ mod tests {
             peer_addr: format!("127.0.0.1:{}", 7000 + id),
             client_addr: String::new(),
             role: 0,
+            incarnation: 0,
         }
     }
 
@@ -563,6 +572,33 @@ mod tests {
         let m = sm.member(1).unwrap();
         assert_eq!(m.client_addr, "127.0.0.1:9999");
         assert_eq!(m.peer_addr, "127.0.0.1:7001", "an empty peer address keeps the old one");
+    }
+
+    #[test]
+    fn a_member_record_keeps_the_first_incarnation_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        let mut meta = sm.meta().clone();
+        meta.apply_conf_state(1, 1, voters(&[1]), Some(member(1)));
+        sm.set_meta(meta);
+        let publish = |incarnation: u64, client_addr: &str| Command {
+            op: Some(command::Op::UpdateMember(Member {
+                id: 1,
+                client_addr: client_addr.into(),
+                incarnation,
+                ..Default::default()
+            })),
+        };
+        apply_all(&mut sm, 2, vec![publish(7, "127.0.0.1:1")], false);
+        assert_eq!(sm.member(1).unwrap().incarnation, 7);
+        // Another data dir under the same id changes nothing.
+        apply_all(&mut sm, 3, vec![publish(8, "127.0.0.1:2")], false);
+        let m = sm.member(1).unwrap();
+        assert_eq!((m.incarnation, m.client_addr.as_str()), (7, "127.0.0.1:1"));
+        // A release that does not send one still updates its addresses.
+        apply_all(&mut sm, 4, vec![publish(0, "127.0.0.1:3")], false);
+        let m = sm.member(1).unwrap();
+        assert_eq!((m.incarnation, m.client_addr.as_str()), (7, "127.0.0.1:3"));
     }
 
     #[test]

@@ -201,3 +201,126 @@ async fn wrong_membership_changes_are_refused_with_a_reason() {
     let (members, _) = cluster.client(&all).members().await.unwrap();
     assert_eq!(members.len(), 3, "nothing changed: {members:?}");
 }
+
+/// A member whose data dir was wiped (a replaced disk) and that starts again
+/// under its old id refuses to run, saying what happened and what to do; the
+/// README's "Replacing a failed node" then brings the cluster back to three
+/// voters with every write, the replacement on the old node's peer address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_member_refuses_its_old_id_and_is_replaced_as_the_readme_says() {
+    let mut cluster = Cluster::start_static(3, &[]);
+    // The wiped member is a follower here (the next test wipes a leader).
+    if cluster.wait_for_leader(&[1, 2, 3], T).await == 3 {
+        cluster.kill(3);
+        cluster.wait_for_leader(&[1, 2], T).await;
+        cluster.start(3);
+    }
+    let client = cluster.client(&[1, 2]);
+    for i in 0..50 {
+        support::put(&client, format!("k{i}"), format!("v{i}")).await;
+    }
+    // Node 3 has published its record (client address and data dir
+    // incarnation travel in the same update) and has every write.
+    cluster
+        .wait_info(1, T, "node 3 published itself", |i| {
+            i.members.iter().any(|m| m.id == 3 && !m.client_addr.is_empty())
+        })
+        .await;
+    cluster
+        .wait_info(3, T, "node 3 has every write", |i| i.keys >= 50)
+        .await;
+
+    cluster.kill(3);
+    std::fs::remove_dir_all(&cluster.node(3).data_dir).unwrap();
+    cluster.start(3);
+    let status = cluster.wait_exit(3, T).expect("the wiped node stops by itself");
+    assert_eq!(status.code(), Some(78), "exit 78: the data dir must change first");
+    let log = cluster.node_log(3);
+    assert!(!log.contains("panicked"), "{log}");
+    // Its peers refuse its new data dir. (The leader's heartbeat past its
+    // log is believed only over peer TLS; tests/tls.rs covers that.)
+    assert!(log.contains("data dir is not the one it ran on before"), "{log}");
+    for expect in ["kvraft remove-node 3", "Replacing a failed node"] {
+        assert!(log.contains(expect), "{expect:?} missing from:\n{log}");
+    }
+    // The two others kept serving throughout.
+    support::put(&client, "while-3-was-refused", "ok").await;
+
+    // README: remove the old id, then add the replacement under a new one.
+    let out = cluster.cli(&[1, 2], &["remove-node", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let old_peer = cluster.node(3).peer_addr.clone();
+    let node4 = cluster.add_node(4, Some(old_peer.clone()), vec!["--join".into()]);
+    let client4 = node4.client_addr.clone();
+    cluster.start(4);
+    let out = cluster.cli(&[1, 2], &["add-node", "4", &old_peer, "--client-addr", &client4]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_voter(&cluster, 1, 4).await;
+    let info = cluster
+        .wait_info(4, T, "node 4 has every write", |i| i.keys >= 51)
+        .await;
+    let voters: Vec<u64> = info.members.iter().map(|m| m.id).collect();
+    assert_eq!(voters, [1, 2, 4], "{info:?}");
+    let via4 = cluster.client(&[4]);
+    assert_eq!(via4.get("k49").await.unwrap().as_deref(), Some(&b"v49"[..]));
+    assert_eq!(
+        via4.get("while-3-was-refused").await.unwrap().as_deref(),
+        Some(&b"ok"[..])
+    );
+    // And the cluster survives losing an original member again.
+    cluster.kill(1);
+    cluster.wait_for_leader(&[2, 4], T).await;
+    support::put(&cluster.client(&[2, 4]), "after-node-1-died", "ok").await;
+}
+
+/// A wiped former leader: the new leader never saw its acknowledgements, so
+/// nothing in raft's messages gives it away (and with an empty log it would
+/// vote for anyone). Its peers refuse it because its data dir's incarnation
+/// is not the one its member record was published from, and it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_former_leader_is_refused_by_its_data_dir_incarnation() {
+    let mut cluster = Cluster::start_static(3, &[]);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
+    // Every member has published its record (client address and incarnation
+    // travel in the same update).
+    cluster
+        .wait_info(leader, T, "every member published itself", |i| {
+            i.members.iter().all(|m| !m.client_addr.is_empty())
+        })
+        .await;
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let client = cluster.client(&others);
+    for i in 0..20 {
+        support::put(&client, format!("k{i}"), format!("v{i}")).await;
+    }
+
+    cluster.kill(leader);
+    cluster.wait_for_leader(&others, T).await;
+    std::fs::remove_dir_all(&cluster.node(leader).data_dir).unwrap();
+    cluster.start(leader);
+    let status = cluster.wait_exit(leader, T).expect("the wiped node stops by itself");
+    assert_eq!(status.code(), Some(78));
+    let log = cluster.node_log(leader);
+    for expect in [
+        "data dir is not the one it ran on before",
+        &format!("kvraft remove-node {leader}"),
+    ] {
+        assert!(log.contains(expect), "{expect:?} missing from:\n{log}");
+    }
+    assert!(
+        cluster.metric(
+            others[0],
+            "kvraft_peer_connections_refused_total",
+            &[("reason", "replaced_data_dir")]
+        ) >= 1.0
+            || cluster.metric(
+                others[1],
+                "kvraft_peer_connections_refused_total",
+                &[("reason", "replaced_data_dir")]
+            ) >= 1.0,
+        "the refusal is counted"
+    );
+    // The others never counted it as a voter again, and go on.
+    support::put(&client, "after", "ok").await;
+    assert_eq!(client.get("k19").await.unwrap().as_deref(), Some(&b"v19"[..]));
+}

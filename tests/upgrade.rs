@@ -44,6 +44,8 @@ fn write_legacy_data_dir(dir: &std::path::Path, peer_addr: &str) {
             node_id: 1,
             cluster_id: CLUSTER,
             removed: false,
+            // The previous release had none; the first start makes one.
+            incarnation: 0,
         })
         .unwrap();
     let data = SnapshotData {
@@ -58,6 +60,7 @@ fn write_legacy_data_dir(dir: &std::path::Path, peer_addr: &str) {
             peer_addr: peer_addr.to_string(),
             client_addr: String::new(),
             role: 0,
+            incarnation: 0,
         }],
         removed: vec![7],
         cluster_id: CLUSTER,

@@ -15,6 +15,7 @@ use signal_hook_tokio::Signals;
 use tracing::{error, info, warn};
 
 use crate::config::{ConfigSources, DaemonArgs, NodeConfig};
+use crate::storage::StorageError;
 
 #[derive(Parser)]
 #[command(
@@ -169,6 +170,11 @@ async fn run(
                     Ok(()) => {
                         info!("stopped");
                         0
+                    }
+                    // The data dir must change before a start can succeed.
+                    Err(e @ StorageError::Mismatch(_)) => {
+                        eprintln!("kvraftd: {e}");
+                        EXIT_CONFIG
                     }
                     Err(e) => {
                         eprintln!("kvraftd: {e}");

@@ -134,6 +134,7 @@ mod tests {
             peer_addr: format!("n{id}:7380"),
             client_addr: format!("n{id}:7379"),
             role: 0,
+            incarnation: 0,
         }
     }
 

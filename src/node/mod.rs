@@ -67,6 +67,10 @@ pub enum Inbox {
         from_peer_addr: String,
         /// The cluster the sender belongs to.
         cluster_id: u64,
+        /// The connection's TLS certificate names the sender: the message
+        /// really comes from that node (without peer TLS, anyone who can
+        /// send from a member's address can speak for it).
+        certified: bool,
     },
     /// Replicate a command; the reply comes once it is applied.
     Propose {
@@ -106,6 +110,8 @@ pub enum Inbox {
         reason: String,
         /// We were removed from the cluster.
         removed: bool,
+        /// Our data dir is not the one our member record was published from.
+        replaced: bool,
     },
     /// Stop gracefully: hand leadership over, let in-flight requests finish,
     /// snapshot at the applied index, then stop, all before `deadline`.
@@ -315,6 +321,12 @@ impl NodeHandle {
     /// for every inbound frame).
     pub fn is_removed(&self, id: u64) -> bool {
         self.status.borrow().removed_ids.binary_search(&id).is_ok()
+    }
+
+    /// The data dir incarnation member `id` published (0: not a member, or
+    /// not published yet).
+    pub fn member_incarnation(&self, id: u64) -> u64 {
+        self.read(|sm| sm.member(id).map_or(0, |m| m.incarnation))
     }
 
     /// The cluster id as the raft loop, its one owner, last published it (0

@@ -138,7 +138,7 @@ impl Proposals {
             .collect();
         for id in expired {
             let error = Error::OutcomeUnknown(
-                "the write was not applied within the request timeout; it may still be applied later".into(),
+                "the write was not applied within the node's request timeout (it may be later)".into(),
             );
             self.fail(id, "timeout", error);
         }

@@ -56,6 +56,8 @@ pub struct LoopSettings {
     pub advertise_peer_addr: String,
     /// See `advertise_peer_addr`.
     pub advertise_client_addr: String,
+    /// This data dir's incarnation, published in our member record.
+    pub incarnation: u64,
 }
 
 /// What the loop is built from (see `startup::prepare`).
@@ -119,6 +121,9 @@ pub struct RaftLoop {
     learned_addrs: HashMap<u64, String>,
     leader_id: u64,
     removed: bool,
+    /// Set when the leader shows that this node's log lost entries it had
+    /// acknowledged; the loop stops with this message.
+    lost_log: Option<String>,
     last_publish: Option<Instant>,
     /// Counts loop rounds, so a watchdog can tell the loop is alive.
     rounds: Arc<AtomicU64>,
@@ -151,6 +156,15 @@ pub struct TestHooks {
     pub crash_mid_install: bool,
 }
 
+/// What a node that lost acknowledged state must do instead of rejoining.
+fn must_not_rejoin(id: u64) -> String {
+    format!(
+        "It must not rejoin under id {id} (it could undo committed writes or vote twice): on a live member run \
+         `kvraft remove-node {id}`, then start this node with an empty data dir, --join and a new id, and run \
+         `kvraft add-node NEW_ID PEER_ADDR` (README: \"Replacing a failed node\")"
+    )
+}
+
 impl RaftLoop {
     /// A loop over `parts`, with nothing pending, and the faults `hooks` asks
     /// for.
@@ -178,6 +192,7 @@ impl RaftLoop {
             learned_addrs: HashMap::new(),
             leader_id: 0,
             removed: false,
+            lost_log: None,
             last_publish: None,
             rounds: parts.rounds,
             shutdown: None,
@@ -198,17 +213,17 @@ impl RaftLoop {
         // Proposals already handed to raft may still commit elsewhere.
         self.proposals.fail_all(
             "shutdown",
-            Error::OutcomeUnknown(format!(
-                "{why} while the write was in flight; it may or may not have been applied"
-            )),
+            Error::OutcomeUnknown(format!("{why} while the write was in flight")),
         );
         self.reads.fail_all(if self.removed {
             Error::removed(self.settings.id)
         } else {
             Error::shutting_down()
         });
-        if let Err(e) = &result {
-            error!(error = %e, "raft loop stopped on a storage error");
+        match &result {
+            Err(StorageError::Mismatch(message)) => error!("stopping: {message}"),
+            Err(e) => error!(error = %e, "raft loop stopped on a storage error"),
+            Ok(()) => {}
         }
         self.store.close();
         self.status.stopped();
@@ -258,6 +273,9 @@ impl RaftLoop {
                 self.node.read_index(ctx);
             }
             self.handle_ready()?;
+            if let Some(message) = self.lost_log.take() {
+                return Err(StorageError::Mismatch(message));
+            }
             self.maybe_checkpoint()?;
             self.publish_status();
             if self.removed || self.shutdown_done(now) {
@@ -323,7 +341,8 @@ impl RaftLoop {
                 sender,
                 from_peer_addr,
                 cluster_id,
-            } => self.step(*message, sender, from_peer_addr, cluster_id),
+                certified,
+            } => self.step(*message, sender, from_peer_addr, cluster_id, certified),
             Inbox::Propose { command, span, reply } => self.propose(command, span, reply),
             Inbox::ReadIndex { reply } => {
                 if self.removed {
@@ -351,8 +370,18 @@ impl RaftLoop {
                 };
                 self.node.report_snapshot(to, status);
             }
-            Inbox::RejectedByPeer { peer, reason, removed } => {
-                if removed {
+            Inbox::RejectedByPeer {
+                peer,
+                reason,
+                removed,
+                replaced,
+            } => {
+                if replaced {
+                    self.lost_log = Some(format!(
+                        "node {peer} refused this node: {reason}. {}",
+                        must_not_rejoin(self.settings.id)
+                    ));
+                } else if removed {
                     warn!(peer, %reason, "a peer says this node was removed from the cluster; stopping");
                     self.mark_removed();
                 } else {
@@ -363,7 +392,14 @@ impl RaftLoop {
         }
     }
 
-    fn step(&mut self, message: raft::prelude::Message, sender: u64, from_peer_addr: String, cluster_id: u64) {
+    fn step(
+        &mut self,
+        message: raft::prelude::Message,
+        sender: u64,
+        from_peer_addr: String,
+        cluster_id: u64,
+        certified: bool,
+    ) {
         let ours = self.cluster_id;
         if ours != 0 && cluster_id != ours {
             return;
@@ -383,6 +419,15 @@ impl RaftLoop {
             );
             self.refusals
                 .refused(&format!("node {}", message.from), refusal.label(), &detail);
+            // Only a certified leader is believed: without peer TLS one forged
+            // heartbeat would otherwise stop a node for good.
+            if certified
+                && refusal == peer_guard::MessageRefusal::CommitBeyondLog
+                && message.get_msg_type() == raft::prelude::MessageType::MsgHeartbeat
+                && message.term >= self.node.raft.term
+            {
+                self.lost_log = Some(self.lost_log_message(&message));
+            }
             return;
         }
         if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
@@ -407,6 +452,7 @@ impl RaftLoop {
                 node_id: self.settings.id,
                 cluster_id,
                 removed: false,
+                incarnation: self.settings.incarnation,
             };
             if let Err(e) = self.identity.store(&identity) {
                 error!(error = %e, "could not record the cluster id");
@@ -665,6 +711,7 @@ impl RaftLoop {
         let Some(current) = current else { return };
         if current.client_addr == self.settings.advertise_client_addr
             && current.peer_addr == self.settings.advertise_peer_addr
+            && current.incarnation == self.settings.incarnation
         {
             return;
         }
@@ -674,6 +721,7 @@ impl RaftLoop {
             peer_addr: self.settings.advertise_peer_addr.clone(),
             client_addr: self.settings.advertise_client_addr.clone(),
             role: 0,
+            incarnation: self.settings.incarnation,
         };
         let command = Command {
             op: Some(command::Op::UpdateMember(update)),
@@ -749,9 +797,8 @@ impl RaftLoop {
             self.leader_id = leader_id;
             if previous != 0 {
                 // Forwarded proposals and read rounds went to the old leader.
-                self.proposals.fail_forwarded(
-                    "the leader changed while the write was in flight; it may or may not have been applied",
-                );
+                self.proposals
+                    .fail_forwarded("the leader changed while the write was in flight");
                 self.reads
                     .fail_all(Error::NoLeader("the leader changed during the read; retry".into()));
             }
@@ -825,10 +872,7 @@ impl RaftLoop {
         // Proposals may be inside the snapshot: we can't tell which applied.
         self.proposals.fail_all(
             "snapshot",
-            Error::OutcomeUnknown(
-                "this node caught up by snapshot while the write was in flight; it may or may not have been applied"
-                    .into(),
-            ),
+            Error::OutcomeUnknown("this node caught up by snapshot while the write was in flight".into()),
         );
         self.applied_tx.send_replace(meta.index);
         self.store.remove_staged_up_to(meta.index);
@@ -965,12 +1009,35 @@ impl RaftLoop {
         }
     }
 
+    /// What to say when a leader's heartbeat commits past our log. The
+    /// leader sends `min(what we acknowledged, its commit)`, and we
+    /// acknowledge only what is on disk, so our disk lost acknowledged
+    /// entries: the data dir was wiped, replaced or rolled back. Running on
+    /// could undo committed writes (our acknowledgements counted toward
+    /// their quorum) or vote twice in a term, so the node must not rejoin
+    /// under this id.
+    fn lost_log_message(&self, heartbeat: &raft::prelude::Message) -> String {
+        let id = self.settings.id;
+        format!(
+            "this node's data dir has lost raft log entries it had acknowledged: its log ends at index {last}, \
+             but the leader (node {leader}, term {term}) says node {id} acknowledged entries up to index {commit}. \
+             This happens when a member's data dir is wiped or replaced (a new disk, a restored copy) and it starts \
+             again under its old id. {}",
+            must_not_rejoin(id),
+            last = self.node.raft.raft_log.last_index(),
+            leader = heartbeat.from,
+            term = heartbeat.term,
+            commit = heartbeat.commit,
+        )
+    }
+
     fn mark_removed(&mut self) {
         self.removed = true;
         let identity = NodeIdentity {
             node_id: self.settings.id,
             cluster_id: self.cluster_id,
             removed: true,
+            incarnation: self.settings.incarnation,
         };
         if let Err(e) = self.identity.store(&identity) {
             error!(error = %e, "could not record the removal in the data dir");

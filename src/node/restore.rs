@@ -89,6 +89,7 @@ fn write_member(backup: &Path, data_dir: &Path, id: u64, members: &[(u64, String
         node_id: id,
         cluster_id,
         removed: false,
+        incarnation: crate::storage::identity::new_incarnation(),
     })?;
     Ok(Restored {
         backup: backup_header,

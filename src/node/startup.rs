@@ -18,6 +18,7 @@ use crate::address::parse_initial_cluster;
 use crate::config::NodeConfig;
 use crate::proto::{Member, NodeIdentity};
 use crate::state_machine::{StateMachine, StateMeta};
+use crate::storage::identity::new_incarnation;
 use crate::storage::{upgrade, DataDirLock, NodeIdentityFile, RaftStorage, StateStore, StorageError};
 
 /// The log index and term a new cluster starts from. Starting above zero
@@ -103,7 +104,7 @@ pub fn prepare(
     }
 
     let identity = match identity_file.load()? {
-        Some(identity) => recover(config, identity, &shown_dir)?,
+        Some(identity) => recover(config, identity, &identity_file, &shown_dir)?,
         None if config.join => join(config, &identity_file)?,
         None => bootstrap(config, &advertise_peer_addr, &storage, &store, &identity_file)?,
     };
@@ -141,6 +142,7 @@ pub fn prepare(
     let local = LocalPeer {
         id: config.id,
         peer_addr: advertise_peer_addr.clone(),
+        incarnation: identity.incarnation,
     };
     let parts = LoopParts {
         node,
@@ -167,6 +169,7 @@ pub fn prepare(
             request_timeout: config.request_timeout(),
             advertise_peer_addr,
             advertise_client_addr,
+            incarnation: identity.incarnation,
         },
         rounds: rounds.clone(),
     };
@@ -197,7 +200,12 @@ pub fn prepare(
 
 /// A data dir that was initialised before: it must be this node's, and the
 /// node must not have been removed.
-fn recover(config: &NodeConfig, identity: NodeIdentity, shown_dir: &str) -> Result<NodeIdentity, StartError> {
+fn recover(
+    config: &NodeConfig,
+    mut identity: NodeIdentity,
+    identity_file: &NodeIdentityFile,
+    shown_dir: &str,
+) -> Result<NodeIdentity, StartError> {
     if identity.node_id != config.id {
         return Err(StartError::Config(format!(
             "data dir {shown_dir} belongs to node {}, but this node was started with --id {}; \
@@ -215,6 +223,11 @@ fn recover(config: &NodeConfig, identity: NodeIdentity, shown_dir: &str) -> Resu
     if config.initial_cluster.is_some() || config.join {
         info!("data dir already initialised: --initial-cluster / --join are ignored");
     }
+    if identity.incarnation == 0 {
+        // A data dir from a release before incarnations: it gets one now.
+        identity.incarnation = new_incarnation();
+        identity_file.store(&identity)?;
+    }
     Ok(identity)
 }
 
@@ -226,6 +239,7 @@ fn join(config: &NodeConfig, identity_file: &NodeIdentityFile) -> Result<NodeIde
         node_id: config.id,
         cluster_id: 0,
         removed: false,
+        incarnation: new_incarnation(),
     };
     identity_file.store(&identity)?;
     Ok(identity)
@@ -271,6 +285,7 @@ fn bootstrap(
         node_id: config.id,
         cluster_id,
         removed: false,
+        incarnation: new_incarnation(),
     };
     identity_file.store(&identity)?;
     info!(
@@ -360,6 +375,7 @@ pub(crate) fn initial_state(members: &[(u64, String)], cluster_id: u64, index: u
             peer_addr: peer_addr.clone(),
             client_addr: String::new(),
             role: 0,
+            incarnation: 0,
         };
         state.apply_conf_state(index, term, conf_state.clone(), Some(member));
     }

@@ -17,6 +17,8 @@ pub struct LocalPeer {
     pub id: u64,
     /// Our advertised peer address.
     pub peer_addr: String,
+    /// Our data dir's incarnation (see `Member.incarnation`).
+    pub incarnation: u64,
 }
 
 /// Where the raft loop's outgoing messages go. An implementation must not

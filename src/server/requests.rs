@@ -177,6 +177,7 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
                 peer_addr: add.peer_addr,
                 client_addr: add.client_addr,
                 role: 0,
+                incarnation: 0,
             };
             match handle.change_membership(MembershipChange::Add(member)).await? {
                 ApplyResult::Members(members) => Ok(response::Result::AddNode(AddNodeResponse { members })),

@@ -14,6 +14,11 @@ use crate::proto::NodeIdentity;
 const FILE_NAME: &str = "identity";
 const MAGIC: &[u8; 8] = b"KVRIDNT1";
 
+/// A new data dir's incarnation: random and never 0 (0 means "not known").
+pub fn new_incarnation() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
 /// The `identity` file of one data dir.
 #[derive(Debug, Clone)]
 pub struct NodeIdentityFile {
@@ -75,6 +80,7 @@ mod tests {
             node_id: 3,
             cluster_id: 42,
             removed: false,
+            incarnation: new_incarnation(),
         };
         file.store(&id).unwrap();
         assert_eq!(file.load().unwrap(), Some(id));

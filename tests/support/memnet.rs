@@ -183,6 +183,7 @@ impl Transport for MemTransport {
             sender: from,
             from_peer_addr: self.local.peer_addr.clone(),
             cluster_id: self.cluster_id,
+            certified: false,
         };
         let net = self.net.clone();
         match delay {

@@ -82,6 +82,8 @@ impl Probe {
             from_peer_addr: String::new(),
             raft_message: Vec::new(),
             snapshot_stream: false,
+            // Like a release before incarnations: not checked.
+            from_incarnation: 0,
         };
         self.send_frame(envelope.encode_to_vec()).await
     }
@@ -94,6 +96,8 @@ impl Probe {
             from_peer_addr: String::new(),
             raft_message: message.write_to_bytes().unwrap(),
             snapshot_stream: false,
+            // Like a release before incarnations: not checked.
+            from_incarnation: 0,
         };
         self.send_frame(envelope.encode_to_vec()).await
     }

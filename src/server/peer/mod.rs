@@ -299,7 +299,7 @@ where
         if envelope.raft_message.is_empty() {
             continue; // the hello
         }
-        deliver(envelope, sender, shared);
+        deliver(envelope, sender, peer.certified_node.is_some(), shared);
     }
 }
 
@@ -351,6 +351,20 @@ fn reject_cluster_or_removed(
         };
         return Some((rejection, ConnectionRefusal::ClusterMismatch));
     }
+    let recorded = context.handle.member_incarnation(envelope.from_id);
+    if recorded != 0 && envelope.from_incarnation != 0 && envelope.from_incarnation != recorded {
+        let message = format!(
+            "node {}'s data dir is not the one it ran on before (incarnation {:016x}, the cluster knows {recorded:016x}): \
+             it was wiped or replaced, and has forgotten entries it acknowledged and votes it cast",
+            envelope.from_id, envelope.from_incarnation
+        );
+        tracing::warn!(%message, "refusing a peer");
+        let rejection = PeerRejection {
+            reason: Reason::ReplacedDataDir as i32,
+            message,
+        };
+        return Some((rejection, ConnectionRefusal::ReplacedDataDir));
+    }
     if context.handle.is_removed(envelope.from_id) {
         let rejection = PeerRejection {
             reason: Reason::Removed as i32,
@@ -362,7 +376,7 @@ fn reject_cluster_or_removed(
 }
 
 /// Hands a raft message that passed the addressing checks to the raft loop.
-fn deliver(envelope: PeerEnvelope, from: u64, shared: &Shared) {
+fn deliver(envelope: PeerEnvelope, from: u64, certified: bool, shared: &Shared) {
     let context = &shared.context;
     let message = match raft::prelude::Message::parse_from_bytes(&envelope.raft_message) {
         Ok(m) => m,
@@ -382,6 +396,7 @@ fn deliver(envelope: PeerEnvelope, from: u64, shared: &Shared) {
         sender: from,
         from_peer_addr: envelope.from_peer_addr,
         cluster_id: envelope.cluster_id,
+        certified,
     };
     // A full inbox drops the message (raft retransmits); if the raft loop
     // has stopped, the node is going down anyway. Never block this task.

@@ -292,6 +292,8 @@ impl PeerTask {
                                     peer: self.to,
                                     reason: rejection.message,
                                     removed: rejection.reason == peer_rejection::Reason::Removed as i32,
+                                    replaced: rejection.reason
+                                        == peer_rejection::Reason::ReplacedDataDir as i32,
                                 });
                                 // A refusal is not transient: retry slowly.
                                 backoff = MAX_BACKOFF;
@@ -317,6 +319,7 @@ impl PeerTask {
             from_peer_addr: self.local.peer_addr.clone(),
             raft_message: message.write_to_bytes().expect("raft messages always encode"),
             snapshot_stream: false,
+            from_incarnation: self.local.incarnation,
         })
     }
 
@@ -333,6 +336,7 @@ impl PeerTask {
             from_peer_addr: self.local.peer_addr.clone(),
             raft_message: Vec::new(),
             snapshot_stream,
+            from_incarnation: self.local.incarnation,
         })
     }
 

@@ -197,6 +197,8 @@ where
         sender,
         from_peer_addr: envelope.from_peer_addr,
         cluster_id: envelope.cluster_id,
+        // Only heartbeats are judged by this; a snapshot never is.
+        certified: false,
     };
     if shared.context.inbox.try_send(inbox).is_err() {
         crate::metrics::inbox_full();
