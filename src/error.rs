@@ -26,8 +26,23 @@ pub enum Error {
     /// applied (the connection broke or the leader changed while it was in
     /// flight). The client does not retry writes on its own, since a blind retry
     /// could reorder it after a newer write; read the key to find out.
-    #[error("outcome unknown: {0}; the write may or may not have been applied, read the key to find out")]
+    #[error("outcome unknown: {0}; it may or may not have been applied: read the key to find out")]
     OutcomeUnknown(String),
+    /// Live nodes answered, but none knows a leader: the cluster has no
+    /// quorum. Nothing was proposed.
+    #[error("the cluster has no leader ({answered}): a majority of the voters is down or can't reach the others, so nothing was done. Check which nodes run (`kvraft --serializable --endpoints NODE info` works without a leader) and their logs")]
+    NoLeader {
+        /// The first node that said so, and what it said.
+        answered: String,
+    },
+    /// Every endpoint refused the connection: no node listens there.
+    #[error("nothing is listening at {endpoints} ({last}): start the nodes, or fix --endpoints (or KVRAFT_ENDPOINTS)")]
+    NothingListening {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The last refusal.
+        last: String,
+    },
     /// No endpoint answered usefully before the deadline.
     #[error("no answer within {timeout:?} from {endpoints}: {last}; check that the nodes are running and that a majority of them can reach each other")]
     Unavailable {

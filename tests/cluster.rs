@@ -291,7 +291,7 @@ async fn env_endpoints_and_failover_to_a_live_endpoint() {
     let out = support::kvraft_cli(&dead, &["--timeout", "300ms", "get", "x"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(
-        stderr(&out).contains("check that the nodes are running"),
+        stderr(&out).contains("nothing is listening at") && stderr(&out).contains("start the nodes"),
         "{}",
         stderr(&out)
     );
@@ -378,14 +378,93 @@ async fn without_a_quorum_serializable_reads_still_answer_and_linearizable_ones_
     // (no leader, a read-index round that can't complete) or holds the read
     // waiting for one (no reply); it never answers from its own copy.
     match &err {
-        kvraft::Error::Unavailable { last, .. } => assert!(
-            ["knows no leader", "read index", "no reply"]
+        kvraft::Error::NoLeader { answered } => assert!(
+            ["knows no leader", "leader changed"]
                 .iter()
-                .any(|why| last.contains(why)),
+                .any(|why| answered.contains(why)),
             "{err}"
         ),
+        kvraft::Error::Unavailable { last, .. } => {
+            assert!(["read index", "no reply"].iter().any(|why| last.contains(why)), "{err}")
+        }
         other => panic!("expected the read to be unavailable, got {other:?}"),
     }
+}
+
+/// The error shown is the most informative one seen at any endpoint, a write
+/// that was never proposed is not "outcome unknown", nothing listening is
+/// said at once, and a leader hint that can't be reached falls back to the
+/// endpoints given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_no_leader_or_nothing_listening_and_bad_leader_hints_fall_back() {
+    // Every node advertises a client address that does not resolve here,
+    // as the compose cluster's names do from the host.
+    let mut cluster = Cluster::start_static_each(3, |id| {
+        vec!["--advertise-client-addr".into(), format!("kvraft{id}.invalid:7379")]
+    });
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    cluster
+        .wait_info(1, T, "every member published its address", |i| {
+            i.members.iter().all(|m| m.client_addr.ends_with(".invalid:7379"))
+        })
+        .await;
+    // Membership changes go to the leader: the followers' hints name an
+    // address that does not resolve, and the client goes on with the
+    // endpoints it was given until it reaches the leader.
+    let all = [1, 2, 3];
+    let out = cluster.cli(&all, &["--timeout", "20s", "remove-node", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("removed node 3"), "{}", stdout(&out));
+    assert_eq!(cluster.wait_exit(3, T).and_then(|s| s.code()), Some(0), "node 3 left");
+
+    // Node 2 alone: it answers, but knows no leader.
+    let leader = cluster.wait_for_leader(&[1, 2], T).await;
+    let survivor = if leader == 1 { 2 } else { 1 };
+    cluster.kill(leader);
+    cluster
+        .wait_info(survivor, T, "no leader known", |i| i.leader_id == 0)
+        .await;
+    let endpoints = cluster.endpoints(&all);
+    let out = support::kvraft_cli(&endpoints, &["--timeout", "3s", "set", "k", "v"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("the cluster has no leader"),
+        "{err}\nsurvivor {survivor} at {}:\n{}",
+        cluster.endpoints(&[survivor]),
+        cluster.node_log(survivor)
+    );
+    assert!(err.contains("nothing was done"), "{err}");
+    assert!(
+        !err.contains("outcome unknown"),
+        "never proposed, so not unknown: {err}"
+    );
+    assert!(
+        !err.contains("Connection refused"),
+        "no leader says more than a dead node: {err}"
+    );
+    assert_eq!(
+        err.matches("no leader").count(),
+        2,
+        "said once by us, once by the node: {err}"
+    );
+
+    // Nothing listening anywhere: said at once, not after the whole timeout.
+    cluster.kill(survivor);
+    let dead = cluster.endpoints(&[1, 2]);
+    let started = std::time::Instant::now();
+    let out = support::kvraft_cli(&dead, &["--timeout", "60s", "get", "k"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains(&format!("nothing is listening at {dead}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up after {:?}, not at the 60 s deadline",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,15 @@
 //!   hints, and moves on when a node is unreachable or knows no leader.
 //! - Many requests in flight per connection (responses matched by id).
 //! - Retries errors that guarantee nothing was applied, with backoff, until the
-//!   deadline. A write whose outcome is unknown (connection lost or timeout
+//!   deadline; when it gives up, the error is the most informative one seen
+//!   (`attempts.rs`: no leader, then nothing listening, then the last failure).
+//!   A leader hint that can't be reached is not followed again in that call. A write whose outcome is unknown (connection lost or timeout
 //!   after sending) is **not** retried blindly: a late duplicate could land
 //!   after a newer write. It fails with [`Error::OutcomeUnknown`].
 
-use std::collections::HashMap;
+mod attempts;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +29,7 @@ use crate::proto::{
     Member, MembersRequest, PingRequest, RemoveNodeRequest, Request, Response, ScanRequest, SetRequest,
 };
 use crate::tls::client::{explain_client_error, ClientTls, ClientTlsOptions};
+use attempts::Attempts;
 
 /// Default endpoint: a single local node with default flags.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7379";
@@ -284,6 +289,9 @@ impl Client {
             .min(Duration::from_secs(2));
         let stream = match tokio::time::timeout(budget, TcpStream::connect(endpoint)).await {
             Ok(Ok(s)) => s,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(ConnectFailure::Refused(e.to_string()))
+            }
             Ok(Err(e)) => return Err(ConnectFailure::Retry(e.to_string())),
             Err(_) => return Err(ConnectFailure::Retry("connect timed out".into())),
         };
@@ -317,33 +325,67 @@ impl Client {
         let timeout = self.inner.options.timeout;
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(20);
-        let mut last_error = String::from("no attempt finished");
+        let mut attempts = Attempts::new(self.endpoints());
         let mut failures_in_a_row = 0usize;
+        // A leader hint to try next, and hints that could not be reached in
+        // this call (an address that only resolves inside the cluster's
+        // network, say): those are not followed again.
+        let mut hint: Option<String> = None;
+        let mut unreachable_hints: HashSet<String> = HashSet::new();
+        // A write sent just before the deadline would time out waiting for
+        // its reply and be reported as "outcome unknown", though every
+        // earlier attempt was refused before anything was proposed. So the
+        // last tenth of the time (50 ms to 500 ms) starts no new write.
+        let reply_time = if idempotent {
+            Duration::ZERO
+        } else {
+            (timeout / 10).clamp(Duration::from_millis(50), Duration::from_millis(500))
+        };
+        let mut tried = false;
         loop {
             let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::Unavailable {
-                    timeout,
-                    endpoints: self.endpoints().join(","),
-                    last: last_error,
-                });
+            let last_start = deadline.checked_sub(reply_time).filter(|_| tried).unwrap_or(deadline);
+            if now >= last_start || attempts.nothing_listens() {
+                return Err(attempts.into_error(timeout));
             }
             // After a full round of failed endpoints, wait before going again.
             if failures_in_a_row > 0 && failures_in_a_row.is_multiple_of(self.endpoints().len()) {
-                tokio::time::sleep(backoff.min(deadline - now)).await;
+                tokio::time::sleep(backoff.min(last_start - now)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
+                if Instant::now() >= last_start {
+                    continue;
+                }
             }
-            let endpoint = self.current_endpoint();
+            tried = true;
+            let following_hint = hint.is_some();
+            let endpoint = hint.take().unwrap_or_else(|| self.current_endpoint());
             let connection = match self.connection(&endpoint, deadline).await {
                 Ok(c) => c,
                 Err(ConnectFailure::Tls(message)) => return Err(Error::Tls(message)),
+                Err(failure) if following_hint => {
+                    // Back to the endpoints we were given.
+                    attempts.failed(&endpoint, &format!("the leader's address {}", failure.message()));
+                    unreachable_hints.insert(endpoint);
+                    continue;
+                }
+                Err(ConnectFailure::Refused(e)) => {
+                    attempts.refused(&endpoint, &e);
+                    self.rotate_from(&endpoint);
+                    failures_in_a_row += 1;
+                    continue;
+                }
                 Err(ConnectFailure::Retry(e)) => {
-                    last_error = format!("{endpoint}: {e}");
+                    attempts.failed(&endpoint, &e);
                     self.rotate_from(&endpoint);
                     failures_in_a_row += 1;
                     continue;
                 }
             };
+            if following_hint {
+                // It answers: keep it, and start there next time.
+                let i = self.add_endpoint(&endpoint);
+                self.inner.current.store(i, Ordering::Relaxed);
+            }
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
             let request = Request {
                 id,
@@ -369,10 +411,14 @@ impl Client {
                             },
                         });
                     }
-                    last_error = format!("{endpoint}: {}", e.message);
-                    if code == ErrorCode::NotLeader && !e.leader_client_addr.is_empty() {
-                        let i = self.add_endpoint(&e.leader_client_addr);
-                        self.inner.current.store(i, Ordering::Relaxed);
+                    if code == ErrorCode::NoLeader {
+                        attempts.no_leader(&endpoint, &e.message);
+                    } else {
+                        attempts.failed(&endpoint, &e.message);
+                    }
+                    let leader = e.leader_client_addr;
+                    if code == ErrorCode::NotLeader && !leader.is_empty() && !unreachable_hints.contains(&leader) {
+                        hint = Some(leader);
                         // Give a leadership transfer a moment to complete.
                         tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
                     } else {
@@ -391,15 +437,17 @@ impl Client {
                         Some(CloseReason::Tls(reason)) => return Err(Error::Tls(reason)),
                         Some(CloseReason::NotRun(reason)) => {
                             // The server promised the request did not run.
-                            last_error = format!("{endpoint}: {reason}");
+                            attempts.failed(&endpoint, &reason);
                             continue;
                         }
                         None => {}
                     }
                     if !idempotent {
-                        return Err(Error::OutcomeUnknown(format!("the connection to {endpoint} broke")));
+                        return Err(Error::OutcomeUnknown(format!(
+                            "the connection to {endpoint} broke while the write was in flight"
+                        )));
                     }
-                    last_error = format!("{endpoint}: connection lost");
+                    attempts.failed(&endpoint, "connection lost");
                     self.rotate_from(&endpoint);
                     failures_in_a_row += 1;
                 }
@@ -409,7 +457,7 @@ impl Client {
                             "no reply from {endpoint} within {timeout:?}"
                         )));
                     }
-                    last_error = format!("{endpoint}: no reply");
+                    attempts.failed(&endpoint, "no reply");
                 }
             }
         }
@@ -439,8 +487,8 @@ impl Client {
                     break;
                 }
                 Err(ConnectFailure::Tls(message)) => return Err(Error::Tls(message)),
-                Err(ConnectFailure::Retry(e)) => {
-                    last = format!("{endpoint}: {e}");
+                Err(failure) => {
+                    last = format!("{endpoint}: {}", failure.message());
                     self.rotate_from(&endpoint);
                 }
             }
@@ -519,8 +567,18 @@ enum Failure {
 enum ConnectFailure {
     /// TLS settings don't fit the server: retrying can't help.
     Tls(String),
-    /// A network failure; another endpoint or a later try may work.
+    /// Nothing listens there (the node is down, or the address is wrong).
+    Refused(String),
+    /// Another network failure; another endpoint or a later try may work.
     Retry(String),
+}
+
+impl ConnectFailure {
+    fn message(&self) -> &str {
+        match self {
+            ConnectFailure::Tls(m) | ConnectFailure::Refused(m) | ConnectFailure::Retry(m) => m,
+        }
+    }
 }
 
 /// Why the server ended a connection, when it said so (or TLS did).
