@@ -22,10 +22,10 @@ pub enum Error {
         /// The server's explanation.
         message: String,
     },
-    /// A write was sent but its outcome is unknown: it may or may not have been
-    /// applied (the connection broke or the leader changed while it was in
-    /// flight). The client does not retry writes on its own, since a blind retry
-    /// could reorder it after a newer write; read the key to find out.
+    /// A write's outcome is unknown: it may or may not have been applied. A set
+    /// or delete gets this only when the deadline passed after an attempt that
+    /// may have been applied (the client retries them in its session until
+    /// then); a membership change, as soon as one attempt's outcome is unknown.
     #[error("outcome unknown: {0}; it may or may not have been applied: read the key to find out")]
     OutcomeUnknown(String),
     /// Live nodes answered, but none knows a leader: the cluster has no

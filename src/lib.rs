@@ -43,6 +43,7 @@ pub(crate) mod metrics;
 pub mod node;
 pub(crate) mod peer_guard;
 pub mod server;
+pub mod sessions;
 pub mod state_machine;
 pub mod storage;
 pub mod tls;

@@ -16,6 +16,7 @@ use protobuf::Message as _;
 use raft::prelude::ConfState;
 
 use crate::proto::{command, Command, Member, MemberRole, SnapshotHeader, StoredValue};
+use crate::sessions::{Outcome, Sessions, Verdict, WriteId};
 use crate::storage::memtable::Layer;
 use crate::storage::state_store::FORMAT;
 use crate::storage::{StateStore, StorageError};
@@ -37,6 +38,9 @@ pub enum ApplyResult {
     },
     /// A membership change or member update; carries the new member list.
     Members(Vec<Member>),
+    /// A write of a client session that was refused unapplied (the session
+    /// expired, or the write is a late copy of one already answered).
+    SessionRefused(String),
 }
 
 /// Everything but the keys: small, kept in memory, and written with every
@@ -243,6 +247,8 @@ pub struct Batch<'a> {
     changes: Layer,
     keys_added: i64,
     meta: StateMeta,
+    /// The raft loop's copy of the client sessions, held for the batch.
+    sessions: std::sync::MutexGuard<'a, Sessions>,
 }
 
 impl<'a> Batch<'a> {
@@ -253,6 +259,7 @@ impl<'a> Batch<'a> {
             changes: Layer::default(),
             keys_added: 0,
             meta,
+            sessions: store.working_sessions(),
         })
     }
 
@@ -279,9 +286,43 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Applies one command. A failure is the store's, and fatal.
+    /// Applies one command. A failure is the store's, and fatal. A write of
+    /// a client session is applied once: a retry gets the first result.
     pub fn apply(&mut self, index: u64, term: u64, command: Command) -> Result<ApplyResult, StorageError> {
         self.meta.advance(index, term);
+        if command.proposed_at_ms > 0 {
+            self.sessions.advance_clock(command.proposed_at_ms);
+        }
+        let write = WriteId {
+            session: command.session_id,
+            seq: command.seq,
+            first_incomplete: command.first_incomplete,
+        };
+        let in_session =
+            write.session != 0 && matches!(command.op, Some(command::Op::Set(_)) | Some(command::Op::Delete(_)));
+        if in_session {
+            match self.sessions.check(write) {
+                Verdict::Apply => {}
+                Verdict::Duplicate(Outcome::Set { revision }) => return Ok(ApplyResult::Set { revision }),
+                Verdict::Duplicate(Outcome::Delete { existed, revision }) => {
+                    return Ok(ApplyResult::Delete { existed, revision })
+                }
+                Verdict::Refuse(why) => return Ok(ApplyResult::SessionRefused(why)),
+            }
+        }
+        let result = self.apply_op(index, command)?;
+        if in_session {
+            let outcome = match result {
+                ApplyResult::Set { revision } => Outcome::Set { revision },
+                ApplyResult::Delete { existed, revision } => Outcome::Delete { existed, revision },
+                _ => unreachable!("a set or delete answers with its outcome"),
+            };
+            self.sessions.record(write, outcome);
+        }
+        Ok(result)
+    }
+
+    fn apply_op(&mut self, index: u64, command: Command) -> Result<ApplyResult, StorageError> {
         Ok(match command.op {
             Some(command::Op::Set(set)) => {
                 let previous = self.current(&set.key)?;
@@ -320,9 +361,17 @@ impl<'a> Batch<'a> {
     /// Hands the batch to the store (readers see it at once; the file has
     /// it after the next flush) and returns the state it led to.
     pub fn commit(self) -> Result<StateMeta, StorageError> {
-        self.store
-            .commit_batch(self.changes, self.meta.to_header(), self.keys_added)?;
-        Ok(self.meta)
+        let Batch {
+            store,
+            changes,
+            keys_added,
+            meta,
+            mut sessions,
+        } = self;
+        let delta = sessions.take_delta();
+        drop(sessions);
+        store.commit_batch(changes, meta.to_header(), delta, keys_added)?;
+        Ok(meta)
     }
 }
 
@@ -348,12 +397,14 @@ mod tests {
                 key: k.into(),
                 value: v.into(),
             })),
+            ..Default::default()
         }
     }
 
     fn delete(k: &str) -> Command {
         Command {
             op: Some(command::Op::Delete(DeleteRequest { key: k.into() })),
+            ..Default::default()
         }
     }
 
@@ -392,6 +443,65 @@ mod tests {
             store.flush().unwrap();
         }
         results
+    }
+
+    fn in_session(mut command: Command, session_id: u64, seq: u64, first_incomplete: u64) -> Command {
+        command.session_id = session_id;
+        command.seq = seq;
+        command.first_incomplete = first_incomplete;
+        command.proposed_at_ms = 1_000 + seq;
+        command
+    }
+
+    #[test]
+    fn a_retried_write_applies_once_even_after_a_flush_and_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        let first = apply_all(&mut sm, 2, vec![in_session(set("k", "a"), 77, 1, 1)], false);
+        assert_eq!(first, [ApplyResult::Set { revision: 2 }]);
+        apply_all(&mut sm, 3, vec![set("k", "b")], false);
+        // The retry of write 1 (its reply was lost) answers as the first did,
+        // and does not overwrite the newer value.
+        let retry = apply_all(&mut sm, 4, vec![in_session(set("k", "a"), 77, 1, 1)], true);
+        assert_eq!(retry, [ApplyResult::Set { revision: 2 }]);
+        assert_eq!(sm.get(b"k").unwrap().unwrap(), b"b");
+        let deleted = apply_all(&mut sm, 5, vec![in_session(delete("k"), 77, 2, 1)], true);
+        assert_eq!(
+            deleted,
+            [ApplyResult::Delete {
+                existed: true,
+                revision: 5
+            }]
+        );
+
+        // The sessions are in the file with the state record they match.
+        sm.store().close();
+        let mut sm = machine(dir.path());
+        assert_eq!(sm.applied_index(), 5);
+        let again = apply_all(
+            &mut sm,
+            6,
+            vec![
+                in_session(delete("k"), 77, 2, 1),
+                in_session(set("k", "a"), 77, 1, 1),
+                in_session(set("x", "y"), 78, 4, 4),
+            ],
+            false,
+        );
+        assert_eq!(
+            again[0],
+            ApplyResult::Delete {
+                existed: true,
+                revision: 5
+            }
+        );
+        assert_eq!(again[1], ApplyResult::Set { revision: 2 });
+        assert!(
+            matches!(&again[2], ApplyResult::SessionRefused(why) if why.contains("expired")),
+            "{again:?}"
+        );
+        assert_eq!(sm.get(b"k").unwrap(), None, "nothing was applied twice");
+        assert_eq!(sm.get(b"x").unwrap(), None, "nor the refused write");
     }
 
     #[test]
@@ -567,6 +677,7 @@ mod tests {
         };
         let command = Command {
             op: Some(command::Op::UpdateMember(update)),
+            ..Default::default()
         };
         apply_all(&mut sm, 2, vec![command], false);
         let m = sm.member(1).unwrap();
@@ -588,6 +699,7 @@ mod tests {
                 incarnation,
                 ..Default::default()
             })),
+            ..Default::default()
         };
         apply_all(&mut sm, 2, vec![publish(7, "127.0.0.1:1")], false);
         assert_eq!(sm.member(1).unwrap().incarnation, 7);

@@ -49,7 +49,11 @@ async fn malformed_protobuf_gets_an_error_and_the_connection_survives() {
 
     // A well-formed request with no command.
     frames
-        .send(kvraft::codec::encode(&Request { id: 7, command: None }))
+        .send(kvraft::codec::encode(&Request {
+            id: 7,
+            command: None,
+            ..Default::default()
+        }))
         .await
         .unwrap();
     let response = read_response(&mut frames).await;
@@ -60,6 +64,7 @@ async fn malformed_protobuf_gets_an_error_and_the_connection_survives() {
     let ping = Request {
         id: 8,
         command: Some(request::Command::Ping(PingRequest {})),
+        ..Default::default()
     };
     frames.send(kvraft::codec::encode(&ping)).await.unwrap();
     let response = read_response(&mut frames).await;

@@ -307,6 +307,7 @@ async fn raw_request(addr: &str, command: kvraft::proto::request::Command) -> kv
     let request = kvraft::proto::Request {
         id: 7,
         command: Some(command),
+        ..Default::default()
     };
     frames.send(kvraft::codec::encode(&request)).await.unwrap();
     let frame = tokio::time::timeout(T, frames.next()).await.unwrap().unwrap().unwrap();

@@ -57,6 +57,7 @@ async fn idle_connections_are_closed_with_a_notice_and_clients_reconnect_by_them
     let ping = kvraft::proto::Request {
         id: 1,
         command: Some(kvraft::proto::request::Command::Ping(Default::default())),
+        ..Default::default()
     };
     let bytes = ping.encode_to_vec();
     used.write_all(&(bytes.len() as u32).to_be_bytes()).await.unwrap();
@@ -227,6 +228,7 @@ async fn a_client_that_never_reads_holds_a_bounded_number_of_responses_briefly()
                 key: b"big".to_vec(),
                 serializable: true,
             })),
+            ..Default::default()
         };
         let bytes = get.encode_to_vec();
         requests.extend((bytes.len() as u32).to_be_bytes());

@@ -503,6 +503,7 @@ async fn spans_for_a_set_reach_an_otlp_receiver_with_the_request_id() {
             key: b"traced".to_vec(),
             value: b"yes".to_vec(),
         })),
+        ..Default::default()
     };
     frames.send(kvraft::codec::encode(&set)).await.unwrap();
     let reply = tokio::time::timeout(T, frames.next())

@@ -29,6 +29,7 @@ fn set_entry(index: u64, key: String) -> Entry {
             key: key.into_bytes(),
             value: format!("v{index}").into_bytes(),
         })),
+        ..Default::default()
     }
     .encode_to_vec()
     .into();

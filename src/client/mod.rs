@@ -3,16 +3,20 @@
 //! - Several endpoints; the client sticks to one that works, follows leader
 //!   hints, and moves on when a node is unreachable or knows no leader.
 //! - Many requests in flight per connection (responses matched by id).
-//! - Retries errors that guarantee nothing was applied, with backoff, until the
-//!   deadline; when it gives up, the error is the most informative one seen
-//!   (`attempts.rs`: no leader, then nothing listening, then the last failure).
-//!   A leader hint that can't be reached is not followed again in that call. A write whose outcome is unknown (connection lost or timeout
-//!   after sending) is **not** retried blindly: a late duplicate could land
-//!   after a newer write. It fails with [`Error::OutcomeUnknown`].
+//! - Sets and deletes belong to the client's session (a random id and a
+//!   number per write; see `crate::sessions`), so the state machine applies
+//!   each once however often it is sent: they are retried on every failure,
+//!   one node at a time (an attempt gets a third of the deadline), until the
+//!   deadline. Reads are retried on any failure; membership changes (no
+//!   session) only on errors that guarantee nothing was applied.
+//! - When it gives up, the error is the most informative one seen
+//!   (`attempts.rs`: outcome unknown if an attempt may have been applied,
+//!   else no leader, then nothing listening, then the last failure). A leader
+//!   hint that can't be reached is not followed again in that call.
 
 mod attempts;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,6 +83,8 @@ pub struct Client {
 
 struct Inner {
     options: ClientOptions,
+    /// This client's session: its writes apply exactly once, retries included.
+    session: Mutex<Session>,
     tls: Option<ClientTls>,
     endpoints: Mutex<Vec<String>>,
     current: AtomicUsize,
@@ -105,6 +111,7 @@ impl Client {
                 tls,
                 endpoints: Mutex::new(options.endpoints.clone()),
                 options,
+                session: Mutex::new(Session::new()),
                 current: AtomicUsize::new(0),
                 connections: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
@@ -118,7 +125,7 @@ impl Client {
             key: key.into(),
             value: value.into(),
         });
-        match self.call(command, false).await? {
+        match self.call(command, Kind::Write).await? {
             response::Result::Set(r) => Ok(r.revision),
             other => Err(mismatch(other)),
         }
@@ -130,7 +137,7 @@ impl Client {
             key: key.into(),
             serializable: self.inner.options.serializable,
         });
-        match self.call(command, true).await? {
+        match self.call(command, Kind::Read).await? {
             response::Result::Get(r) if r.found => Ok(Some(r.value)),
             response::Result::Get(_) => Ok(None),
             other => Err(mismatch(other)),
@@ -140,7 +147,7 @@ impl Client {
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, Error> {
         let command = request::Command::Delete(DeleteRequest { key: key.into() });
-        match self.call(command, false).await? {
+        match self.call(command, Kind::Write).await? {
             response::Result::Delete(r) => Ok(r.existed),
             other => Err(mismatch(other)),
         }
@@ -164,7 +171,7 @@ impl Client {
                 limit: remaining,
                 serializable: self.inner.options.serializable,
             });
-            let page = match self.call(command, true).await? {
+            let page = match self.call(command, Kind::Read).await? {
                 response::Result::Scan(page) => page,
                 other => return Err(mismatch(other)),
             };
@@ -190,7 +197,7 @@ impl Client {
             peer_addr: peer_addr.into(),
             client_addr: client_addr.into(),
         });
-        match self.call(command, false).await? {
+        match self.call(command, Kind::Admin).await? {
             response::Result::AddNode(r) => Ok(r.members),
             other => Err(mismatch(other)),
         }
@@ -199,7 +206,7 @@ impl Client {
     /// Removes a node. Returns the member list after the change.
     pub async fn remove_node(&self, node_id: u64) -> Result<Vec<Member>, Error> {
         let command = request::Command::RemoveNode(RemoveNodeRequest { node_id });
-        match self.call(command, false).await? {
+        match self.call(command, Kind::Admin).await? {
             response::Result::RemoveNode(r) => Ok(r.members),
             other => Err(mismatch(other)),
         }
@@ -210,7 +217,7 @@ impl Client {
         let command = request::Command::Members(MembersRequest {
             serializable: self.inner.options.serializable,
         });
-        match self.call(command, true).await? {
+        match self.call(command, Kind::Read).await? {
             response::Result::Members(r) => Ok((r.members, r.leader_id)),
             other => Err(mismatch(other)),
         }
@@ -218,7 +225,7 @@ impl Client {
 
     /// Status of the first node that answers.
     pub async fn info(&self) -> Result<InfoResponse, Error> {
-        match self.call(request::Command::Info(InfoRequest {}), true).await? {
+        match self.call(request::Command::Info(InfoRequest {}), Kind::Read).await? {
             response::Result::Info(r) => Ok(r),
             other => Err(mismatch(other)),
         }
@@ -227,7 +234,7 @@ impl Client {
     /// Round trip to the first node that answers: its id and the time taken.
     pub async fn ping(&self) -> Result<(u64, Duration), Error> {
         let started = Instant::now();
-        match self.call(request::Command::Ping(PingRequest {}), true).await? {
+        match self.call(request::Command::Ping(PingRequest {}), Kind::Read).await? {
             response::Result::Ping(r) => Ok((r.node_id, started.elapsed())),
             other => Err(mismatch(other)),
         }
@@ -320,10 +327,12 @@ impl Client {
     }
 
     /// Sends one command with failover and retries until the deadline.
-    /// `idempotent` commands are retried even when their outcome is unknown.
-    async fn call(&self, command: request::Command, idempotent: bool) -> Result<response::Result, Error> {
+    async fn call(&self, command: request::Command, kind: Kind) -> Result<response::Result, Error> {
         let timeout = self.inner.options.timeout;
         let deadline = Instant::now() + timeout;
+        // One attempt may not take the whole deadline: a node that holds a
+        // request (it lost its leader, say) must leave time for the others.
+        let attempt_time = (timeout / 3).max(Duration::from_secs(1)).min(timeout);
         let mut backoff = Duration::from_millis(20);
         let mut attempts = Attempts::new(self.endpoints());
         let mut failures_in_a_row = 0usize;
@@ -332,11 +341,15 @@ impl Client {
         // network, say): those are not followed again.
         let mut hint: Option<String> = None;
         let mut unreachable_hints: HashSet<String> = HashSet::new();
+        // A write's place in the session; every attempt carries the same.
+        let mut write = (kind == Kind::Write).then(|| WriteSlot::take(&self.inner.session));
+        // Why an earlier attempt of this write may have been applied.
+        let mut unknown: Option<String> = None;
         // A write sent just before the deadline would time out waiting for
         // its reply and be reported as "outcome unknown", though every
         // earlier attempt was refused before anything was proposed. So the
         // last tenth of the time (50 ms to 500 ms) starts no new write.
-        let reply_time = if idempotent {
+        let reply_time = if kind == Kind::Read {
             Duration::ZERO
         } else {
             (timeout / 10).clamp(Duration::from_millis(50), Duration::from_millis(500))
@@ -346,7 +359,10 @@ impl Client {
             let now = Instant::now();
             let last_start = deadline.checked_sub(reply_time).filter(|_| tried).unwrap_or(deadline);
             if now >= last_start || attempts.nothing_listens() {
-                return Err(attempts.into_error(timeout));
+                return Err(match unknown {
+                    Some(why) => Error::OutcomeUnknown(why),
+                    None => attempts.into_error(timeout),
+                });
             }
             // After a full round of failed endpoints, wait before going again.
             if failures_in_a_row > 0 && failures_in_a_row.is_multiple_of(self.endpoints().len()) {
@@ -387,18 +403,35 @@ impl Client {
                 self.inner.current.store(i, Ordering::Relaxed);
             }
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let request = Request {
+            let mut request = Request {
                 id,
                 command: Some(command.clone()),
+                ..Default::default()
             };
-            let outcome = connection.request(request, deadline).await;
+            if let Some(slot) = &write {
+                slot.stamp(&mut request);
+            }
+            let attempt_deadline = deadline.min(Instant::now() + attempt_time);
+            let outcome = connection.request(request, attempt_deadline).await;
             match outcome {
                 Ok(Response {
                     result: Some(response::Result::Error(e)),
                     ..
                 }) => {
                     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
-                    let retry = is_retryable(code) || (idempotent && code == ErrorCode::OutcomeUnknown);
+                    if code == ErrorCode::SessionExpired {
+                        if let Some(why) = unknown {
+                            // An earlier attempt may have applied it before the
+                            // session went: a new session could apply it twice.
+                            return Err(Error::OutcomeUnknown(format!("{why}, and then {}", e.message)));
+                        }
+                        // Nothing of this write was applied: again, in a new session.
+                        let renewed = WriteSlot::renew(&self.inner.session, write.take());
+                        write = Some(renewed);
+                        attempts.failed(&endpoint, &e.message);
+                        continue;
+                    }
+                    let retry = is_retryable(code) || (kind != Kind::Admin && code == ErrorCode::OutcomeUnknown);
                     if !retry {
                         return Err(match code {
                             ErrorCode::OutcomeUnknown => Error::OutcomeUnknown(e.message),
@@ -410,6 +443,9 @@ impl Client {
                                 message: e.message,
                             },
                         });
+                    }
+                    if code == ErrorCode::OutcomeUnknown && kind == Kind::Write {
+                        unknown = Some(format!("{endpoint}: {}", e.message));
                     }
                     if code == ErrorCode::NoLeader {
                         attempts.no_leader(&endpoint, &e.message);
@@ -442,24 +478,113 @@ impl Client {
                         }
                         None => {}
                     }
-                    if !idempotent {
-                        return Err(Error::OutcomeUnknown(format!(
-                            "the connection to {endpoint} broke while the write was in flight"
-                        )));
+                    let why = format!("the connection to {endpoint} broke while the write was in flight");
+                    match kind {
+                        Kind::Admin => return Err(Error::OutcomeUnknown(why)),
+                        Kind::Write => unknown = Some(why),
+                        Kind::Read => {}
                     }
                     attempts.failed(&endpoint, "connection lost");
                     self.rotate_from(&endpoint);
                     failures_in_a_row += 1;
                 }
                 Err(Failure::Timeout) => {
-                    if !idempotent {
-                        return Err(Error::OutcomeUnknown(format!(
-                            "no reply from {endpoint} within {timeout:?}"
-                        )));
+                    let why = format!("no reply from {endpoint} within {:?}", attempt_time.min(timeout));
+                    match kind {
+                        Kind::Admin => return Err(Error::OutcomeUnknown(why)),
+                        Kind::Write => unknown = Some(why),
+                        Kind::Read => {}
                     }
                     attempts.failed(&endpoint, "no reply");
+                    // That node holds requests: try another.
+                    self.rotate_from(&endpoint);
+                    failures_in_a_row += 1;
                 }
             }
+        }
+    }
+}
+
+/// How a call may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Changes nothing: retried on any failure.
+    Read,
+    /// A set or delete in the client's session: retried on any failure that
+    /// leaves its outcome unknown, since the state machine applies it once.
+    Write,
+    /// A membership change (no session): its outcome, once unknown, stays so.
+    Admin,
+}
+
+/// A client's session: a random id and the numbers of its writes in flight.
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    next_seq: u64,
+    in_flight: BTreeSet<u64>,
+}
+
+impl Session {
+    fn new() -> Self {
+        Session {
+            id: rand::random::<u64>().max(1),
+            next_seq: 1,
+            in_flight: BTreeSet::new(),
+        }
+    }
+}
+
+/// One write's number in a session, held until the call returns (then the
+/// server may forget its result).
+struct WriteSlot<'a> {
+    session: &'a Mutex<Session>,
+    id: u64,
+    seq: u64,
+}
+
+impl<'a> WriteSlot<'a> {
+    fn take(session: &'a Mutex<Session>) -> Self {
+        let mut s = session.lock().unwrap();
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        s.in_flight.insert(seq);
+        WriteSlot { session, id: s.id, seq }
+    }
+
+    /// The server says `old`'s session expired (and nothing of the write was
+    /// applied): start a new session, unless another write already did.
+    fn renew(session: &'a Mutex<Session>, old: Option<WriteSlot<'a>>) -> Self {
+        if let Some(old) = old {
+            let expired = old.id;
+            drop(old);
+            let mut s = session.lock().unwrap();
+            if s.id == expired {
+                *s = Session::new();
+            }
+        }
+        Self::take(session)
+    }
+
+    /// Puts the session fields on an attempt of this write.
+    fn stamp(&self, request: &mut Request) {
+        let s = self.session.lock().unwrap();
+        request.session_id = self.id;
+        request.seq = self.seq;
+        // Writes of an older session still in flight don't hold this one back.
+        request.first_incomplete = if s.id == self.id {
+            s.in_flight.first().copied().unwrap_or(self.seq)
+        } else {
+            self.seq
+        };
+    }
+}
+
+impl Drop for WriteSlot<'_> {
+    fn drop(&mut self) {
+        let mut s = self.session.lock().unwrap();
+        if s.id == self.id {
+            s.in_flight.remove(&self.seq);
         }
     }
 }
@@ -508,6 +633,7 @@ impl Client {
             command: Some(request::Command::SnapshotSave(crate::proto::SnapshotSaveRequest {
                 serializable,
             })),
+            ..Default::default()
         };
         let sent = connection.outgoing.send(request).await;
         let result = async {

@@ -520,7 +520,12 @@ impl RaftLoop {
         .encode_to_vec()
     }
 
-    fn propose(&mut self, command: Command, span: tracing::Span, reply: oneshot::Sender<Result<ApplyResult, Error>>) {
+    fn propose(
+        &mut self,
+        mut command: Command,
+        span: tracing::Span,
+        reply: oneshot::Sender<Result<ApplyResult, Error>>,
+    ) {
         if self.removed {
             let _ = reply.send(Err(Error::removed(self.settings.id)));
             return;
@@ -535,6 +540,10 @@ impl RaftLoop {
             let _ = reply.send(Err(Error::no_leader(self.settings.id)));
             return;
         }
+        // The state machine's clock for session expiry (see sessions.rs).
+        command.proposed_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let id = self.proposals.next_id();
         let before = self.node.raft.raft_log.last_index();
         match self.node.propose(self.context(id, None), command.encode_to_vec()) {
@@ -725,6 +734,7 @@ impl RaftLoop {
         };
         let command = Command {
             op: Some(command::Op::UpdateMember(update)),
+            ..Default::default()
         };
         let _ = self.node.propose(self.context(0, None), command.encode_to_vec());
     }

@@ -30,6 +30,11 @@ pub async fn dispatch(
     identity: Option<&str>,
 ) -> Response {
     let id = request.id;
+    let session = SessionFields {
+        session_id: request.session_id,
+        seq: request.seq,
+        first_incomplete: request.first_incomplete,
+    };
     let Some(command) = request.command else {
         let error = WireError::new(
             ErrorCode::MalformedRequest,
@@ -47,7 +52,7 @@ pub async fn dispatch(
         debug!("received");
         // A refused request never reaches the node, so it changes nothing.
         access.check(identity, &command)?;
-        run(command, handle, limits).await
+        run(command, session, handle, limits).await
     }
     .instrument(span.clone())
     .await;
@@ -99,10 +104,39 @@ fn check_key(key: &[u8], limits: Limits) -> Result<(), WireError> {
 }
 
 fn unexpected(result: ApplyResult) -> WireError {
-    WireError::new(ErrorCode::Internal, format!("unexpected apply result {result:?}"))
+    match result {
+        ApplyResult::SessionRefused(why) => WireError::new(ErrorCode::SessionExpired, why),
+        other => WireError::new(ErrorCode::Internal, format!("unexpected apply result {other:?}")),
+    }
 }
 
-async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> Result<response::Result, WireError> {
+/// A write's place in its client session (see `Request.session_id`).
+#[derive(Debug, Clone, Copy)]
+struct SessionFields {
+    session_id: u64,
+    seq: u64,
+    first_incomplete: u64,
+}
+
+impl SessionFields {
+    /// The replicated command for `op`, in this session.
+    fn command(self, op: command::Op) -> Command {
+        Command {
+            op: Some(op),
+            session_id: self.session_id,
+            seq: self.seq,
+            first_incomplete: self.first_incomplete,
+            ..Default::default()
+        }
+    }
+}
+
+async fn run(
+    command: request::Command,
+    session: SessionFields,
+    handle: &NodeHandle,
+    limits: Limits,
+) -> Result<response::Result, WireError> {
     use request::Command as C;
     match command {
         C::Set(set) => {
@@ -114,9 +148,7 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
                     limits.max_value_size
                 )));
             }
-            let op = Command {
-                op: Some(command::Op::Set(set)),
-            };
+            let op = session.command(command::Op::Set(set));
             match handle.propose(op).await? {
                 ApplyResult::Set { revision } => Ok(response::Result::Set(SetResponse { revision })),
                 other => Err(unexpected(other)),
@@ -124,9 +156,7 @@ async fn run(command: request::Command, handle: &NodeHandle, limits: Limits) -> 
         }
         C::Delete(delete) => {
             check_key(&delete.key, limits)?;
-            let op = Command {
-                op: Some(command::Op::Delete(delete)),
-            };
+            let op = session.command(command::Op::Delete(delete));
             match handle.propose(op).await? {
                 ApplyResult::Delete { existed, revision } => {
                     Ok(response::Result::Delete(DeleteResponse { existed, revision }))

@@ -18,6 +18,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::proto::{SnapshotHeader, StoredValue};
+use crate::sessions::{SessionDelta, Sessions};
 
 /// A key's newest record, or `None` for a delete.
 pub type Change = Option<StoredValue>;
@@ -88,21 +89,31 @@ pub struct Frozen {
 pub struct Memtable {
     active: Layer,
     frozen: Option<Arc<Frozen>>,
-    /// The state record as of the last applied batch.
+    /// The state record as of the last applied batch (its `sessions` are
+    /// in `sessions`, filled in only when a layer is frozen).
     header: SnapshotHeader,
+    /// The client sessions as of the last applied batch.
+    sessions: Sessions,
     /// Keys held, counting memory and file together.
     keys: u64,
 }
 
 impl Memtable {
     /// Nothing in memory yet: the file holds `keys` keys at the state `header`.
-    pub fn new(header: SnapshotHeader, keys: u64) -> Self {
+    pub fn new(mut header: SnapshotHeader, keys: u64) -> Self {
+        let sessions = Sessions::from_proto(header.sessions.take().as_ref());
         Memtable {
             active: Layer::default(),
             frozen: None,
             header,
+            sessions,
             keys,
         }
+    }
+
+    /// The client sessions as of the last applied batch.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// The newest change to `key` held in memory (`None`: look in the file).
@@ -114,11 +125,12 @@ impl Memtable {
 
     /// Adds a committed batch: its changes, the state it led to, and how it
     /// changed the number of keys.
-    pub fn commit(&mut self, changes: Layer, header: SnapshotHeader, keys_added: i64) {
+    pub fn commit(&mut self, changes: Layer, header: SnapshotHeader, sessions: SessionDelta, keys_added: i64) {
         for (key, change) in changes.changes {
             self.active.insert(key, change);
         }
         self.header = header;
+        self.sessions.apply_delta(sessions);
         self.keys = self.keys.saturating_add_signed(keys_added);
     }
 
@@ -139,9 +151,13 @@ impl Memtable {
         if self.active.is_empty() && self.header.index <= flushed_index {
             return None;
         }
+        let mut header = self.header.clone();
+        // The sessions as of the same batch as the header: a crash brings
+        // both back together.
+        header.sessions = Some(self.sessions.to_proto());
         let frozen = Arc::new(Frozen {
             layer: std::mem::take(&mut self.active),
-            header: self.header.clone(),
+            header,
         });
         self.frozen = Some(frozen.clone());
         Some(frozen)
@@ -326,10 +342,20 @@ mod tests {
     #[test]
     fn the_active_layer_hides_the_frozen_one_and_both_hide_the_file() {
         let mut mem = Memtable::new(header(1), 2);
-        mem.commit(batch(&[("a", value("1")), ("b", None)]), header(2), -1);
+        mem.commit(
+            batch(&[("a", value("1")), ("b", None)]),
+            header(2),
+            Default::default(),
+            -1,
+        );
         let frozen = mem.freeze(1).expect("changes to flush");
         assert_eq!(frozen.header.index, 2);
-        mem.commit(batch(&[("a", value("2")), ("c", value("3"))]), header(3), 1);
+        mem.commit(
+            batch(&[("a", value("2")), ("c", value("3"))]),
+            header(3),
+            Default::default(),
+            1,
+        );
         assert_eq!(mem.lookup(b"a"), Some(&value("2")));
         assert_eq!(mem.lookup(b"b"), Some(&None), "a delete is remembered, not forgotten");
         assert_eq!(mem.lookup(b"d"), None);
@@ -345,7 +371,7 @@ mod tests {
         let mut mem = Memtable::new(header(5), 0);
         assert!(mem.freeze(5).is_none());
         // A batch with no key (a membership change) still moves the state.
-        mem.commit(Layer::default(), header(6), 0);
+        mem.commit(Layer::default(), header(6), Default::default(), 0);
         assert_eq!(mem.freeze(5).expect("a new state record").header.index, 6);
     }
 
@@ -355,6 +381,7 @@ mod tests {
         mem.commit(
             batch(&[("b", value("m")), ("d", value("m")), ("f", value("m"))]),
             header(2),
+            Default::default(),
             3,
         );
         // Two live changes collected: memory is known up to "d" only, and

@@ -312,6 +312,7 @@ mod tests {
                     key: format!("key{i:08}").into_bytes(),
                     value: vec![(i % 251) as u8; value_len],
                 })),
+                ..Default::default()
             };
             batch.apply(i + 2, 1, command).unwrap();
         }

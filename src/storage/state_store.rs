@@ -36,6 +36,7 @@ use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDe
 use super::memtable::{self, Layer, Memtable};
 use super::StorageError;
 use crate::proto::{KeyValue, SnapshotHeader, StoredValue};
+use crate::sessions::{SessionDelta, Sessions};
 
 /// The store's file under the data dir.
 pub const STORE_FILE: &str = "state.redb";
@@ -113,6 +114,9 @@ pub struct StateStore {
     memory_limits: (usize, usize),
     /// Views pinned for followers that need a snapshot, by follower id.
     pinned: Mutex<HashMap<u64, Pinned>>,
+    /// The raft loop's copy of the client sessions (memory's copy follows it
+    /// batch by batch); only the raft thread takes it.
+    working_sessions: Mutex<Sessions>,
 }
 
 /// Coordinates the flusher thread, the raft loop's flushes and installs.
@@ -203,15 +207,18 @@ impl StateStore {
         let db = open_db(&Self::path_in(data_dir), cache_bytes)?;
         // Whatever redb opened is what survived: its last durable commit.
         let (header, keys) = header_and_len(&db)?;
+        let mem = Memtable::new(header.clone(), keys);
+        let working_sessions = Mutex::new(mem.sessions().clone());
         Ok(StateStore {
             dir: data_dir.to_path_buf(),
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             durable_index: AtomicU64::new(header.index),
-            mem: RwLock::new(Memtable::new(header, keys)),
+            mem: RwLock::new(mem),
             flush: Arc::default(),
             memory_limits: (FLUSH_EARLY_BYTES, HOLD_BYTES),
             pinned: Mutex::default(),
+            working_sessions,
         })
     }
 
@@ -341,10 +348,16 @@ impl StateStore {
     /// Adds a batch the raft loop applied: its changes, the state record it
     /// led to, and how it changed the number of keys. Visible to readers at
     /// once; in the file after the next flush.
-    pub fn commit_batch(&self, changes: Layer, header: SnapshotHeader, keys_added: i64) -> Result<(), StorageError> {
+    pub fn commit_batch(
+        &self,
+        changes: Layer,
+        header: SnapshotHeader,
+        sessions: SessionDelta,
+        keys_added: i64,
+    ) -> Result<(), StorageError> {
         let waiting = {
             let mut mem = self.mem.write().expect("memtable lock poisoned");
-            mem.commit(changes, header, keys_added);
+            mem.commit(changes, header, sessions, keys_added);
             mem.active_bytes()
         };
         let (early, hold) = self.memory_limits;
@@ -494,6 +507,19 @@ impl StateStore {
         Ok(page)
     }
 
+    /// The raft loop's working copy of the client sessions, for one batch
+    /// (each [`StateStore::commit_batch`] brings memory's copy up to it).
+    pub fn working_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.working_sessions.lock().expect("sessions lock poisoned")
+    }
+
+    /// Resets the working copy to memory's (after open, install or a new
+    /// state record).
+    fn reset_working_sessions(&self) {
+        let published = self.mem.read().expect("memtable lock poisoned").sessions().clone();
+        *self.working_sessions() = published;
+    }
+
     /// Writes the state record straight to the file, durably: only for a
     /// store nothing was applied to in memory (bootstrap, restore).
     pub fn write_header(&self, header: &SnapshotHeader) -> Result<(), StorageError> {
@@ -507,6 +533,8 @@ impl StateStore {
         commit_with_header(self.db()?.begin_write()?, header)?;
         let keys = mem.keys();
         mem.reset(header.clone(), keys);
+        drop(mem);
+        self.reset_working_sessions();
         self.durable_index.store(header.index, Ordering::Release);
         Ok(())
     }
@@ -641,6 +669,7 @@ impl StateStore {
             (std::mem::replace(&mut *mem, Memtable::new(header.clone(), keys)), old)
         };
         drop(old);
+        self.reset_working_sessions();
         self.pinned.lock().expect("pin lock poisoned").clear();
         self.durable_index.store(header.index, Ordering::Release);
         Ok(header)
@@ -828,7 +857,7 @@ mod tests {
                 index,
                 ..Default::default()
             };
-            store.commit_batch(changes, header, 1).unwrap();
+            store.commit_batch(changes, header, Default::default(), 1).unwrap();
             let waiting = store.mem.read().unwrap().active_bytes();
             assert!(waiting < 16 << 10, "{waiting} bytes wait in memory at index {index}");
         }
@@ -854,11 +883,11 @@ mod tests {
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), Some(value(3)));
         changes.insert(b"kept".to_vec(), Some(value(3)));
-        store.commit_batch(changes, header(1), 2).unwrap();
+        store.commit_batch(changes, header(1), Default::default(), 2).unwrap();
         store.flush().unwrap();
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), None);
-        store.commit_batch(changes, header(2), -1).unwrap();
+        store.commit_batch(changes, header(2), Default::default(), -1).unwrap();
         assert_eq!(
             store.view().unwrap().len().unwrap(),
             2,

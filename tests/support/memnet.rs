@@ -338,6 +338,7 @@ impl MemCluster {
                 key: key.as_bytes().to_vec(),
                 value: value.as_bytes().to_vec(),
             })),
+            ..Default::default()
         };
         self.handle(id).propose(command).await.map(|_| ())
     }
@@ -348,6 +349,7 @@ impl MemCluster {
             op: Some(command::Op::Delete(DeleteRequest {
                 key: key.as_bytes().to_vec(),
             })),
+            ..Default::default()
         };
         self.handle(id).propose(command).await.map(|_| ())
     }

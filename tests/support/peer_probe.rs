@@ -147,6 +147,7 @@ pub fn set_command(key: &str, value: &str) -> Bytes {
             key: key.into(),
             value: value.into(),
         })),
+        ..Default::default()
     }
     .encode_to_vec()
     .into()

@@ -1,0 +1,395 @@
+//! Client sessions: what makes a retried write apply once (the Raft
+//! dissertation, section 6.3).
+//!
+//! A client numbers its writes within a session it picked at random. The
+//! state machine keeps, per session, the result of each applied write the
+//! client may still be waiting for; a retry (same session, same number) is
+//! answered from that record instead of being applied again. The client also
+//! sends the lowest number it still waits for, so results below it are
+//! forgotten and a late duplicate below it is refused, never applied.
+//!
+//! Everything here is decided in log order from the log alone, so every node
+//! keeps the same table: time is the largest `proposed_at_ms` applied so far
+//! (the proposer's clock, carried in the entry), a session idle for
+//! [`SESSION_TTL_MS`] is treated exactly as one never seen, and the caps
+//! below evict the least recently active session first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::proto::{ClientSession, SessionResult, SessionTable};
+
+/// A session unused this long (by the state machine's clock) is gone. Far
+/// longer than any client deadline, so a write is never retried into it.
+pub const SESSION_TTL_MS: u64 = 15 * 60 * 1000;
+/// At most this many sessions; the least recently active goes first.
+pub const MAX_SESSIONS: usize = 4096;
+/// At most this many results kept per session: a client with more writes in
+/// flight in one session gets an error for the extra ones.
+pub const MAX_RESULTS_PER_SESSION: usize = 1024;
+/// At most this many results over all sessions (the table travels in the
+/// state record and snapshot headers, so it must stay small).
+pub const MAX_RESULTS: usize = 65_536;
+
+/// What an applied write answered, as kept for its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A set, at this revision.
+    Set {
+        /// The log index that applied it.
+        revision: u64,
+    },
+    /// A delete, at this revision.
+    Delete {
+        /// Whether the key existed.
+        existed: bool,
+        /// The log index that applied it.
+        revision: u64,
+    },
+}
+
+/// Which write of which session a command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteId {
+    /// The client's session (never 0 here).
+    pub session: u64,
+    /// The write's number in it.
+    pub seq: u64,
+    /// The lowest number the client still waits for.
+    pub first_incomplete: u64,
+}
+
+/// What to do with a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Apply it (then [`Sessions::record`] its outcome).
+    Apply,
+    /// Already applied: answer with this, change nothing.
+    Duplicate(Outcome),
+    /// Refuse it, unapplied: the session expired or the write is stale.
+    Refuse(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Session {
+    first_incomplete: u64,
+    last_active_ms: u64,
+    results: BTreeMap<u64, Outcome>,
+}
+
+/// Every live session, with the state machine's clock.
+///
+/// The raft loop works on its own copy and hands the store what each batch
+/// changed ([`Sessions::take_delta`]), so neither copies the whole table.
+#[derive(Debug, Clone, Default)]
+pub struct Sessions {
+    clock_ms: u64,
+    sessions: HashMap<u64, Session>,
+    /// (last_active_ms, id), oldest first: expiry and eviction order.
+    by_activity: BTreeSet<(u64, u64)>,
+    results: usize,
+    /// Sessions changed or removed since the last delta.
+    dirty: BTreeSet<u64>,
+}
+
+impl PartialEq for Sessions {
+    fn eq(&self, other: &Self) -> bool {
+        self.clock_ms == other.clock_ms && self.sessions == other.sessions
+    }
+}
+
+/// What one batch changed in the sessions.
+#[derive(Debug, Clone, Default)]
+pub struct SessionDelta {
+    clock_ms: u64,
+    changed: Vec<(u64, Option<Session>)>,
+}
+
+impl Sessions {
+    /// Moves the clock to `proposed_at_ms` if that is later, and forgets the
+    /// sessions that expired by then. Called for every write, in log order.
+    pub fn advance_clock(&mut self, proposed_at_ms: u64) {
+        self.clock_ms = self.clock_ms.max(proposed_at_ms);
+        let horizon = self.clock_ms.saturating_sub(SESSION_TTL_MS);
+        while let Some(&(active, id)) = self.by_activity.first() {
+            if active >= horizon {
+                break;
+            }
+            self.remove(id);
+        }
+    }
+
+    /// Decides what to do with write `w` (after [`Sessions::advance_clock`]).
+    pub fn check(&mut self, w: WriteId) -> Verdict {
+        let Some(session) = self.sessions.get_mut(&w.session) else {
+            if w.first_incomplete <= 1 {
+                return Verdict::Apply; // a new session's first writes
+            }
+            return Verdict::Refuse(format!(
+                "session {:016x} expired (idle over {} minutes, or evicted, or the cluster was restored from a backup); \
+                 the write was not applied: retry it in a new session",
+                w.session,
+                SESSION_TTL_MS / 60_000
+            ));
+        };
+        if w.first_incomplete > session.first_incomplete {
+            self.dirty.insert(w.session);
+            session.first_incomplete = w.first_incomplete;
+            let kept = session.results.split_off(&w.first_incomplete);
+            self.results -= session.results.len();
+            session.results = kept;
+        }
+        if w.seq < session.first_incomplete {
+            return Verdict::Refuse(format!(
+                "write {} of session {:016x} was answered already; this late copy was not applied",
+                w.seq, w.session
+            ));
+        }
+        if let Some(outcome) = session.results.get(&w.seq) {
+            return Verdict::Duplicate(*outcome);
+        }
+        if session.results.len() >= MAX_RESULTS_PER_SESSION {
+            return Verdict::Refuse(format!(
+                "session {:016x} has over {MAX_RESULTS_PER_SESSION} writes in flight; the write was not applied",
+                w.session
+            ));
+        }
+        Verdict::Apply
+    }
+
+    /// Records the outcome of write `w`, which was just applied.
+    pub fn record(&mut self, w: WriteId, outcome: Outcome) {
+        let clock = self.clock_ms;
+        let session = self.sessions.entry(w.session).or_insert_with(|| Session {
+            first_incomplete: w.first_incomplete.max(1),
+            last_active_ms: clock,
+            results: BTreeMap::new(),
+        });
+        self.by_activity.remove(&(session.last_active_ms, w.session));
+        session.last_active_ms = clock;
+        self.by_activity.insert((clock, w.session));
+        if session.results.insert(w.seq, outcome).is_none() {
+            self.results += 1;
+        }
+        self.dirty.insert(w.session);
+        while self.sessions.len() > MAX_SESSIONS || self.results > MAX_RESULTS {
+            let Some(&(_, oldest)) = self.by_activity.first() else {
+                break;
+            };
+            if oldest == w.session {
+                break; // never the session being answered
+            }
+            self.remove(oldest);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(session) = self.sessions.remove(&id) {
+            self.by_activity.remove(&(session.last_active_ms, id));
+            self.results -= session.results.len();
+            self.dirty.insert(id);
+        }
+    }
+
+    fn put(&mut self, id: u64, session: Session) {
+        self.remove(id);
+        self.results += session.results.len();
+        self.by_activity.insert((session.last_active_ms, id));
+        self.sessions.insert(id, session);
+    }
+
+    /// What changed since the last call: for the store's copy.
+    pub fn take_delta(&mut self) -> SessionDelta {
+        let changed = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|id| (id, self.sessions.get(&id).cloned()))
+            .collect();
+        SessionDelta {
+            clock_ms: self.clock_ms,
+            changed,
+        }
+    }
+
+    /// Brings this copy to where the one that produced `delta` is.
+    pub fn apply_delta(&mut self, delta: SessionDelta) {
+        self.clock_ms = delta.clock_ms;
+        for (id, session) in delta.changed {
+            match session {
+                Some(session) => self.put(id, session),
+                None => self.remove(id),
+            }
+        }
+        self.dirty.clear();
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True when no session is kept.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// The table for the state record, in a fixed order.
+    pub fn to_proto(&self) -> SessionTable {
+        let mut sessions: Vec<ClientSession> = self
+            .sessions
+            .iter()
+            .map(|(id, s)| ClientSession {
+                id: *id,
+                first_incomplete: s.first_incomplete,
+                last_active_ms: s.last_active_ms,
+                results: s
+                    .results
+                    .iter()
+                    .map(|(seq, outcome)| match *outcome {
+                        Outcome::Set { revision } => SessionResult {
+                            seq: *seq,
+                            revision,
+                            delete: false,
+                            existed: false,
+                        },
+                        Outcome::Delete { existed, revision } => SessionResult {
+                            seq: *seq,
+                            revision,
+                            delete: true,
+                            existed,
+                        },
+                    })
+                    .collect(),
+            })
+            .collect();
+        sessions.sort_by_key(|s| s.id);
+        SessionTable {
+            clock_ms: self.clock_ms,
+            sessions,
+        }
+    }
+
+    /// The table a state record carries (none: empty).
+    pub fn from_proto(table: Option<&SessionTable>) -> Self {
+        let mut sessions = Sessions::default();
+        let Some(table) = table else { return sessions };
+        sessions.clock_ms = table.clock_ms;
+        for s in &table.sessions {
+            let results: BTreeMap<u64, Outcome> = s
+                .results
+                .iter()
+                .map(|r| {
+                    let outcome = if r.delete {
+                        Outcome::Delete {
+                            existed: r.existed,
+                            revision: r.revision,
+                        }
+                    } else {
+                        Outcome::Set { revision: r.revision }
+                    };
+                    (r.seq, outcome)
+                })
+                .collect();
+            sessions.put(
+                s.id,
+                Session {
+                    first_incomplete: s.first_incomplete,
+                    last_active_ms: s.last_active_ms,
+                    results,
+                },
+            );
+        }
+        sessions.dirty.clear();
+        sessions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(session: u64, seq: u64, first_incomplete: u64) -> WriteId {
+        WriteId {
+            session,
+            seq,
+            first_incomplete,
+        }
+    }
+
+    #[test]
+    fn a_retry_is_answered_from_the_record_and_a_late_copy_is_refused() {
+        let mut s = Sessions::default();
+        s.advance_clock(1_000);
+        assert_eq!(s.check(w(7, 1, 1)), Verdict::Apply);
+        s.record(w(7, 1, 1), Outcome::Set { revision: 10 });
+        // Writes 2 and 3 in flight at once, applied out of order.
+        assert_eq!(s.check(w(7, 3, 2)), Verdict::Apply);
+        s.record(
+            w(7, 3, 2),
+            Outcome::Delete {
+                existed: true,
+                revision: 11,
+            },
+        );
+        assert_eq!(s.check(w(7, 2, 2)), Verdict::Apply);
+        s.record(w(7, 2, 2), Outcome::Set { revision: 12 });
+        assert_eq!(
+            s.check(w(7, 3, 2)),
+            Verdict::Duplicate(Outcome::Delete {
+                existed: true,
+                revision: 11
+            })
+        );
+        // The client got 1..3: a copy of 2 arriving later is not applied.
+        assert_eq!(s.check(w(7, 4, 4)), Verdict::Apply);
+        assert!(matches!(s.check(w(7, 2, 2)), Verdict::Refuse(m) if m.contains("answered already")));
+        assert_eq!(s.results, 0, "results below first_incomplete are forgotten");
+    }
+
+    #[test]
+    fn an_unknown_session_past_its_first_write_is_refused_and_idle_ones_expire() {
+        let mut s = Sessions::default();
+        s.advance_clock(1_000);
+        assert!(matches!(s.check(w(9, 5, 5)), Verdict::Refuse(m) if m.contains("expired")));
+        s.record(w(9, 1, 1), Outcome::Set { revision: 3 });
+        s.advance_clock(1_000 + SESSION_TTL_MS - 1);
+        assert_eq!(s.check(w(9, 1, 1)), Verdict::Duplicate(Outcome::Set { revision: 3 }));
+        // A clock that goes back (another proposer's) changes nothing.
+        s.advance_clock(5);
+        s.advance_clock(1_000 + SESSION_TTL_MS + 1);
+        assert!(s.is_empty(), "idle past the TTL");
+        assert!(matches!(s.check(w(9, 2, 2)), Verdict::Refuse(_)));
+    }
+
+    #[test]
+    fn caps_evict_the_least_recently_active_session_and_the_table_round_trips() {
+        let mut s = Sessions::default();
+        for id in 1..=(MAX_SESSIONS as u64 + 1) {
+            s.advance_clock(id);
+            s.record(w(id, 1, 1), Outcome::Set { revision: id });
+        }
+        assert_eq!(s.len(), MAX_SESSIONS);
+        assert!(matches!(s.check(w(1, 2, 2)), Verdict::Refuse(_)), "the oldest went");
+        assert_eq!(s.check(w(2, 1, 1)), Verdict::Duplicate(Outcome::Set { revision: 2 }));
+
+        let mut busy = Sessions::default();
+        for seq in 1..=MAX_RESULTS_PER_SESSION as u64 {
+            busy.record(w(1, seq, 1), Outcome::Set { revision: seq });
+        }
+        assert!(matches!(busy.check(w(1, 5_000, 1)), Verdict::Refuse(m) if m.contains("in flight")));
+
+        let back = Sessions::from_proto(Some(&s.to_proto()));
+        assert_eq!(back, s);
+        // A copy kept by deltas ends where the original is.
+        let mut copy = Sessions::default();
+        let mut original = Sessions::default();
+        for id in 1..=20u64 {
+            original.advance_clock(id * SESSION_TTL_MS / 10);
+            original.record(w(id % 7, id, 1), Outcome::Set { revision: id });
+            if id % 5 == 0 {
+                copy.apply_delta(original.take_delta());
+            }
+        }
+        assert_eq!(copy, original);
+        assert_eq!(copy.to_proto(), original.to_proto());
+        assert_eq!(Sessions::from_proto(None), Sessions::default());
+    }
+}
