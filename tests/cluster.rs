@@ -505,3 +505,95 @@ async fn a_scan_larger_than_a_page_comes_back_whole_and_in_order_through_the_cli
     let bytes: usize = all.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
     assert!(bytes > 3 * 2048, "{bytes} bytes fit in fewer than four pages");
 }
+
+/// `endpoint health`, `endpoint status` and the health column of `members`
+/// on a healthy cluster, with one node down, and without a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_health_and_status_on_a_healthy_a_partly_dead_and_a_leaderless_cluster() {
+    let mut cluster = Cluster::start_static(3, &[]);
+    let all = [1, 2, 3];
+    let leader = cluster.wait_for_leader(&all, T).await;
+    cluster
+        .wait_info(leader, T, "every member published its address", |i| {
+            i.members.iter().all(|m| !m.client_addr.is_empty())
+        })
+        .await;
+    let json_of = |out: &std::process::Output| -> serde_json::Value {
+        serde_json::from_str(&stdout(out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(out)))
+    };
+
+    let out = cluster.cli(&all, &["endpoint", "health"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).matches("is healthy: a linearizable read took").count(),
+        3,
+        "{}",
+        stdout(&out)
+    );
+    let out = cluster.cli(&all, &["--output", "json", "endpoint", "status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status = json_of(&out);
+    let rows = status.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(row["reachable"], true, "{row}");
+        assert_eq!(row["has_leader"], true, "{row}");
+        assert_eq!(row["leader_id"], leader, "{row}");
+        assert_eq!(row["term"], rows[0]["term"], "one term: {status}");
+        assert!(row["applied_index"].as_u64().unwrap() >= 1, "{row}");
+        assert!(row["rtt_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let out = cluster.cli(&all, &["members"]);
+    assert!(stdout(&out).contains("HEALTH"), "{}", stdout(&out));
+    assert_eq!(stdout(&out).matches(" healthy").count(), 3, "{}", stdout(&out));
+
+    // One follower down: it is named, the others are healthy, exit 3.
+    let down = if leader == 3 { 2 } else { 3 };
+    cluster.kill(down);
+    let out = cluster.cli(&all, &["endpoint", "health"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert_eq!(text.matches("is healthy").count(), 2, "{text}");
+    assert!(
+        text.contains(&format!(
+            "{} is unhealthy: nothing is listening",
+            cluster.endpoints(&[down])
+        )),
+        "{text}"
+    );
+    let out = cluster.cli(&all, &["--output", "json", "endpoint", "status"]);
+    assert_eq!(out.status.code(), Some(3));
+    let status = json_of(&out);
+    let unreachable: Vec<&serde_json::Value> = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["reachable"] == false)
+        .collect();
+    assert_eq!(unreachable.len(), 1, "{status}");
+    assert_eq!(unreachable[0]["endpoint"], cluster.endpoints(&[down]).as_str());
+    let out = cluster.cli(&all, &["--output", "json", "members"]);
+    let members = json_of(&out);
+    for m in members["members"].as_array().unwrap() {
+        assert_eq!(m["healthy"], m["id"] != down, "{members}");
+    }
+
+    // Leaderless: the last two cannot agree on anything; the survivor
+    // answers its status but is not healthy.
+    let survivor = all.into_iter().find(|id| *id != down && *id != leader).unwrap();
+    cluster.kill(leader);
+    cluster
+        .wait_info(survivor, T, "no leader known", |i| i.leader_id == 0)
+        .await;
+    let out = cluster.cli(&[survivor], &["--timeout", "2s", "endpoint", "health"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stdout(&out).contains("is unhealthy: the cluster has no leader"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cluster.cli(&[survivor], &["--output", "json", "endpoint", "status"]);
+    assert_eq!(out.status.code(), Some(0), "it answers: {}", stderr(&out));
+    let status = json_of(&out);
+    assert_eq!(status[0]["has_leader"], false, "{status}");
+}

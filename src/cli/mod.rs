@@ -5,6 +5,7 @@
 
 mod bench;
 mod certs;
+mod endpoint;
 mod output;
 mod snapshot;
 mod value_input;
@@ -148,6 +149,9 @@ enum Command {
     /// Backups: save a node's state to a file, restore one into a new cluster.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Each endpoint on its own: health (a linearizable read) or status.
+    #[command(subcommand)]
+    Endpoint(endpoint::EndpointCommand),
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
@@ -212,8 +216,10 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
         Command::Snapshot(command) => {
             return snapshot::run(command, || Client::new(options), cli.serializable, printer).await
         }
+        Command::Endpoint(command) => return endpoint::run(command, options, printer).await,
         _ => {}
     }
+    let health_options = options.clone();
     let client = Client::new(options)?;
     match cli.command {
         Command::Set { key, value, value_file } => {
@@ -260,14 +266,20 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
         }
         Command::Members => {
             let (members, leader) = client.members().await?;
-            printer.members(&members, leader)
+            // Each member asked on its own, briefly: a down one must not
+            // hold the list back.
+            let timeout = health_options.timeout.min(Duration::from_secs(2));
+            let health = endpoint::member_health(&health_options, &members, timeout).await;
+            printer.members(&members, leader, &health)
         }
         Command::Info => printer.info(&client.info().await?),
         Command::Ping => {
             let (node, rtt) = client.ping().await?;
             printer.ping(node, rtt)
         }
-        Command::Bench(_) | Command::Certs(_) | Command::Snapshot(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::Certs(_) | Command::Snapshot(_) | Command::Endpoint(_) => {
+            unreachable!("handled above")
+        }
     }
     Ok(0)
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::endpoint::Health;
 use super::OutputFormat;
+use crate::error::Error;
 use crate::proto::{InfoResponse, KeyValue, Member, MemberRole};
 
 /// Prints results in the chosen format.
@@ -103,9 +105,33 @@ impl Printer {
         self.emit(json, || format!("{what}\n{}", members_table(members, 0)));
     }
 
-    pub(crate) fn members(&self, members: &[Member], leader: u64) {
-        let json = json!({"leader_id": leader, "members": members.iter().map(member_json).collect::<Vec<_>>()});
-        self.emit(json, || members_table(members, leader));
+    /// The members with the leader, and each one's health as seen from here.
+    pub(crate) fn members(&self, members: &[Member], leader: u64, health: &[Option<Health>]) {
+        let json = json!({"leader_id": leader, "members": members.iter().zip(health).map(|(m, h)| {
+            let mut j = member_json(m);
+            match h.as_ref().map(|h| &h.result) {
+                Some(Ok(_)) => j["healthy"] = json!(true),
+                Some(Err(e)) => {
+                    j["healthy"] = json!(false);
+                    j["health_error"] = json!(e.to_string());
+                }
+                None => j["healthy"] = Value::Null,
+            }
+            j
+        }).collect::<Vec<_>>()});
+        self.emit(json, || {
+            let column: Vec<String> = health
+                .iter()
+                .map(|h| match h.as_ref().map(|h| &h.result) {
+                    Some(Ok(_)) => "healthy".into(),
+                    Some(Err(Error::NothingListening { .. })) => "down".into(),
+                    Some(Err(Error::NoLeader { .. })) => "no leader".into(),
+                    Some(Err(_)) => "unhealthy".into(),
+                    None => "unknown (no client address yet)".into(),
+                })
+                .collect();
+            members_table_with(members, leader, Some(&column))
+        });
     }
 
     pub(crate) fn info(&self, info: &InfoResponse) {
@@ -165,13 +191,23 @@ impl Printer {
 }
 
 fn members_table(members: &[Member], leader: u64) -> String {
-    let mut lines = vec![format!("{:<6} {:<8} {:<24} {:<24}", "ID", "ROLE", "PEER", "CLIENT")];
-    for m in members {
+    members_table_with(members, leader, None)
+}
+
+/// The members table, with a HEALTH column when `health` is given.
+fn members_table_with(members: &[Member], leader: u64, health: Option<&[String]>) -> String {
+    let header = format!("{:<6} {:<8} {:<24} {:<24}", "ID", "ROLE", "PEER", "CLIENT");
+    let mut lines = vec![match health {
+        Some(_) => format!("{header} HEALTH"),
+        None => header,
+    }];
+    for (i, m) in members.iter().enumerate() {
         let role = if m.id == leader { "leader" } else { role_name(m) };
-        lines.push(format!(
-            "{:<6} {:<8} {:<24} {:<24}",
-            m.id, role, m.peer_addr, m.client_addr
-        ));
+        let row = format!("{:<6} {:<8} {:<24} {:<24}", m.id, role, m.peer_addr, m.client_addr);
+        lines.push(match health {
+            Some(column) => format!("{row} {}", column[i]),
+            None => row,
+        });
     }
     lines.join("\n")
 }
