@@ -81,12 +81,10 @@ pub const TLS_RELOADS: &str = "kvraft_tls_reloads_total";
 pub const KEYS: &str = "kvraft_keys";
 /// `kvraft_members`: Cluster members, by role.
 pub const MEMBERS: &str = "kvraft_members";
-/// `kvraft_process_resident_memory_bytes`: Resident memory of the kvraftd process.
-pub const PROCESS_RESIDENT_MEMORY: &str = "kvraft_process_resident_memory_bytes";
-/// `kvraft_process_cpu_seconds_total`: CPU time (user + system) of the kvraftd process.
-pub const PROCESS_CPU: &str = "kvraft_process_cpu_seconds_total";
-/// `kvraft_process_open_fds`: Open file descriptors of the kvraftd process.
-pub const PROCESS_OPEN_FDS: &str = "kvraft_process_open_fds";
+// The process series (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+// `process_open_fds`, `process_max_fds`, `process_start_time_seconds`, ...) carry
+// Prometheus's standard names, without our prefix, so stock dashboards and
+// alerts work; metrics-process collects them (see `update_process`).
 
 /// Client operations, as the `op` label.
 pub const OPS: &[&str] = &[
@@ -228,17 +226,7 @@ fn describe() {
     describe_counter!(TLS_RELOADS, "TLS certificate reloads, by outcome (ok, failed).");
     describe_gauge!(KEYS, "Keys in the state machine.");
     describe_gauge!(MEMBERS, "Cluster members, by role.");
-    describe_gauge!(
-        PROCESS_RESIDENT_MEMORY,
-        Unit::Bytes,
-        "Resident memory of the kvraftd process."
-    );
-    describe_counter!(
-        PROCESS_CPU,
-        Unit::Seconds,
-        "CPU time (user + system) of the kvraftd process."
-    );
-    describe_gauge!(PROCESS_OPEN_FDS, "Open file descriptors of the kvraftd process.");
+    process_collector().describe();
 }
 
 fn zero() {
@@ -255,7 +243,8 @@ fn zero() {
         counter!(REQUESTS, "op" => *op, "outcome" => "ok").absolute(0);
         let _ = histogram!(REQUEST_DURATION, "op" => *op);
     }
-    for name in [ELECTIONS, LEADER_CHANGES, PROCESS_CPU] {
+    process_collector().collect();
+    for name in [ELECTIONS, LEADER_CHANGES] {
         counter!(name).absolute(0);
     }
     for name in [
@@ -271,8 +260,6 @@ fn zero() {
         KEYS,
         STORE_DURABLE_INDEX,
         STORE_SIZE,
-        PROCESS_RESIDENT_MEMORY,
-        PROCESS_OPEN_FDS,
     ] {
         gauge!(name).set(0.0);
     }
@@ -330,32 +317,13 @@ pub fn observe(name: &'static str, elapsed: Duration) {
     histogram!(name).record(elapsed.as_secs_f64());
 }
 
-/// Refreshes the process series from /proc (called before each scrape).
+/// The collector of the standard process series.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Refreshes the process series (called before each scrape).
 pub fn update_process() {
-    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
-        if let Some(pages) = statm.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()) {
-            // SAFETY: sysconf has no preconditions.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
-            gauge!(PROCESS_RESIDENT_MEMORY).set(pages * page);
-        }
-    }
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        // Fields after the command name (which may contain spaces): utime is
-        // the 14th field overall, stime the 15th.
-        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let ticks: u64 = [11, 12]
-                .iter()
-                .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-                .sum();
-            // SAFETY: sysconf has no preconditions.
-            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-            // Counters hold integers: whole seconds are enough for rate() over
-            // the usual 1-5 minute windows.
-            counter!(PROCESS_CPU).absolute((ticks as f64 / per_second) as u64);
-        }
-    }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        gauge!(PROCESS_OPEN_FDS).set(fds.count() as f64);
-    }
+    process_collector().collect();
 }

@@ -48,9 +48,9 @@ const REQUIRED: &[&str] = &[
     "kvraft_store_durable_applied_index",
     "kvraft_store_size_bytes",
     "kvraft_members",
-    "kvraft_process_resident_memory_bytes",
-    "kvraft_process_cpu_seconds_total",
-    "kvraft_process_open_fds",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_open_fds",
 ];
 
 fn tool(name: &str) -> Option<String> {
@@ -148,8 +148,8 @@ async fn every_series_exists_at_start_and_moves_with_traffic_a_leader_kill_and_s
         assert!(metric_sum(text, "kvraft_wal_fsync_duration_seconds_count", &[]).unwrap() > 0.0);
         assert!(metric_sum(text, "kvraft_peer_sent_bytes_total", &[]).unwrap() > 0.0);
         assert!(metric_sum(text, "kvraft_peer_received_bytes_total", &[]).unwrap() > 0.0);
-        assert!(metric_sum(text, "kvraft_process_resident_memory_bytes", &[]).unwrap() > 1e6);
-        assert!(metric_sum(text, "kvraft_process_open_fds", &[]).unwrap() > 5.0);
+        assert!(metric_sum(text, "process_resident_memory_bytes", &[]).unwrap() > 1e6);
+        assert!(metric_sum(text, "process_open_fds", &[]).unwrap() > 5.0);
         assert!(metric_sum(text, "kvraft_applied_index", &[]).unwrap() >= 180.0);
     }
     let is_leader: f64 = texts

@@ -187,7 +187,7 @@ in_ct 'kvraft set greeting hello >/dev/null && test "$(kvraft get greeting)" = h
 echo "   set/get OK"
 if grep -q '^metrics_addr' "$WORK/etc-kvraft/kvraft.toml"; then
   rss="$(in_ct 'exec 3<>/dev/tcp/127.0.0.1/9379; printf "GET /metrics HTTP/1.0\r\n\r\n" >&3; cat <&3' |
-    awk '$1 == "kvraft_process_resident_memory_bytes" {print $2}')"
+    awk '$1 == "process_resident_memory_bytes" {print $2}')"
   [ -n "$rss" ] && [ "${rss%.*}" -gt 0 ] || fail "/metrics has no process RSS under ProtectProc/ProcSubset (got '$rss')"
   echo "   /metrics answers; process RSS $rss bytes read from /proc inside the sandbox"
 fi
