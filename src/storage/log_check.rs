@@ -1,5 +1,6 @@
-//! A read-only check of the raft log's newest files before raft-engine opens
-//! them. raft-engine (in `TolerateTailCorruption`, the mode a crash needs)
+//! A check of the raft log's newest files before raft-engine opens them
+//! (which cuts off a torn last write itself, with a plain message, so
+//! raft-engine has no "Truncating log file" warning to give). raft-engine (in `TolerateTailCorruption`, the mode a crash needs)
 //! cuts a damaged newest file at its first bad record with only a warning,
 //! whether the damage is a torn last write (never fsynced, never
 //! acknowledged: fine to drop) or a flipped byte in the middle (every later,
@@ -136,8 +137,27 @@ pub fn check_newest_files(dir: &Path) -> Result<(), StorageError> {
         }
     }
     for (seq, path) in newest.into_iter().flatten() {
-        if let TailState::TornAt(at) = check_file(&path, seq)? {
-            tracing::warn!(file = %path.display(), offset = at, "the raft log's last write is torn (a crash mid-write); it is dropped");
+        match check_file(&path, seq)? {
+            // A headerless file is raft-engine's to rewrite.
+            TailState::TornAt(0) | TailState::Clean => {}
+            TailState::TornAt(at) => {
+                // Cut here, as raft-engine would, so it finds nothing to
+                // warn about: this is what a crash leaves, not damage.
+                let shown = path.display().to_string();
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(StorageError::io(format!("open {shown}")))?;
+                file.set_len(at as u64)
+                    .and_then(|()| file.sync_all())
+                    .map_err(StorageError::io(format!("truncate {shown}")))?;
+                tracing::info!(
+                    file = %shown,
+                    offset = at,
+                    "the raft log's last write was cut short by a crash; it was never fsynced, so never \
+                     acknowledged: it is dropped and nothing acknowledged was lost"
+                );
+            }
         }
     }
     Ok(())
