@@ -52,6 +52,12 @@ done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || usage
 case $TIMEOUT in ''|*[!0-9]*) log "-t wants a whole number of seconds, got '$TIMEOUT'"; exit 2 ;; esac
+# Before anything else: without the CLI every step would fail, and the
+# first failure would blame the seed node.
+command -v "$KVRAFT" >/dev/null 2>&1 || {
+    log "the kvraft CLI ('$KVRAFT') was not found: put it on PATH or set KVRAFT=/path/to/kvraft"
+    exit 2
+}
 for file in ${KVRAFT_CACERT:+"$KVRAFT_CACERT"} ${KVRAFT_CERT:+"$KVRAFT_CERT"} ${KVRAFT_KEY:+"$KVRAFT_KEY"}; do
     [ -r "$file" ] || { log "TLS file '$file' is not readable"; exit 2; }
 done
@@ -85,14 +91,15 @@ field() {
         awk -v name="$1" 'NR == 2 { for (i = 1; i < NF; i++) if ($i == name) print $(i + 1) }'
 }
 
-# wait_for DESCRIPTION HINT COMMAND...: retries COMMAND once a second.
+# wait_for DESCRIPTION HINT COMMAND...: retries COMMAND once a second until
+# it succeeds or TIMEOUT seconds have passed (by the clock: one try of a
+# command can itself take seconds).
 wait_for() {
     what=$1 hint=$2
     shift 2
-    tries=0
+    started=$(date +%s)
     until "$@"; do
-        tries=$((tries + 1))
-        [ "$tries" -lt "$TIMEOUT" ] || fail "$what: not done after ${TIMEOUT}s; $hint"
+        [ $(($(date +%s) - started)) -lt "$TIMEOUT" ] || fail "$what: not done after ${TIMEOUT}s; $hint"
         sleep 1
     done
 }

@@ -140,6 +140,8 @@ user="$(docker image inspect -f '{{.Config.User}}' "$KVRAFT_IMAGE")"
 size="$(docker image inspect -f '{{.Size}}' "$KVRAFT_IMAGE")"
 [ "$user" = "10001:10001" ] || fail "image user is '$user', expected 10001:10001"
 echo "   image $KVRAFT_IMAGE: user $user, $((size / 1024 / 1024)) MiB"
+# Two stripped static binaries are about 30 MiB; unstripped they are over 150.
+[ "$size" -lt $((64 * 1024 * 1024)) ] || fail "image $KVRAFT_IMAGE is $((size / 1024 / 1024)) MiB: are the binaries stripped?"
 
 step "starting kvraft1..3 (host ports ${P[1]} ${P[2]} ${P[3]}); the certs service runs first"
 "${COMPOSE[@]}" up -d --no-build kvraft1 kvraft2 kvraft3

@@ -519,7 +519,27 @@ impl NodeConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the configuration always serialises")
     }
+
+    /// The keys whose values differ between `self` and `other`, in order.
+    pub fn changed_keys(&self, other: &NodeConfig) -> Vec<String> {
+        let table = |c: &NodeConfig| -> toml::Table { c.to_toml().parse().expect("our own TOML parses") };
+        let (a, b) = (table(self), table(other));
+        let mut keys: Vec<String> = a
+            .keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
 }
+
+/// The keys a SIGHUP puts in force (certificate and key *files* are re-read
+/// too, but their paths are fixed at start). Any other changed key needs a
+/// restart, and the reload says which.
+pub const RELOADABLE_KEYS: &[&str] = &["log_filter", "client_roles"];
 
 /// The flags of `kvraftd`. Every setting flag is optional: an absent flag
 /// leaves the value from the lower layers.

@@ -438,13 +438,24 @@ async fn a_data_dir_in_use_is_refused_and_sighup_reloads_the_log_filter() {
         stderr(&out)
     );
 
-    std::fs::write(&config, "log_filter = \"info\"\n").unwrap();
+    // A reloadable key and two that need a restart: the reload applies the
+    // first and names the others.
+    std::fs::write(
+        &config,
+        "log_filter = \"info\"\nsnapshot_threshold = 777\nmax_value_size = 4096\n",
+    )
+    .unwrap();
     signal(pid, libc::SIGHUP);
     support::eventually(T, "filter reloaded", || {
         let reloaded = cluster.node_log(1).contains("SIGHUP: log filter reloaded");
         async move { reloaded }
     })
     .await;
+    let log = cluster.node_log(1);
+    assert!(
+        log.contains("only a restart applies were NOT applied: max_value_size, snapshot_threshold"),
+        "{log}"
+    );
     assert!(cluster.node(1).is_running());
 }
 
@@ -509,6 +520,7 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
     let ghost = format!("4=127.0.0.1:{}=127.0.0.1:{}", free_port(), free_port());
     let mut with_ghost = members.clone();
     with_ghost.push(ghost);
+    let started = Instant::now();
     let out = Command::new("sh")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bootstrap.sh"))
         .args(["-t", "2"])
@@ -519,6 +531,29 @@ async fn the_bootstrap_script_forms_a_cluster_and_a_second_run_changes_nothing()
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("node 4 reachable"), "{}", stderr(&out));
     assert!(stderr(&out).contains("kvraftd --id 4 --join"), "{}", stderr(&out));
+    // -t is seconds by the clock, not tries: each try of a step may itself
+    // take seconds (the nodes before node 4 are voters already, so node 4's
+    // step is the only wait).
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "-t 2 waited {:?}",
+        started.elapsed()
+    );
+
+    // No CLI: said first, with what to do, instead of blaming the seed.
+    let out = Command::new("sh")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bootstrap.sh"))
+        .args(&members)
+        .env("KVRAFT", "/nonexistent/kvraft")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the kvraft CLI ('/nonexistent/kvraft') was not found"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("seed"), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,6 +138,18 @@ async fn run(
             signal = signals.next() => match signal {
                 Some(SIGHUP) => match sources.load() {
                     Ok(reloaded) => {
+                        let ignored: Vec<String> = config
+                            .changed_keys(&reloaded)
+                            .into_iter()
+                            .filter(|k| !crate::config::RELOADABLE_KEYS.contains(&k.as_str()))
+                            .collect();
+                        if !ignored.is_empty() {
+                            warn!(
+                                "SIGHUP: changed settings that only a restart applies were NOT applied: {}; \
+                                 restart the node to use them (systemctl restart kvraft)",
+                                ignored.join(", ")
+                            );
+                        }
                         logging.reload(&reloaded.log_filter);
                         for problem in node.security.reload(&reloaded) {
                             error!("SIGHUP: {problem}");
