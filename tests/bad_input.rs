@@ -309,3 +309,89 @@ async fn a_node_from_another_cluster_is_refused_by_its_peers() {
     assert_ne!(info3.leader_id, 2);
     assert_eq!(cluster.client_with(&[3], T, true).get("k").await.unwrap(), None);
 }
+
+/// Runs kvraftd on `data_dir` as the unprivileged user `nobody` (through
+/// setpriv) when this test runs as root, or as ourselves otherwise.
+fn kvraftd_unprivileged(data_dir: &std::path::Path) -> std::process::Output {
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut command = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_kvraftd"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvraftd"))
+    };
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--client-addr",
+            "127.0.0.1:0",
+            "--peer-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run kvraftd (setpriv is util-linux's)")
+}
+
+#[test]
+fn a_data_dir_the_user_may_not_write_is_refused_naming_the_user_the_path_and_the_setting() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = unsafe { libc::geteuid() } == 0;
+    let dir = tempfile::tempdir().unwrap();
+    // The unprivileged user may reach the data dir, not necessarily use it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let user = if root { "user nobody (uid 65534)" } else { "" };
+    if !root {
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o500)).unwrap();
+    } else {
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    // The data dir itself: ours (root's), 0700.
+    let out = kvraftd_unprivileged(&data);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    let err = stderr(&out);
+    for expect in [
+        user,
+        "may not read and write",
+        "data_dir, --data-dir, KVRAFT_DATA_DIR",
+        "chown -R",
+    ] {
+        assert!(err.contains(expect), "{expect:?} missing: {err}");
+    }
+    assert!(err.contains(&format!("{}", data.display())), "{err}");
+
+    if root {
+        // The dir is nobody's now, but a file in it (from a run as root) is not.
+        let chown = std::process::Command::new("chown")
+            .args(["65534:65534"])
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        std::fs::create_dir(data.join("raft-log")).unwrap();
+        std::fs::set_permissions(data.join("raft-log"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let chown = std::process::Command::new("chown")
+            .args(["65534:65534"])
+            .arg(data.join("raft-log"))
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        std::fs::write(data.join("raft-log/0000000000000001.raftlog"), b"root's").unwrap();
+        std::fs::set_permissions(
+            data.join("raft-log/0000000000000001.raftlog"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let out = kvraftd_unprivileged(&data);
+        assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+        assert!(stderr(&out).contains("0000000000000001.raftlog"), "{}", stderr(&out));
+        assert!(stderr(&out).contains(user), "{}", stderr(&out));
+    }
+}

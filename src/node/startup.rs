@@ -85,7 +85,17 @@ pub fn prepare(
     advertise_peer_addr: String,
     transport: TransportFactory,
 ) -> Result<Prepared, StartError> {
-    crate::storage::create_private_dir(&config.data_dir)?;
+    let data_dir_refused =
+        |path: &std::path::Path| StartError::Config(crate::storage::access::explain(&config.data_dir, path));
+    match crate::storage::create_private_dir(&config.data_dir) {
+        Err(StorageError::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(data_dir_refused(&config.data_dir))
+        }
+        other => other?,
+    }
+    if let Some(path) = crate::storage::access::first_inaccessible(&config.data_dir) {
+        return Err(data_dir_refused(&path));
+    }
     let lock = DataDirLock::acquire(&config.data_dir)?;
     let identity_file = NodeIdentityFile::in_dir(&config.data_dir);
     let shown_dir = config.data_dir.display().to_string();

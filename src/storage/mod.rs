@@ -16,6 +16,7 @@
 //! for followers taken as read views of the [`StateStore`]. Every write that raft depends on is fsynced before the raft loop
 //! lets anything that depends on it leave the node.
 
+pub mod access;
 pub mod backup_file;
 mod fs_util;
 pub mod identity;
