@@ -9,7 +9,7 @@
 #            FROM scratch needs no image):
 #            scripts/compose-e2e.sh does it, or by hand:
 #              RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu
-#              install -m 0755 target/x86_64-unknown-linux-gnu/release/kvraft{d,} packaging/docker/prebuilt/usr/bin/
+#              install -s -m 0755 target/x86_64-unknown-linux-gnu/release/kvraft{d,} packaging/docker/prebuilt/usr/bin/
 #              chmod 0700 packaging/docker/prebuilt/var/lib/kvraft
 #              docker build --target prebuilt -t kvraft .
 #
