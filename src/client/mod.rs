@@ -332,7 +332,12 @@ impl Client {
         let deadline = Instant::now() + timeout;
         // One attempt may not take the whole deadline: a node that holds a
         // request (it lost its leader, say) must leave time for the others.
-        let attempt_time = (timeout / 3).max(Duration::from_secs(1)).min(timeout);
+        // Not for a membership change: it can't be retried once sent, and a
+        // leader removing itself hands leadership over first, which takes time.
+        let attempt_time = match kind {
+            Kind::Admin => timeout,
+            Kind::Read | Kind::Write => (timeout / 3).max(Duration::from_secs(1)).min(timeout),
+        };
         let mut backoff = Duration::from_millis(20);
         let mut attempts = Attempts::new(self.endpoints());
         let mut failures_in_a_row = 0usize;
