@@ -30,18 +30,16 @@ pub enum Error {
     OutcomeUnknown(String),
     /// Live nodes answered, but none knows a leader: the cluster has no
     /// quorum. Nothing was proposed.
-    #[error("the cluster has no leader ({answered}): a majority of the voters is down or can't reach the others, so nothing was done. Check which nodes run (`kvraft --serializable --endpoints NODE info` works without a leader) and their logs")]
+    #[error("the cluster has no leader ({answered} answered but knows none), so nothing was done: a majority of the voters is down or can't reach the others. Check which nodes run (`kvraft endpoint status` works without a leader) and their logs")]
     NoLeader {
-        /// The first node that said so, and what it said.
+        /// The endpoint that said so last.
         answered: String,
     },
     /// Every endpoint refused the connection: no node listens there.
-    #[error("nothing is listening at {endpoints} ({last}): start the nodes, or fix --endpoints (or KVRAFT_ENDPOINTS)")]
+    #[error("nothing is listening at {endpoints} (connection refused): start the nodes, or fix --endpoints (or KVRAFT_ENDPOINTS)")]
     NothingListening {
         /// The endpoints tried.
         endpoints: String,
-        /// The last refusal.
-        last: String,
     },
     /// No endpoint answered usefully before the deadline.
     #[error("no answer within {timeout:?} from {endpoints}: {last}; check that the nodes are running and that a majority of them can reach each other")]

@@ -147,6 +147,9 @@ pub async fn run(command: EndpointCommand, options: ClientOptions, printer: &Pri
                             i.keys,
                             ms(*rtt)
                         ),
+                        Err(Error::NothingListening { .. }) => {
+                            format!("{endpoint:<22} down: nothing is listening there (connection refused)")
+                        }
                         Err(e) => format!("{endpoint:<22} unreachable: {e}"),
                     });
                 }

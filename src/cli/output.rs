@@ -126,6 +126,7 @@ impl Printer {
                     Some(Ok(_)) => "healthy".into(),
                     Some(Err(Error::NothingListening { .. })) => "down".into(),
                     Some(Err(Error::NoLeader { .. })) => "no leader".into(),
+                    Some(Err(Error::Unavailable { .. })) => "unreachable".into(),
                     Some(Err(_)) => "unhealthy".into(),
                     None => "unknown (no client address yet)".into(),
                 })

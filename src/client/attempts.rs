@@ -11,7 +11,7 @@ use crate::error::Error;
 #[derive(Debug)]
 pub(super) struct Attempts {
     endpoints: Vec<String>,
-    /// The first "no leader" answer: a live node that knows no leader.
+    /// The endpoint that last answered "no leader": alive, but it knows none.
     no_leader: Option<String>,
     /// Connection refusals since anything else happened.
     refused_in_a_row: usize,
@@ -31,9 +31,9 @@ impl Attempts {
     }
 
     /// `endpoint` answered that it knows no leader.
-    pub(super) fn no_leader(&mut self, endpoint: &str, message: &str) {
-        self.no_leader
-            .get_or_insert_with(|| format!("{endpoint} answered: {message}"));
+    pub(super) fn no_leader(&mut self, endpoint: &str) {
+        // The latest: the situation as it is now.
+        self.no_leader = Some(endpoint.to_string());
         self.refused_in_a_row = 0;
     }
 
@@ -64,10 +64,7 @@ impl Attempts {
             return Error::NoLeader { answered };
         }
         if self.nothing_listens() {
-            return Error::NothingListening {
-                endpoints,
-                last: self.last.unwrap_or_default(),
-            };
+            return Error::NothingListening { endpoints };
         }
         Error::Unavailable {
             timeout,
@@ -88,14 +85,12 @@ mod tests {
     #[test]
     fn no_leader_beats_a_later_refusal_and_timeout() {
         let mut attempts = two();
-        attempts.no_leader("b:2", "node 2 knows no leader");
+        attempts.no_leader("a:1");
+        attempts.no_leader("b:2");
         attempts.refused("a:1", "Connection refused");
         attempts.failed("b:2", "no reply");
         let err = attempts.into_error(Duration::from_secs(5)).to_string();
-        assert!(
-            err.contains("no leader") && err.contains("b:2 answered: node 2 knows no leader"),
-            "{err}"
-        );
+        assert!(err.contains("no leader (b:2 answered but knows none)"), "{err}");
         assert!(!err.contains("Connection refused"), "{err}");
     }
 

@@ -453,7 +453,7 @@ impl Client {
                         unknown = Some(format!("{endpoint}: {}", e.message));
                     }
                     if code == ErrorCode::NoLeader {
-                        attempts.no_leader(&endpoint, &e.message);
+                        attempts.no_leader(&endpoint);
                     } else {
                         attempts.failed(&endpoint, &e.message);
                     }
