@@ -28,8 +28,12 @@ const CHECKSUM: usize = 4;
 /// What the newest file of a queue looks like.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TailState {
-    /// Every record is whole (trailing zeros are preallocated space).
+    /// Every record is whole, and nothing follows them.
     Clean,
+    /// Every record is whole; from this offset on the file is zeros
+    /// (preallocated space, which raft-engine cuts off after a crash with a
+    /// "Corruption" warning).
+    ZeroTailAt(usize),
     /// The last write is torn at this offset; nothing valid follows.
     TornAt(usize),
 }
@@ -94,7 +98,7 @@ pub fn check_file(path: &Path, seq: u64) -> Result<TailState, StorageError> {
             Some(len) => at += len,
             None => {
                 if buf[at..].iter().all(|b| *b == 0) {
-                    return Ok(TailState::Clean);
+                    return Ok(TailState::ZeroTailAt(at));
                 }
                 if let Some(later) =
                     (at + 1..buf.len().saturating_sub(RECORD_HEADER)).find(|p| record_at(&buf, *p, signature).is_some())
@@ -109,6 +113,18 @@ pub fn check_file(path: &Path, seq: u64) -> Result<TailState, StorageError> {
         }
     }
     Ok(TailState::Clean)
+}
+
+/// Truncates `path` to `at` bytes, durably.
+fn cut_at(path: &Path, at: usize) -> Result<(), StorageError> {
+    let shown = path.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(StorageError::io(format!("open {shown}")))?;
+    file.set_len(at as u64)
+        .and_then(|()| file.sync_all())
+        .map_err(StorageError::io(format!("truncate {shown}")))
 }
 
 /// Checks the newest file of each queue (`*.raftlog`, `*.rewrite`) in `dir`.
@@ -140,17 +156,14 @@ pub fn check_newest_files(dir: &Path) -> Result<(), StorageError> {
         match check_file(&path, seq)? {
             // A headerless file is raft-engine's to rewrite.
             TailState::TornAt(0) | TailState::Clean => {}
+            // Preallocated space after the last record: cut as raft-engine
+            // would, so it has nothing to warn about.
+            TailState::ZeroTailAt(at) => cut_at(&path, at)?,
             TailState::TornAt(at) => {
                 // Cut here, as raft-engine would, so it finds nothing to
                 // warn about: this is what a crash leaves, not damage.
                 let shown = path.display().to_string();
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(StorageError::io(format!("open {shown}")))?;
-                file.set_len(at as u64)
-                    .and_then(|()| file.sync_all())
-                    .map_err(StorageError::io(format!("truncate {shown}")))?;
+                cut_at(&path, at)?;
                 tracing::info!(
                     file = %shown,
                     offset = at,

@@ -540,6 +540,32 @@ mod tests {
     }
 
     #[test]
+    fn preallocated_zeros_after_the_last_record_are_cut_before_raft_engine_opens_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path());
+            s.append(&entries(1..=5, 1), None, true).unwrap();
+        }
+        let newest = &newest_log_file(dir.path());
+        let seq: u64 = newest.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        let log_check = super::super::log_check::check_file;
+        // After kill -9, raft-engine's preallocated space is left behind, and
+        // it would warn of "Corruption" when it cuts it at the next open.
+        let file = std::fs::OpenOptions::new().write(true).open(newest).unwrap();
+        file.set_len(file.metadata().unwrap().len() + 8192).unwrap();
+        drop(file);
+        assert!(matches!(
+            log_check(newest, seq).unwrap(),
+            super::super::log_check::TailState::ZeroTailAt(_)
+        ));
+        let s = open(dir.path());
+        assert_eq!(s.last_index().unwrap(), 5);
+        drop(s);
+        let bytes = std::fs::read(newest).unwrap();
+        assert_ne!(bytes.last(), Some(&0), "cut at the last record before the open");
+    }
+
+    #[test]
     fn a_torn_log_tail_is_cut_off_and_the_log_stays_usable() {
         let dir = tempfile::tempdir().unwrap();
         {
