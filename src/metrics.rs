@@ -98,6 +98,7 @@ pub const OPS: &[&str] = &[
     "info",
     "ping",
     "snapshot_save",
+    "register_session",
 ];
 /// Snapshot events, as the `kind` label.
 pub const SNAPSHOT_KINDS: &[&str] = &["created", "sent", "received", "applied"];

@@ -65,8 +65,19 @@ pub enum Verdict {
     Apply,
     /// Already applied: answer with this, change nothing.
     Duplicate(Outcome),
-    /// Refuse it, unapplied: the session expired or the write is stale.
-    Refuse(String),
+    /// Refuse it, unapplied, for this reason.
+    Refuse(Refusal, String),
+}
+
+/// Why a write of a session is refused (it is never applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The session is not (or no longer) known: register a new one.
+    Expired,
+    /// A copy of a write below what the client acknowledged.
+    Stale,
+    /// Too many of the session's writes in flight: retry later.
+    Busy,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -120,16 +131,19 @@ impl Sessions {
 
     /// Decides what to do with write `w` (after [`Sessions::advance_clock`]).
     pub fn check(&mut self, w: WriteId) -> Verdict {
+        // Sessions exist only once registered ([`Sessions::register`]): an
+        // unknown one may have held this very write's result, so nothing of
+        // it is applied, ever.
         let Some(session) = self.sessions.get_mut(&w.session) else {
-            if w.first_incomplete <= 1 {
-                return Verdict::Apply; // a new session's first writes
-            }
-            return Verdict::Refuse(format!(
-                "session {:016x} expired (idle over {} minutes, or evicted, or the cluster was restored from a backup); \
-                 the write was not applied: retry it in a new session",
-                w.session,
-                SESSION_TTL_MS / 60_000
-            ));
+            return Verdict::Refuse(
+                Refusal::Expired,
+                format!(
+                    "session {:016x} expired (idle over {} minutes, or evicted, or the cluster was restored from a backup); \
+                     the write was not applied: retry it in a new session",
+                    w.session,
+                    SESSION_TTL_MS / 60_000
+                ),
+            );
         };
         if w.first_incomplete > session.first_incomplete {
             self.dirty.insert(w.session);
@@ -144,21 +158,52 @@ impl Sessions {
             }
         }
         if w.seq < session.first_incomplete {
-            return Verdict::Refuse(format!(
-                "write {} of session {:016x} was answered already; this late copy was not applied",
-                w.seq, w.session
-            ));
+            return Verdict::Refuse(
+                Refusal::Stale,
+                format!(
+                    "write {} of session {:016x} was answered already; this late copy was not applied",
+                    w.seq, w.session
+                ),
+            );
         }
         if let Some(outcome) = session.results.get(&w.seq) {
             return Verdict::Duplicate(*outcome);
         }
         if session.results.len() >= MAX_RESULTS_PER_SESSION {
-            return Verdict::Refuse(format!(
-                "session {:016x} has over {MAX_RESULTS_PER_SESSION} writes in flight; the write was not applied",
-                w.session
-            ));
+            return Verdict::Refuse(
+                Refusal::Busy,
+                format!(
+                    "session {:016x} has over {MAX_RESULTS_PER_SESSION} writes in flight; the write was not applied: retry shortly",
+                    w.session
+                ),
+            );
         }
         Verdict::Apply
+    }
+
+    /// Opens session `id` (the index of the entry that registers it).
+    pub fn register(&mut self, id: u64) {
+        let clock = self.clock_ms;
+        self.put(
+            id,
+            Session {
+                first_incomplete: 1,
+                last_active_ms: clock,
+                results: BTreeMap::new(),
+            },
+        );
+        self.dirty.insert(id);
+        self.enforce_caps(id);
+    }
+
+    /// Evicts the least recently active sessions (never `keep`) while over a cap.
+    fn enforce_caps(&mut self, keep: u64) {
+        while self.sessions.len() > MAX_SESSIONS || self.results > MAX_RESULTS {
+            let Some(&(_, oldest)) = self.by_activity.iter().find(|(_, id)| *id != keep) else {
+                break;
+            };
+            self.remove(oldest);
+        }
     }
 
     /// Records the outcome of write `w`, which was just applied.
@@ -176,15 +221,7 @@ impl Sessions {
             self.results += 1;
         }
         self.dirty.insert(w.session);
-        while self.sessions.len() > MAX_SESSIONS || self.results > MAX_RESULTS {
-            let Some(&(_, oldest)) = self.by_activity.first() else {
-                break;
-            };
-            if oldest == w.session {
-                break; // never the session being answered
-            }
-            self.remove(oldest);
-        }
+        self.enforce_caps(w.session);
     }
 
     fn remove(&mut self, id: u64) {
@@ -323,37 +360,33 @@ mod tests {
     fn a_retry_is_answered_from_the_record_and_a_late_copy_is_refused() {
         let mut s = Sessions::default();
         s.advance_clock(1_000);
+        s.register(7);
         assert_eq!(s.check(w(7, 1, 1)), Verdict::Apply);
         s.record(w(7, 1, 1), Outcome::Set { revision: 10 });
         // Writes 2 and 3 in flight at once, applied out of order.
         assert_eq!(s.check(w(7, 3, 2)), Verdict::Apply);
-        s.record(
-            w(7, 3, 2),
-            Outcome::Delete {
-                existed: true,
-                revision: 11,
-            },
-        );
+        let deleted = Outcome::Delete {
+            existed: true,
+            revision: 11,
+        };
+        s.record(w(7, 3, 2), deleted);
         assert_eq!(s.check(w(7, 2, 2)), Verdict::Apply);
         s.record(w(7, 2, 2), Outcome::Set { revision: 12 });
-        assert_eq!(
-            s.check(w(7, 3, 2)),
-            Verdict::Duplicate(Outcome::Delete {
-                existed: true,
-                revision: 11
-            })
-        );
+        assert_eq!(s.check(w(7, 3, 2)), Verdict::Duplicate(deleted));
         // The client got 1..3: a copy of 2 arriving later is not applied.
         assert_eq!(s.check(w(7, 4, 4)), Verdict::Apply);
-        assert!(matches!(s.check(w(7, 2, 2)), Verdict::Refuse(m) if m.contains("answered already")));
+        assert!(matches!(s.check(w(7, 2, 2)), Verdict::Refuse(Refusal::Stale, m) if m.contains("answered already")));
         assert_eq!(s.results, 0, "results below first_incomplete are forgotten");
     }
 
     #[test]
-    fn an_unknown_session_past_its_first_write_is_refused_and_idle_ones_expire() {
+    fn only_registered_sessions_apply_and_idle_ones_expire() {
         let mut s = Sessions::default();
         s.advance_clock(1_000);
-        assert!(matches!(s.check(w(9, 5, 5)), Verdict::Refuse(m) if m.contains("expired")));
+        // Never registered (or dropped since): refused even as a first write,
+        // which may be the retry of one applied before the session went.
+        assert!(matches!(s.check(w(9, 1, 1)), Verdict::Refuse(Refusal::Expired, m) if m.contains("expired")));
+        s.register(9);
         s.record(w(9, 1, 1), Outcome::Set { revision: 3 });
         s.advance_clock(1_000 + SESSION_TTL_MS - 1);
         assert_eq!(s.check(w(9, 1, 1)), Verdict::Duplicate(Outcome::Set { revision: 3 }));
@@ -361,7 +394,7 @@ mod tests {
         s.advance_clock(5);
         s.advance_clock(1_000 + SESSION_TTL_MS + 1);
         assert!(s.is_empty(), "idle past the TTL");
-        assert!(matches!(s.check(w(9, 2, 2)), Verdict::Refuse(_)));
+        assert!(matches!(s.check(w(9, 1, 1)), Verdict::Refuse(Refusal::Expired, _)));
     }
 
     #[test]
@@ -369,17 +402,22 @@ mod tests {
         let mut s = Sessions::default();
         for id in 1..=(MAX_SESSIONS as u64 + 1) {
             s.advance_clock(id);
+            s.register(id);
             s.record(w(id, 1, 1), Outcome::Set { revision: id });
         }
         assert_eq!(s.len(), MAX_SESSIONS);
-        assert!(matches!(s.check(w(1, 2, 2)), Verdict::Refuse(_)), "the oldest went");
+        assert!(
+            matches!(s.check(w(1, 1, 1)), Verdict::Refuse(Refusal::Expired, _)),
+            "the oldest went"
+        );
         assert_eq!(s.check(w(2, 1, 1)), Verdict::Duplicate(Outcome::Set { revision: 2 }));
 
         let mut busy = Sessions::default();
+        busy.register(1);
         for seq in 1..=MAX_RESULTS_PER_SESSION as u64 {
             busy.record(w(1, seq, 1), Outcome::Set { revision: seq });
         }
-        assert!(matches!(busy.check(w(1, 5_000, 1)), Verdict::Refuse(m) if m.contains("in flight")));
+        assert!(matches!(busy.check(w(1, 5_000, 1)), Verdict::Refuse(Refusal::Busy, m) if m.contains("in flight")));
 
         let back = Sessions::from_proto(Some(&s.to_proto()));
         assert_eq!(back, s);
@@ -388,7 +426,8 @@ mod tests {
         let mut original = Sessions::default();
         for id in 1..=20u64 {
             original.advance_clock(id * SESSION_TTL_MS / 10);
-            original.record(w(id % 7, id, 1), Outcome::Set { revision: id });
+            original.register(id % 7 + 100);
+            original.record(w(id % 7 + 100, id, 1), Outcome::Set { revision: id });
             if id % 5 == 0 {
                 copy.apply_delta(original.take_delta());
             }

@@ -16,7 +16,7 @@ use protobuf::Message as _;
 use raft::prelude::ConfState;
 
 use crate::proto::{command, Command, Member, MemberRole, SnapshotHeader, StoredValue};
-use crate::sessions::{Outcome, Sessions, Verdict, WriteId};
+use crate::sessions::{Outcome, Refusal, Sessions, Verdict, WriteId};
 use crate::storage::memtable::Layer;
 use crate::storage::state_store::FORMAT;
 use crate::storage::{StateStore, StorageError};
@@ -39,8 +39,14 @@ pub enum ApplyResult {
     /// A membership change or member update; carries the new member list.
     Members(Vec<Member>),
     /// A write of a client session that was refused unapplied (the session
-    /// expired, or the write is a late copy of one already answered).
-    SessionRefused(String),
+    /// expired, the write is a late copy of one already answered, or the
+    /// session has too many writes in flight).
+    SessionRefused(Refusal, String),
+    /// A client session was opened; its id is the entry's index.
+    SessionRegistered {
+        /// The new session's id.
+        session_id: u64,
+    },
 }
 
 /// Everything but the keys: small, kept in memory, and written with every
@@ -307,8 +313,12 @@ impl<'a> Batch<'a> {
                 Verdict::Duplicate(Outcome::Delete { existed, revision }) => {
                     return Ok(ApplyResult::Delete { existed, revision })
                 }
-                Verdict::Refuse(why) => return Ok(ApplyResult::SessionRefused(why)),
+                Verdict::Refuse(refusal, why) => return Ok(ApplyResult::SessionRefused(refusal, why)),
             }
+        }
+        if let Some(command::Op::RegisterSession(_)) = command.op {
+            self.sessions.register(index);
+            return Ok(ApplyResult::SessionRegistered { session_id: index });
         }
         let result = self.apply_op(index, command)?;
         if in_session {
@@ -354,7 +364,8 @@ impl<'a> Batch<'a> {
                 self.meta.update_member(update);
                 ApplyResult::Members(self.meta.members())
             }
-            None => ApplyResult::Members(self.meta.members()),
+            // Handled in `apply`.
+            Some(command::Op::RegisterSession(_)) | None => ApplyResult::Members(self.meta.members()),
         })
     }
 
@@ -453,51 +464,54 @@ mod tests {
         command
     }
 
+    fn register() -> Command {
+        Command {
+            op: Some(command::Op::RegisterSession(crate::proto::RegisterSessionRequest {})),
+            proposed_at_ms: 1_000,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_retried_write_applies_once_even_after_a_flush_and_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = machine(dir.path());
-        let first = apply_all(&mut sm, 2, vec![in_session(set("k", "a"), 77, 1, 1)], false);
-        assert_eq!(first, [ApplyResult::Set { revision: 2 }]);
-        apply_all(&mut sm, 3, vec![set("k", "b")], false);
+        let registered = apply_all(&mut sm, 2, vec![register()], false);
+        assert_eq!(registered, [ApplyResult::SessionRegistered { session_id: 2 }]);
+        let first = apply_all(&mut sm, 3, vec![in_session(set("k", "a"), 2, 1, 1)], false);
+        assert_eq!(first, [ApplyResult::Set { revision: 3 }]);
+        apply_all(&mut sm, 4, vec![set("k", "b")], false);
         // The retry of write 1 (its reply was lost) answers as the first did,
         // and does not overwrite the newer value.
-        let retry = apply_all(&mut sm, 4, vec![in_session(set("k", "a"), 77, 1, 1)], true);
-        assert_eq!(retry, [ApplyResult::Set { revision: 2 }]);
+        let retry = apply_all(&mut sm, 5, vec![in_session(set("k", "a"), 2, 1, 1)], true);
+        assert_eq!(retry, [ApplyResult::Set { revision: 3 }]);
         assert_eq!(sm.get(b"k").unwrap().unwrap(), b"b");
-        let deleted = apply_all(&mut sm, 5, vec![in_session(delete("k"), 77, 2, 1)], true);
-        assert_eq!(
-            deleted,
-            [ApplyResult::Delete {
-                existed: true,
-                revision: 5
-            }]
-        );
+        let deleted = apply_all(&mut sm, 6, vec![in_session(delete("k"), 2, 2, 1)], true);
+        let deleted_at_6 = ApplyResult::Delete {
+            existed: true,
+            revision: 6,
+        };
+        assert_eq!(deleted[0], deleted_at_6);
 
         // The sessions are in the file with the state record they match.
         sm.store().close();
         let mut sm = machine(dir.path());
-        assert_eq!(sm.applied_index(), 5);
+        assert_eq!(sm.applied_index(), 6);
         let again = apply_all(
             &mut sm,
-            6,
+            7,
             vec![
-                in_session(delete("k"), 77, 2, 1),
-                in_session(set("k", "a"), 77, 1, 1),
-                in_session(set("x", "y"), 78, 4, 4),
+                in_session(delete("k"), 2, 2, 1),
+                in_session(set("k", "a"), 2, 1, 1),
+                // Never registered, even as a first write.
+                in_session(set("x", "y"), 78, 1, 1),
             ],
             false,
         );
-        assert_eq!(
-            again[0],
-            ApplyResult::Delete {
-                existed: true,
-                revision: 5
-            }
-        );
-        assert_eq!(again[1], ApplyResult::Set { revision: 2 });
+        assert_eq!(again[0], deleted_at_6);
+        assert_eq!(again[1], ApplyResult::Set { revision: 3 });
         assert!(
-            matches!(&again[2], ApplyResult::SessionRefused(why) if why.contains("expired")),
+            matches!(&again[2], ApplyResult::SessionRefused(Refusal::Expired, why) if why.contains("expired")),
             "{again:?}"
         );
         assert_eq!(sm.get(b"k").unwrap(), None, "nothing was applied twice");

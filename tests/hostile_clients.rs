@@ -7,6 +7,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -265,19 +266,44 @@ async fn a_client_that_never_reads_holds_a_bounded_number_of_responses_briefly()
     cluster.client(&[1]).set("still", "serving").await.unwrap();
 }
 
-/// A fake server: for each connection in turn, reads one request and does
-/// what `scripts` says with it.
-async fn fake_server(scripts: Vec<&'static str>) -> String {
+/// A fake node that answers the requests it gets, one script step each:
+/// "register" opens session 42, "not run" closes the connection with an
+/// idle notice (nothing ran), "answer" answers a set with revision 7 + the
+/// number of sets answered before, "vanish" closes without a word (the
+/// request may or may not have run). Every request is recorded as
+/// (kind, session_id, seq).
+async fn fake_server(scripts: Vec<&'static str>) -> (String, Arc<Mutex<Vec<(String, u64, u64)>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
+    let seen: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::default();
+    let record = seen.clone();
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let mut frames = kvraft::codec::framed(stream, 1 << 20);
+        let mut answered = 0;
         for script in scripts {
             let frame = frames.next().await.unwrap().unwrap();
             let request = kvraft::proto::Request::decode(frame).unwrap();
+            let kind = match request.command {
+                Some(kvraft::proto::request::Command::RegisterSession(_)) => "register",
+                Some(kvraft::proto::request::Command::Set(_)) => "set",
+                _ => "other",
+            };
+            record
+                .lock()
+                .unwrap()
+                .push((kind.to_string(), request.session_id, request.seq));
             use futures::SinkExt;
+            let reply = |result| Response {
+                id: request.id,
+                result: Some(result),
+            };
             match script {
+                "register" => {
+                    let registered = kvraft::proto::RegisterSessionResponse { session_id: 42 };
+                    let response = reply(response::Result::RegisterSession(registered));
+                    frames.send(kvraft::codec::encode(&response)).await.unwrap();
+                }
                 "not run" => {
                     let notice = kvraft::proto::Error {
                         code: ErrorCode::IdleClosed as i32,
@@ -294,39 +320,53 @@ async fn fake_server(scripts: Vec<&'static str>) -> String {
                     frames = kvraft::codec::framed(stream, 1 << 20);
                 }
                 "answer" => {
-                    let set = kvraft::proto::SetResponse { revision: 7 };
-                    let response = Response {
-                        id: request.id,
-                        result: Some(response::Result::Set(set)),
-                    };
-                    frames.send(kvraft::codec::encode(&response)).await.unwrap();
+                    let set = kvraft::proto::SetResponse { revision: 7 + answered };
+                    answered += 1;
+                    frames
+                        .send(kvraft::codec::encode(&reply(response::Result::Set(set))))
+                        .await
+                        .unwrap();
                 }
                 _ => {
                     // Close without a word: the request may or may not have run.
                     drop(frames);
-                    return;
+                    let (stream, _) = listener.accept().await.unwrap();
+                    frames = kvraft::codec::framed(stream, 1 << 20);
                 }
             }
         }
     });
-    addr
+    (addr, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_the_server_did_not_run_is_sent_again_and_one_it_may_have_run_is_not() {
-    let addr = fake_server(vec!["not run", "answer", "vanish"]).await;
+async fn a_write_is_sent_again_with_its_session_number_whether_or_not_the_server_ran_it() {
+    let (addr, seen) = fake_server(vec!["register", "not run", "answer", "vanish", "answer"]).await;
     let client = kvraft::Client::new(kvraft::ClientOptions {
         endpoints: vec![addr],
         timeout: Duration::from_secs(5),
         ..Default::default()
     })
     .unwrap();
-    // Sent, answered with "not run" and a close: sent again on a new
-    // connection, and answered there.
+    // Registered, sent, answered with "not run" and a close: sent again on a
+    // new connection, and answered there.
     assert_eq!(client.set("k", "v").await.unwrap(), 7);
-    // Sent, and the connection closes without an answer: not sent again.
-    let err = client.set("k", "w").await.unwrap_err();
-    assert!(matches!(err, kvraft::Error::OutcomeUnknown(_)), "{err}");
+    // Sent, and the connection closes without an answer: it may have run,
+    // so it is sent again with the same session and number (the state
+    // machine answers a copy from its record).
+    assert_eq!(client.set("k", "w").await.unwrap(), 8);
+    let seen = seen.lock().unwrap().clone();
+    let expect: Vec<(String, u64, u64)> = [
+        ("register", 0, 0),
+        ("set", 42, 1),
+        ("set", 42, 1),
+        ("set", 42, 2),
+        ("set", 42, 2),
+    ]
+    .iter()
+    .map(|(k, s, n)| (k.to_string(), *s, *n))
+    .collect();
+    assert_eq!(seen, expect);
 }
 
 #[test]

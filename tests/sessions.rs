@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use kvraft::proto::{request, response, ErrorCode, Request, SetRequest};
+use kvraft::proto::{request, response, ErrorCode, RegisterSessionRequest, Request, SetRequest};
 use prost::Message;
 use support::Cluster;
 
@@ -46,6 +46,27 @@ async fn set_in_session(addr: &str, key: &str, value: &str, session: u64, seq: u
     }
 }
 
+/// Registers a session through `addr`, as a client does before its first write.
+async fn register(addr: &str) -> u64 {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
+        let request = Request {
+            id: 1,
+            command: Some(request::Command::RegisterSession(RegisterSessionRequest {})),
+            ..Default::default()
+        };
+        frames.send(kvraft::codec::encode(&request)).await.unwrap();
+        let frame = tokio::time::timeout(T, frames.next()).await.unwrap().unwrap().unwrap();
+        match kvraft::proto::Response::decode(frame).unwrap().result.unwrap() {
+            response::Result::RegisterSession(r) => return r.session_id,
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sends until a node answers with a revision (a node may be electing).
 async fn set_until_answered(cluster: &Cluster, id: u64, key: &str, value: &str, session: u64, seq: u64) -> u64 {
     let deadline = std::time::Instant::now() + T;
@@ -64,25 +85,27 @@ async fn a_retried_write_gets_the_first_revision_and_applies_once_across_nodes_r
     let mut cluster = Cluster::start_static(3, &["--snapshot-threshold", "50", "--snapshot-catchup-entries", "20"]);
     cluster.wait_for_leader(&[1, 2, 3], T).await;
     let client = cluster.client(&[1, 2, 3]);
-    const S: u64 = 0x5e55_1017;
+    let s = register(&cluster.endpoints(&[2])).await;
 
-    let first = set_until_answered(&cluster, 1, "k", "first", S, 1).await;
+    let first = set_until_answered(&cluster, 1, "k", "first", s, 1).await;
     support::put(&client, "k", "newer").await;
     // The retry of write 1, through another node: the first revision, and
     // the newer value stays.
-    assert_eq!(set_until_answered(&cluster, 2, "k", "first", S, 1).await, first);
+    assert_eq!(set_until_answered(&cluster, 2, "k", "first", s, 1).await, first);
     assert_eq!(client.get("k").await.unwrap().as_deref(), Some(&b"newer"[..]));
 
     // Write 2 says the client has its answer to 1: a late copy of 1 is
     // refused, unapplied.
-    let second = set_until_answered(&cluster, 3, "k2", "x", S, 2).await;
+    let second = set_until_answered(&cluster, 3, "k2", "x", s, 2).await;
     assert!(second > first);
-    match set_in_session(&cluster.endpoints(&[1]), "k", "first", S, 1, 2).await {
-        Answer::Error(ErrorCode::SessionExpired, why) => assert!(why.contains("answered already"), "{why}"),
+    match set_in_session(&cluster.endpoints(&[1]), "k", "first", s, 1, 2).await {
+        Answer::Error(ErrorCode::StaleWrite, why) => assert!(why.contains("answered already"), "{why}"),
         other => panic!("a late copy must be refused, got {other:?}"),
     }
-    // A session the cluster does not know, past its first write: refused.
-    match set_in_session(&cluster.endpoints(&[2]), "k", "lost", 0xdead, 9, 9).await {
+    // A session the cluster does not know (never registered, or dropped):
+    // refused even as its first write, which could be the retry of one
+    // applied before the session went.
+    match set_in_session(&cluster.endpoints(&[2]), "k", "lost", 0xdead, 1, 1).await {
         Answer::Error(ErrorCode::SessionExpired, why) => assert!(why.contains("new session"), "{why}"),
         other => panic!("an unknown session must be refused, got {other:?}"),
     }
@@ -96,7 +119,7 @@ async fn a_retried_write_gets_the_first_revision_and_applies_once_across_nodes_r
         cluster.start(id);
     }
     cluster.wait_for_leader(&[1, 2, 3], T).await;
-    assert_eq!(set_until_answered(&cluster, 1, "k2", "x", S, 2).await, second);
+    assert_eq!(set_until_answered(&cluster, 1, "k2", "x", s, 2).await, second);
 
     // A follower that is far behind gets the sessions in its snapshot.
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
@@ -111,12 +134,18 @@ async fn a_retried_write_gets_the_first_revision_and_applies_once_across_nodes_r
     cluster
         .wait_info(follower, T, "caught up by snapshot", |i| i.keys >= 302)
         .await;
-    let log = cluster.node_log(follower);
-    assert!(log.contains("installed snapshot from the leader"), "{log}");
-    assert_eq!(set_until_answered(&cluster, follower, "k2", "x", S, 2).await, second);
+    // The line is written just after the install that the key count shows.
+    support::eventually(T, "the follower logs its snapshot install", || {
+        let installed = cluster
+            .node_log(follower)
+            .contains("installed snapshot from the leader");
+        async move { installed }
+    })
+    .await;
+    assert_eq!(set_until_answered(&cluster, follower, "k2", "x", s, 2).await, second);
     // And what the session forgot stays forgotten there too.
-    match set_in_session(&cluster.endpoints(&[follower]), "k", "first", S, 1, 1).await {
-        Answer::Error(ErrorCode::SessionExpired, why) => assert!(why.contains("answered already"), "{why}"),
+    match set_in_session(&cluster.endpoints(&[follower]), "k", "first", s, 1, 1).await {
+        Answer::Error(ErrorCode::StaleWrite, why) => assert!(why.contains("answered already"), "{why}"),
         other => panic!("a late copy must be refused, got {other:?}"),
     }
     assert_eq!(client.get("k").await.unwrap().as_deref(), Some(&b"newer"[..]));

@@ -30,7 +30,8 @@ use crate::codec::{self, ByteStream, FrameReader, ReadError};
 use crate::error::{is_callers_fault, is_retryable, Error};
 use crate::proto::{
     request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest, InfoResponse, KeyValue,
-    Member, MembersRequest, PingRequest, RemoveNodeRequest, Request, Response, ScanRequest, SetRequest,
+    Member, MembersRequest, PingRequest, RegisterSessionRequest, RemoveNodeRequest, Request, Response, ScanRequest,
+    SetRequest,
 };
 use crate::tls::client::{explain_client_error, ClientTls, ClientTlsOptions};
 use attempts::Attempts;
@@ -85,6 +86,8 @@ struct Inner {
     options: ClientOptions,
     /// This client's session: its writes apply exactly once, retries included.
     session: Mutex<Session>,
+    /// Held while a session is registered, so concurrent writes register one.
+    registering: tokio::sync::Mutex<()>,
     tls: Option<ClientTls>,
     endpoints: Mutex<Vec<String>>,
     current: AtomicUsize,
@@ -111,7 +114,8 @@ impl Client {
                 tls,
                 endpoints: Mutex::new(options.endpoints.clone()),
                 options,
-                session: Mutex::new(Session::new()),
+                session: Mutex::new(Session::unregistered()),
+                registering: tokio::sync::Mutex::new(()),
                 current: AtomicUsize::new(0),
                 connections: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
@@ -125,7 +129,7 @@ impl Client {
             key: key.into(),
             value: value.into(),
         });
-        match self.call(command, Kind::Write).await? {
+        match self.write(command).await? {
             response::Result::Set(r) => Ok(r.revision),
             other => Err(mismatch(other)),
         }
@@ -147,7 +151,7 @@ impl Client {
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, Error> {
         let command = request::Command::Delete(DeleteRequest { key: key.into() });
-        match self.call(command, Kind::Write).await? {
+        match self.write(command).await? {
             response::Result::Delete(r) => Ok(r.existed),
             other => Err(mismatch(other)),
         }
@@ -328,8 +332,63 @@ impl Client {
 
     /// Sends one command with failover and retries until the deadline.
     async fn call(&self, command: request::Command, kind: Kind) -> Result<response::Result, Error> {
+        self.call_until(command, kind, Instant::now() + self.inner.options.timeout)
+            .await
+    }
+
+    /// A set or delete in this client's session, registering one first if
+    /// needed, and a new one if the cluster no longer knows it (only when no
+    /// attempt in the old one may have been applied; see `call_until`).
+    async fn write(&self, command: request::Command) -> Result<response::Result, Error> {
+        let deadline = Instant::now() + self.inner.options.timeout;
+        loop {
+            let session = self.session_id(deadline).await?;
+            match self.call_until(command.clone(), Kind::Write, deadline).await {
+                Err(Error::Server {
+                    code: ErrorCode::SessionExpired,
+                    ..
+                }) => {
+                    let mut s = self.inner.session.lock().unwrap();
+                    if s.id == session {
+                        *s = Session::unregistered();
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// This client's session, registered through raft on first use (its id
+    /// is the log index that registered it, so no two clients share one).
+    async fn session_id(&self, deadline: Instant) -> Result<u64, Error> {
+        let current = self.inner.session.lock().unwrap().id;
+        if current != 0 {
+            return Ok(current);
+        }
+        let _one_at_a_time = self.inner.registering.lock().await;
+        let current = self.inner.session.lock().unwrap().id;
+        if current != 0 {
+            return Ok(current);
+        }
+        // A lost reply makes an extra session, which expires unused.
+        let command = request::Command::RegisterSession(RegisterSessionRequest {});
+        match self.call_until(command, Kind::Read, deadline).await? {
+            response::Result::RegisterSession(r) => {
+                *self.inner.session.lock().unwrap() = Session::registered(r.session_id);
+                Ok(r.session_id)
+            }
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// [`Client::call`] with a given deadline.
+    async fn call_until(
+        &self,
+        command: request::Command,
+        kind: Kind,
+        deadline: Instant,
+    ) -> Result<response::Result, Error> {
         let timeout = self.inner.options.timeout;
-        let deadline = Instant::now() + timeout;
         // One attempt may not take the whole deadline: a node that holds a
         // request (it lost its leader, say) must leave time for the others.
         // Not for a membership change: it can't be retried once sent, and a
@@ -347,7 +406,7 @@ impl Client {
         let mut hint: Option<String> = None;
         let mut unreachable_hints: HashSet<String> = HashSet::new();
         // A write's place in the session; every attempt carries the same.
-        let mut write = (kind == Kind::Write).then(|| WriteSlot::take(&self.inner.session));
+        let write = (kind == Kind::Write).then(|| WriteSlot::take(&self.inner.session));
         // Why an earlier attempt of this write may have been applied.
         let mut unknown: Option<String> = None;
         // A write sent just before the deadline would time out waiting for
@@ -382,7 +441,7 @@ impl Client {
             let endpoint = hint.take().unwrap_or_else(|| self.current_endpoint());
             let connection = match self.connection(&endpoint, deadline).await {
                 Ok(c) => c,
-                Err(ConnectFailure::Tls(message)) => return Err(Error::Tls(message)),
+                Err(ConnectFailure::Tls(message)) => return Err(unknown_or(unknown, Error::Tls(message))),
                 Err(failure) if following_hint => {
                     // Back to the endpoints we were given.
                     attempts.failed(&endpoint, &format!("the leader's address {}", failure.message()));
@@ -424,21 +483,23 @@ impl Client {
                     ..
                 }) => {
                     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
-                    if code == ErrorCode::SessionExpired {
-                        if let Some(why) = unknown {
-                            // An earlier attempt may have applied it before the
-                            // session went: a new session could apply it twice.
-                            return Err(Error::OutcomeUnknown(format!("{why}, and then {}", e.message)));
-                        }
-                        // Nothing of this write was applied: again, in a new session.
-                        let renewed = WriteSlot::renew(&self.inner.session, write.take());
-                        write = Some(renewed);
-                        attempts.failed(&endpoint, &e.message);
-                        continue;
-                    }
                     let retry = is_retryable(code) || (kind != Kind::Admin && code == ErrorCode::OutcomeUnknown);
                     if !retry {
+                        if let Some(why) = unknown {
+                            // An earlier attempt may have applied it (so a new
+                            // session, or a caller's retry, could apply it twice).
+                            return Err(Error::OutcomeUnknown(format!("{why}; then {endpoint}: {}", e.message)));
+                        }
                         return Err(match code {
+                            // Nothing of this write was applied: `write` registers
+                            // a new session and sends it again.
+                            ErrorCode::SessionExpired => Error::Server {
+                                code,
+                                message: e.message,
+                            },
+                            // A copy below what we acknowledged: it was answered,
+                            // but not to this call.
+                            ErrorCode::StaleWrite => Error::OutcomeUnknown(e.message),
                             ErrorCode::OutcomeUnknown => Error::OutcomeUnknown(e.message),
                             ErrorCode::PermissionDenied => Error::PermissionDenied(e.message),
                             ErrorCode::Unauthenticated => Error::Tls(e.message),
@@ -474,8 +535,10 @@ impl Client {
                 Err(Failure::Closed(reason)) => {
                     self.drop_connection(&endpoint);
                     match reason {
-                        Some(CloseReason::Invalid(reason)) => return Err(Error::InvalidArgument(reason)),
-                        Some(CloseReason::Tls(reason)) => return Err(Error::Tls(reason)),
+                        Some(CloseReason::Invalid(reason)) => {
+                            return Err(unknown_or(unknown, Error::InvalidArgument(reason)))
+                        }
+                        Some(CloseReason::Tls(reason)) => return Err(unknown_or(unknown, Error::Tls(reason))),
                         Some(CloseReason::NotRun(reason)) => {
                             // The server promised the request did not run.
                             attempts.failed(&endpoint, &reason);
@@ -522,7 +585,8 @@ enum Kind {
     Admin,
 }
 
-/// A client's session: a random id and the numbers of its writes in flight.
+/// A client's session: its id (0 until registered) and the numbers of its
+/// writes in flight.
 #[derive(Debug)]
 struct Session {
     id: u64,
@@ -531,9 +595,13 @@ struct Session {
 }
 
 impl Session {
-    fn new() -> Self {
+    fn unregistered() -> Self {
+        Self::registered(0)
+    }
+
+    fn registered(id: u64) -> Self {
         Session {
-            id: rand::random::<u64>().max(1),
+            id,
             next_seq: 1,
             in_flight: BTreeSet::new(),
         }
@@ -555,20 +623,6 @@ impl<'a> WriteSlot<'a> {
         s.next_seq += 1;
         s.in_flight.insert(seq);
         WriteSlot { session, id: s.id, seq }
-    }
-
-    /// The server says `old`'s session expired (and nothing of the write was
-    /// applied): start a new session, unless another write already did.
-    fn renew(session: &'a Mutex<Session>, old: Option<WriteSlot<'a>>) -> Self {
-        if let Some(old) = old {
-            let expired = old.id;
-            drop(old);
-            let mut s = session.lock().unwrap();
-            if s.id == expired {
-                *s = Session::new();
-            }
-        }
-        Self::take(session)
     }
 
     /// Puts the session fields on an attempt of this write.
@@ -681,6 +735,15 @@ impl Client {
         .await;
         connection.streams.lock().unwrap().remove(&id);
         result
+    }
+}
+
+/// `error`, unless an earlier attempt of the write may have been applied:
+/// then the outcome is unknown, whatever ended the call.
+fn unknown_or(unknown: Option<String>, error: Error) -> Error {
+    match unknown {
+        Some(why) => Error::OutcomeUnknown(format!("{why}; then: {error}")),
+        None => error,
     }
 }
 
@@ -842,9 +905,21 @@ impl Connection {
             }
             waiters.insert(id, tx);
         }
-        if self.outgoing.send(request).await.is_err() {
-            self.waiters.lock().unwrap().remove(&id);
-            return Err(Failure::Closed(self.close_reason.lock().unwrap().clone()));
+        // Not sent, whatever happens here: the writer took nothing.
+        let not_sent = |why: &str| {
+            let reason = self.close_reason.lock().unwrap().clone();
+            Failure::Closed(Some(reason.unwrap_or_else(|| CloseReason::NotRun(why.into()))))
+        };
+        match tokio::time::timeout_at(deadline.into(), self.outgoing.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                self.waiters.lock().unwrap().remove(&id);
+                return Err(not_sent("the connection had closed"));
+            }
+            Err(_) => {
+                self.waiters.lock().unwrap().remove(&id);
+                return Err(not_sent("the connection was too busy to take the request in time"));
+            }
         }
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(response)) => Ok(response),

@@ -54,7 +54,7 @@ pub fn required_role(command: &request::Command) -> Role {
     use request::Command as C;
     match command {
         C::Get(_) | C::Scan(_) | C::Members(_) | C::Info(_) | C::Ping(_) => Role::Read,
-        C::Set(_) | C::Delete(_) => Role::Write,
+        C::Set(_) | C::Delete(_) | C::RegisterSession(_) => Role::Write,
         // A backup reads everything, members included.
         C::AddNode(_) | C::RemoveNode(_) | C::SnapshotSave(_) => Role::Admin,
     }

@@ -14,8 +14,10 @@ use crate::metrics;
 use crate::node::{MembershipChange, NodeHandle, NodeStatus};
 use crate::proto::{
     command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, GetResponse, InfoResponse, Member,
-    MembersResponse, PingResponse, RemoveNodeResponse, Request, Response, ScanResponse, SetResponse,
+    MembersResponse, PingResponse, RegisterSessionResponse, RemoveNodeResponse, Request, Response, ScanResponse,
+    SetResponse,
 };
+use crate::sessions::Refusal;
 use crate::state_machine::ApplyResult;
 
 /// Handles one request and returns its response (never fails: errors become
@@ -79,6 +81,7 @@ pub(super) fn op_name(command: &request::Command) -> &'static str {
         C::Set(_) => "set",
         C::Get(_) => "get",
         C::Delete(_) => "delete",
+        C::RegisterSession(_) => "register_session",
         C::Scan(_) => "scan",
         C::AddNode(_) => "add_node",
         C::RemoveNode(_) => "remove_node",
@@ -105,7 +108,15 @@ fn check_key(key: &[u8], limits: Limits) -> Result<(), WireError> {
 
 fn unexpected(result: ApplyResult) -> WireError {
     match result {
-        ApplyResult::SessionRefused(why) => WireError::new(ErrorCode::SessionExpired, why),
+        ApplyResult::SessionRefused(refusal, why) => {
+            let code = match refusal {
+                Refusal::Expired => ErrorCode::SessionExpired,
+                Refusal::Stale => ErrorCode::StaleWrite,
+                // Nothing applied, and later it may be: retry as overloaded.
+                Refusal::Busy => ErrorCode::Overloaded,
+            };
+            WireError::new(code, why)
+        }
         other => WireError::new(ErrorCode::Internal, format!("unexpected apply result {other:?}")),
     }
 }
@@ -139,6 +150,20 @@ async fn run(
 ) -> Result<response::Result, WireError> {
     use request::Command as C;
     match command {
+        C::RegisterSession(register) => {
+            let op = Command {
+                op: Some(command::Op::RegisterSession(register)),
+                ..Default::default()
+            };
+            match handle.propose(op).await? {
+                ApplyResult::SessionRegistered { session_id } => {
+                    Ok(response::Result::RegisterSession(RegisterSessionResponse {
+                        session_id,
+                    }))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
         C::Set(set) => {
             check_key(&set.key, limits)?;
             if set.value.len() > limits.max_value_size {
