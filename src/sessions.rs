@@ -1,7 +1,8 @@
 //! Client sessions: what makes a retried write apply once (the Raft
 //! dissertation, section 6.3).
 //!
-//! A client numbers its writes within a session it picked at random. The
+//! A client registers a session through raft (its id is the index of the
+//! registering entry, so ids never repeat) and numbers its writes in it. The
 //! state machine keeps, per session, the result of each applied write the
 //! client may still be waiting for; a retry (same session, same number) is
 //! answered from that record instead of being applied again. The client also

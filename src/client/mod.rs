@@ -3,8 +3,9 @@
 //! - Several endpoints; the client sticks to one that works, follows leader
 //!   hints, and moves on when a node is unreachable or knows no leader.
 //! - Many requests in flight per connection (responses matched by id).
-//! - Sets and deletes belong to the client's session (a random id and a
-//!   number per write; see `crate::sessions`), so the state machine applies
+//! - Sets and deletes belong to the client's session (registered through
+//!   raft on first use, and a number per write; see `crate::sessions`), so
+//!   the state machine applies
 //!   each once however often it is sent: they are retried on every failure,
 //!   one node at a time (an attempt gets a third of the deadline), until the
 //!   deadline. Reads are retried on any failure; membership changes (no
