@@ -588,3 +588,63 @@ async fn endpoint_health_and_status_on_a_healthy_a_partly_dead_and_a_leaderless_
     let status = json_of(&out);
     assert_eq!(status[0]["has_leader"], false, "{status}");
 }
+
+/// `get` and `scan` report each key's history with etcd's names:
+/// create_revision (since it last did not exist), mod_revision, version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_scan_report_create_and_mod_revision_and_version_as_etcd_does() {
+    let cluster = Cluster::start_static(3, &[]);
+    cluster.wait_for_leader(&[1, 2, 3], T).await;
+    let all = [1, 2, 3];
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let out = cluster.cli(&all, &full);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let history = |v: &serde_json::Value| {
+        (
+            v["create_revision"].as_u64().unwrap(),
+            v["mod_revision"].as_u64().unwrap(),
+            v["version"].as_u64().unwrap(),
+            v["lease"].as_u64().unwrap(),
+        )
+    };
+
+    let r1 = json_of(&["set", "h/a", "1"])["revision"].as_u64().unwrap();
+    let got = json_of(&["get", "h/a"]);
+    assert_eq!((got["key"].as_str(), got["value"].as_str()), (Some("h/a"), Some("1")));
+    assert_eq!(history(&got), (r1, r1, 1, 0));
+
+    let r2 = json_of(&["set", "h/a", "2"])["revision"].as_u64().unwrap();
+    assert!(r2 > r1);
+    assert_eq!(history(&json_of(&["get", "h/a"])), (r1, r2, 2, 0));
+
+    // Deleted and created again: a new life, counted from 1.
+    json_of(&["delete", "h/a"]);
+    let r4 = json_of(&["set", "h/a", "3"])["revision"].as_u64().unwrap();
+    let r5 = json_of(&["set", "h/b", "x"])["revision"].as_u64().unwrap();
+    assert_eq!(history(&json_of(&["get", "h/a"])), (r4, r4, 1, 0));
+
+    let scanned = json_of(&["scan", "--prefix", "h/"]);
+    let pairs = scanned.as_array().unwrap();
+    assert_eq!(pairs.len(), 2, "{scanned}");
+    assert_eq!(history(&pairs[0]), (r4, r4, 1, 0));
+    assert_eq!(
+        (pairs[1]["key"].as_str(), history(&pairs[1])),
+        (Some("h/b"), (r5, r5, 1, 0))
+    );
+
+    // The library gives the same record, through a follower too.
+    let record = cluster.client(&[2]).get_record("h/a").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            record.value.as_slice(),
+            record.create_revision,
+            record.mod_revision,
+            record.version
+        ),
+        (&b"3"[..], r4, r4, 1)
+    );
+}

@@ -54,6 +54,7 @@ fn write_legacy_data_dir(dir: &std::path::Path, peer_addr: &str) {
             .map(|i| KeyValue {
                 key: format!("old{i}").into_bytes(),
                 value: format!("value{i}").into_bytes(),
+                ..Default::default()
             })
             .collect(),
         members: vec![Member {

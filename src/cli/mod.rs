@@ -226,9 +226,9 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             let value = value_input::read(value.as_deref(), value_file.as_deref())?;
             printer.set(client.set(key, value).await?)
         }
-        Command::Get { key, raw } => match client.get(key.clone()).await? {
-            Some(value) if raw => output::write_raw(&value)?,
-            Some(value) => printer.value(&key, &value),
+        Command::Get { key, raw } => match client.get_record(key.clone()).await? {
+            Some(record) if raw => output::write_raw(&record.value)?,
+            Some(record) => printer.record(&record),
             None => {
                 printer.not_found(&key);
                 return Ok(1);

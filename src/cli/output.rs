@@ -29,6 +29,18 @@ pub(crate) fn write_raw(value: &[u8]) -> Result<(), crate::error::Error> {
         .map_err(|e| crate::error::Error::InvalidArgument(format!("can't write the value to stdout: {e}")))
 }
 
+/// A pair as JSON, with etcd's names for its history.
+fn record_json(kv: &KeyValue) -> Value {
+    json!({
+        "key": text(&kv.key),
+        "value": text(&kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+        "lease": kv.lease,
+    })
+}
+
 fn role_name(member: &Member) -> &'static str {
     if member.role == MemberRole::Learner as i32 {
         "learner"
@@ -63,8 +75,11 @@ impl Printer {
         self.emit(json!({"revision": revision}), || "OK".into());
     }
 
-    pub(crate) fn value(&self, key: &str, value: &[u8]) {
-        self.emit(json!({"key": key, "value": text(value), "found": true}), || text(value));
+    /// A key's value (text) or its record with its history (json).
+    pub(crate) fn record(&self, record: &KeyValue) {
+        let mut json = record_json(record);
+        json["found"] = json!(true);
+        self.emit(json, || text(&record.value));
     }
 
     pub(crate) fn not_found(&self, key: &str) {
@@ -85,12 +100,7 @@ impl Printer {
     }
 
     pub(crate) fn pairs(&self, pairs: &[KeyValue]) {
-        let json = Value::Array(
-            pairs
-                .iter()
-                .map(|kv| json!({"key": text(&kv.key), "value": text(&kv.value)}))
-                .collect(),
-        );
+        let json = Value::Array(pairs.iter().map(record_json).collect());
         self.emit(json, || {
             pairs
                 .iter()

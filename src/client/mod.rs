@@ -138,12 +138,26 @@ impl Client {
 
     /// The value of `key`, or `None`.
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.get_record(key).await?.map(|kv| kv.value))
+    }
+
+    /// `key` with its value and history (`create_revision`, `mod_revision`,
+    /// `version`, `lease`), or `None`.
+    pub async fn get_record(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>, Error> {
+        let key = key.into();
         let command = request::Command::Get(GetRequest {
-            key: key.into(),
+            key: key.clone(),
             serializable: self.inner.options.serializable,
         });
         match self.call(command, Kind::Read).await? {
-            response::Result::Get(r) if r.found => Ok(Some(r.value)),
+            response::Result::Get(r) if r.found => Ok(Some(KeyValue {
+                key,
+                value: r.value,
+                create_revision: r.create_revision,
+                mod_revision: r.mod_revision,
+                version: r.version,
+                lease: r.lease,
+            })),
             response::Result::Get(_) => Ok(None),
             other => Err(mismatch(other)),
         }

@@ -196,10 +196,17 @@ async fn run(
             }
             // Straight from the store: a read never holds the state machine
             // lock the raft loop takes after every batch.
-            let value = handle.store().get(&get.key).map_err(store_failure)?.map(|r| r.value);
-            Ok(response::Result::Get(GetResponse {
-                found: value.is_some(),
-                value: value.unwrap_or_default(),
+            let record = handle.store().get(&get.key).map_err(store_failure)?;
+            Ok(response::Result::Get(match record {
+                Some(r) => GetResponse {
+                    found: true,
+                    value: r.value,
+                    create_revision: r.create_revision,
+                    mod_revision: r.mod_revision,
+                    version: r.version,
+                    lease: r.lease,
+                },
+                None => GetResponse::default(),
             }))
         }
         C::Scan(scan) => {

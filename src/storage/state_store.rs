@@ -501,6 +501,10 @@ impl StateStore {
             bytes += size;
             page.pairs.push(KeyValue {
                 key,
+                create_revision: value.create_revision,
+                mod_revision: value.mod_revision,
+                version: value.version,
+                lease: value.lease,
                 value: value.value,
             });
             true
