@@ -29,11 +29,7 @@ async fn three_static_members_elect_exactly_one_leader() {
     // A little slack for an unlucky split vote on a loaded machine.
     assert!(terms.iter().all(|t| *t == terms[0] && *t <= 3), "terms {terms:?}");
     // Every member publishes its client address through raft.
-    cluster
-        .wait_info(leader, T, "all client addresses known", |i| {
-            i.members.iter().all(|m| !m.client_addr.is_empty())
-        })
-        .await;
+    cluster.wait_all_published(leader, T).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,11 +500,7 @@ async fn endpoint_health_and_status_on_a_healthy_a_partly_dead_and_a_leaderless_
     let mut cluster = Cluster::start_static(3, &[]);
     let all = [1, 2, 3];
     let leader = cluster.wait_for_leader(&all, T).await;
-    cluster
-        .wait_info(leader, T, "every member published its address", |i| {
-            i.members.iter().all(|m| !m.client_addr.is_empty())
-        })
-        .await;
+    cluster.wait_all_published(leader, T).await;
     let json_of = |out: &std::process::Output| -> serde_json::Value {
         serde_json::from_str(&stdout(out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(out)))
     };

@@ -281,13 +281,7 @@ async fn a_wiped_member_refuses_its_old_id_and_is_replaced_as_the_readme_says() 
 async fn a_wiped_former_leader_is_refused_by_its_data_dir_incarnation() {
     let mut cluster = Cluster::start_static(3, &[]);
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
-    // Every member has published its record (client address and incarnation
-    // travel in the same update).
-    cluster
-        .wait_info(leader, T, "every member published itself", |i| {
-            i.members.iter().all(|m| !m.client_addr.is_empty())
-        })
-        .await;
+    cluster.wait_all_published(leader, T).await;
     let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
     let client = cluster.client(&others);
     for i in 0..20 {

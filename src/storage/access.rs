@@ -37,11 +37,9 @@ fn read_write(path: &Path) -> bool {
     unsafe { libc::access(c_path.as_ptr(), mode) == 0 }
 }
 
-/// "user NAME (uid N)" for this process's effective user, from /etc/passwd
-/// (read directly: a static binary has no NSS).
-pub fn current_user() -> String {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
+/// "user NAME (uid N)", the name from /etc/passwd (read directly: a static
+/// binary has no NSS).
+fn describe_user(uid: u32) -> String {
     let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
         passwd.lines().find_map(|line| {
             let mut fields = line.split(':');
@@ -64,7 +62,7 @@ pub fn explain(data_dir: &Path, path: &Path) -> String {
         "{}, which kvraftd runs as, may not read and write {} (data dir {}: data_dir, --data-dir, \
          KVRAFT_DATA_DIR); the data dir and everything in it must belong to that user \
          (chown -R {uid} {}), or point data_dir at a directory it owns",
-        current_user(),
+        describe_user(uid),
         path.display(),
         data_dir.display(),
         data_dir.display()
@@ -81,7 +79,8 @@ mod tests {
         std::fs::create_dir(dir.path().join("raft-log")).unwrap();
         std::fs::write(dir.path().join("raft-log/0001.raftlog"), b"x").unwrap();
         assert_eq!(first_inaccessible(dir.path()), None);
-        assert!(current_user().contains(&format!("uid {}", unsafe { libc::geteuid() })));
+        assert_eq!(describe_user(0), "user root (uid 0)");
+        assert_eq!(describe_user(4_000_000_000), "uid 4000000000", "no such user");
         let message = explain(dir.path(), &dir.path().join("state.redb"));
         assert!(
             message.contains("data_dir") && message.contains("state.redb"),

@@ -293,6 +293,16 @@ impl Cluster {
         }
     }
 
+    /// Waits until node `ask` lists every member with its client address:
+    /// each has published its own record (client address and data dir
+    /// incarnation travel in the same update).
+    pub async fn wait_all_published(&self, ask: u64, timeout: Duration) {
+        self.wait_info(ask, timeout, "every member published its record", |i| {
+            i.members.iter().all(|m| !m.client_addr.is_empty())
+        })
+        .await;
+    }
+
     /// Waits until `check` passes on node `id`'s info.
     pub async fn wait_info(
         &self,
