@@ -347,7 +347,7 @@ impl Client {
 
     /// Sends one command with failover and retries until the deadline.
     async fn call(&self, command: request::Command, kind: Kind) -> Result<response::Result, Error> {
-        self.call_until(command, kind, Instant::now() + self.inner.options.timeout)
+        self.call_until(command, kind, Instant::now() + self.inner.options.timeout, None)
             .await
     }
 
@@ -358,7 +358,14 @@ impl Client {
         let deadline = Instant::now() + self.inner.options.timeout;
         loop {
             let session = self.session_id(deadline).await?;
-            match self.call_until(command.clone(), Kind::Write, deadline).await {
+            // Numbered in that session, unless another write renewed it since.
+            let Some(slot) = WriteSlot::take(&self.inner.session, session) else {
+                continue;
+            };
+            match self
+                .call_until(command.clone(), Kind::Write, deadline, Some(slot))
+                .await
+            {
                 Err(Error::Server {
                     code: ErrorCode::SessionExpired,
                     ..
@@ -387,7 +394,7 @@ impl Client {
         }
         // A lost reply makes an extra session, which expires unused.
         let command = request::Command::RegisterSession(RegisterSessionRequest {});
-        match self.call_until(command, Kind::Read, deadline).await? {
+        match self.call_until(command, Kind::Read, deadline, None).await? {
             response::Result::RegisterSession(r) => {
                 *self.inner.session.lock().unwrap() = Session::registered(r.session_id);
                 Ok(r.session_id)
@@ -396,12 +403,14 @@ impl Client {
         }
     }
 
-    /// [`Client::call`] with a given deadline.
+    /// [`Client::call`] with a given deadline; a write carries its place in
+    /// the session on every attempt.
     async fn call_until(
         &self,
         command: request::Command,
         kind: Kind,
         deadline: Instant,
+        write: Option<WriteSlot<'_>>,
     ) -> Result<response::Result, Error> {
         let timeout = self.inner.options.timeout;
         // One attempt may not take the whole deadline: a node that holds a
@@ -421,7 +430,6 @@ impl Client {
         let mut hint: Option<String> = None;
         let mut unreachable_hints: HashSet<String> = HashSet::new();
         // A write's place in the session; every attempt carries the same.
-        let write = (kind == Kind::Write).then(|| WriteSlot::take(&self.inner.session));
         // Why an earlier attempt of this write may have been applied.
         let mut unknown: Option<String> = None;
         // A write sent just before the deadline would time out waiting for
@@ -500,30 +508,24 @@ impl Client {
                     let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
                     let retry = is_retryable(code) || (kind != Kind::Admin && code == ErrorCode::OutcomeUnknown);
                     if !retry {
-                        if let Some(why) = unknown {
-                            // An earlier attempt may have applied it (so a new
-                            // session, or a caller's retry, could apply it twice).
-                            return Err(Error::OutcomeUnknown(format!("{why}; then {endpoint}: {}", e.message)));
-                        }
-                        return Err(match code {
-                            // Nothing of this write was applied: `write` registers
-                            // a new session and sends it again.
-                            ErrorCode::SessionExpired => Error::Server {
-                                code,
-                                message: e.message,
-                            },
+                        let error = match code {
                             // A copy below what we acknowledged: it was answered,
                             // but not to this call.
-                            ErrorCode::StaleWrite => Error::OutcomeUnknown(e.message),
-                            ErrorCode::OutcomeUnknown => Error::OutcomeUnknown(e.message),
+                            ErrorCode::OutcomeUnknown | ErrorCode::StaleWrite => Error::OutcomeUnknown(e.message),
                             ErrorCode::PermissionDenied => Error::PermissionDenied(e.message),
                             ErrorCode::Unauthenticated => Error::Tls(e.message),
                             c if is_callers_fault(c) => Error::InvalidArgument(e.message),
+                            // SESSION_EXPIRED among them: nothing of this write
+                            // was applied, and `write` sends it again in a new
+                            // session (unless an earlier attempt may have been).
                             _ => Error::Server {
                                 code,
                                 message: e.message,
                             },
-                        });
+                        };
+                        // An earlier attempt may have applied it (so a new
+                        // session, or a caller's retry, could apply it twice).
+                        return Err(unknown_or(unknown, error));
                     }
                     if code == ErrorCode::OutcomeUnknown && kind == Kind::Write {
                         unknown = Some(format!("{endpoint}: {}", e.message));
@@ -547,39 +549,39 @@ impl Client {
                 Ok(Response { result: None, .. }) => {
                     return Err(Error::Protocol(format!("{endpoint} sent a response without a result")))
                 }
-                Err(Failure::Closed(reason)) => {
-                    self.drop_connection(&endpoint);
-                    match reason {
-                        Some(CloseReason::Invalid(reason)) => {
-                            return Err(unknown_or(unknown, Error::InvalidArgument(reason)))
+                Err(failure) => {
+                    // Sent, and no answer: it may have run.
+                    let (why, what) = match failure {
+                        Failure::Closed(reason) => {
+                            self.drop_connection(&endpoint);
+                            match reason {
+                                Some(CloseReason::Invalid(reason)) => {
+                                    return Err(unknown_or(unknown, Error::InvalidArgument(reason)))
+                                }
+                                Some(CloseReason::Tls(reason)) => return Err(unknown_or(unknown, Error::Tls(reason))),
+                                Some(CloseReason::NotRun(reason)) => {
+                                    // The server promised the request did not run.
+                                    attempts.failed(&endpoint, &reason);
+                                    continue;
+                                }
+                                None => (
+                                    format!("the connection to {endpoint} broke while the write was in flight"),
+                                    "connection lost",
+                                ),
+                            }
                         }
-                        Some(CloseReason::Tls(reason)) => return Err(unknown_or(unknown, Error::Tls(reason))),
-                        Some(CloseReason::NotRun(reason)) => {
-                            // The server promised the request did not run.
-                            attempts.failed(&endpoint, &reason);
-                            continue;
-                        }
-                        None => {}
-                    }
-                    let why = format!("the connection to {endpoint} broke while the write was in flight");
+                        Failure::Timeout => (
+                            format!("no reply from {endpoint} within {:?}", attempt_time.min(timeout)),
+                            "no reply",
+                        ),
+                    };
                     match kind {
                         Kind::Admin => return Err(Error::OutcomeUnknown(why)),
                         Kind::Write => unknown = Some(why),
                         Kind::Read => {}
                     }
-                    attempts.failed(&endpoint, "connection lost");
-                    self.rotate_from(&endpoint);
-                    failures_in_a_row += 1;
-                }
-                Err(Failure::Timeout) => {
-                    let why = format!("no reply from {endpoint} within {:?}", attempt_time.min(timeout));
-                    match kind {
-                        Kind::Admin => return Err(Error::OutcomeUnknown(why)),
-                        Kind::Write => unknown = Some(why),
-                        Kind::Read => {}
-                    }
-                    attempts.failed(&endpoint, "no reply");
-                    // That node holds requests: try another.
+                    attempts.failed(&endpoint, what);
+                    // That node lost the connection or holds requests: try another.
                     self.rotate_from(&endpoint);
                     failures_in_a_row += 1;
                 }
@@ -632,12 +634,17 @@ struct WriteSlot<'a> {
 }
 
 impl<'a> WriteSlot<'a> {
-    fn take(session: &'a Mutex<Session>) -> Self {
+    /// The next number in session `id`; `None` if the client's session is
+    /// no longer that one (another write renewed it).
+    fn take(session: &'a Mutex<Session>, id: u64) -> Option<Self> {
         let mut s = session.lock().unwrap();
+        if s.id != id {
+            return None;
+        }
         let seq = s.next_seq;
         s.next_seq += 1;
         s.in_flight.insert(seq);
-        WriteSlot { session, id: s.id, seq }
+        Some(WriteSlot { session, id, seq })
     }
 
     /// Puts the session fields on an attempt of this write.
