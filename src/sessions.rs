@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::proto::{ClientSession, SessionResult, SessionTable};
+use crate::proto::{ClientSession, SessionResult, SessionTable, TxnResponse};
 
 /// A session unused this long (by the state machine's clock) is gone. Far
 /// longer than any client deadline, so a write is never retried into it.
@@ -31,21 +31,52 @@ pub const MAX_RESULTS_PER_SESSION: usize = 1024;
 /// state record and snapshot headers, so it must stay small).
 pub const MAX_RESULTS: usize = 65_536;
 
+/// A transaction answer larger than this (encoded) is kept without its read
+/// results: the table travels in every state record, and a retry (rare: a
+/// lost reply) still learns the branch and every write's result.
+pub const MAX_KEPT_TXN_BYTES: usize = 512;
+
 /// What an applied write answered, as kept for its retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// A set, at this revision.
     Set {
         /// The log index that applied it.
         revision: u64,
     },
-    /// A delete, at this revision.
+    /// A delete (of a key or a range), at this revision.
     Delete {
-        /// Whether the key existed.
-        existed: bool,
+        /// How many keys it deleted.
+        deleted: u64,
         /// The log index that applied it.
         revision: u64,
     },
+    /// A transaction (see [`Outcome::txn`]).
+    Txn(Box<TxnResponse>),
+}
+
+impl Outcome {
+    /// A transaction's outcome as kept: whole if small, else without reads.
+    pub fn txn(response: &TxnResponse) -> Outcome {
+        use crate::proto::txn_op_result::Result as R;
+        use prost::Message as _;
+        if response.encoded_len() <= MAX_KEPT_TXN_BYTES {
+            return Outcome::Txn(Box::new(response.clone()));
+        }
+        let writes = response
+            .results
+            .iter()
+            .map(|r| match &r.result {
+                Some(R::Put(_)) | Some(R::Delete(_)) => r.clone(),
+                _ => Default::default(),
+            })
+            .collect();
+        Outcome::Txn(Box::new(TxnResponse {
+            results: writes,
+            reads_omitted: true,
+            ..response.clone()
+        }))
+    }
 }
 
 /// Which write of which session a command is.
@@ -60,7 +91,7 @@ pub struct WriteId {
 }
 
 /// What to do with a write.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Apply it (then [`Sessions::record`] its outcome).
     Apply,
@@ -81,7 +112,7 @@ pub enum Refusal {
     Busy,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Session {
     first_incomplete: u64,
     last_active_ms: u64,
@@ -168,7 +199,7 @@ impl Sessions {
             );
         }
         if let Some(outcome) = session.results.get(&w.seq) {
-            return Verdict::Duplicate(*outcome);
+            return Verdict::Duplicate(outcome.clone());
         }
         if session.results.len() >= MAX_RESULTS_PER_SESSION {
             return Verdict::Refuse(
@@ -286,18 +317,25 @@ impl Sessions {
                 results: s
                     .results
                     .iter()
-                    .map(|(seq, outcome)| match *outcome {
+                    .map(|(seq, outcome)| match outcome {
                         Outcome::Set { revision } => SessionResult {
                             seq: *seq,
-                            revision,
-                            delete: false,
-                            existed: false,
+                            revision: *revision,
+                            ..Default::default()
                         },
-                        Outcome::Delete { existed, revision } => SessionResult {
+                        Outcome::Delete { deleted, revision } => SessionResult {
                             seq: *seq,
-                            revision,
+                            revision: *revision,
                             delete: true,
-                            existed,
+                            existed: *deleted > 0,
+                            deleted: *deleted,
+                            txn: None,
+                        },
+                        Outcome::Txn(response) => SessionResult {
+                            seq: *seq,
+                            revision: response.revision,
+                            txn: Some((**response).clone()),
+                            ..Default::default()
                         },
                     })
                     .collect(),
@@ -320,9 +358,12 @@ impl Sessions {
                 .results
                 .iter()
                 .map(|r| {
-                    let outcome = if r.delete {
+                    let outcome = if let Some(txn) = &r.txn {
+                        Outcome::Txn(Box::new(txn.clone()))
+                    } else if r.delete {
+                        // `existed` alone: recorded before range deletes.
                         Outcome::Delete {
-                            existed: r.existed,
+                            deleted: r.deleted.max(u64::from(r.existed)),
                             revision: r.revision,
                         }
                     } else {
@@ -367,10 +408,10 @@ mod tests {
         // Writes 2 and 3 in flight at once, applied out of order.
         assert_eq!(s.check(w(7, 3, 2)), Verdict::Apply);
         let deleted = Outcome::Delete {
-            existed: true,
+            deleted: 1,
             revision: 11,
         };
-        s.record(w(7, 3, 2), deleted);
+        s.record(w(7, 3, 2), deleted.clone());
         assert_eq!(s.check(w(7, 2, 2)), Verdict::Apply);
         s.record(w(7, 2, 2), Outcome::Set { revision: 12 });
         assert_eq!(s.check(w(7, 3, 2)), Verdict::Duplicate(deleted));
@@ -436,5 +477,63 @@ mod tests {
         assert_eq!(copy, original);
         assert_eq!(copy.to_proto(), original.to_proto());
         assert_eq!(Sessions::from_proto(None), Sessions::default());
+    }
+
+    #[test]
+    fn transactions_and_range_deletes_are_kept_and_large_reads_left_out() {
+        use crate::proto::{txn_op_result::Result as R, GetResponse, SetResponse, TxnOpResult};
+        let result = |r: R| TxnOpResult { result: Some(r) };
+        let small = TxnResponse {
+            succeeded: true,
+            revision: 40,
+            results: vec![
+                result(R::Put(SetResponse { revision: 40 })),
+                result(R::Get(GetResponse {
+                    found: true,
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                })),
+            ],
+            reads_omitted: false,
+        };
+        assert_eq!(Outcome::txn(&small), Outcome::Txn(Box::new(small.clone())));
+        let mut large = small.clone();
+        large.results[1] = result(R::Get(GetResponse {
+            found: true,
+            value: vec![7; MAX_KEPT_TXN_BYTES],
+            ..Default::default()
+        }));
+        let Outcome::Txn(kept) = Outcome::txn(&large) else {
+            panic!("a transaction is kept as one")
+        };
+        assert!(kept.reads_omitted && kept.succeeded && kept.revision == 40);
+        assert_eq!(kept.results[0], small.results[0], "writes are kept");
+        assert_eq!(
+            kept.results[1],
+            TxnOpResult::default(),
+            "the read is left out, in place"
+        );
+
+        let mut s = Sessions::default();
+        s.advance_clock(1_000);
+        s.register(5);
+        s.record(w(5, 1, 1), Outcome::txn(&large));
+        let range = Outcome::Delete {
+            deleted: 300,
+            revision: 41,
+        };
+        s.record(w(5, 2, 1), range.clone());
+        let back = Sessions::from_proto(Some(&s.to_proto()));
+        assert_eq!(back, s);
+        assert_eq!(back.clone().check(w(5, 2, 1)), Verdict::Duplicate(range));
+        // A record from before range deletes says only whether the key existed.
+        let mut old = s.to_proto();
+        old.sessions[0].results[1].deleted = 0;
+        old.sessions[0].results[1].existed = true;
+        let Verdict::Duplicate(Outcome::Delete { deleted, .. }) = Sessions::from_proto(Some(&old)).check(w(5, 2, 1))
+        else {
+            panic!("the delete is kept")
+        };
+        assert_eq!(deleted, 1);
     }
 }

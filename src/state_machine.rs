@@ -15,24 +15,30 @@ use std::sync::Arc;
 use protobuf::Message as _;
 use raft::prelude::ConfState;
 
-use crate::proto::{command, Command, Member, MemberRole, SnapshotHeader, StoredValue};
+use crate::proto::{
+    command, Command, DeleteRequest, Member, MemberRole, SetRequest, SnapshotHeader, StoredValue, TxnResponse,
+};
 use crate::sessions::{Outcome, Refusal, Sessions, Verdict, WriteId};
 use crate::storage::memtable::Layer;
 use crate::storage::state_store::FORMAT;
 use crate::storage::{StateStore, StorageError};
 
+mod txn;
+
+pub use txn::{get_response, holds, MAX_RANGE_DELETE, TXN_READ_BYTES};
+
 /// What applying one command produced, for the waiting client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ApplyResult {
     /// A set was applied at this index.
     Set {
         /// The log index that applied it.
         revision: u64,
     },
-    /// A delete was applied at this index.
+    /// A delete (of a key or a range) was applied at this index.
     Delete {
-        /// Whether the key existed.
-        existed: bool,
+        /// How many keys it deleted.
+        deleted: u64,
         /// The log index that applied it.
         revision: u64,
     },
@@ -42,6 +48,11 @@ pub enum ApplyResult {
     /// expired, the write is a late copy of one already answered, or the
     /// session has too many writes in flight).
     SessionRefused(Refusal, String),
+    /// A transaction ran (or, retried, was answered from its session).
+    Txn(Box<TxnResponse>),
+    /// The request was refused unapplied when it came to apply (a range
+    /// delete over the limit): the caller must change it.
+    Refused(String),
     /// A client session was opened; its id is the entry's index.
     SessionRegistered {
         /// The new session's id.
@@ -257,6 +268,15 @@ pub struct Batch<'a> {
     sessions: std::sync::MutexGuard<'a, Sessions>,
 }
 
+/// The changes of one command, joined to the batch only once the whole
+/// command applied: a transaction or range delete refused part-way leaves
+/// nothing behind.
+#[derive(Default)]
+struct Pending {
+    layer: Layer,
+    keys_added: i64,
+}
+
 impl<'a> Batch<'a> {
     /// Starts a batch on `store` from the state `meta`.
     pub fn begin(store: &'a StateStore, meta: StateMeta) -> Result<Self, StorageError> {
@@ -284,12 +304,73 @@ impl<'a> Batch<'a> {
         self.meta.apply_conf_state(index, term, conf_state, added);
     }
 
-    /// A key's record as of the entries applied so far.
-    fn current(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        match self.changes.get(key) {
+    /// A key's record as of the entries applied so far, `pending` included.
+    fn lookup(&self, pending: &Pending, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        match pending.layer.get(key).or_else(|| self.changes.get(key)) {
             Some(change) => Ok(change.clone()),
             None => self.store.get(key),
         }
+    }
+
+    /// Sets `key` at revision `index`, carrying its history on.
+    fn put(&self, pending: &mut Pending, index: u64, key: Vec<u8>, value: Vec<u8>) -> Result<(), StorageError> {
+        let previous = self.lookup(pending, &key)?;
+        let record = StoredValue {
+            value,
+            create_revision: previous.as_ref().map_or(index, |p| p.create_revision),
+            mod_revision: index,
+            version: previous.as_ref().map_or(1, |p| p.version + 1),
+            lease: 0,
+        };
+        if previous.is_none() {
+            pending.keys_added += 1;
+        }
+        pending.layer.insert(key, Some(record));
+        Ok(())
+    }
+
+    /// Deletes `key`; returns how many keys that deleted (0 or 1).
+    fn delete_key(&self, pending: &mut Pending, key: Vec<u8>) -> Result<u64, StorageError> {
+        if self.lookup(pending, &key)?.is_none() {
+            return Ok(0);
+        }
+        pending.keys_added -= 1;
+        pending.layer.insert(key, None);
+        Ok(1)
+    }
+
+    /// Applies a set or delete (of a key or a range).
+    fn write(
+        &self,
+        pending: &mut Pending,
+        index: u64,
+        op: WriteOp,
+    ) -> Result<Result<ApplyResult, String>, StorageError> {
+        Ok(Ok(match op {
+            WriteOp::Set(set) => {
+                self.put(pending, index, set.key, set.value)?;
+                ApplyResult::Set { revision: index }
+            }
+            WriteOp::Delete(delete) => {
+                let deleted = match delete.range {
+                    Some(range) => match self.delete_range(pending, &range)? {
+                        Ok(deleted) => deleted,
+                        Err(why) => return Ok(Err(why)),
+                    },
+                    None => self.delete_key(pending, delete.key)?,
+                };
+                ApplyResult::Delete {
+                    deleted,
+                    revision: index,
+                }
+            }
+        }))
+    }
+
+    /// Joins a command's changes to the batch.
+    fn absorb(&mut self, pending: Pending) {
+        self.keys_added += pending.keys_added;
+        self.changes.absorb(pending.layer);
     }
 
     /// Applies one command. A failure is the store's, and fatal. A write of
@@ -304,68 +385,48 @@ impl<'a> Batch<'a> {
             seq: command.seq,
             first_incomplete: command.first_incomplete,
         };
-        let in_session =
-            write.session != 0 && matches!(command.op, Some(command::Op::Set(_)) | Some(command::Op::Delete(_)));
+        let in_session = write.session != 0
+            && matches!(
+                command.op,
+                Some(command::Op::Set(_)) | Some(command::Op::Delete(_)) | Some(command::Op::Txn(_))
+            );
         if in_session {
             match self.sessions.check(write) {
                 Verdict::Apply => {}
-                Verdict::Duplicate(Outcome::Set { revision }) => return Ok(ApplyResult::Set { revision }),
-                Verdict::Duplicate(Outcome::Delete { existed, revision }) => {
-                    return Ok(ApplyResult::Delete { existed, revision })
-                }
+                Verdict::Duplicate(outcome) => return Ok(outcome.into()),
                 Verdict::Refuse(refusal, why) => return Ok(ApplyResult::SessionRefused(refusal, why)),
             }
         }
-        if let Some(command::Op::RegisterSession(_)) = command.op {
-            self.sessions.register(index);
-            return Ok(ApplyResult::SessionRegistered { session_id: index });
-        }
-        let result = self.apply_op(index, command)?;
+        let result = match command.op {
+            Some(command::Op::RegisterSession(_)) => {
+                self.sessions.register(index);
+                return Ok(ApplyResult::SessionRegistered { session_id: index });
+            }
+            Some(command::Op::UpdateMember(update)) => {
+                self.meta.update_member(update);
+                return Ok(ApplyResult::Members(self.meta.members()));
+            }
+            None => return Ok(ApplyResult::Members(self.meta.members())),
+            Some(command::Op::Set(set)) => self.apply_write(index, WriteOp::Set(set))?,
+            Some(command::Op::Delete(delete)) => self.apply_write(index, WriteOp::Delete(delete))?,
+            Some(command::Op::Txn(txn)) => self.apply_txn(index, txn)?,
+        };
         if in_session {
-            let outcome = match result {
-                ApplyResult::Set { revision } => Outcome::Set { revision },
-                ApplyResult::Delete { existed, revision } => Outcome::Delete { existed, revision },
-                _ => unreachable!("a set or delete answers with its outcome"),
-            };
-            self.sessions.record(write, outcome);
+            if let Some(outcome) = Outcome::of(&result) {
+                self.sessions.record(write, outcome);
+            }
         }
         Ok(result)
     }
 
-    fn apply_op(&mut self, index: u64, command: Command) -> Result<ApplyResult, StorageError> {
-        Ok(match command.op {
-            Some(command::Op::Set(set)) => {
-                let previous = self.current(&set.key)?;
-                let record = StoredValue {
-                    value: set.value,
-                    create_revision: previous.as_ref().map_or(index, |p| p.create_revision),
-                    mod_revision: index,
-                    version: previous.as_ref().map_or(1, |p| p.version + 1),
-                    lease: 0,
-                };
-                if previous.is_none() {
-                    self.keys_added += 1;
-                }
-                self.changes.insert(set.key, Some(record));
-                ApplyResult::Set { revision: index }
+    fn apply_write(&mut self, index: u64, op: WriteOp) -> Result<ApplyResult, StorageError> {
+        let mut pending = Pending::default();
+        Ok(match self.write(&mut pending, index, op)? {
+            Ok(result) => {
+                self.absorb(pending);
+                result
             }
-            Some(command::Op::Delete(delete)) => {
-                let existed = self.current(&delete.key)?.is_some();
-                if existed {
-                    self.keys_added -= 1;
-                    self.changes.insert(delete.key, None);
-                }
-                ApplyResult::Delete {
-                    existed,
-                    revision: index,
-                }
-            }
-            Some(command::Op::UpdateMember(update)) => {
-                self.meta.update_member(update);
-                ApplyResult::Members(self.meta.members())
-            }
-            // Handled in `apply`.
-            Some(command::Op::RegisterSession(_)) | None => ApplyResult::Members(self.meta.members()),
+            Err(why) => ApplyResult::Refused(why),
         })
     }
 
@@ -386,6 +447,38 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// The writes a command or a transaction operation makes.
+enum WriteOp {
+    Set(SetRequest),
+    Delete(DeleteRequest),
+}
+
+impl From<Outcome> for ApplyResult {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Set { revision } => ApplyResult::Set { revision },
+            Outcome::Delete { deleted, revision } => ApplyResult::Delete { deleted, revision },
+            Outcome::Txn(response) => ApplyResult::Txn(response),
+        }
+    }
+}
+
+impl Outcome {
+    /// What a session keeps of an applied write's result (nothing of a
+    /// refused one: it changed nothing, so a retry may apply).
+    fn of(result: &ApplyResult) -> Option<Outcome> {
+        match result {
+            ApplyResult::Set { revision } => Some(Outcome::Set { revision: *revision }),
+            ApplyResult::Delete { deleted, revision } => Some(Outcome::Delete {
+                deleted: *deleted,
+                revision: *revision,
+            }),
+            ApplyResult::Txn(response) => Some(Outcome::txn(response)),
+            _ => None,
+        }
+    }
+}
+
 /// Every node id in a configuration: voters (incoming and outgoing) and learners.
 pub fn conf_ids(cs: &ConfState) -> impl Iterator<Item = u64> + '_ {
     cs.voters
@@ -402,7 +495,7 @@ mod tests {
     use crate::proto::{DeleteRequest, SetRequest};
     use crate::storage::state_store::ScanPage;
 
-    fn set(k: &str, v: &str) -> Command {
+    pub(super) fn set(k: &str, v: &str) -> Command {
         Command {
             op: Some(command::Op::Set(SetRequest {
                 key: k.into(),
@@ -414,7 +507,10 @@ mod tests {
 
     fn delete(k: &str) -> Command {
         Command {
-            op: Some(command::Op::Delete(DeleteRequest { key: k.into() })),
+            op: Some(command::Op::Delete(DeleteRequest {
+                key: k.into(),
+                range: None,
+            })),
             ..Default::default()
         }
     }
@@ -435,13 +531,18 @@ mod tests {
         cs
     }
 
-    fn machine(dir: &std::path::Path) -> StateMachine {
+    pub(super) fn machine(dir: &std::path::Path) -> StateMachine {
         StateMachine::open(Arc::new(StateStore::open(dir, 8 << 20).unwrap())).unwrap()
     }
 
     /// Applies `commands` from `first` on, in one batch (flushed to the file
     /// when `durable`).
-    fn apply_all(sm: &mut StateMachine, first: u64, commands: Vec<Command>, durable: bool) -> Vec<ApplyResult> {
+    pub(super) fn apply_all(
+        sm: &mut StateMachine,
+        first: u64,
+        commands: Vec<Command>,
+        durable: bool,
+    ) -> Vec<ApplyResult> {
         let store = sm.store().clone();
         let mut batch = Batch::begin(&store, sm.meta().clone()).unwrap();
         let results = commands
@@ -456,7 +557,7 @@ mod tests {
         results
     }
 
-    fn in_session(mut command: Command, session_id: u64, seq: u64, first_incomplete: u64) -> Command {
+    pub(super) fn in_session(mut command: Command, session_id: u64, seq: u64, first_incomplete: u64) -> Command {
         command.session_id = session_id;
         command.seq = seq;
         command.first_incomplete = first_incomplete;
@@ -464,7 +565,7 @@ mod tests {
         command
     }
 
-    fn register() -> Command {
+    pub(super) fn register() -> Command {
         Command {
             op: Some(command::Op::RegisterSession(crate::proto::RegisterSessionRequest {})),
             proposed_at_ms: 1_000,
@@ -488,7 +589,7 @@ mod tests {
         assert_eq!(sm.get(b"k").unwrap().unwrap(), b"b");
         let deleted = apply_all(&mut sm, 6, vec![in_session(delete("k"), 2, 2, 1)], true);
         let deleted_at_6 = ApplyResult::Delete {
-            existed: true,
+            deleted: 1,
             revision: 6,
         };
         assert_eq!(deleted[0], deleted_at_6);
@@ -532,11 +633,11 @@ mod tests {
             results,
             [
                 ApplyResult::Delete {
-                    existed: true,
+                    deleted: 1,
                     revision: 5
                 },
                 ApplyResult::Delete {
-                    existed: false,
+                    deleted: 0,
                     revision: 6
                 }
             ]

@@ -344,7 +344,10 @@ async fn a_follower_answers_writes_and_linearizable_reads_itself_by_forwarding_t
         R::Get(got) => assert_eq!((got.found, got.value.as_slice()), (true, &b"1"[..])),
         other => panic!("linearizable get via follower {follower}: {other:?}"),
     }
-    let delete = C::Delete(DeleteRequest { key: b"fwd".to_vec() });
+    let delete = C::Delete(DeleteRequest {
+        key: b"fwd".to_vec(),
+        range: None,
+    });
     assert!(matches!(raw_request(&addr, delete).await, R::Delete(d) if d.existed));
     // Through raft, not a local copy: the leader saw both writes.
     assert_eq!(cluster.client(&[leader]).get("fwd").await.unwrap(), None);

@@ -165,7 +165,10 @@ impl Client {
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, Error> {
-        let command = request::Command::Delete(DeleteRequest { key: key.into() });
+        let command = request::Command::Delete(DeleteRequest {
+            key: key.into(),
+            range: None,
+        });
         match self.write(command).await? {
             response::Result::Delete(r) => Ok(r.existed),
             other => Err(mismatch(other)),

@@ -16,6 +16,7 @@ pub mod client;
 pub mod http;
 pub mod peer;
 pub mod requests;
+pub mod validate;
 mod wire_errors;
 
 use std::net::SocketAddr;

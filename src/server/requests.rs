@@ -7,18 +7,18 @@ use ::metrics::{counter, histogram};
 use tracing::{debug, info_span, Instrument};
 
 use super::access::AccessControl;
-use super::Limits;
+use super::{validate, Limits};
 use crate::address::check_host_port;
 use crate::error::WireError;
 use crate::metrics;
 use crate::node::{MembershipChange, NodeHandle, NodeStatus};
 use crate::proto::{
-    command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, GetResponse, InfoResponse, Member,
+    command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, InfoResponse, Member,
     MembersResponse, PingResponse, RegisterSessionResponse, RemoveNodeResponse, Request, Response, ScanResponse,
     SetResponse,
 };
 use crate::sessions::Refusal;
-use crate::state_machine::ApplyResult;
+use crate::state_machine::{get_response, ApplyResult};
 
 /// Handles one request and returns its response (never fails: errors become
 /// error responses). Each request runs in a span carrying its id, operation and
@@ -82,6 +82,7 @@ pub(super) fn op_name(command: &request::Command) -> &'static str {
         C::Get(_) => "get",
         C::Delete(_) => "delete",
         C::RegisterSession(_) => "register_session",
+        C::Txn(_) => "txn",
         C::Scan(_) => "scan",
         C::AddNode(_) => "add_node",
         C::RemoveNode(_) => "remove_node",
@@ -90,20 +91,6 @@ pub(super) fn op_name(command: &request::Command) -> &'static str {
         C::Ping(_) => "ping",
         C::SnapshotSave(_) => "snapshot_save",
     }
-}
-
-fn check_key(key: &[u8], limits: Limits) -> Result<(), WireError> {
-    if key.is_empty() {
-        return Err(WireError::invalid("the key is empty; keys must be at least one byte"));
-    }
-    if key.len() > limits.max_key_size {
-        return Err(WireError::invalid(format!(
-            "the key is {} bytes, over the limit of {} bytes (--max-key-size)",
-            key.len(),
-            limits.max_key_size
-        )));
-    }
-    Ok(())
 }
 
 fn unexpected(result: ApplyResult) -> WireError {
@@ -117,6 +104,7 @@ fn unexpected(result: ApplyResult) -> WireError {
             };
             WireError::new(code, why)
         }
+        ApplyResult::Refused(why) => WireError::invalid(why),
         other => WireError::new(ErrorCode::Internal, format!("unexpected apply result {other:?}")),
     }
 }
@@ -165,14 +153,7 @@ async fn run(
             }
         }
         C::Set(set) => {
-            check_key(&set.key, limits)?;
-            if set.value.len() > limits.max_value_size {
-                return Err(WireError::invalid(format!(
-                    "the value is {} bytes, over the limit of {} bytes (--max-value-size)",
-                    set.value.len(),
-                    limits.max_value_size
-                )));
-            }
+            validate::set(&set, limits)?;
             let op = session.command(command::Op::Set(set));
             match handle.propose(op).await? {
                 ApplyResult::Set { revision } => Ok(response::Result::Set(SetResponse { revision })),
@@ -180,39 +161,37 @@ async fn run(
             }
         }
         C::Delete(delete) => {
-            check_key(&delete.key, limits)?;
+            validate::delete(&delete, limits)?;
             let op = session.command(command::Op::Delete(delete));
             match handle.propose(op).await? {
-                ApplyResult::Delete { existed, revision } => {
-                    Ok(response::Result::Delete(DeleteResponse { existed, revision }))
-                }
+                ApplyResult::Delete { deleted, revision } => Ok(response::Result::Delete(DeleteResponse {
+                    existed: deleted > 0,
+                    revision,
+                    deleted,
+                })),
+                other => Err(unexpected(other)),
+            }
+        }
+        C::Txn(txn) => {
+            validate::txn(&txn, limits)?;
+            let op = session.command(command::Op::Txn(txn));
+            match handle.propose(op).await? {
+                ApplyResult::Txn(response) => Ok(response::Result::Txn(*response)),
                 other => Err(unexpected(other)),
             }
         }
         C::Get(get) => {
-            check_key(&get.key, limits)?;
+            validate::key(&get.key, limits)?;
             if !get.serializable {
                 handle.linearizable_barrier().await?;
             }
             // Straight from the store: a read never holds the state machine
             // lock the raft loop takes after every batch.
             let record = handle.store().get(&get.key).map_err(store_failure)?;
-            Ok(response::Result::Get(match record {
-                Some(r) => GetResponse {
-                    found: true,
-                    value: r.value,
-                    create_revision: r.create_revision,
-                    mod_revision: r.mod_revision,
-                    version: r.version,
-                    lease: r.lease,
-                },
-                None => GetResponse::default(),
-            }))
+            Ok(response::Result::Get(get_response(record)))
         }
         C::Scan(scan) => {
-            if !scan.to.is_empty() && scan.to <= scan.from {
-                return Err(WireError::invalid("scan: --to must sort after --from"));
-            }
+            validate::range(&scan.from, &scan.to)?;
             if !scan.serializable {
                 handle.linearizable_barrier().await?;
             }

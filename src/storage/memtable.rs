@@ -69,7 +69,19 @@ impl Layer {
         self.changes.is_empty()
     }
 
-    fn range<'a>(&'a self, start: &[u8], end: Bound<&'a [u8]>) -> impl Iterator<Item = (&'a Vec<u8>, &'a Change)> {
+    /// Takes every change of `newer`, which replace this layer's own.
+    pub fn absorb(&mut self, newer: Layer) {
+        if self.changes.is_empty() {
+            *self = newer;
+            return;
+        }
+        for (key, change) in newer.changes {
+            self.insert(key, change);
+        }
+    }
+
+    /// The changes of keys in `[start, end)`, in key order.
+    pub fn range<'a>(&'a self, start: &[u8], end: Bound<&'a [u8]>) -> impl Iterator<Item = (&'a Vec<u8>, &'a Change)> {
         self.changes.range::<[u8], _>((Bound::Included(start), end))
     }
 }

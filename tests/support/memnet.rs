@@ -348,6 +348,7 @@ impl MemCluster {
         let command = Command {
             op: Some(command::Op::Delete(DeleteRequest {
                 key: key.as_bytes().to_vec(),
+                range: None,
             })),
             ..Default::default()
         };
