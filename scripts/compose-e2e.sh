@@ -9,7 +9,7 @@
 #   - waits until the cluster has a leader and every container is healthy (the
 #     health check pings over TLS), and peer TLS is on,
 #   - a client without TLS is refused (exit 2, "TLS" in the message) and the
-#     read-only identity `reader` can read but not write (exit 4),
+#     read-only identity `reader` can read but not write (exit 5),
 #   - at the end, `up` again re-runs the certs service, which keeps every file,
 #   - writes and reads through each node,
 #   - docker kills the leader, writes and reads through the other two,
@@ -249,10 +249,10 @@ set +e
 out="$("$KVRAFT" "${reader[@]}" --endpoints "$ALL" --timeout 15s set tls-check by-reader 2>&1)"
 rc=$?
 set -e
-[ "$rc" = 4 ] || fail "reader's set exited $rc, expected 4 (permission denied): $out"
+[ "$rc" = 5 ] || fail "reader's set exited $rc, expected 5 (permission denied): $out"
 got="$(kv --endpoints "$ALL" --timeout 15s get tls-check)"
 [ "$got" = by-admin ] || fail "the refused write changed the value to '$got'"
-echo "   reader: get OK; set: exit 4: $out"
+echo "   reader: get OK; set: exit 5: $out"
 
 command -v curl >/dev/null || fail "curl is needed for the metrics endpoints (apt-get install curl)"
 step "metrics endpoints (metrics_addr 0.0.0.0:9379, published on ${M[1]} ${M[2]} ${M[3]})"

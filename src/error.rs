@@ -68,12 +68,12 @@ pub enum Error {
 impl Error {
     /// The process exit status the CLI uses for this error: 2 for what the
     /// user must fix (input, TLS settings), 3 for cluster or network trouble,
-    /// 4 for a request the identity may not make (0 success and 1 key not
-    /// found are decided elsewhere).
+    /// 5 for a request the identity may not make (0 success, 1 key not found
+    /// and 4 compare failed are decided elsewhere).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::InvalidArgument(_) | Error::Tls(_) => 2,
-            Error::PermissionDenied(_) => 4,
+            Error::PermissionDenied(_) => 5,
             Error::Server { code, .. } if is_callers_fault(*code) => 2,
             _ => 3,
         }

@@ -192,29 +192,6 @@ async fn the_cli_speaks_text_and_json_with_the_documented_exit_codes() {
     assert!(stdout(&out).contains("p99.9"), "{}", stdout(&out));
 }
 
-/// Runs the CLI with `input` on its stdin.
-fn cli_with_stdin(cluster: &Cluster, args: &[&str], input: &[u8]) -> std::process::Output {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvraft"))
-        .arg("--endpoints")
-        .arg(cluster.endpoints(&[1, 2, 3]))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    // A separate thread: a CLI that fails early stops reading its stdin.
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_mib_binary_value_round_trips_through_stdin_a_file_and_get_raw() {
     let cluster = Cluster::start_static(3, &[]);
@@ -231,7 +208,7 @@ async fn a_one_mib_binary_value_round_trips_through_stdin_a_file_and_get_raw() {
         })
         .collect();
 
-    let out = cli_with_stdin(&cluster, &["set", "blob", "-"], &value);
+    let out = cluster.cli_with_stdin(&[1, 2, 3], &["set", "blob", "-"], &value);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = cluster.cli(&all, &["get", "blob", "--raw"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -250,7 +227,7 @@ async fn a_one_mib_binary_value_round_trips_through_stdin_a_file_and_get_raw() {
 
     // One byte over the server's limit: refused by the server, nothing changed.
     let over = vec![b'v'; (1 << 20) + 1];
-    let out = cli_with_stdin(&cluster, &["set", "blob", "-"], &over);
+    let out = cluster.cli_with_stdin(&[1, 2, 3], &["set", "blob", "-"], &over);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("max-value-size"), "{}", stderr(&out));
     assert!(cluster.cli(&all, &["get", "--raw", "blob"]).stdout == reversed);
@@ -293,25 +270,6 @@ async fn env_endpoints_and_failover_to_a_live_endpoint() {
     );
 }
 
-/// One request on a raw connection: no client library, so nothing follows a
-/// `NOT_LEADER` hint or retries.
-async fn raw_request(addr: &str, command: kvraft::proto::request::Command) -> kvraft::proto::response::Result {
-    use futures::{SinkExt, StreamExt};
-    use prost::Message;
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
-    let request = kvraft::proto::Request {
-        id: 7,
-        command: Some(command),
-        ..Default::default()
-    };
-    frames.send(kvraft::codec::encode(&request)).await.unwrap();
-    let frame = tokio::time::timeout(T, frames.next()).await.unwrap().unwrap().unwrap();
-    let response = kvraft::proto::Response::decode(frame).unwrap();
-    assert_eq!(response.id, 7);
-    response.result.expect("a response carries a result")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_answers_writes_and_linearizable_reads_itself_by_forwarding_through_raft() {
     use kvraft::proto::{request::Command as C, response::Result as R, DeleteRequest, GetRequest, SetRequest};
@@ -333,14 +291,14 @@ async fn a_follower_answers_writes_and_linearizable_reads_itself_by_forwarding_t
         value: b"1".to_vec(),
     });
     assert!(
-        matches!(raw_request(&addr, set).await, R::Set(_)),
+        matches!(support::raw_request(&addr, set).await, R::Set(_)),
         "set via follower {follower}"
     );
     let get = C::Get(GetRequest {
         key: b"fwd".to_vec(),
         serializable: false,
     });
-    match raw_request(&addr, get.clone()).await {
+    match support::raw_request(&addr, get.clone()).await {
         R::Get(got) => assert_eq!((got.found, got.value.as_slice()), (true, &b"1"[..])),
         other => panic!("linearizable get via follower {follower}: {other:?}"),
     }
@@ -348,7 +306,7 @@ async fn a_follower_answers_writes_and_linearizable_reads_itself_by_forwarding_t
         key: b"fwd".to_vec(),
         range: None,
     });
-    assert!(matches!(raw_request(&addr, delete).await, R::Delete(d) if d.existed));
+    assert!(matches!(support::raw_request(&addr, delete).await, R::Delete(d) if d.existed));
     // Through raft, not a local copy: the leader saw both writes.
     assert_eq!(cluster.client(&[leader]).get("fwd").await.unwrap(), None);
 }

@@ -270,10 +270,10 @@ async fn each_role_may_do_what_it_should_and_a_refusal_changes_nothing() {
         "{message}"
     );
 
-    // The CLI exits 4 on a refusal.
+    // The CLI exits 5 on a refusal.
     cluster.client_tls = pki.client_tls(Some("reader"));
     let out = cluster.cli(&[1], &["set", "k", "again"]);
-    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("permission denied"), "{}", stderr(&out));
     assert_eq!(admin.get("k").await.unwrap().as_deref(), Some(&b"by writer"[..]));
     let refused = cluster.metric(1, "kvraft_requests_total", &[("outcome", "permission_denied")]);

@@ -8,14 +8,16 @@ mod certs;
 mod endpoint;
 mod output;
 mod snapshot;
+mod txn;
 mod value_input;
 
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::client::{Client, ClientOptions, ScanOptions, DEFAULT_ENDPOINT};
+use crate::client::{Client, ClientOptions, Expect, ScanOptions, DEFAULT_ENDPOINT};
 use crate::error::Error;
+use crate::proto::KeyRange;
 use output::Printer;
 
 /// How results are printed.
@@ -101,8 +103,42 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
-    /// Delete KEY.
-    Delete { key: String },
+    /// Delete KEY, or every key in a range (--prefix, --from, --to) at one revision.
+    Delete {
+        #[arg(required_unless_present_any = ["prefix", "from", "to"], conflicts_with_all = ["prefix", "from", "to"])]
+        key: Option<String>,
+        /// Delete every key that starts with this (`--prefix ""`: every key).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Delete keys from this one (inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// Delete keys before this one.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Set KEY to NEW_VALUE only if it is as expected; exit status 4 (and the
+    /// current value and version) if not.
+    #[command(group(clap::ArgGroup::new("expect").required(true)))]
+    Cas {
+        key: String,
+        new_value: String,
+        /// Swap only if KEY holds this value.
+        #[arg(long, group = "expect", value_name = "VALUE")]
+        expect_value: Option<String>,
+        /// Swap only if KEY is at this version (writes since it was created).
+        #[arg(long, group = "expect", value_name = "N")]
+        expect_version: Option<u64>,
+        /// Swap only if KEY was last changed at this revision.
+        #[arg(long, group = "expect", value_name = "REVISION")]
+        expect_mod_revision: Option<u64>,
+        /// Swap only if KEY does not exist.
+        #[arg(long, group = "expect")]
+        expect_absent: bool,
+    },
+    /// Run a transaction read as JSON from stdin (format in the README);
+    /// exit status 4 if its compares failed (the failure branch ran).
+    Txn,
     /// List pairs in key order, one `KEY<TAB>VALUE` line each.
     Scan {
         /// Only keys starting with this.
@@ -234,7 +270,55 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
                 return Ok(1);
             }
         },
-        Command::Delete { key } => printer.deleted(&key, client.delete(key.clone()).await?),
+        Command::Delete { key: Some(key), .. } => {
+            let answer = client.delete_record(key.clone()).await?;
+            printer.deleted(&key, answer.existed, answer.revision)
+        }
+        Command::Delete {
+            key: None,
+            prefix,
+            from,
+            to,
+        } => {
+            let range = KeyRange {
+                prefix: prefix.unwrap_or_default().into_bytes(),
+                from: from.unwrap_or_default().into_bytes(),
+                to: to.unwrap_or_default().into_bytes(),
+            };
+            let answer = client.delete_range(range).await?;
+            printer.deleted_range(answer.deleted, answer.revision)
+        }
+        Command::Cas {
+            key,
+            new_value,
+            expect_value,
+            expect_version,
+            expect_mod_revision,
+            expect_absent,
+        } => {
+            let expect = match (expect_value, expect_version, expect_mod_revision) {
+                (Some(v), _, _) => Expect::Value(v.into_bytes()),
+                (_, Some(v), _) => Expect::Version(v),
+                (_, _, Some(r)) => Expect::ModRevision(r),
+                _ => {
+                    debug_assert!(expect_absent, "clap requires one of the group");
+                    Expect::Absent
+                }
+            };
+            let outcome = client.cas(key.clone(), expect, new_value).await?;
+            return Ok(txn::print_cas(printer, &key, &outcome));
+        }
+        Command::Txn => {
+            let input = value_input::read(Some("-"), None)?;
+            let input = String::from_utf8(input)
+                .map_err(|_| Error::InvalidArgument("the transaction on stdin is not UTF-8 text".into()))?;
+            let request = txn::parse(&input)?;
+            let answer = client.txn(request.clone()).await?;
+            txn::print(printer, txn::branch_ran(&request, &answer), &answer);
+            if !answer.succeeded {
+                return Ok(txn::COMPARE_FAILED);
+            }
+        }
         Command::Scan {
             prefix,
             from,

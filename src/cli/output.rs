@@ -15,7 +15,7 @@ pub struct Printer {
     format: OutputFormat,
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -30,7 +30,7 @@ pub(crate) fn write_raw(value: &[u8]) -> Result<(), crate::error::Error> {
 }
 
 /// A pair as JSON, with etcd's names for its history.
-fn record_json(kv: &KeyValue) -> Value {
+pub(crate) fn record_json(kv: &KeyValue) -> Value {
     json!({
         "key": text(&kv.key),
         "value": text(&kv.value),
@@ -59,7 +59,12 @@ impl Printer {
         Printer { format }
     }
 
-    fn emit(&self, json: Value, text: impl FnOnce() -> String) {
+    /// The chosen format.
+    pub(crate) fn format(&self) -> OutputFormat {
+        self.format
+    }
+
+    pub(crate) fn emit(&self, json: Value, text: impl FnOnce() -> String) {
         match self.format {
             OutputFormat::Json => println!("{json}"),
             OutputFormat::Text => {
@@ -89,13 +94,20 @@ impl Printer {
         eprintln!("kvraft: key {key:?} not found");
     }
 
-    pub(crate) fn deleted(&self, key: &str, existed: bool) {
-        self.emit(json!({"key": key, "deleted": existed}), || {
+    pub(crate) fn deleted(&self, key: &str, existed: bool, revision: u64) {
+        self.emit(json!({"key": key, "deleted": existed, "revision": revision}), || {
             if existed {
                 "deleted".into()
             } else {
                 format!("{key:?} did not exist")
             }
+        });
+    }
+
+    /// A range delete: how many keys went, at which revision.
+    pub(crate) fn deleted_range(&self, deleted: u64, revision: u64) {
+        self.emit(json!({"deleted": deleted, "revision": revision}), || {
+            format!("deleted {deleted} key{}", if deleted == 1 { "" } else { "s" })
         });
     }
 

@@ -16,6 +16,9 @@
 //!   hint that can't be reached is not followed again in that call.
 
 mod attempts;
+mod txn;
+
+pub use txn::{CasOutcome, CompareOp, Expect};
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,9 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::codec::{self, ByteStream, FrameReader, ReadError};
 use crate::error::{is_callers_fault, is_retryable, Error};
 use crate::proto::{
-    request, response, AddNodeRequest, DeleteRequest, ErrorCode, GetRequest, InfoRequest, InfoResponse, KeyValue,
-    Member, MembersRequest, PingRequest, RegisterSessionRequest, RemoveNodeRequest, Request, Response, ScanRequest,
-    SetRequest,
+    request, response, AddNodeRequest, DeleteRequest, DeleteResponse, ErrorCode, GetRequest, InfoRequest, InfoResponse,
+    KeyRange, KeyValue, Member, MembersRequest, PingRequest, RegisterSessionRequest, RemoveNodeRequest, Request,
+    Response, ScanRequest, SetRequest, TxnRequest, TxnResponse,
 };
 use crate::tls::client::{explain_client_error, ClientTls, ClientTlsOptions};
 use attempts::Attempts;
@@ -165,14 +168,80 @@ impl Client {
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<bool, Error> {
+        Ok(self.delete_record(key).await?.existed)
+    }
+
+    /// Deletes `key`; returns whether it existed and the revision.
+    pub async fn delete_record(&self, key: impl Into<Vec<u8>>) -> Result<DeleteResponse, Error> {
         let command = request::Command::Delete(DeleteRequest {
             key: key.into(),
             range: None,
         });
         match self.write(command).await? {
-            response::Result::Delete(r) => Ok(r.existed),
+            response::Result::Delete(r) => Ok(r),
             other => Err(mismatch(other)),
         }
+    }
+
+    /// Deletes every key in `range` at one revision; returns how many
+    /// (`deleted`) and the revision. A range of over 100,000 keys is refused
+    /// whole (delete it in parts).
+    pub async fn delete_range(&self, range: KeyRange) -> Result<DeleteResponse, Error> {
+        let command = request::Command::Delete(DeleteRequest {
+            key: Vec::new(),
+            range: Some(range),
+        });
+        match self.write(command).await? {
+            response::Result::Delete(r) => Ok(r),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Runs a transaction: if every compare holds, `success` runs, else
+    /// `failure`, at one revision. Applied exactly once, retries included.
+    pub async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Error> {
+        match self.write(request::Command::Txn(txn)).await? {
+            response::Result::Txn(r) => Ok(r),
+            other => Err(mismatch(other)),
+        }
+    }
+
+    /// Sets `key` to `value` only if it is as `expect` says; else returns the
+    /// key as it was.
+    pub async fn cas(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expect: Expect,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<CasOutcome, Error> {
+        use crate::proto::{txn_op_result::Result as R, TxnOp};
+        let key = key.into();
+        let answer = self
+            .txn(TxnRequest {
+                compare: vec![expect.compare(&key)],
+                success: vec![TxnOp::put(key.clone(), value)],
+                failure: vec![TxnOp::get(key.clone())],
+            })
+            .await?;
+        if answer.succeeded {
+            return Ok(CasOutcome::Swapped {
+                revision: answer.revision,
+            });
+        }
+        let current = match answer.results.first().and_then(|r| r.result.as_ref()) {
+            Some(R::Get(g)) if g.found => Some(KeyValue {
+                key,
+                value: g.value.clone(),
+                create_revision: g.create_revision,
+                mod_revision: g.mod_revision,
+                version: g.version,
+                lease: g.lease,
+            }),
+            Some(R::Get(_)) => None,
+            // A retry answered from the session without its read: read now.
+            _ => self.get_record(key).await?,
+        };
+        Ok(CasOutcome::Failed { current })
     }
 
     /// Pairs in key order, fetched page by page (each page is one consistent

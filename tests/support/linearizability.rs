@@ -35,7 +35,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::time::Instant;
 
 /// What an operation did, with what it returned for reads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -110,26 +109,10 @@ impl fmt::Display for Op {
     }
 }
 
-/// Monotonic nanoseconds since creation. It is `Copy`: give every client
-/// thread a copy of the same clock to get comparable timestamps.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock(Instant);
-
-impl Clock {
-    pub fn new() -> Self {
-        Clock(Instant::now())
-    }
-
-    pub fn now(&self) -> u64 {
-        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+// The history checkers share one clock.
+#[path = "clock.rs"]
+mod clock;
+pub use clock::Clock;
 
 /// A collection of operations, in any order. A plain `Vec<Op>` works as
 /// well; see [`check`].

@@ -357,6 +357,29 @@ impl Cluster {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         kvraft_cli(&self.endpoints(ids), &all)
     }
+
+    /// Runs the `kvraft` CLI against these nodes with `input` on its stdin.
+    pub fn cli_with_stdin(&self, ids: &[u64], args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvraft"))
+            .arg("--endpoints")
+            .arg(self.endpoints(ids))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run kvraft");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let input = input.to_vec();
+        // A separate thread: a CLI that fails early stops reading its stdin.
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("wait for kvraft");
+        writer.join().expect("stdin writer");
+        out
+    }
 }
 
 /// Runs the `kvraft` CLI with these endpoints.
@@ -556,4 +579,27 @@ pub async fn put(client: &Client, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>
             key.as_ref().escape_ascii().to_string()
         );
     }
+}
+
+/// One request on a raw connection: no client library, so nothing follows a
+/// `NOT_LEADER` hint or retries.
+pub async fn raw_request(addr: &str, command: kvraft::proto::request::Command) -> kvraft::proto::response::Result {
+    use futures::{SinkExt, StreamExt};
+    use prost::Message;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut frames = kvraft::codec::framed(stream, kvraft::codec::CLIENT_MAX_FRAME);
+    let request = kvraft::proto::Request {
+        id: 7,
+        command: Some(command),
+        ..Default::default()
+    };
+    frames.send(kvraft::codec::encode(&request)).await.unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(30), frames.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let response = kvraft::proto::Response::decode(frame).unwrap();
+    assert_eq!(response.id, 7);
+    response.result.expect("a response carries a result")
 }
