@@ -62,6 +62,12 @@ pub struct NodeConfig {
     /// the OS page cache. The node's memory is about this plus the raft log
     /// tail and connection buffers.
     pub store_cache_mb: u64,
+    /// Change history kept for watches, in revisions behind the applied
+    /// index; a watch from an older revision is refused (compacted).
+    pub history_retention_revisions: u64,
+    /// Change history kept for watches, in MiB of records on disk (the
+    /// oldest revisions go first past it).
+    pub history_retention_mb: u64,
     /// One raft tick, in milliseconds.
     pub tick_ms: u64,
     /// Election timeout in ticks (randomised by raft between this and twice it).
@@ -142,6 +148,8 @@ impl Default for NodeConfig {
             snapshot_threshold: 100_000,
             snapshot_catchup_entries: 5_000,
             store_cache_mb: 64,
+            history_retention_revisions: 1_000_000,
+            history_retention_mb: 256,
             tick_ms: 100,
             election_ticks: 10,
             heartbeat_ticks: 1,
@@ -232,6 +240,14 @@ impl NodeConfig {
         })
     }
 
+    /// How much change history the store keeps.
+    pub fn history_retention(&self) -> crate::storage::history::Retention {
+        crate::storage::history::Retention {
+            revisions: self.history_retention_revisions,
+            bytes: self.history_retention_mb.saturating_mul(1 << 20),
+        }
+    }
+
     /// The state store's cache size in bytes.
     pub fn store_cache_bytes(&self) -> usize {
         (self.store_cache_mb as usize).saturating_mul(1 << 20)
@@ -249,6 +265,12 @@ impl NodeConfig {
         }
         if self.snapshot_threshold == 0 {
             return Err(invalid("snapshot_threshold", "must be at least 1"));
+        }
+        if self.history_retention_revisions == 0 {
+            return Err(invalid("history_retention_revisions", "must be at least 1"));
+        }
+        if self.history_retention_mb == 0 {
+            return Err(invalid("history_retention_mb", "must be at least 1 (MiB)"));
         }
         if self.store_cache_mb == 0 {
             return Err(invalid("store_cache_mb", "must be at least 1 (MiB)"));
@@ -598,6 +620,14 @@ pub struct DaemonArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_cache_mb: Option<u64>,
+    /// Change history kept for watches, in revisions behind the applied index.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_retention_revisions: Option<u64>,
+    /// Change history kept for watches, in MiB on disk.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_retention_mb: Option<u64>,
     /// Raft tick length in milliseconds.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

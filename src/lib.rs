@@ -54,6 +54,6 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/kvraft.rs"));
 }
 
-pub use client::{CasOutcome, Client, ClientOptions, CompareOp, Expect};
+pub use client::{CasOutcome, Client, ClientOptions, CompareOp, Expect, WatchOptions, WatchUpdate, Watcher};
 pub use config::NodeConfig;
 pub use error::Error;

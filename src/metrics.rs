@@ -81,6 +81,14 @@ pub const TLS_RELOADS: &str = "kvraft_tls_reloads_total";
 pub const KEYS: &str = "kvraft_keys";
 /// `kvraft_members`: Cluster members, by role.
 pub const MEMBERS: &str = "kvraft_members";
+/// `kvraft_watchers`: Watches open on this node.
+pub const WATCHERS: &str = "kvraft_watchers";
+/// `kvraft_watch_events_total`: Events sent to watchers.
+pub const WATCH_EVENTS: &str = "kvraft_watch_events_total";
+/// `kvraft_watches_canceled_total`: Watches the node ended, by reason.
+pub const WATCHES_CANCELED: &str = "kvraft_watches_canceled_total";
+/// `kvraft_history_start_revision`: The oldest revision the change history holds.
+pub const HISTORY_START: &str = "kvraft_history_start_revision";
 // The process series (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
 // `process_open_fds`, `process_max_fds`, `process_start_time_seconds`, ...) carry
 // Prometheus's standard names, without our prefix, so stock dashboards and
@@ -99,7 +107,12 @@ pub const OPS: &[&str] = &[
     "ping",
     "snapshot_save",
     "register_session",
+    "txn",
+    "watch",
+    "watch_cancel",
 ];
+/// Why the node ended a watch, as the `reason` label.
+pub const WATCH_CANCEL_REASONS: &[&str] = &["client", "compacted", "store_failure"];
 /// Snapshot events, as the `kind` label.
 pub const SNAPSHOT_KINDS: &[&str] = &["created", "sent", "received", "applied"];
 /// Why a proposal failed, as the `reason` label.
@@ -227,6 +240,10 @@ fn describe() {
     describe_counter!(TLS_RELOADS, "TLS certificate reloads, by outcome (ok, failed).");
     describe_gauge!(KEYS, "Keys in the state machine.");
     describe_gauge!(MEMBERS, "Cluster members, by role.");
+    describe_gauge!(WATCHERS, "Watches open on this node.");
+    describe_counter!(WATCH_EVENTS, "Events sent to watchers.");
+    describe_counter!(WATCHES_CANCELED, "Watches the node ended, by reason.");
+    describe_gauge!(HISTORY_START, "The oldest revision the change history holds.");
     process_collector().describe();
 }
 
@@ -261,8 +278,14 @@ fn zero() {
         KEYS,
         STORE_DURABLE_INDEX,
         STORE_SIZE,
+        WATCHERS,
+        HISTORY_START,
     ] {
         gauge!(name).set(0.0);
+    }
+    counter!(WATCH_EVENTS).absolute(0);
+    for reason in WATCH_CANCEL_REASONS {
+        counter!(WATCHES_CANCELED, "reason" => *reason).absolute(0);
     }
     for kind in SNAPSHOT_KINDS {
         counter!(SNAPSHOTS, "kind" => *kind).absolute(0);

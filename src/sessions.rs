@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::proto::{ClientSession, SessionResult, SessionTable, TxnResponse};
+use crate::proto::{ClientSession, KeptTxn, SessionResult, SessionTable, TxnRequest, TxnResponse};
 
 /// A session unused this long (by the state machine's clock) is gone. Far
 /// longer than any client deadline, so a write is never retried into it.
@@ -31,10 +31,10 @@ pub const MAX_RESULTS_PER_SESSION: usize = 1024;
 /// state record and snapshot headers, so it must stay small).
 pub const MAX_RESULTS: usize = 65_536;
 
-/// A transaction answer larger than this (encoded) is kept without its read
-/// results: the table travels in every state record, and a retry (rare: a
-/// lost reply) still learns the branch and every write's result.
-pub const MAX_KEPT_TXN_BYTES: usize = 512;
+/// A transaction's reads are kept for its retries only if they come to at
+/// most this (encoded): the table travels in every state record, and a retry
+/// (rare: a lost reply) still learns the branch and every write's result.
+pub const MAX_KEPT_READ_BYTES: usize = 512;
 
 /// What an applied write answered, as kept for its retries.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,31 +51,68 @@ pub enum Outcome {
         /// The log index that applied it.
         revision: u64,
     },
-    /// A transaction (see [`Outcome::txn`]).
-    Txn(Box<TxnResponse>),
+    /// A transaction, kept small (see [`Outcome::txn`] and [`replay_txn`]).
+    Txn(Box<KeptTxn>),
 }
 
 impl Outcome {
-    /// A transaction's outcome as kept: whole if small, else without reads.
+    /// What is kept of a transaction's answer: its branch, revision and
+    /// delete counts, and its reads if they are small.
     pub fn txn(response: &TxnResponse) -> Outcome {
         use crate::proto::txn_op_result::Result as R;
         use prost::Message as _;
-        if response.encoded_len() <= MAX_KEPT_TXN_BYTES {
-            return Outcome::Txn(Box::new(response.clone()));
+        let mut kept = KeptTxn {
+            succeeded: response.succeeded,
+            revision: response.revision,
+            ..Default::default()
+        };
+        for result in &response.results {
+            match &result.result {
+                Some(R::Delete(d)) => kept.deleted.push(d.deleted),
+                Some(R::Put(_)) => {}
+                _ => kept.reads.push(result.clone()),
+            }
         }
-        let writes = response
-            .results
-            .iter()
-            .map(|r| match &r.result {
-                Some(R::Put(_)) | Some(R::Delete(_)) => r.clone(),
-                _ => Default::default(),
-            })
-            .collect();
-        Outcome::Txn(Box::new(TxnResponse {
-            results: writes,
-            reads_omitted: true,
-            ..response.clone()
-        }))
+        if kept.reads.iter().map(|r| r.encoded_len()).sum::<usize>() > MAX_KEPT_READ_BYTES {
+            kept.reads.clear();
+            kept.reads_omitted = true;
+        }
+        Outcome::Txn(Box::new(kept))
+    }
+}
+
+/// A transaction's answer rebuilt from what was kept and the transaction
+/// itself (a retry carries the same one).
+pub fn replay_txn(kept: &KeptTxn, txn: &TxnRequest) -> TxnResponse {
+    use crate::proto::{txn_op, txn_op_result::Result as R, DeleteResponse, SetResponse, TxnOpResult};
+    let branch = if kept.succeeded { &txn.success } else { &txn.failure };
+    let (mut deleted, mut reads) = (kept.deleted.iter(), kept.reads.iter());
+    let results = branch
+        .iter()
+        .map(|op| match op.op {
+            Some(txn_op::Op::Put(_)) => TxnOpResult {
+                result: Some(R::Put(SetResponse {
+                    revision: kept.revision,
+                })),
+            },
+            Some(txn_op::Op::Delete(_)) => {
+                let deleted = deleted.next().copied().unwrap_or_default();
+                TxnOpResult {
+                    result: Some(R::Delete(DeleteResponse {
+                        existed: deleted > 0,
+                        revision: kept.revision,
+                        deleted,
+                    })),
+                }
+            }
+            _ => reads.next().cloned().unwrap_or_default(),
+        })
+        .collect();
+    TxnResponse {
+        succeeded: kept.succeeded,
+        revision: kept.revision,
+        results,
+        reads_omitted: kept.reads_omitted,
     }
 }
 
@@ -331,10 +368,10 @@ impl Sessions {
                             deleted: *deleted,
                             txn: None,
                         },
-                        Outcome::Txn(response) => SessionResult {
+                        Outcome::Txn(kept) => SessionResult {
                             seq: *seq,
-                            revision: response.revision,
-                            txn: Some((**response).clone()),
+                            revision: kept.revision,
+                            txn: Some((**kept).clone()),
                             ..Default::default()
                         },
                     })
@@ -480,38 +517,68 @@ mod tests {
     }
 
     #[test]
-    fn transactions_and_range_deletes_are_kept_and_large_reads_left_out() {
-        use crate::proto::{txn_op_result::Result as R, GetResponse, SetResponse, TxnOpResult};
-        let result = |r: R| TxnOpResult { result: Some(r) };
-        let small = TxnResponse {
+    fn transactions_and_range_deletes_are_kept_small_and_replayed_whole() {
+        use crate::proto::{txn_op_result::Result as R, GetResponse, TxnOp, TxnOpResult};
+        let txn = TxnRequest {
+            compare: vec![],
+            success: vec![
+                TxnOp::put("a", "1"),
+                TxnOp::get("a"),
+                TxnOp::delete("b"),
+                TxnOp::put("c", "2"),
+            ],
+            failure: vec![],
+        };
+        let get = |value: Vec<u8>| TxnOpResult {
+            result: Some(R::Get(GetResponse {
+                found: true,
+                value,
+                ..Default::default()
+            })),
+        };
+        let answer = |read: TxnOpResult| TxnResponse {
             succeeded: true,
             revision: 40,
             results: vec![
-                result(R::Put(SetResponse { revision: 40 })),
-                result(R::Get(GetResponse {
-                    found: true,
-                    value: b"v".to_vec(),
-                    ..Default::default()
-                })),
+                TxnOpResult {
+                    result: Some(R::Put(crate::proto::SetResponse { revision: 40 })),
+                },
+                read,
+                TxnOpResult {
+                    result: Some(R::Delete(crate::proto::DeleteResponse {
+                        existed: true,
+                        revision: 40,
+                        deleted: 1,
+                    })),
+                },
+                TxnOpResult {
+                    result: Some(R::Put(crate::proto::SetResponse { revision: 40 })),
+                },
             ],
             reads_omitted: false,
         };
-        assert_eq!(Outcome::txn(&small), Outcome::Txn(Box::new(small.clone())));
-        let mut large = small.clone();
-        large.results[1] = result(R::Get(GetResponse {
-            found: true,
-            value: vec![7; MAX_KEPT_TXN_BYTES],
-            ..Default::default()
-        }));
+        let small = answer(get(b"v".to_vec()));
+        let Outcome::Txn(kept) = Outcome::txn(&small) else {
+            panic!("a transaction is kept as one")
+        };
+        assert_eq!(kept.deleted, [1]);
+        assert_eq!(replay_txn(&kept, &txn), small, "replayed exactly");
+        let large = answer(get(vec![7; MAX_KEPT_READ_BYTES]));
         let Outcome::Txn(kept) = Outcome::txn(&large) else {
             panic!("a transaction is kept as one")
         };
-        assert!(kept.reads_omitted && kept.succeeded && kept.revision == 40);
-        assert_eq!(kept.results[0], small.results[0], "writes are kept");
+        assert!(kept.reads.is_empty() && kept.reads_omitted);
+        let replayed = replay_txn(&kept, &txn);
+        assert!(replayed.reads_omitted && replayed.succeeded && replayed.revision == 40);
         assert_eq!(
-            kept.results[1],
+            replayed.results[1],
             TxnOpResult::default(),
             "the read is left out, in place"
+        );
+        assert_eq!(
+            (&replayed.results[0], &replayed.results[2], &replayed.results[3]),
+            (&large.results[0], &large.results[2], &large.results[3]),
+            "writes are exact"
         );
 
         let mut s = Sessions::default();

@@ -16,13 +16,17 @@ use protobuf::Message as _;
 use raft::prelude::ConfState;
 
 use crate::proto::{
-    command, Command, DeleteRequest, Member, MemberRole, SetRequest, SnapshotHeader, StoredValue, TxnResponse,
+    command, Command, DeleteRequest, HistoryEvent, Member, MemberRole, SetRequest, SnapshotHeader, StoredValue,
+    TxnResponse,
 };
-use crate::sessions::{Outcome, Refusal, Sessions, Verdict, WriteId};
+use crate::sessions::{replay_txn, Outcome, Refusal, Sessions, Verdict, WriteId};
+use crate::storage::history::Event;
 use crate::storage::memtable::Layer;
 use crate::storage::state_store::FORMAT;
 use crate::storage::{StateStore, StorageError};
 
+#[cfg(test)]
+mod history_tests;
 mod txn;
 
 pub use txn::{get_response, holds, MAX_RANGE_DELETE, TXN_READ_BYTES};
@@ -262,6 +266,8 @@ impl StateMachine {
 pub struct Batch<'a> {
     store: &'a StateStore,
     changes: Layer,
+    /// The history of `changes`, in revision order.
+    events: Vec<Event>,
     keys_added: i64,
     meta: StateMeta,
     /// The raft loop's copy of the client sessions, held for the batch.
@@ -274,7 +280,29 @@ pub struct Batch<'a> {
 #[derive(Default)]
 struct Pending {
     layer: Layer,
+    events: Vec<Event>,
     keys_added: i64,
+    /// Work budgets of one command (see txn.rs): store records examined by
+    /// range reads and deletes, keys deleted by ranges, bytes read.
+    examined: std::cell::Cell<usize>,
+    range_deleted: usize,
+    read_bytes: usize,
+}
+
+impl Pending {
+    /// Records `key`'s change at `revision` and its history.
+    fn change(&mut self, revision: u64, key: Vec<u8>, record: Option<StoredValue>, previous: Option<&StoredValue>) {
+        self.events.push(Event {
+            revision,
+            change: HistoryEvent {
+                key: key.clone(),
+                record: record.clone(),
+                prev_mod_revision: previous.map_or(0, |p| p.mod_revision),
+            },
+        });
+        self.keys_added += i64::from(record.is_some()) - i64::from(previous.is_some());
+        self.layer.insert(key, record);
+    }
 }
 
 impl<'a> Batch<'a> {
@@ -283,6 +311,7 @@ impl<'a> Batch<'a> {
         Ok(Batch {
             store,
             changes: Layer::default(),
+            events: Vec::new(),
             keys_added: 0,
             meta,
             sessions: store.working_sessions(),
@@ -322,20 +351,17 @@ impl<'a> Batch<'a> {
             version: previous.as_ref().map_or(1, |p| p.version + 1),
             lease: 0,
         };
-        if previous.is_none() {
-            pending.keys_added += 1;
-        }
-        pending.layer.insert(key, Some(record));
+        pending.change(index, key, Some(record), previous.as_ref());
         Ok(())
     }
 
-    /// Deletes `key`; returns how many keys that deleted (0 or 1).
-    fn delete_key(&self, pending: &mut Pending, key: Vec<u8>) -> Result<u64, StorageError> {
-        if self.lookup(pending, &key)?.is_none() {
+    /// Deletes `key` at revision `index`; returns how many keys that deleted
+    /// (0 or 1).
+    fn delete_key(&self, pending: &mut Pending, index: u64, key: Vec<u8>) -> Result<u64, StorageError> {
+        let Some(previous) = self.lookup(pending, &key)? else {
             return Ok(0);
-        }
-        pending.keys_added -= 1;
-        pending.layer.insert(key, None);
+        };
+        pending.change(index, key, None, Some(&previous));
         Ok(1)
     }
 
@@ -353,11 +379,11 @@ impl<'a> Batch<'a> {
             }
             WriteOp::Delete(delete) => {
                 let deleted = match delete.range {
-                    Some(range) => match self.delete_range(pending, &range)? {
+                    Some(range) => match self.delete_range(pending, index, &range)? {
                         Ok(deleted) => deleted,
                         Err(why) => return Ok(Err(why)),
                     },
-                    None => self.delete_key(pending, delete.key)?,
+                    None => self.delete_key(pending, index, delete.key)?,
                 };
                 ApplyResult::Delete {
                     deleted,
@@ -371,6 +397,7 @@ impl<'a> Batch<'a> {
     fn absorb(&mut self, pending: Pending) {
         self.keys_added += pending.keys_added;
         self.changes.absorb(pending.layer);
+        self.events.extend(pending.events);
     }
 
     /// Applies one command. A failure is the store's, and fatal. A write of
@@ -393,7 +420,7 @@ impl<'a> Batch<'a> {
         if in_session {
             match self.sessions.check(write) {
                 Verdict::Apply => {}
-                Verdict::Duplicate(outcome) => return Ok(outcome.into()),
+                Verdict::Duplicate(outcome) => return Ok(replay(outcome, &command)),
                 Verdict::Refuse(refusal, why) => return Ok(ApplyResult::SessionRefused(refusal, why)),
             }
         }
@@ -436,13 +463,14 @@ impl<'a> Batch<'a> {
         let Batch {
             store,
             changes,
+            events,
             keys_added,
             meta,
             mut sessions,
         } = self;
         let delta = sessions.take_delta();
         drop(sessions);
-        store.commit_batch(changes, meta.to_header(), delta, keys_added)?;
+        store.commit_batch(changes, events, meta.to_header(), delta, keys_added)?;
         Ok(meta)
     }
 }
@@ -453,12 +481,19 @@ enum WriteOp {
     Delete(DeleteRequest),
 }
 
-impl From<Outcome> for ApplyResult {
-    fn from(outcome: Outcome) -> Self {
-        match outcome {
-            Outcome::Set { revision } => ApplyResult::Set { revision },
-            Outcome::Delete { deleted, revision } => ApplyResult::Delete { deleted, revision },
-            Outcome::Txn(response) => ApplyResult::Txn(response),
+/// The answer of a write applied before, for its retry `command`.
+fn replay(outcome: Outcome, command: &Command) -> ApplyResult {
+    match outcome {
+        Outcome::Set { revision } => ApplyResult::Set { revision },
+        Outcome::Delete { deleted, revision } => ApplyResult::Delete { deleted, revision },
+        Outcome::Txn(kept) => {
+            let txn = match &command.op {
+                Some(command::Op::Txn(txn)) => txn.clone(),
+                // Another command under the same number: a client bug; the
+                // branch and revision still say what happened.
+                _ => Default::default(),
+            };
+            ApplyResult::Txn(Box::new(replay_txn(&kept, &txn)))
         }
     }
 }

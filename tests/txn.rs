@@ -125,12 +125,19 @@ async fn cas_txn_and_range_deletes_from_the_cli_with_their_exit_statuses() {
     }
     let out = cluster.cli(&[1], &["--output", "json", "delete", "--prefix", "p/"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(json(&out)["deleted"].as_u64(), Some(3));
+    assert_eq!(json(&out)["count"].as_u64(), Some(3));
+    assert_eq!(json(&out)["deleted"], true);
     let out = cluster.cli(&[1], &["delete", "--from", "q/2", "--to", "r"]);
     assert_eq!(stdout(&out).trim(), "deleted 1 key");
     let out = cluster.cli(&[1], &["delete", "--from", "z", "--to", "a"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("must sort after"), "{}", stderr(&out));
+    let out = cluster.cli(&[1], &["delete", "--to", ""]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an empty --to is refused, not \"everything\""
+    );
     let out = cluster.cli(&[1], &["delete", "k", "--prefix", "p"]);
     assert_eq!(
         out.status.code(),

@@ -10,6 +10,7 @@ mod output;
 mod snapshot;
 mod txn;
 mod value_input;
+mod watch;
 
 use std::time::Duration;
 
@@ -111,10 +112,10 @@ enum Command {
         #[arg(long)]
         prefix: Option<String>,
         /// Delete keys from this one (inclusive).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         from: Option<String>,
         /// Delete keys before this one.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         to: Option<String>,
     },
     /// Set KEY to NEW_VALUE only if it is as expected; exit status 4 (and the
@@ -139,6 +140,8 @@ enum Command {
     /// Run a transaction read as JSON from stdin (format in the README);
     /// exit status 4 if its compares failed (the failure branch ran).
     Txn,
+    /// Print every change to KEY (or a range) as it happens, one line each.
+    Watch(watch::WatchArgs),
     /// List pairs in key order, one `KEY<TAB>VALUE` line each.
     Scan {
         /// Only keys starting with this.
@@ -308,11 +311,9 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             let outcome = client.cas(key.clone(), expect, new_value).await?;
             return Ok(txn::print_cas(printer, &key, &outcome));
         }
+        Command::Watch(args) => return watch::run(args, client, printer).await,
         Command::Txn => {
-            let input = value_input::read(Some("-"), None)?;
-            let input = String::from_utf8(input)
-                .map_err(|_| Error::InvalidArgument("the transaction on stdin is not UTF-8 text".into()))?;
-            let request = txn::parse(&input)?;
+            let request = txn::parse(&value_input::read_transaction()?)?;
             let answer = client.txn(request.clone()).await?;
             txn::print(printer, txn::branch_ran(&request, &answer), &answer);
             if !answer.succeeded {

@@ -106,9 +106,10 @@ impl Printer {
 
     /// A range delete: how many keys went, at which revision.
     pub(crate) fn deleted_range(&self, deleted: u64, revision: u64) {
-        self.emit(json!({"deleted": deleted, "revision": revision}), || {
-            format!("deleted {deleted} key{}", if deleted == 1 { "" } else { "s" })
-        });
+        self.emit(
+            json!({"deleted": deleted > 0, "count": deleted, "revision": revision}),
+            || format!("deleted {deleted} key{}", if deleted == 1 { "" } else { "s" }),
+        );
     }
 
     pub(crate) fn pairs(&self, pairs: &[KeyValue]) {

@@ -178,7 +178,7 @@ pub fn print(printer: &Printer, ops: &[TxnOp], answer: &TxnResponse) {
         .zip(ops)
         .map(|(r, op)| match &r.result {
             Some(R::Put(p)) => json!({"put": {"key": op_key(op), "revision": p.revision}}),
-            Some(R::Delete(d)) => json!({"delete": {"deleted": d.deleted, "revision": d.revision}}),
+            Some(R::Delete(d)) => json!({"delete": {"deleted": d.existed, "count": d.deleted, "revision": d.revision}}),
             Some(R::Get(g)) => {
                 let mut j = json!({"key": op_key(op), "found": g.found});
                 if g.found {

@@ -30,6 +30,24 @@ pub fn read(value: Option<&str>, file: Option<&Path>) -> Result<Vec<u8>, Error> 
     }
 }
 
+/// A transaction from stdin, as text; no server takes one over
+/// [`READ_LIMIT`] (the default frame limit is smaller still).
+pub fn read_transaction() -> Result<String, Error> {
+    let mut text = String::new();
+    std::io::stdin()
+        .lock()
+        .take(READ_LIMIT as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::InvalidArgument(format!("can't read the transaction from stdin (UTF-8 JSON): {e}")))?;
+    if text.len() > READ_LIMIT {
+        return Err(Error::InvalidArgument(format!(
+            "the transaction on stdin is over {} MiB, more than any kvraft server accepts in one request",
+            READ_LIMIT >> 20
+        )));
+    }
+    Ok(text)
+}
+
 /// Reads all of `source`, refusing more than [`READ_LIMIT`] bytes.
 fn bounded(source: impl Read, name: &str) -> Result<Vec<u8>, Error> {
     let mut value = Vec::new();

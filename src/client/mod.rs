@@ -17,8 +17,10 @@
 
 mod attempts;
 mod txn;
+mod watch;
 
 pub use txn::{CasOutcome, CompareOp, Expect};
+pub use watch::{WatchOptions, WatchUpdate, Watcher};
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -198,9 +200,17 @@ impl Client {
     }
 
     /// Runs a transaction: if every compare holds, `success` runs, else
-    /// `failure`, at one revision. Applied exactly once, retries included.
+    /// `failure`, at one revision. Applied exactly once, retries included
+    /// (one that only reads needs no session: it is simply sent again).
     pub async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Error> {
-        match self.write(request::Command::Txn(txn)).await? {
+        let writes = crate::server::validate::txn_writes(&txn);
+        let command = request::Command::Txn(txn);
+        let result = if writes {
+            self.write(command).await?
+        } else {
+            self.call(command, Kind::Read).await?
+        };
+        match result {
             response::Result::Txn(r) => Ok(r),
             other => Err(mismatch(other)),
         }
@@ -238,7 +248,8 @@ impl Client {
                 lease: g.lease,
             }),
             Some(R::Get(_)) => None,
-            // A retry answered from the session without its read: read now.
+            // A retry answered from the session without its read (the value
+            // was large): read it now, after the swap was tried.
             _ => self.get_record(key).await?,
         };
         Ok(CasOutcome::Failed { current })
@@ -780,7 +791,7 @@ impl Client {
         };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel(4);
-        connection.streams.lock().unwrap().insert(id, tx);
+        connection.streams.lock().unwrap().insert(id, Stream::blocking(tx));
         let request = Request {
             id,
             command: Some(request::Command::SnapshotSave(crate::proto::SnapshotSaveRequest {
@@ -891,8 +902,35 @@ impl CloseReason {
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
-/// Requests answered by a stream of responses (`snapshot_save`), by id.
-type Streams = Arc<Mutex<HashMap<u64, mpsc::Sender<Response>>>>;
+/// Requests answered by a stream of responses (`snapshot_save`, `watch`), by id.
+type Streams = Arc<Mutex<HashMap<u64, Stream>>>;
+
+/// Where the responses of one streamed request go.
+struct Stream {
+    tx: mpsc::Sender<Response>,
+    /// Full: drop the stream (its owner opens it again) instead of waiting,
+    /// which would hold up every other request on the connection.
+    drop_when_full: bool,
+}
+
+impl Stream {
+    /// A stream that holds the connection's reader while it is full (a
+    /// backup: pushes back on the server).
+    fn blocking(tx: mpsc::Sender<Response>) -> Stream {
+        Stream {
+            tx,
+            drop_when_full: false,
+        }
+    }
+
+    /// A stream that is dropped when full (a watch, which resumes).
+    fn dropped_when_full(tx: mpsc::Sender<Response>) -> Stream {
+        Stream {
+            tx,
+            drop_when_full: true,
+        }
+    }
+}
 
 /// One multiplexed connection: a writer task and a reader task that routes
 /// responses to waiters by request id.
@@ -955,11 +993,20 @@ impl Connection {
                     }
                     continue;
                 }
-                let stream = reader_streams.lock().unwrap().get(&response.id).cloned();
-                if let Some(stream) = stream {
-                    // Waiting here pushes back on the server (TCP).
+                let stream = reader_streams
+                    .lock()
+                    .unwrap()
+                    .get(&response.id)
+                    .map(|s| (s.tx.clone(), s.drop_when_full));
+                if let Some((stream, drop_when_full)) = stream {
                     let id = response.id;
-                    if stream.send(response).await.is_err() {
+                    let delivered = if drop_when_full {
+                        stream.try_send(response).is_ok()
+                    } else {
+                        // Waiting here pushes back on the server (TCP).
+                        stream.send(response).await.is_ok()
+                    };
+                    if !delivered {
                         reader_streams.lock().unwrap().remove(&id);
                     }
                     continue;

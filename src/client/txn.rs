@@ -189,7 +189,9 @@ pub enum CasOutcome {
     },
     /// It did not; nothing changed. The key as it was (`None`: absent).
     Failed {
-        /// The key's record when the swap was tried.
+        /// The key's record when the swap was tried (read again just after,
+        /// in the rare case of a retried swap whose large value the session
+        /// did not keep).
         current: Option<KeyValue>,
     },
 }

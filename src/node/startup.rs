@@ -108,6 +108,7 @@ pub fn prepare(
         );
     }
     let store = Arc::new(StateStore::open(&config.data_dir, config.store_cache_bytes())?);
+    store.set_history_retention(config.history_retention());
     store.spawn_flusher(crate::storage::state_store::FLUSH_INTERVAL);
     if finish_interrupted_install(&storage, &store)? {
         info!("completed a snapshot install interrupted by a crash");

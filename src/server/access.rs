@@ -53,21 +53,12 @@ impl Role {
 pub fn required_role(command: &request::Command) -> Role {
     use request::Command as C;
     match command {
-        C::Get(_) | C::Scan(_) | C::Members(_) | C::Info(_) | C::Ping(_) => Role::Read,
-        C::Set(_) | C::Delete(_) | C::RegisterSession(_) => Role::Write,
-        C::Txn(txn) => {
-            let writes = txn.success.iter().chain(&txn.failure).any(|op| {
-                matches!(
-                    op.op,
-                    Some(crate::proto::txn_op::Op::Put(_)) | Some(crate::proto::txn_op::Op::Delete(_))
-                )
-            });
-            if writes {
-                Role::Write
-            } else {
-                Role::Read
-            }
+        C::Get(_) | C::Scan(_) | C::Members(_) | C::Info(_) | C::Ping(_) | C::Watch(_) | C::WatchCancel(_) => {
+            Role::Read
         }
+        C::Set(_) | C::Delete(_) | C::RegisterSession(_) => Role::Write,
+        C::Txn(txn) if super::validate::txn_writes(txn) => Role::Write,
+        C::Txn(_) => Role::Read,
         // A backup reads everything, members included.
         C::AddNode(_) | C::RemoveNode(_) | C::SnapshotSave(_) => Role::Admin,
     }

@@ -213,6 +213,7 @@ where
         codec::encode(&reply.response)
     }));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let watches = Watches::default();
     // Set when we close deliberately after sending a notice: input is then
     // drained briefly so the notice isn't lost to a connection reset.
     let mut drain = false;
@@ -237,7 +238,7 @@ where
             }
         };
         match frame {
-            Ok(Some(bytes)) => handle_frame(bytes, &port, &identity, &tx, &in_flight).await,
+            Ok(Some(bytes)) => handle_frame(bytes, &port, &identity, &tx, &in_flight, &watches).await,
             Ok(None) => break,
             Err(ReadError::TooLarge { .. }) => {
                 closed("frame_too_large");
@@ -277,12 +278,16 @@ where
     }
 }
 
+/// The watches open on one connection, by request id: what cancels each.
+type Watches = Arc<std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
+
 async fn handle_frame(
     bytes: Bytes,
     port: &ClientPort,
     identity: &Option<Arc<str>>,
     tx: &mpsc::Sender<Reply>,
     in_flight: &Arc<Semaphore>,
+    watches: &Watches,
 ) {
     match Request::decode(bytes) {
         Ok(request) => {
@@ -291,13 +296,51 @@ async fn handle_frame(
                 return;
             };
             let (tx, port, identity) = (tx.clone(), port.clone(), identity.clone());
-            if let Some(crate::proto::request::Command::SnapshotSave(save)) = request.command {
-                // A stream of responses; it holds its slot until done.
-                tokio::spawn(async move {
-                    super::backup::stream(request.id, save, port, identity, tx).await;
-                    drop(slot);
-                });
-                return;
+            use crate::proto::request::Command as C;
+            match request.command {
+                Some(C::SnapshotSave(save)) => {
+                    // A stream of responses; it holds its slot until done.
+                    tokio::spawn(async move {
+                        super::backup::stream(request.id, save, port, identity, tx).await;
+                        drop(slot);
+                    });
+                    return;
+                }
+                Some(C::Watch(watch)) => {
+                    // A stream too, until canceled: it holds its slot as long.
+                    let (cancel, canceled) = tokio::sync::oneshot::channel();
+                    let id = request.id;
+                    watches.lock().expect("watches lock poisoned").insert(id, cancel);
+                    let watches = watches.clone();
+                    tokio::spawn(async move {
+                        super::watches::stream(id, watch, port, identity, tx, canceled).await;
+                        watches.lock().expect("watches lock poisoned").remove(&id);
+                        drop(slot);
+                    });
+                    return;
+                }
+                Some(C::WatchCancel(cancel)) => {
+                    let found = watches.lock().expect("watches lock poisoned").remove(&cancel.watch_id);
+                    let result = match found {
+                        Some(cancel) => {
+                            let _ = cancel.send(());
+                            crate::proto::response::Result::Watch(crate::proto::WatchResponse {
+                                canceled: true,
+                                ..Default::default()
+                            })
+                        }
+                        None => {
+                            crate::proto::response::Result::Error(super::watches::unknown_watch(cancel.watch_id).into())
+                        }
+                    };
+                    let response = Response {
+                        id: request.id,
+                        result: Some(result),
+                    };
+                    let _ = tx.send(Reply::with_slot(response, slot)).await;
+                    return;
+                }
+                _ => {}
             }
             tokio::spawn(async move {
                 let response =

@@ -17,6 +17,7 @@ pub mod http;
 pub mod peer;
 pub mod requests;
 pub mod validate;
+mod watches;
 mod wire_errors;
 
 use std::net::SocketAddr;

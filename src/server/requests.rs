@@ -83,6 +83,8 @@ pub(super) fn op_name(command: &request::Command) -> &'static str {
         C::Delete(_) => "delete",
         C::RegisterSession(_) => "register_session",
         C::Txn(_) => "txn",
+        C::Watch(_) => "watch",
+        C::WatchCancel(_) => "watch_cancel",
         C::Scan(_) => "scan",
         C::AddNode(_) => "add_node",
         C::RemoveNode(_) => "remove_node",
@@ -118,6 +120,13 @@ struct SessionFields {
 }
 
 impl SessionFields {
+    /// Outside any session.
+    const NONE: SessionFields = SessionFields {
+        session_id: 0,
+        seq: 0,
+        first_incomplete: 0,
+    };
+
     /// The replicated command for `op`, in this session.
     fn command(self, op: command::Op) -> Command {
         Command {
@@ -174,6 +183,13 @@ async fn run(
         }
         C::Txn(txn) => {
             validate::txn(&txn, limits)?;
+            // A transaction that writes nothing needs no session (it may run
+            // twice), and one from a read-only identity must not touch one.
+            let session = if validate::txn_writes(&txn) {
+                session
+            } else {
+                SessionFields::NONE
+            };
             let op = session.command(command::Op::Txn(txn));
             match handle.propose(op).await? {
                 ApplyResult::Txn(response) => Ok(response::Result::Txn(*response)),
@@ -245,6 +261,8 @@ async fn run(
         C::Info(_) => Ok(response::Result::Info(info(handle))),
         // Streamed by `server::backup`, never dispatched here.
         C::SnapshotSave(_) => Err(WireError::invalid("snapshot_save is a stream; send it on its own")),
+        // Streams of their connection, never dispatched here.
+        C::Watch(_) | C::WatchCancel(_) => Err(WireError::invalid("watch is a stream; send it on its own")),
         C::Ping(_) => Ok(response::Result::Ping(PingResponse {
             node_id: handle.status().id,
         })),

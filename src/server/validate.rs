@@ -78,6 +78,14 @@ pub fn txn(txn: &TxnRequest, limits: Limits) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Whether a transaction may write (a put or delete in either branch).
+pub fn txn_writes(txn: &TxnRequest) -> bool {
+    txn.success
+        .iter()
+        .chain(&txn.failure)
+        .any(|op| matches!(op.op, Some(txn_op::Op::Put(_)) | Some(txn_op::Op::Delete(_))))
+}
+
 fn compare_clause(c: &Compare, limits: Limits) -> Result<(), WireError> {
     key(&c.key, limits)?;
     if compare::Target::try_from(c.target).is_err() || c.target == compare::Target::Unspecified as i32 {

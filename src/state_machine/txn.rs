@@ -16,19 +16,32 @@ use crate::storage::memtable::Change;
 use crate::storage::state_store::ScanPage;
 use crate::storage::StorageError;
 
-/// At most this many keys go in one range delete. It is applied on the raft
-/// thread in one step, which no other write waits behind for long; a larger
-/// range is refused (deterministically: every node counts the same keys) and
-/// is deleted in parts.
+/// At most this many keys go in range deletes of one command (a delete, or
+/// all the range deletes of a transaction). They are applied on the raft
+/// thread in one step; a larger range is refused (deterministically: every
+/// node counts the same keys) and is deleted in parts.
 pub const MAX_RANGE_DELETE: usize = 100_000;
 
-/// The range reads of one transaction return about this many bytes of keys
-/// and values together, then stop with `more` (as a scan page does): the
-/// answer must fit in one response frame.
-pub const TXN_READ_BYTES: usize = 1 << 20;
+/// At most this many stored records are examined by the range reads and
+/// deletes of one command (deleted keys a later range passes over count
+/// too), so no command holds the raft thread for long.
+pub const MAX_EXAMINED: usize = 1_000_000;
 
-/// Records read from the store at a time when merging it with the batch.
+/// The reads of one transaction (gets and ranges) return at most this many
+/// bytes of keys and values together: a range stops there with `more`, and
+/// a transaction whose gets alone pass it is refused. The answer must fit in
+/// one response frame.
+pub const TXN_READ_BYTES: usize = 8 << 20;
+
+/// Records read from the store at a time when merging it with the batch,
+/// and about as many bytes at most.
 const PAGE: usize = 256;
+const PAGE_BYTES: usize = 4 << 20;
+
+/// Bytes a pair costs against [`TXN_READ_BYTES`].
+fn read_size(key: &[u8], value: &[u8]) -> usize {
+    key.len() + value.len() + 8
+}
 
 /// Whether `compare` holds for a key's current record (`None`: absent, which
 /// has version, revisions and lease 0 and fails every value compare, as in
@@ -98,7 +111,6 @@ impl Batch<'_> {
             }
         }
         let ops = if succeeded { txn.success } else { txn.failure };
-        let mut read_budget = TXN_READ_BYTES;
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
             let written = match op.op {
@@ -106,6 +118,14 @@ impl Batch<'_> {
                 Some(Op::Delete(delete)) => Some(self.write(&mut pending, index, WriteOp::Delete(delete))?),
                 Some(Op::Get(get)) => {
                     let record = self.lookup(&pending, &get.key)?;
+                    let size = record.as_ref().map_or(0, |r| read_size(&get.key, &r.value));
+                    pending.read_bytes += size;
+                    if pending.read_bytes > TXN_READ_BYTES {
+                        return Ok(ApplyResult::Refused(format!(
+                            "the transaction's reads come to over {} MiB; nothing was applied: read fewer or smaller keys",
+                            TXN_READ_BYTES >> 20
+                        )));
+                    }
                     results.push(Some(R::Get(get_response(record))));
                     None
                 }
@@ -115,9 +135,12 @@ impl Batch<'_> {
                         from: scan.from,
                         to: scan.to,
                     };
-                    let page = self.range(&pending, &range, scan.limit as usize, read_budget)?;
-                    let bytes: usize = page.pairs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
-                    read_budget = read_budget.saturating_sub(bytes);
+                    let budget = TXN_READ_BYTES.saturating_sub(pending.read_bytes);
+                    let page = match self.range(&pending, &range, scan.limit as usize, budget, false)? {
+                        Ok(page) => page,
+                        Err(why) => return Ok(ApplyResult::Refused(why)),
+                    };
+                    pending.read_bytes += page.pairs.iter().map(|kv| read_size(&kv.key, &kv.value)).sum::<usize>();
                     results.push(Some(R::Range(ScanResponse {
                         pairs: page.pairs,
                         more: page.more,
@@ -151,44 +174,60 @@ impl Batch<'_> {
         })))
     }
 
-    /// Deletes every key in `range`; returns how many, or why not (over
-    /// [`MAX_RANGE_DELETE`] keys).
+    /// Deletes every key in `range` at revision `index`; returns how many,
+    /// or why not (over [`MAX_RANGE_DELETE`] keys in this command's range
+    /// deletes, or over [`MAX_EXAMINED`] records examined).
     pub(super) fn delete_range(
         &self,
         pending: &mut Pending,
+        index: u64,
         range: &KeyRange,
     ) -> Result<Result<u64, String>, StorageError> {
-        let page = self.range(pending, range, MAX_RANGE_DELETE + 1, usize::MAX)?;
-        if page.pairs.len() > MAX_RANGE_DELETE {
+        let room = MAX_RANGE_DELETE - pending.range_deleted;
+        let page = match self.range(pending, range, room + 1, usize::MAX, true)? {
+            Ok(page) => page,
+            Err(why) => return Ok(Err(why)),
+        };
+        if page.pairs.len() > room {
             return Ok(Err(format!(
-                "the range holds over {MAX_RANGE_DELETE} keys, more than one delete removes; nothing was deleted: \
-                 delete it in parts (a longer --prefix, or --from/--to)"
+                "the range holds more keys than one command deletes ({MAX_RANGE_DELETE} in all); nothing was \
+                 deleted: delete it in parts (a longer --prefix, or --from/--to)"
             )));
         }
         let deleted = page.pairs.len() as u64;
+        pending.range_deleted += page.pairs.len();
         for kv in page.pairs {
-            pending.layer.insert(kv.key, None);
+            let previous = StoredValue {
+                value: Vec::new(),
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+                lease: kv.lease,
+            };
+            pending.change(index, kv.key, None, Some(&previous));
         }
-        pending.keys_added -= deleted as i64;
         Ok(Ok(deleted))
     }
 
     /// The keys in `range` as of the entries applied so far (`pending`
     /// included): the store's records a page at a time, with the batch's
-    /// changes over them. At most `limit` pairs (0: no limit) and about
-    /// `max_bytes` (at least one pair), then `more`.
+    /// changes over them. At most `limit` pairs (0: no limit) and
+    /// `max_bytes`, then `more` (with no room at all, an empty page and
+    /// `more`). With `keys_only`, values are dropped as they are read. Refused
+    /// past [`MAX_EXAMINED`] records examined by this command.
     pub(super) fn range(
         &self,
         pending: &Pending,
         range: &KeyRange,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<ScanPage, StorageError> {
+        keys_only: bool,
+    ) -> Result<Result<ScanPage, String>, StorageError> {
         let KeyRange { prefix, from, to } = range;
         let start: &[u8] = if from > prefix { from } else { prefix };
         let mut page = ScanPage::default();
         if !to.is_empty() && start >= to.as_slice() {
-            return Ok(page);
+            return Ok(Ok(page));
         }
         let end = if to.is_empty() {
             Bound::Unbounded
@@ -205,7 +244,24 @@ impl Batch<'_> {
         let mut bytes = 0usize;
         let mut cursor = start.to_vec();
         loop {
-            let stored = self.store.scan(prefix, &cursor, to, PAGE, usize::MAX)?;
+            let page_bytes = if keys_only {
+                PAGE_BYTES
+            } else {
+                max_bytes.saturating_sub(bytes).clamp(1, PAGE_BYTES)
+            };
+            let mut stored = self.store.scan(prefix, &cursor, to, PAGE, page_bytes)?;
+            let examined = pending.examined.get() + stored.pairs.len();
+            pending.examined.set(examined);
+            if examined > MAX_EXAMINED {
+                return Ok(Err(format!(
+                    "the command examines over {MAX_EXAMINED} stored keys; nothing was applied: use narrower ranges"
+                )));
+            }
+            if keys_only {
+                for kv in &mut stored.pairs {
+                    kv.value = Vec::new();
+                }
+            }
             // This page of the store covers keys up to its last one (all the
             // rest of the range when it is the last page).
             let until = match (stored.more, stored.pairs.last()) {
@@ -236,11 +292,14 @@ impl Batch<'_> {
                 } else {
                     changes.next().and_then(|(key, change)| key_value(key, change))
                 };
-                let Some(kv) = next else { continue };
-                let size = kv.key.len() + kv.value.len() + 8;
-                if (limit > 0 && page.pairs.len() >= limit) || (!page.pairs.is_empty() && bytes + size > max_bytes) {
+                let Some(mut kv) = next else { continue };
+                if keys_only {
+                    kv.value = Vec::new();
+                }
+                let size = read_size(&kv.key, &kv.value);
+                if (limit > 0 && page.pairs.len() >= limit) || bytes + size > max_bytes {
                     page.more = true;
-                    return Ok(page);
+                    return Ok(Ok(page));
                 }
                 bytes += size;
                 page.pairs.push(kv);
@@ -250,7 +309,7 @@ impl Batch<'_> {
                     last.push(0);
                     cursor = last;
                 }
-                None => return Ok(page),
+                None => return Ok(Ok(page)),
             }
         }
     }
@@ -497,7 +556,7 @@ mod tests {
             false,
         );
         assert!(
-            matches!(&results[0], ApplyResult::Refused(why) if why.contains("over 100000 keys")),
+            matches!(&results[0], ApplyResult::Refused(why) if why.contains("more keys than one command deletes (100000")),
             "{results:?}"
         );
         assert_eq!(sm.get(b"x").unwrap(), None, "the put before it was not applied");

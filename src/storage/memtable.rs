@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
+use super::history::Event;
 use crate::proto::{SnapshotHeader, StoredValue};
 use crate::sessions::{SessionDelta, Sessions};
 
@@ -91,6 +92,8 @@ impl Layer {
 pub struct Frozen {
     /// The changes.
     pub layer: Layer,
+    /// Their history, in revision order.
+    pub events: Vec<Event>,
     /// The state (applied index, membership) as of the last change in it.
     pub header: SnapshotHeader,
 }
@@ -100,6 +103,9 @@ pub struct Frozen {
 #[derive(Debug)]
 pub struct Memtable {
     active: Layer,
+    /// The history of the active layer's changes, in revision order.
+    active_events: Vec<Event>,
+    active_event_bytes: usize,
     frozen: Option<Arc<Frozen>>,
     /// The state record as of the last applied batch (its `sessions` are
     /// in `sessions`, filled in only when a layer is frozen).
@@ -116,6 +122,8 @@ impl Memtable {
         let sessions = Sessions::from_proto(header.sessions.take().as_ref());
         Memtable {
             active: Layer::default(),
+            active_events: Vec::new(),
+            active_event_bytes: 0,
             frozen: None,
             header,
             sessions,
@@ -135,12 +143,19 @@ impl Memtable {
             .or_else(|| self.frozen.as_ref().and_then(|f| f.layer.get(key)))
     }
 
-    /// Adds a committed batch: its changes, the state it led to, and how it
-    /// changed the number of keys.
-    pub fn commit(&mut self, changes: Layer, header: SnapshotHeader, sessions: SessionDelta, keys_added: i64) {
-        for (key, change) in changes.changes {
-            self.active.insert(key, change);
-        }
+    /// Adds a committed batch: its changes and their history, the state it
+    /// led to, and how it changed the number of keys.
+    pub fn commit(
+        &mut self,
+        changes: Layer,
+        events: Vec<Event>,
+        header: SnapshotHeader,
+        sessions: SessionDelta,
+        keys_added: i64,
+    ) {
+        self.active.absorb(changes);
+        self.active_event_bytes += events.iter().map(Event::cost).sum::<usize>();
+        self.active_events.extend(events);
         self.header = header;
         self.sessions.apply_delta(sessions);
         self.keys = self.keys.saturating_add_signed(keys_added);
@@ -151,24 +166,39 @@ impl Memtable {
         self.keys
     }
 
-    /// Rough bytes of changes not yet being flushed.
+    /// Rough bytes of changes (and their history) not yet being flushed.
     pub fn active_bytes(&self) -> usize {
-        self.active.bytes()
+        self.active.bytes() + self.active_event_bytes
+    }
+
+    /// The history held in memory (not yet in the file), oldest first.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.frozen
+            .iter()
+            .flat_map(|f| f.events.iter())
+            .chain(self.active_events.iter())
+    }
+
+    /// The applied index of the last batch.
+    pub fn applied_index(&self) -> u64 {
+        self.header.index
     }
 
     /// Moves the active layer aside for a flush, unless there is nothing to
     /// write beyond `flushed_index`. At most one layer is frozen at a time.
     pub fn freeze(&mut self, flushed_index: u64) -> Option<Arc<Frozen>> {
         debug_assert!(self.frozen.is_none(), "one flush at a time");
-        if self.active.is_empty() && self.header.index <= flushed_index {
+        if self.active.is_empty() && self.active_events.is_empty() && self.header.index <= flushed_index {
             return None;
         }
         let mut header = self.header.clone();
         // The sessions as of the same batch as the header: a crash brings
         // both back together.
         header.sessions = Some(self.sessions.to_proto());
+        self.active_event_bytes = 0;
         let frozen = Arc::new(Frozen {
             layer: std::mem::take(&mut self.active),
+            events: std::mem::take(&mut self.active_events),
             header,
         });
         self.frozen = Some(frozen.clone());
@@ -356,6 +386,7 @@ mod tests {
         let mut mem = Memtable::new(header(1), 2);
         mem.commit(
             batch(&[("a", value("1")), ("b", None)]),
+            Vec::new(),
             header(2),
             Default::default(),
             -1,
@@ -364,6 +395,7 @@ mod tests {
         assert_eq!(frozen.header.index, 2);
         mem.commit(
             batch(&[("a", value("2")), ("c", value("3"))]),
+            Vec::new(),
             header(3),
             Default::default(),
             1,
@@ -383,7 +415,7 @@ mod tests {
         let mut mem = Memtable::new(header(5), 0);
         assert!(mem.freeze(5).is_none());
         // A batch with no key (a membership change) still moves the state.
-        mem.commit(Layer::default(), header(6), Default::default(), 0);
+        mem.commit(Layer::default(), Vec::new(), header(6), Default::default(), 0);
         assert_eq!(mem.freeze(5).expect("a new state record").header.index, 6);
     }
 
@@ -392,6 +424,7 @@ mod tests {
         let mut mem = Memtable::new(header(1), 0);
         mem.commit(
             batch(&[("b", value("m")), ("d", value("m")), ("f", value("m"))]),
+            Vec::new(),
             header(2),
             Default::default(),
             3,

@@ -19,6 +19,7 @@
 pub mod access;
 pub mod backup_file;
 mod fs_util;
+pub mod history;
 pub mod identity;
 pub mod lock;
 pub mod log_check;

@@ -5,11 +5,13 @@
 //! ```text
 //! meta   "state"  -> SnapshotHeader: applied index and term, ConfState,
 //!                    members, removed ids, cluster id, format
+//! meta   "history_start", "history_bytes" -> big-endian u64 (see history.rs)
 //! kv     user key -> StoredValue: value, create/mod revision, version, lease
+//! history revision (8 bytes BE) + place in it (4 bytes BE) -> HistoryEvent
 //! ```
 //!
 //! Reserved for the coordination API, in the same file and so without a
-//! migration: `history` (revision -> change, for watch) and `leases`.
+//! migration: `leases`.
 //!
 //! The raft loop applies each batch of committed entries to the in-memory
 //! [`Memtable`] in front of the file (cheap, on the raft thread). A flush moves
@@ -33,6 +35,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDefinition};
 
+use super::history::{self, read_counter, Event, Retention};
 use super::memtable::{self, Layer, Memtable};
 use super::StorageError;
 use crate::proto::{KeyValue, SnapshotHeader, StoredValue};
@@ -45,7 +48,7 @@ pub const INCOMING_DIR: &str = "snapshot-incoming";
 /// The record format this code writes (`SnapshotHeader::format`).
 pub const FORMAT: u32 = 1;
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META_STATE: &str = "state";
 /// `SnapshotRecord::table` of the kv table.
@@ -105,7 +108,7 @@ pub struct StateStore {
     /// Applied changes not yet in the file. Read-locked by readers for a
     /// lookup (and while they take the file's handle, so both agree),
     /// write-locked by the raft loop to add a batch and by a flush.
-    mem: RwLock<Memtable>,
+    pub(super) mem: RwLock<Memtable>,
     /// The applied index of the last flush (each is fsynced).
     durable_index: AtomicU64,
     /// Shared with the flusher thread, which must not keep the store alive
@@ -119,6 +122,13 @@ pub struct StateStore {
     /// The raft loop's copy of the client sessions (memory's copy follows it
     /// batch by batch); only the raft thread takes it.
     working_sessions: Mutex<Sessions>,
+    /// How much change history flushes keep.
+    retention: Mutex<Retention>,
+    /// The applied index of the last batch, for watchers to wait on.
+    applied: tokio::sync::watch::Sender<u64>,
+    /// The first revision the file's change history holds (for metrics;
+    /// readers check the file's own record).
+    history_start: AtomicU64,
 }
 
 /// Coordinates the flusher thread, the raft loop's flushes and installs.
@@ -209,6 +219,7 @@ impl StateStore {
         let db = open_db(&Self::path_in(data_dir), cache_bytes)?;
         // Whatever redb opened is what survived: its last durable commit.
         let (header, keys) = header_and_len(&db)?;
+        let history_start = start_history(&db, header.index)?;
         let mem = Memtable::new(header.clone(), keys);
         let working_sessions = Mutex::new(mem.sessions().clone());
         Ok(StateStore {
@@ -221,10 +232,29 @@ impl StateStore {
             memory_limits: (FLUSH_EARLY_BYTES, HOLD_BYTES),
             pinned: Mutex::default(),
             working_sessions,
+            retention: Mutex::default(),
+            applied: tokio::sync::watch::Sender::new(header.index),
+            history_start: AtomicU64::new(history_start),
         })
     }
 
-    fn db(&self) -> Result<Arc<Database>, StorageError> {
+    /// The first revision the change history held at the last flush.
+    pub fn history_start(&self) -> u64 {
+        self.history_start.load(Ordering::Relaxed)
+    }
+
+    /// Sets how much change history flushes keep.
+    pub fn set_history_retention(&self, retention: Retention) {
+        *self.retention.lock().expect("retention lock poisoned") = retention;
+    }
+
+    /// The applied index of each batch as it is committed (and of an
+    /// installed snapshot), for watchers to wait on.
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    pub(super) fn db(&self) -> Result<Arc<Database>, StorageError> {
         self.db
             .read()
             .expect("store lock poisoned")
@@ -344,7 +374,11 @@ impl StateStore {
                 }
             }
         }
-        commit_with_header(txn, &frozen.header)
+        let retention = *self.retention.lock().expect("retention lock poisoned");
+        let start = history::write_events(&txn, &frozen.events, frozen.header.index, retention)?;
+        commit_with_header(txn, &frozen.header)?;
+        self.history_start.store(start, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Adds a batch the raft loop applied: its changes, the state record it
@@ -353,15 +387,18 @@ impl StateStore {
     pub fn commit_batch(
         &self,
         changes: Layer,
+        events: Vec<Event>,
         header: SnapshotHeader,
         sessions: SessionDelta,
         keys_added: i64,
     ) -> Result<(), StorageError> {
+        let index = header.index;
         let waiting = {
             let mut mem = self.mem.write().expect("memtable lock poisoned");
-            mem.commit(changes, header, sessions, keys_added);
+            mem.commit(changes, events, header, sessions, keys_added);
             mem.active_bytes()
         };
+        self.applied.send_replace(index);
         let (early, hold) = self.memory_limits;
         if waiting >= hold {
             // The flusher is behind: wait for the flush it is running to end
@@ -678,8 +715,25 @@ impl StateStore {
         self.reset_working_sessions();
         self.pinned.lock().expect("pin lock poisoned").clear();
         self.durable_index.store(header.index, Ordering::Release);
+        self.history_start.store(header.index + 1, Ordering::Relaxed);
+        self.applied.send_replace(header.index);
         Ok(header)
     }
+}
+
+/// Where a store's change history starts, marked once: a store written
+/// before there was one (or a new one) holds none of the revisions up to
+/// `applied`.
+fn start_history(db: &Database, applied: u64) -> Result<u64, StorageError> {
+    let start = read_counter(&db.begin_read()?, history::META_HISTORY_START)?;
+    if start != 0 {
+        return Ok(start);
+    }
+    let txn = db.begin_write()?;
+    txn.open_table(META)?
+        .insert(history::META_HISTORY_START, &(applied + 1).to_be_bytes()[..])?;
+    txn.commit()?;
+    Ok(applied + 1)
 }
 
 /// A database's state record and key count.
@@ -806,12 +860,18 @@ impl StoreBuilder {
         Ok(())
     }
 
-    /// Writes the state record and commits everything durably.
+    /// Writes the state record and commits everything durably. The change
+    /// history is not part of a snapshot: the new store's starts after it.
     pub fn finish(mut self, header: &SnapshotHeader) -> Result<PathBuf, StorageError> {
         let txn = match self.pending.take() {
             Some(t) => t,
             None => self.db.begin_write()?,
         };
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(history::META_HISTORY_START, &(header.index + 1).to_be_bytes()[..])?;
+            meta.insert(history::META_HISTORY_BYTES, &0u64.to_be_bytes()[..])?;
+        }
         commit_with_header(txn, header)?;
         drop(self.db);
         Ok(self.path)
@@ -863,7 +923,9 @@ mod tests {
                 index,
                 ..Default::default()
             };
-            store.commit_batch(changes, header, Default::default(), 1).unwrap();
+            store
+                .commit_batch(changes, Vec::new(), header, Default::default(), 1)
+                .unwrap();
             let waiting = store.mem.read().unwrap().active_bytes();
             assert!(waiting < 16 << 10, "{waiting} bytes wait in memory at index {index}");
         }
@@ -889,11 +951,15 @@ mod tests {
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), Some(value(3)));
         changes.insert(b"kept".to_vec(), Some(value(3)));
-        store.commit_batch(changes, header(1), Default::default(), 2).unwrap();
+        store
+            .commit_batch(changes, Vec::new(), header(1), Default::default(), 2)
+            .unwrap();
         store.flush().unwrap();
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), None);
-        store.commit_batch(changes, header(2), Default::default(), -1).unwrap();
+        store
+            .commit_batch(changes, Vec::new(), header(2), Default::default(), -1)
+            .unwrap();
         assert_eq!(
             store.view().unwrap().len().unwrap(),
             2,

@@ -1,0 +1,286 @@
+//! `watch`: a stream of changes to a key or range, from a revision on,
+//! served from this node's own applied state and change history (so
+//! followers serve watches too).
+//!
+//! Each watch is a task that reads the history a page at a time from where
+//! it is, sends what matches, and then waits for the next applied batch. It
+//! holds no queue of its own: a watcher whose client reads slowly simply
+//! reads the history later (its connection's writer drops a client that
+//! takes nothing for the read timeout), and one that falls behind the
+//! history this node keeps is canceled, saying which revision is the oldest
+//! left. Events therefore go out in revision order, each once, with no gap.
+
+use std::time::{Duration, Instant};
+
+use ::metrics::{counter, gauge};
+use tokio::sync::{mpsc, oneshot};
+
+use super::client::{ClientPort, Reply};
+use crate::error::WireError;
+use crate::metrics;
+use crate::proto::{
+    request, response, watch_event, ErrorCode, KeyValue, Response, StoredValue, WatchEvent, WatchRequest, WatchResponse,
+};
+use crate::storage::history::{Event, Filter, HistoryError};
+use crate::storage::{StateStore, StorageError};
+
+/// Progress notifications go out after this long without events, unless the
+/// watch asks for another interval.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// The shortest progress interval a watch may ask for.
+const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What the watch wants, checked: a key or a non-empty range.
+fn filter_of(request: &WatchRequest, limits: super::Limits) -> Result<Filter, WireError> {
+    match &request.range {
+        Some(_) if !request.key.is_empty() => Err(WireError::invalid("a watch names a key or a range, not both")),
+        Some(range) => {
+            super::validate::range(&range.from, &range.to)?;
+            let start = if range.from > range.prefix {
+                &range.from
+            } else {
+                &range.prefix
+            };
+            let empty = !start.starts_with(&range.prefix) || (!range.to.is_empty() && *start >= range.to);
+            if empty {
+                return Err(WireError::invalid(
+                    "the watched range holds no key (its prefix and from/to do not overlap); nothing could ever match",
+                ));
+            }
+            Ok(Filter::Range(range.clone()))
+        }
+        None => {
+            super::validate::key(&request.key, limits)?;
+            Ok(Filter::Key(request.key.clone()))
+        }
+    }
+}
+
+fn progress_interval(request: &WatchRequest) -> Result<Duration, WireError> {
+    match request.progress_interval_ms {
+        0 => Ok(DEFAULT_PROGRESS_INTERVAL),
+        ms if Duration::from_millis(ms) < MIN_PROGRESS_INTERVAL => Err(WireError::invalid(format!(
+            "progress_interval_ms {ms} is under the minimum of {} ms",
+            MIN_PROGRESS_INTERVAL.as_millis()
+        ))),
+        ms => Ok(Duration::from_millis(ms)),
+    }
+}
+
+/// Serves watch `id` until it is canceled (`cancel`), the client leaves, or
+/// the history it needs is gone. Every response goes through `tx`.
+pub(super) async fn stream(
+    id: u64,
+    request: WatchRequest,
+    port: ClientPort,
+    identity: Option<std::sync::Arc<str>>,
+    tx: mpsc::Sender<Reply>,
+    cancel: oneshot::Receiver<()>,
+) {
+    let command = request::Command::Watch(request.clone());
+    let checked = port
+        .access
+        .check(identity.as_deref(), &command)
+        .and_then(|()| Ok((filter_of(&request, port.limits)?, progress_interval(&request)?)));
+    let (filter, interval) = match checked {
+        Ok(checked) => checked,
+        Err(error) => {
+            let outcome = error.code.as_str_name().to_ascii_lowercase();
+            counter!(metrics::REQUESTS, "op" => "watch", "outcome" => outcome).increment(1);
+            let response = Response {
+                id,
+                result: Some(response::Result::Error(error.into())),
+            };
+            let _ = tx.send(Reply::without_slot(response)).await;
+            return;
+        }
+    };
+    counter!(metrics::REQUESTS, "op" => "watch", "outcome" => "ok").increment(1);
+    gauge!(metrics::WATCHERS).increment(1.0);
+    let watch = Watch {
+        id,
+        store: port.handle.store().clone(),
+        filter,
+        prev_kv: request.prev_kv,
+        tx,
+    };
+    let reason = watch.run(request.start_revision, interval, cancel).await;
+    gauge!(metrics::WATCHERS).decrement(1.0);
+    if let Some(reason) = reason {
+        counter!(metrics::WATCHES_CANCELED, "reason" => reason).increment(1);
+    }
+}
+
+struct Watch {
+    id: u64,
+    store: std::sync::Arc<StateStore>,
+    filter: Filter,
+    prev_kv: bool,
+    tx: mpsc::Sender<Reply>,
+}
+
+/// Why a watch ended (`None`: the client left).
+type Ended = Option<&'static str>;
+
+impl Watch {
+    async fn send(&self, response: WatchResponse) -> Result<(), Ended> {
+        let response = Response {
+            id: self.id,
+            result: Some(response::Result::Watch(response)),
+        };
+        self.tx.send(Reply::without_slot(response)).await.map_err(|_| None)
+    }
+
+    /// Ends the watch with a last response saying why.
+    async fn cancel(&self, label: &'static str, reason: String, compact_revision: u64) -> Ended {
+        let _ = self
+            .send(WatchResponse {
+                canceled: true,
+                cancel_reason: reason,
+                compact_revision,
+                ..Default::default()
+            })
+            .await;
+        Some(label)
+    }
+
+    async fn run(self, start_revision: u64, interval: Duration, mut cancel: oneshot::Receiver<()>) -> Ended {
+        // Subscribed before the first read: a batch applied meanwhile wakes us.
+        let mut applied = self.store.subscribe_applied();
+        let now = *applied.borrow();
+        let mut next = if start_revision == 0 { now + 1 } else { start_revision };
+        // Read before the watch is confirmed: a compacted start is refused
+        // as the answer to the request itself.
+        let mut first = Some(self.store.history(next, &self.filter));
+        if let Some(Err(HistoryError::Compacted { .. })) = &first {
+            // Answered below, without a `created` first.
+        } else if let Err(ended) = self
+            .send(WatchResponse {
+                created: true,
+                revision: next - 1,
+                ..Default::default()
+            })
+            .await
+        {
+            return ended;
+        }
+        let mut last_sent = Instant::now();
+        loop {
+            // Everything there is, a page at a time.
+            loop {
+                let read = first.take().unwrap_or_else(|| self.store.history(next, &self.filter));
+                let page = match read {
+                    Ok(page) => page,
+                    Err(HistoryError::Compacted { oldest, .. }) => {
+                        let why = format!(
+                            "revision {next} is compacted: the oldest revision this node still has is {oldest}; \
+                             watch from {oldest} or later (and read the current state first)"
+                        );
+                        return self.cancel("compacted", why, oldest).await;
+                    }
+                    Err(HistoryError::Store(e)) => {
+                        tracing::error!(error = %e, "a watch could not read the change history");
+                        let why = format!("this node could not read its change history ({e}); watch another node");
+                        return self.cancel("store_failure", why, 0).await;
+                    }
+                };
+                next = page.until + 1;
+                if !page.events.is_empty() {
+                    let events = match self.events(page.events) {
+                        Ok(events) => events,
+                        Err(e) => {
+                            let why = format!("this node could not read its change history ({e}); watch another node");
+                            return self.cancel("store_failure", why, 0).await;
+                        }
+                    };
+                    counter!(metrics::WATCH_EVENTS).increment(events.len() as u64);
+                    let response = WatchResponse {
+                        events,
+                        revision: page.until,
+                        ..Default::default()
+                    };
+                    if let Err(ended) = self.send(response).await {
+                        return ended;
+                    }
+                    last_sent = Instant::now();
+                }
+                if !page.more {
+                    break;
+                }
+            }
+            tokio::select! {
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                _ = &mut cancel => {
+                    return self.cancel("client", "canceled by the client".into(), 0).await;
+                }
+                _ = tokio::time::sleep_until((last_sent + interval).into()) => {
+                    // Nothing new for a while: say how far the watcher is current.
+                    let progress = WatchResponse { revision: next - 1, ..Default::default() };
+                    if let Err(ended) = self.send(progress).await {
+                        return ended;
+                    }
+                    last_sent = Instant::now();
+                }
+                _ = self.tx.closed() => return None,
+            }
+        }
+    }
+
+    /// The wire form of history events, with the records they replaced when
+    /// asked.
+    fn events(&self, events: Vec<Event>) -> Result<Vec<WatchEvent>, StorageError> {
+        events
+            .into_iter()
+            .map(|event| {
+                let key = event.change.key;
+                let prev_kv = match event.change.prev_mod_revision {
+                    0 => None,
+                    revision if self.prev_kv => self
+                        .store
+                        .history_record(revision, &key)?
+                        .map(|record| key_value(key.clone(), record)),
+                    _ => None,
+                };
+                let (kind, kv) = match event.change.record {
+                    Some(record) => (watch_event::Type::Put, key_value(key, record)),
+                    None => (
+                        watch_event::Type::Delete,
+                        KeyValue {
+                            key,
+                            mod_revision: event.revision,
+                            ..Default::default()
+                        },
+                    ),
+                };
+                Ok(WatchEvent {
+                    r#type: kind as i32,
+                    kv: Some(kv),
+                    prev_kv,
+                })
+            })
+            .collect()
+    }
+}
+
+fn key_value(key: Vec<u8>, record: StoredValue) -> KeyValue {
+    KeyValue {
+        key,
+        value: record.value,
+        create_revision: record.create_revision,
+        mod_revision: record.mod_revision,
+        version: record.version,
+        lease: record.lease,
+    }
+}
+
+/// The error for a cancel naming no watch of this connection.
+pub(super) fn unknown_watch(watch_id: u64) -> WireError {
+    WireError::new(
+        ErrorCode::InvalidArgument,
+        format!("no watch {watch_id} is open on this connection (it ended, or was opened on another one)"),
+    )
+}

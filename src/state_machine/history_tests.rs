@@ -1,0 +1,178 @@
+//! The change history the state machine records for watches: what each
+//! write adds, how it reads back across memory and the file, and compaction.
+
+use super::tests::{apply_all, machine, set};
+use super::*;
+use crate::proto::{DeleteRequest, KeyRange, TxnOp, TxnRequest};
+use crate::storage::history::{Filter, HistoryError, Retention};
+
+fn delete(d: DeleteRequest) -> Command {
+    Command {
+        op: Some(command::Op::Delete(d)),
+        ..Default::default()
+    }
+}
+
+fn txn(success: Vec<TxnOp>) -> Command {
+    Command {
+        op: Some(command::Op::Txn(TxnRequest {
+            compare: vec![],
+            success,
+            failure: vec![],
+        })),
+        ..Default::default()
+    }
+}
+
+/// (revision, key, value or "-" for a delete, prev_mod_revision) of a page.
+fn seen(store: &StateStore, from: u64, filter: &Filter) -> Vec<(u64, String, String, u64)> {
+    let mut out = Vec::new();
+    let mut from = from;
+    loop {
+        let page = store.history(from, filter).unwrap();
+        out.extend(page.events.iter().map(|e| {
+            let value = e
+                .change
+                .record
+                .as_ref()
+                .map_or("-".to_string(), |r| String::from_utf8_lossy(&r.value).into_owned());
+            (
+                e.revision,
+                String::from_utf8_lossy(&e.change.key).into_owned(),
+                value,
+                e.change.prev_mod_revision,
+            )
+        }));
+        from = page.until + 1;
+        if !page.more {
+            return out;
+        }
+    }
+}
+
+fn all() -> Filter {
+    Filter::Range(KeyRange::default())
+}
+
+#[test]
+fn every_write_leaves_its_change_in_order_across_memory_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    apply_all(&mut sm, 1, vec![set("a", "1"), set("b", "1"), set("a", "2")], true);
+    apply_all(
+        &mut sm,
+        4,
+        vec![
+            txn(vec![TxnOp::put("c", "1"), TxnOp::delete("b"), TxnOp::get("a")]),
+            delete(DeleteRequest {
+                key: vec![],
+                range: Some(KeyRange::prefix("")),
+            }),
+            // Deleting what is not there changes nothing, and records nothing.
+            delete(DeleteRequest {
+                key: b"a".to_vec(),
+                range: None,
+            }),
+            set("a", "3"),
+        ],
+        false,
+    );
+    let store = sm.store().clone();
+    let expected: Vec<(u64, String, String, u64)> = [
+        (1, "a", "1", 0),
+        (2, "b", "1", 0),
+        (3, "a", "2", 1),
+        (4, "c", "1", 0),
+        (4, "b", "-", 2),
+        (5, "a", "-", 3),
+        (5, "c", "-", 4),
+        (7, "a", "3", 0),
+    ]
+    .into_iter()
+    .map(|(r, k, v, p)| (r, k.to_string(), v.to_string(), p))
+    .collect();
+    assert_eq!(seen(&store, 1, &all()), expected, "from memory and the file");
+    store.flush().unwrap();
+    assert_eq!(seen(&store, 1, &all()), expected, "all from the file, none twice");
+    assert_eq!(seen(&store, 5, &all()), expected[5..], "from a revision on");
+    let a: Vec<_> = expected.iter().filter(|e| e.1 == "a").cloned().collect();
+    assert_eq!(seen(&store, 1, &Filter::Key(b"a".to_vec())), a);
+    // `until` runs to the applied index, and past it nothing is found.
+    let page = store.history(8, &all()).unwrap();
+    assert!(page.events.is_empty() && page.until == 7 && !page.more, "{page:?}");
+    // The record a change replaced is found by its revision (prev_kv).
+    let prev = store.history_record(3, b"a").unwrap().unwrap();
+    assert_eq!((prev.value.as_slice(), prev.version), (&b"2"[..], 2));
+    assert_eq!(store.history_record(3, b"b").unwrap(), None);
+
+    // Kept across a restart.
+    store.close();
+    let sm = machine(dir.path());
+    assert_eq!(seen(sm.store(), 1, &all()), expected);
+}
+
+#[test]
+fn history_beyond_the_retention_is_compacted_a_whole_revision_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    sm.store().set_history_retention(Retention {
+        revisions: 5,
+        bytes: u64::MAX,
+    });
+    let writes: Vec<Command> = (0..10).map(|i| set(&format!("k{i}"), "v")).collect();
+    apply_all(&mut sm, 1, writes, true);
+    let store = sm.store().clone();
+    match store.history(1, &all()) {
+        Err(HistoryError::Compacted { asked: 1, oldest: 6 }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(seen(&store, 6, &all()).len(), 5);
+    // A range delete of 3 keys is one revision: it goes whole or not at all.
+    apply_all(
+        &mut sm,
+        11,
+        vec![delete(DeleteRequest {
+            key: vec![],
+            range: Some(KeyRange::between("k7", "")),
+        })],
+        true,
+    );
+    store.set_history_retention(Retention {
+        revisions: 1000,
+        bytes: 1,
+    });
+    apply_all(&mut sm, 12, vec![set("z", "v")], true);
+    match store.history(11, &all()) {
+        Err(HistoryError::Compacted { oldest: 13, .. }) => {}
+        other => panic!("the byte cap drops everything flushed before: {other:?}"),
+    }
+}
+
+#[test]
+fn a_store_from_before_the_history_starts_it_after_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut sm = machine(dir.path());
+        apply_all(&mut sm, 1, vec![set("a", "1"), set("b", "1")], true);
+    }
+    // As an older release left it: no history marker.
+    {
+        let db = redb::Database::open(StateStore::path_in(dir.path())).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(crate::storage::state_store::META).unwrap();
+            meta.remove(crate::storage::history::META_HISTORY_START).unwrap();
+        }
+        {
+            let mut history = txn.open_table(crate::storage::history::HISTORY).unwrap();
+            history.retain(|_, _| false).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let sm = machine(dir.path());
+    match sm.store().history(1, &all()) {
+        Err(HistoryError::Compacted { oldest: 3, .. }) => {}
+        other => panic!("revisions 1 and 2 are not in any history: {other:?}"),
+    }
+    assert!(sm.store().history(3, &all()).unwrap().events.is_empty());
+}

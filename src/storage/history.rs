@@ -1,0 +1,324 @@
+//! The change history that watches read: every put and delete the state
+//! machine applies, in revision order, each with the revision of the record
+//! it replaced (so a watcher asking for `prev_kv` finds that record in the
+//! history too).
+//!
+//! Recent changes are in memory with the batch that made them; a flush
+//! writes them into the `history` table with the data, keyed by revision and
+//! place within it, and drops the oldest beyond the retention. The first
+//! revision still held (`history_start` in `meta`) is committed with them, so
+//! a reader that finds its start below it knows the history was compacted,
+//! and never reads around a gap.
+
+use std::ops::Bound;
+
+use prost::Message as _;
+use redb::{ReadTransaction, ReadableTable, TableDefinition};
+
+use super::state_store::{StateStore, META};
+use super::StorageError;
+use crate::proto::{HistoryEvent, KeyRange, StoredValue};
+
+pub(crate) const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history");
+/// `meta` key: the first revision the history holds, big-endian u64.
+pub(crate) const META_HISTORY_START: &str = "history_start";
+/// `meta` key: bytes of history records held, big-endian u64.
+pub(super) const META_HISTORY_BYTES: &str = "history_bytes";
+
+/// How much history a node keeps: the oldest changes go once either is
+/// passed (at the next flush).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Revisions behind the applied index.
+    pub revisions: u64,
+    /// Bytes of history records.
+    pub bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            revisions: 1_000_000,
+            bytes: 256 << 20,
+        }
+    }
+}
+
+/// One change, at its revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The revision (log index) of the change.
+    pub revision: u64,
+    /// The key, its new record (none: deleted) and the previous record's revision.
+    pub change: HistoryEvent,
+}
+
+impl Event {
+    /// Rough bytes it holds in memory.
+    pub fn cost(&self) -> usize {
+        self.change.key.len() + self.change.record.as_ref().map_or(0, |r| r.value.len()) + 96
+    }
+}
+
+/// What a watch wants: one key, or every key in a range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// Exactly this key.
+    Key(Vec<u8>),
+    /// Keys in this range.
+    Range(KeyRange),
+}
+
+impl Filter {
+    /// Whether `key` is watched.
+    pub fn matches(&self, key: &[u8]) -> bool {
+        match self {
+            Filter::Key(k) => k == key,
+            Filter::Range(r) => {
+                key.starts_with(&r.prefix) && key >= r.from.as_slice() && (r.to.is_empty() || key < r.to.as_slice())
+            }
+        }
+    }
+}
+
+/// Changes read from the history, whole revisions only.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct HistoryPage {
+    /// The matching changes, oldest first.
+    pub events: Vec<Event>,
+    /// Every matching change up to this revision is in `events`: read on
+    /// from the revision after it.
+    pub until: u64,
+    /// More may follow `until` already (the page was full).
+    pub more: bool,
+}
+
+/// Why history can't be read from a revision.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The revision is older than the history held.
+    #[error("revision {asked} is compacted: the oldest revision this node still has is {oldest}")]
+    Compacted {
+        /// The revision asked for.
+        asked: u64,
+        /// The first revision held.
+        oldest: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StorageError),
+}
+
+/// The `history` table's key of the `n`th change at `revision`.
+pub(super) fn history_key(revision: u64, n: u32) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&revision.to_be_bytes());
+    key[8..].copy_from_slice(&n.to_be_bytes());
+    key
+}
+
+fn revision_of(key: &[u8]) -> Result<u64, StorageError> {
+    key.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StorageError::Corrupt("state store: a history key is shorter than 8 bytes".into()))
+}
+
+fn decode_event(revision: u64, bytes: &[u8]) -> Result<Event, StorageError> {
+    let change = HistoryEvent::decode(bytes)
+        .map_err(|e| StorageError::Corrupt(format!("state store: a history record does not decode: {e}")))?;
+    Ok(Event { revision, change })
+}
+
+/// A `meta` counter (0 when unset).
+pub(super) fn read_counter(txn: &ReadTransaction, name: &str) -> Result<u64, StorageError> {
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let value = meta.get(name)?;
+    Ok(value
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// Changes at most this many per page (then whole revisions to the end).
+const PAGE_EVENTS: usize = 1000;
+/// And about this many bytes.
+const PAGE_BYTES: usize = 1 << 20;
+
+/// Collects a page: `take` returns false once full, after which only the
+/// rest of the last revision is taken.
+struct PageBuilder {
+    page: HistoryPage,
+    bytes: usize,
+    full_at: Option<u64>,
+}
+
+impl PageBuilder {
+    /// Offers one event; false once the page is complete.
+    fn offer(&mut self, event: Event, filter: &Filter) -> bool {
+        if let Some(last) = self.full_at {
+            if event.revision != last {
+                self.page.more = true;
+                return false;
+            }
+        }
+        if !filter.matches(&event.change.key) {
+            return true;
+        }
+        self.bytes += event.cost();
+        let revision = event.revision;
+        self.page.events.push(event);
+        if self.full_at.is_none() && (self.page.events.len() >= PAGE_EVENTS || self.bytes >= PAGE_BYTES) {
+            self.full_at = Some(revision);
+        }
+        true
+    }
+}
+
+impl StateStore {
+    /// The changes matching `filter` from revision `from` on, a page at a
+    /// time, as of the last applied batch.
+    pub fn history(&self, from: u64, filter: &Filter) -> Result<HistoryPage, HistoryError> {
+        // Memory's part and a read transaction of the file as of one moment.
+        let (memory, applied, txn) = {
+            let mem = self.mem.read().expect("memtable lock poisoned");
+            let memory: Vec<Event> = mem.events().filter(|e| e.revision >= from).cloned().collect();
+            (
+                memory,
+                mem.applied_index(),
+                self.db()?.begin_read().map_err(StorageError::from)?,
+            )
+        };
+        let oldest = read_counter(&txn, META_HISTORY_START)?.max(1);
+        if from < oldest {
+            return Err(HistoryError::Compacted { asked: from, oldest });
+        }
+        // The file holds what memory no longer does: stop where memory's
+        // part begins, so a change just flushed is not read twice.
+        let memory_from = memory.first().map_or(u64::MAX, |e| e.revision);
+        let mut builder = PageBuilder {
+            page: HistoryPage::default(),
+            bytes: 0,
+            full_at: None,
+        };
+        'file: {
+            let table = match txn.open_table(HISTORY) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => break 'file,
+                Err(e) => return Err(StorageError::from(e).into()),
+            };
+            let start = history_key(from, 0);
+            let end = history_key(memory_from, 0);
+            let range = table
+                .range::<&[u8]>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
+                .map_err(StorageError::from)?;
+            for item in range {
+                let (key, value) = item.map_err(StorageError::from)?;
+                let event = decode_event(revision_of(key.value())?, value.value())?;
+                if !builder.offer(event, filter) {
+                    break 'file;
+                }
+            }
+        }
+        if !builder.page.more {
+            for event in memory {
+                if !builder.offer(event, filter) {
+                    break;
+                }
+            }
+        }
+        let mut page = builder.page;
+        page.until = match (page.more, page.events.last()) {
+            (true, Some(last)) => last.revision,
+            _ => applied.max(from.saturating_sub(1)),
+        };
+        Ok(page)
+    }
+
+    /// The record `key` had at `revision` (for a watcher's `prev_kv`), if the
+    /// history still holds that change.
+    pub fn history_record(&self, revision: u64, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        let txn = {
+            let mem = self.mem.read().expect("memtable lock poisoned");
+            if let Some(e) = mem.events().find(|e| e.revision == revision && e.change.key == key) {
+                return Ok(e.change.record.clone());
+            }
+            self.db()?.begin_read()?
+        };
+        let table = match txn.open_table(HISTORY) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let (start, end) = (history_key(revision, 0), history_key(revision + 1, 0));
+        for item in table.range::<&[u8]>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))? {
+            let (_, value) = item?;
+            let event = decode_event(revision, value.value())?;
+            if event.change.key == key {
+                return Ok(event.change.record);
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The revision and size of the oldest history record.
+fn first_of(history: &redb::Table<&[u8], &[u8]>) -> Result<Option<(u64, u64)>, StorageError> {
+    match history.first()? {
+        Some((key, value)) => Ok(Some((revision_of(key.value())?, value.value().len() as u64))),
+        None => Ok(None),
+    }
+}
+
+/// Writes `events` into the history table of `txn` and drops the oldest
+/// beyond `retention` at `applied`; updates the counters in `meta`. Returns
+/// the first revision the history then holds.
+pub(super) fn write_events(
+    txn: &redb::WriteTransaction,
+    events: &[Event],
+    applied: u64,
+    retention: Retention,
+) -> Result<u64, StorageError> {
+    let mut meta = txn.open_table(META)?;
+    let counter = |meta: &redb::Table<&str, &[u8]>, name: &str| -> Result<u64, StorageError> {
+        Ok(meta
+            .get(name)?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(0, u64::from_be_bytes))
+    };
+    let mut start = counter(&meta, META_HISTORY_START)?;
+    let mut bytes = counter(&meta, META_HISTORY_BYTES)?;
+    let mut history = txn.open_table(HISTORY)?;
+    let mut previous: Option<(u64, u32)> = None;
+    for event in events {
+        let n = match previous {
+            Some((revision, n)) if revision == event.revision => n + 1,
+            _ => 0,
+        };
+        previous = Some((event.revision, n));
+        let value = event.change.encode_to_vec();
+        bytes += value.len() as u64;
+        history.insert(&history_key(event.revision, n)[..], value.as_slice())?;
+    }
+    let keep_from = applied.saturating_sub(retention.revisions).saturating_add(1);
+    while let Some((oldest, _)) = first_of(&history)? {
+        if oldest >= keep_from && bytes <= retention.bytes {
+            break;
+        }
+        // Whole revisions go: a watcher never sees half of one.
+        while let Some((revision, size)) = first_of(&history)? {
+            if revision != oldest {
+                break;
+            }
+            history.pop_first()?;
+            bytes = bytes.saturating_sub(size);
+        }
+        start = oldest + 1;
+    }
+    meta.insert(META_HISTORY_START, &start.to_be_bytes()[..])?;
+    meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes()[..])?;
+    Ok(start)
+}
