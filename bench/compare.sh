@@ -37,6 +37,8 @@ RUNS=(
   "get --clients 128 --conns 16 --total $TOTAL"
   "get --clients 128 --conns 16 --total $TOTAL --serializable"
   "put --clients 1 --conns 1 --total $((TOTAL / 10))"
+  "txn --clients 128 --conns 16 --total $TOTAL"
+  "watch --clients 16 --conns 16 --total $((TOTAL / 10)) --watchers 100"
 )
 
 # kvraft MODE: three kvraftd on 127.0.0.1, every run, results in $WORK/kvraft-MODE.json.
@@ -100,7 +102,7 @@ kp, kt, ep, et = load("kvraft-plain"), load("kvraft-tls"), load("etcd-plain"), l
 print(f"\n{'run':<44} {'kvraft':>8} {'kvraft':>8} {'etcd':>8} {'etcd':>8} | {'TLS/plain':>9} {'TLS/plain':>9} | {'kvraft/etcd':>11} {'kvraft/etcd':>11}")
 print(f"{'(ops/s; p99 below)':<44} {'plain':>8} {'TLS':>8} {'plain':>8} {'TLS':>8} | {'kvraft':>9} {'etcd':>9} | {'plain':>11} {'TLS':>11}")
 for a, b, c, d in zip(kp, kt, ep, et):
-    name = f"{a['op']}, {a['clients']} clients / {a['conns']} conns"
+    name = f"{a['op']}, {a['clients']} clients / {a['conns']} conns" + (f" / {a['watchers']} watchers" if a.get('watchers') else "")
     r = lambda x, y: x["ops_per_s"] / y["ops_per_s"]
     print(f"{name:<44} {a['ops_per_s']:>8.0f} {b['ops_per_s']:>8.0f} {c['ops_per_s']:>8.0f} {d['ops_per_s']:>8.0f} | "
           f"{r(b, a):>8.2f}x {r(d, c):>8.2f}x | {r(a, c):>10.2f}x {r(b, d):>10.2f}x")

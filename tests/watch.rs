@@ -239,6 +239,12 @@ async fn progress_prev_kv_many_watches_on_one_connection_and_a_watcher_not_read(
         })
         .await
         .unwrap();
+    // More watches than a connection has request slots (64): they take
+    // none, so requests on the same connection still go through.
+    let mut quiet = Vec::new();
+    for _ in 0..70 {
+        quiet.push(client.watch(prefix("quiet/", 0)).await.unwrap());
+    }
     let started = Instant::now();
     for i in 0..500 {
         client.set(format!("m/{}", i % 5), format!("v{i}")).await.unwrap();
@@ -271,6 +277,11 @@ async fn progress_prev_kv_many_watches_on_one_connection_and_a_watcher_not_read(
     );
     let prev = prevs[5].clone().unwrap();
     assert_eq!((prev.key.as_slice(), prev.value.as_slice()), (&b"m/0"[..], &b"v0"[..]));
+    // Dropped watchers are canceled on the node too.
+    let open = || cluster.metric(1, "kvraft_watchers", &[]);
+    assert!(open() >= 80.0, "{}", open());
+    drop((quiet, watchers, unread, idle));
+    eventually(T, "the dropped watches to end on the node", || async { open() == 0.0 }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

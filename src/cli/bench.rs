@@ -23,6 +23,13 @@ pub enum BenchOp {
     Put,
     /// Reads (linearizable unless --serializable).
     Get,
+    /// Transactions: a compare on the key's version, then a put either way
+    /// (etcd's `benchmark txn-put` does the same).
+    Txn,
+    /// Puts watched by --watchers watchers on the keys' prefix: throughput
+    /// is events delivered per second over all watchers, latency is from a
+    /// put's start to each watcher's receipt of it.
+    Watch,
 }
 
 /// `kvraft bench` arguments.
@@ -49,6 +56,60 @@ pub struct BenchArgs {
     /// Keys are drawn at random from this many.
     #[arg(long, default_value_t = 1)]
     key_space: u64,
+    /// Watchers (bench watch), spread over the connections.
+    #[arg(long, default_value_t = 1)]
+    watchers: usize,
+}
+
+/// A put's start, in nanoseconds since the bench began, carried in its value
+/// so watchers can time delivery.
+fn stamped(value: &[u8], started: Instant) -> Vec<u8> {
+    let mut v = (started.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(value.get(8..).unwrap_or_default());
+    v
+}
+
+/// Watchers of every benchmark key; each records delivery latency until it
+/// has seen `total` events (or a minute passed).
+async fn spawn_watchers(
+    connections: &[Client],
+    args: &BenchArgs,
+    started: Instant,
+) -> Result<Vec<tokio::task::JoinHandle<(Histogram<u64>, u64)>>, Error> {
+    use crate::client::WatchOptions;
+    let mut tasks = Vec::new();
+    for w in 0..args.watchers {
+        let options = WatchOptions {
+            range: Some(crate::proto::KeyRange::prefix("k")),
+            ..Default::default()
+        };
+        let mut watcher = connections[w % connections.len()].watch(options).await?;
+        let total = args.total;
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut seen = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while seen < total {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(Some(Ok(update))) = tokio::time::timeout(left, watcher.next()).await else {
+                    break;
+                };
+                if let crate::client::WatchUpdate::Events { events, .. } = update {
+                    let now = started.elapsed().as_nanos() as u64;
+                    for event in events {
+                        let value = event.kv.map(|kv| kv.value).unwrap_or_default();
+                        let sent = value
+                            .get(..8)
+                            .map_or(now, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                        let _ = histogram.record((now.saturating_sub(sent) / 1000).max(1));
+                        seen += 1;
+                    }
+                }
+            }
+            (histogram, seen)
+        }));
+    }
+    Ok(tasks)
 }
 
 fn key(n: u64, size: usize) -> Vec<u8> {
@@ -78,8 +139,13 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let value = vec![b'v'; args.val_size];
+    let value = vec![b'v'; args.val_size.max(8)];
     let started = Instant::now();
+    let watchers = if args.op == BenchOp::Watch {
+        spawn_watchers(&connections, &args, started).await?
+    } else {
+        Vec::new()
+    };
     let progress = tokio::spawn(progress_bar(done.clone(), args.total));
     let mut workers = Vec::new();
     for i in 0..args.clients {
@@ -99,7 +165,17 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
                 let t = Instant::now();
                 let result = match args.op {
                     BenchOp::Put => client.set(k, value.clone()).await.map(|_| ()),
+                    BenchOp::Watch => client.set(k, stamped(&value, started)).await.map(|_| ()),
                     BenchOp::Get => client.get(k).await.map(|_| ()),
+                    BenchOp::Txn => {
+                        use crate::proto::{Compare, TxnOp, TxnRequest};
+                        let txn = TxnRequest {
+                            compare: vec![Compare::version(k.clone(), crate::client::CompareOp::Greater, 0)],
+                            success: vec![TxnOp::put(k.clone(), value.clone())],
+                            failure: vec![TxnOp::put(k, value.clone())],
+                        };
+                        client.txn(txn).await.map(|_| ())
+                    }
                 };
                 match result {
                     Ok(()) => {
@@ -122,6 +198,16 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
         histogram.add(&h).expect("same histogram bounds");
         last_error = e.or(last_error);
     }
+    let mut delivered = 0u64;
+    if !watchers.is_empty() {
+        // What is timed is delivery: events over all watchers.
+        histogram.reset();
+        for w in watchers {
+            let (h, seen) = w.await.expect("bench watcher panicked");
+            histogram.add(&h).expect("same histogram bounds");
+            delivered += seen;
+        }
+    }
     let elapsed = started.elapsed();
     progress.abort();
     eprintln!();
@@ -131,6 +217,8 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
     let ops_per_s = completed as f64 / elapsed.as_secs_f64();
     let op = match args.op {
         BenchOp::Put => "put",
+        BenchOp::Txn => "txn",
+        BenchOp::Watch => "watch",
         BenchOp::Get if options.serializable => "get (serializable)",
         BenchOp::Get => "get (linearizable)",
     };
@@ -148,7 +236,15 @@ pub async fn run(args: BenchArgs, options: ClientOptions, printer: &Printer) -> 
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
         "max_ms": histogram.max() as f64 / 1000.0,
+        "watchers": if args.op == BenchOp::Watch { args.watchers } else { 0 },
     });
+    if args.op == BenchOp::Watch && delivered < args.total * args.watchers as u64 {
+        eprintln!(
+            "kvraft bench: watchers received {delivered} of {} events",
+            args.total * args.watchers as u64
+        );
+        return Ok(3);
+    }
     let text = format!(
         "Summary ({op}, {} clients over {} connections):\n  Total:      {:.3} s\n  Requests:   {completed} ok, {errors} errors\n  Throughput: {ops_per_s:.1} ops/s\nLatency (ms):\n  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
         args.clients,

@@ -18,7 +18,7 @@ pub struct WatchArgs {
     #[arg(long, conflicts_with = "to")]
     prefix: bool,
     /// Watch the keys from KEY up to, not including, END.
-    #[arg(long, value_name = "END")]
+    #[arg(long, value_name = "END", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     to: Option<String>,
     /// Start at revision R (the changes since R first); default: the next change.
     #[arg(long, value_name = "R", default_value_t = 0)]

@@ -258,9 +258,12 @@ impl WatchTask {
                 }
             }
         };
-        let still_open = connection.streams.lock().unwrap().remove(&id).is_some();
-        if still_open && !connection.is_closed() {
-            // Best effort: the server ends its task when the connection goes too.
+        connection.streams.lock().unwrap().remove(&id);
+        if !connection.is_closed() {
+            // The node's side of the watch ends too (also when the stream was
+            // dropped for falling behind: the reopened one replaces it). Its
+            // answer goes nowhere; the node ends its watches when the
+            // connection closes in any case.
             let cancel = Request {
                 id: self
                     .client
@@ -270,7 +273,7 @@ impl WatchTask {
                 command: Some(request::Command::WatchCancel(WatchCancelRequest { watch_id: id })),
                 ..Default::default()
             };
-            let _ = connection.outgoing.try_send(cancel);
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection.outgoing.send(cancel)).await;
         }
         outcome
     }

@@ -25,6 +25,7 @@ use tracing::debug;
 
 use super::accept::Acceptor;
 use super::access::AccessControl;
+use super::watches::ConnectionWatches;
 use super::{requests, Limits};
 use crate::codec::{self, FrameReader, ReadError, ReceiveBudget};
 use crate::error::WireError;
@@ -213,7 +214,7 @@ where
         codec::encode(&reply.response)
     }));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let watches = Watches::default();
+    let watches = ConnectionWatches::default();
     // Set when we close deliberately after sending a notice: input is then
     // drained briefly so the notice isn't lost to a connection reset.
     let mut drain = false;
@@ -223,7 +224,7 @@ where
             // The writer gave up (the client stopped reading, or left).
             _ = tx.closed() => break,
             _ = tokio::time::sleep(limits.idle_timeout) => {
-                if frames.in_frame() || in_flight.available_permits() < MAX_IN_FLIGHT {
+                if frames.in_frame() || in_flight.available_permits() < MAX_IN_FLIGHT || !watches.is_empty() {
                     continue;
                 }
                 closed("idle");
@@ -264,6 +265,8 @@ where
             }
         }
     }
+    // Its watches end with it (they hold the writer's queue open).
+    watches.cancel_all();
     drop(tx);
     // Nothing more is read unless draining: give back any budget a partial
     // frame holds before waiting for the writer.
@@ -278,69 +281,45 @@ where
     }
 }
 
-/// The watches open on one connection, by request id: what cancels each.
-type Watches = Arc<std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
-
 async fn handle_frame(
     bytes: Bytes,
     port: &ClientPort,
     identity: &Option<Arc<str>>,
     tx: &mpsc::Sender<Reply>,
     in_flight: &Arc<Semaphore>,
-    watches: &Watches,
+    watches: &ConnectionWatches,
 ) {
     match Request::decode(bytes) {
-        Ok(request) => {
+        Ok(mut request) => {
+            use crate::proto::request::Command as C;
+            // Watches live as long as the client wants: they take no slot (a
+            // cap of their own), and neither does a cancel, so open watches
+            // never stop the connection from reading.
+            match request.command.take() {
+                Some(C::Watch(watch)) => {
+                    watches
+                        .open(request.id, watch, port.clone(), identity.clone(), tx.clone())
+                        .await;
+                    return;
+                }
+                Some(C::WatchCancel(cancel)) => {
+                    watches.cancel(request.id, cancel.watch_id, tx).await;
+                    return;
+                }
+                other => request.command = other,
+            }
             // Waits (reading nothing more) while MAX_IN_FLIGHT are unanswered.
             let Ok(slot) = in_flight.clone().acquire_owned().await else {
                 return;
             };
             let (tx, port, identity) = (tx.clone(), port.clone(), identity.clone());
-            use crate::proto::request::Command as C;
-            match request.command {
-                Some(C::SnapshotSave(save)) => {
-                    // A stream of responses; it holds its slot until done.
-                    tokio::spawn(async move {
-                        super::backup::stream(request.id, save, port, identity, tx).await;
-                        drop(slot);
-                    });
-                    return;
-                }
-                Some(C::Watch(watch)) => {
-                    // A stream too, until canceled: it holds its slot as long.
-                    let (cancel, canceled) = tokio::sync::oneshot::channel();
-                    let id = request.id;
-                    watches.lock().expect("watches lock poisoned").insert(id, cancel);
-                    let watches = watches.clone();
-                    tokio::spawn(async move {
-                        super::watches::stream(id, watch, port, identity, tx, canceled).await;
-                        watches.lock().expect("watches lock poisoned").remove(&id);
-                        drop(slot);
-                    });
-                    return;
-                }
-                Some(C::WatchCancel(cancel)) => {
-                    let found = watches.lock().expect("watches lock poisoned").remove(&cancel.watch_id);
-                    let result = match found {
-                        Some(cancel) => {
-                            let _ = cancel.send(());
-                            crate::proto::response::Result::Watch(crate::proto::WatchResponse {
-                                canceled: true,
-                                ..Default::default()
-                            })
-                        }
-                        None => {
-                            crate::proto::response::Result::Error(super::watches::unknown_watch(cancel.watch_id).into())
-                        }
-                    };
-                    let response = Response {
-                        id: request.id,
-                        result: Some(result),
-                    };
-                    let _ = tx.send(Reply::with_slot(response, slot)).await;
-                    return;
-                }
-                _ => {}
+            if let Some(C::SnapshotSave(save)) = request.command {
+                // A stream of responses; it holds its slot until done.
+                tokio::spawn(async move {
+                    super::backup::stream(request.id, save, port, identity, tx).await;
+                    drop(slot);
+                });
+                return;
             }
             tokio::spawn(async move {
                 let response =

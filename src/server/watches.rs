@@ -277,10 +277,98 @@ fn key_value(key: Vec<u8>, record: StoredValue) -> KeyValue {
     }
 }
 
-/// The error for a cancel naming no watch of this connection.
-pub(super) fn unknown_watch(watch_id: u64) -> WireError {
-    WireError::new(
-        ErrorCode::InvalidArgument,
-        format!("no watch {watch_id} is open on this connection (it ended, or was opened on another one)"),
-    )
+/// At most this many watches are open on one connection at once.
+pub const MAX_WATCHES_PER_CONNECTION: usize = 1024;
+
+/// The watches open on one connection, by request id, with what cancels each.
+#[derive(Default, Clone)]
+pub(super) struct ConnectionWatches {
+    open: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, oneshot::Sender<()>>>>,
+}
+
+impl ConnectionWatches {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, oneshot::Sender<()>>> {
+        self.open.lock().expect("watches lock poisoned")
+    }
+
+    /// True when no watch is open.
+    pub(super) fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+
+    /// Starts watch `id` (refused if the id is in use or the connection has
+    /// its fill of watches).
+    pub(super) async fn open(
+        &self,
+        id: u64,
+        request: WatchRequest,
+        port: ClientPort,
+        identity: Option<std::sync::Arc<str>>,
+        tx: mpsc::Sender<Reply>,
+    ) {
+        let (cancel, canceled) = oneshot::channel();
+        let refusal = {
+            let mut open = self.map();
+            if open.contains_key(&id) {
+                Some(WireError::invalid(format!(
+                    "a watch with request id {id} is already open on this connection; use a new id"
+                )))
+            } else if open.len() >= MAX_WATCHES_PER_CONNECTION {
+                Some(WireError::invalid(format!(
+                    "this connection has {MAX_WATCHES_PER_CONNECTION} watches open, the most one may; cancel some or \
+                     open another connection"
+                )))
+            } else {
+                open.insert(id, cancel);
+                None
+            }
+        };
+        if let Some(error) = refusal {
+            let response = Response {
+                id,
+                result: Some(response::Result::Error(error.into())),
+            };
+            let _ = tx.send(Reply::without_slot(response)).await;
+            return;
+        }
+        let watches = self.clone();
+        tokio::spawn(async move {
+            stream(id, request, port, identity, tx, canceled).await;
+            watches.map().remove(&id);
+        });
+    }
+
+    /// Ends watch `watch_id`; answers request `id`.
+    pub(super) async fn cancel(&self, id: u64, watch_id: u64, tx: &mpsc::Sender<Reply>) {
+        let found = self.map().remove(&watch_id);
+        let result = match found {
+            Some(cancel) => {
+                let _ = cancel.send(());
+                response::Result::Watch(WatchResponse {
+                    canceled: true,
+                    ..Default::default()
+                })
+            }
+            None => response::Result::Error(
+                WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("no watch {watch_id} is open on this connection (it ended, or was opened on another one)"),
+                )
+                .into(),
+            ),
+        };
+        let _ = tx
+            .send(Reply::without_slot(Response {
+                id,
+                result: Some(result),
+            }))
+            .await;
+    }
+
+    /// Ends every watch (the connection is closing).
+    pub(super) fn cancel_all(&self) {
+        for (_, cancel) in self.map().drain() {
+            let _ = cancel.send(());
+        }
+    }
 }

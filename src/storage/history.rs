@@ -185,7 +185,7 @@ impl StateStore {
         // Memory's part and a read transaction of the file as of one moment.
         let (memory, applied, txn) = {
             let mem = self.mem.read().expect("memtable lock poisoned");
-            let memory: Vec<Event> = mem.events().filter(|e| e.revision >= from).cloned().collect();
+            let memory: Vec<Event> = mem.events_from(from).cloned().collect();
             (
                 memory,
                 mem.applied_index(),
@@ -243,7 +243,11 @@ impl StateStore {
     pub fn history_record(&self, revision: u64, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
         let txn = {
             let mem = self.mem.read().expect("memtable lock poisoned");
-            if let Some(e) = mem.events().find(|e| e.revision == revision && e.change.key == key) {
+            if let Some(e) = mem
+                .events_from(revision)
+                .take_while(|e| e.revision == revision)
+                .find(|e| e.change.key == key)
+            {
                 return Ok(e.change.record.clone());
             }
             self.db()?.begin_read()?

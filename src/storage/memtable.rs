@@ -171,12 +171,15 @@ impl Memtable {
         self.active.bytes() + self.active_event_bytes
     }
 
-    /// The history held in memory (not yet in the file), oldest first.
-    pub fn events(&self) -> impl Iterator<Item = &Event> {
-        self.frozen
+    /// The history held in memory (not yet in the file) from revision
+    /// `from` on, oldest first (each layer's is in revision order, so a
+    /// watcher that is current skips the rest without reading it).
+    pub fn events_from(&self, from: u64) -> impl Iterator<Item = &Event> {
+        let since = |events: &'_ [Event]| events.partition_point(|e| e.revision < from);
+        let frozen = self.frozen.as_ref().map_or(&[][..], |f| &f.events[since(&f.events)..]);
+        frozen
             .iter()
-            .flat_map(|f| f.events.iter())
-            .chain(self.active_events.iter())
+            .chain(self.active_events[since(&self.active_events)..].iter())
     }
 
     /// The applied index of the last batch.

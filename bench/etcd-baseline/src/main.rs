@@ -24,6 +24,11 @@ enum BenchOp {
     Put,
     /// etcd Range of one key (linearizable unless --serializable).
     Get,
+    /// etcd Txn: a compare on the key's version, then a put either way.
+    Txn,
+    /// Puts watched by --watchers watchers on the keys' prefix (as `kvraft
+    /// bench watch`): events delivered per second, put-to-receipt latency.
+    Watch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +68,9 @@ struct Args {
     /// Keys are drawn at random from this many.
     #[arg(long, default_value_t = 1)]
     key_space: u64,
+    /// Watchers (watch), spread over the connections.
+    #[arg(long, default_value_t = 1)]
+    watchers: usize,
     /// Use serializable (member-local) ranges for get.
     #[arg(long)]
     serializable: bool,
@@ -88,6 +96,51 @@ fn key(n: u64, size: usize) -> Vec<u8> {
     let mut k = vec![b'k'; size.saturating_sub(digits.len())];
     k.extend_from_slice(digits.as_bytes());
     k
+}
+
+/// A put's start, in nanoseconds since the bench began, in its value.
+fn stamped(value: &[u8], started: Instant) -> Vec<u8> {
+    let mut v = (started.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(value.get(8..).unwrap_or_default());
+    v
+}
+
+/// Watchers of every benchmark key, as `kvraft bench watch` runs them.
+async fn spawn_watchers(
+    connections: &[Client],
+    args: &Args,
+    started: Instant,
+) -> Result<Vec<tokio::task::JoinHandle<(Histogram<u64>, u64)>>, String> {
+    let mut tasks = Vec::new();
+    for w in 0..args.watchers {
+        let mut client = connections[w % connections.len()].clone();
+        let (watcher, mut stream) = client
+            .watch("k", Some(etcd_client::WatchOptions::new().with_prefix()))
+            .await
+            .map_err(|e| format!("watch: {e}"))?;
+        let total = args.total;
+        tasks.push(tokio::spawn(async move {
+            let _keep = watcher;
+            let mut histogram = new_histogram();
+            let mut seen = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while seen < total {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(Ok(Some(response))) = tokio::time::timeout(left, stream.message()).await else {
+                    break;
+                };
+                let now = started.elapsed().as_nanos() as u64;
+                for event in response.events() {
+                    let value = event.kv().map(|kv| kv.value()).unwrap_or_default();
+                    let sent = value.get(..8).map_or(now, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                    let _ = histogram.record((now.saturating_sub(sent) / 1000).max(1));
+                    seen += 1;
+                }
+            }
+            (histogram, seen)
+        }));
+    }
+    Ok(tasks)
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -150,8 +203,13 @@ async fn run(args: Args) -> Result<u8, String> {
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let value = vec![b'v'; args.val_size];
+    let value = vec![b'v'; args.val_size.max(8)];
     let started = Instant::now();
+    let watchers = if args.op == BenchOp::Watch {
+        spawn_watchers(&connections, &args, started).await?
+    } else {
+        Vec::new()
+    };
     let progress = tokio::spawn(progress_bar(done.clone(), args.total));
     let mut workers = Vec::new();
     for i in 0..args.clients {
@@ -172,6 +230,7 @@ async fn run(args: Args) -> Result<u8, String> {
                 let t = Instant::now();
                 let result = match args.op {
                     BenchOp::Put => kv.put(k, value.clone(), None).await.map(|_| ()),
+                    BenchOp::Watch => kv.put(k, stamped(&value, started), None).await.map(|_| ()),
                     BenchOp::Get => {
                         let opts = if args.serializable {
                             Some(GetOptions::new().with_serializable())
@@ -179,6 +238,14 @@ async fn run(args: Args) -> Result<u8, String> {
                             None
                         };
                         kv.get(k, opts).await.map(|_| ())
+                    }
+                    BenchOp::Txn => {
+                        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                        let txn = Txn::new()
+                            .when(vec![Compare::version(k.clone(), CompareOp::Greater, 0)])
+                            .and_then(vec![TxnOp::put(k.clone(), value.clone(), None)])
+                            .or_else(vec![TxnOp::put(k, value.clone(), None)]);
+                        kv.txn(txn).await.map(|_| ())
                     }
                 };
                 match result {
@@ -202,6 +269,15 @@ async fn run(args: Args) -> Result<u8, String> {
         histogram.add(&h).expect("same histogram bounds");
         last_error = e.or(last_error);
     }
+    let mut delivered = 0u64;
+    if !watchers.is_empty() {
+        histogram.reset();
+        for w in watchers {
+            let (h, seen) = w.await.expect("bench watcher panicked");
+            histogram.add(&h).expect("same histogram bounds");
+            delivered += seen;
+        }
+    }
     let elapsed = started.elapsed();
     progress.abort();
     eprintln!();
@@ -212,6 +288,8 @@ async fn run(args: Args) -> Result<u8, String> {
     let ops_per_s = completed as f64 / elapsed.as_secs_f64();
     let op = match args.op {
         BenchOp::Put => "put",
+        BenchOp::Txn => "txn",
+        BenchOp::Watch => "watch",
         BenchOp::Get if args.serializable => "get (serializable)",
         BenchOp::Get => "get (linearizable)",
     };
@@ -231,6 +309,7 @@ async fn run(args: Args) -> Result<u8, String> {
                 "p99_ms": ms(0.99),
                 "p999_ms": ms(0.999),
                 "max_ms": histogram.max() as f64 / 1000.0,
+                "watchers": if args.op == BenchOp::Watch { args.watchers } else { 0 },
             });
             println!("{summary}");
         }
@@ -248,6 +327,13 @@ async fn run(args: Args) -> Result<u8, String> {
     }
     if let Some(e) = last_error {
         eprintln!("etcd-baseline: last error: {e}");
+    }
+    if args.op == BenchOp::Watch && delivered < args.total * args.watchers as u64 {
+        eprintln!(
+            "etcd-baseline: watchers received {delivered} of {} events",
+            args.total * args.watchers as u64
+        );
+        return Ok(3);
     }
     Ok(if errors > 0 { 3 } else { 0 })
 }
