@@ -114,13 +114,12 @@ async fn spawn_watchers(
     let mut tasks = Vec::new();
     for w in 0..args.watchers {
         let mut client = connections[w % connections.len()].clone();
-        let (watcher, mut stream) = client
+        let mut stream = client
             .watch("k", Some(etcd_client::WatchOptions::new().with_prefix()))
             .await
             .map_err(|e| format!("watch: {e}"))?;
         let total = args.total;
         tasks.push(tokio::spawn(async move {
-            let _keep = watcher;
             let mut histogram = new_histogram();
             let mut seen = 0u64;
             let deadline = Instant::now() + Duration::from_secs(60);
