@@ -47,6 +47,7 @@ pub mod sessions;
 pub mod state_machine;
 pub mod storage;
 pub mod tls;
+mod wire_types;
 
 /// Messages generated from `proto/kvraft.proto` by prost.
 pub mod proto {

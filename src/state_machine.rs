@@ -290,17 +290,18 @@ struct Pending {
 }
 
 impl Pending {
-    /// Records `key`'s change at `revision` and its history.
-    fn change(&mut self, revision: u64, key: Vec<u8>, record: Option<StoredValue>, previous: Option<&StoredValue>) {
+    /// Records `key`'s change at `revision` and its history; `replaced` is
+    /// the revision of the record it replaces (`None`: the key was absent).
+    fn change(&mut self, revision: u64, key: Vec<u8>, record: Option<StoredValue>, replaced: Option<u64>) {
         self.events.push(Event {
             revision,
             change: HistoryEvent {
                 key: key.clone(),
                 record: record.clone(),
-                prev_mod_revision: previous.map_or(0, |p| p.mod_revision),
+                prev_mod_revision: replaced.unwrap_or(0),
             },
         });
-        self.keys_added += i64::from(record.is_some()) - i64::from(previous.is_some());
+        self.keys_added += i64::from(record.is_some()) - i64::from(replaced.is_some());
         self.layer.insert(key, record);
     }
 }
@@ -351,7 +352,7 @@ impl<'a> Batch<'a> {
             version: previous.as_ref().map_or(1, |p| p.version + 1),
             lease: 0,
         };
-        pending.change(index, key, Some(record), previous.as_ref());
+        pending.change(index, key, Some(record), previous.map(|p| p.mod_revision));
         Ok(())
     }
 
@@ -361,7 +362,7 @@ impl<'a> Batch<'a> {
         let Some(previous) = self.lookup(pending, &key)? else {
             return Ok(0);
         };
-        pending.change(index, key, None, Some(&previous));
+        pending.change(index, key, None, Some(previous.mod_revision));
         Ok(1)
     }
 

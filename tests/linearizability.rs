@@ -84,14 +84,7 @@ async fn histories_across_leader_kills_are_linearizable() {
 
     // Nemesis: kill -9 the leader, restart it, three times.
     let mut kills = Vec::new();
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
-        cluster.kill(leader);
-        kills.push(clock.now());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cluster.start(leader);
-    }
+    cluster.kill_leaders(&[1, 2, 3], 3, || kills.push(clock.now())).await;
     for w in workers {
         w.await.unwrap();
     }

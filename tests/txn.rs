@@ -268,13 +268,7 @@ async fn cas_increments_by_four_clients_across_leader_kills_lose_nothing_and_are
             }
         }));
     }
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
-        cluster.kill(leader);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cluster.start(leader);
-    }
+    cluster.kill_leaders(&[1, 2, 3], 3, || {}).await;
     for w in workers {
         w.await.unwrap();
     }

@@ -116,13 +116,7 @@ async fn a_watcher_sees_every_change_once_in_order_across_leader_kills() {
         }
         (watcher, stream)
     });
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
-        cluster.kill(leader);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cluster.start(leader);
-    }
+    cluster.kill_leaders(&[1, 2, 3], 3, || {}).await;
     for w in writers {
         w.await.unwrap();
     }

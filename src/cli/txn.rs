@@ -180,18 +180,14 @@ pub fn print(printer: &Printer, ops: &[TxnOp], answer: &TxnResponse) {
             Some(R::Put(p)) => json!({"put": {"key": op_key(op), "revision": p.revision}}),
             Some(R::Delete(d)) => json!({"delete": {"deleted": d.existed, "count": d.deleted, "revision": d.revision}}),
             Some(R::Get(g)) => {
-                let mut j = json!({"key": op_key(op), "found": g.found});
-                if g.found {
-                    j = record_json(&crate::proto::KeyValue {
-                        key: op_key(op).into_bytes(),
-                        value: g.value.clone(),
-                        create_revision: g.create_revision,
-                        mod_revision: g.mod_revision,
-                        version: g.version,
-                        lease: g.lease,
-                    });
-                    j["found"] = json!(true);
-                }
+                let j = match g.clone().into_key_value(op_key(op).into_bytes()) {
+                    Some(kv) => {
+                        let mut j = record_json(&kv);
+                        j["found"] = json!(true);
+                        j
+                    }
+                    None => json!({"key": op_key(op), "found": false}),
+                };
                 json!({ "get": j })
             }
             Some(R::Range(s)) => {

@@ -13,15 +13,18 @@ use crate::storage::snapshot_stream::MAX_FRAME;
 /// file that would be refused anyway.
 const READ_LIMIT: usize = MAX_FRAME;
 
+/// Which server limit a value over [`READ_LIMIT`] passes.
+const VALUE_LIMIT: &str = "(max_value_size, 1 MiB by default)";
+
 /// The value to set: `value` itself, stdin when it is `-`, or the file.
 pub fn read(value: Option<&str>, file: Option<&Path>) -> Result<Vec<u8>, Error> {
     match (value, file) {
-        (Some("-"), None) => bounded(std::io::stdin().lock(), "stdin"),
+        (Some("-"), None) => bounded(std::io::stdin().lock(), "the value from stdin", VALUE_LIMIT),
         (Some(value), None) => Ok(value.as_bytes().to_vec()),
         (None, Some(path)) => {
             let file = std::fs::File::open(path)
                 .map_err(|e| Error::InvalidArgument(format!("can't read the value file {}: {e}", path.display())))?;
-            bounded(file, &path.display().to_string())
+            bounded(file, &format!("the value from {}", path.display()), VALUE_LIMIT)
         }
         // clap enforces exactly one of them; this keeps the library honest.
         _ => Err(Error::InvalidArgument(
@@ -33,31 +36,23 @@ pub fn read(value: Option<&str>, file: Option<&Path>) -> Result<Vec<u8>, Error> 
 /// A transaction from stdin, as text; no server takes one over
 /// [`READ_LIMIT`] (the default frame limit is smaller still).
 pub fn read_transaction() -> Result<String, Error> {
-    let mut text = String::new();
-    std::io::stdin()
-        .lock()
-        .take(READ_LIMIT as u64 + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| Error::InvalidArgument(format!("can't read the transaction from stdin (UTF-8 JSON): {e}")))?;
-    if text.len() > READ_LIMIT {
-        return Err(Error::InvalidArgument(format!(
-            "the transaction on stdin is over {} MiB, more than any kvraft server accepts in one request",
-            READ_LIMIT >> 20
-        )));
-    }
-    Ok(text)
+    let bytes = bounded(std::io::stdin().lock(), "the transaction on stdin", "in one request")?;
+    String::from_utf8(bytes)
+        .map_err(|_| Error::InvalidArgument("the transaction on stdin is not UTF-8 text; send JSON".into()))
 }
 
-/// Reads all of `source`, refusing more than [`READ_LIMIT`] bytes.
-fn bounded(source: impl Read, name: &str) -> Result<Vec<u8>, Error> {
+/// Reads all of `source` (`what` names it in errors), refusing more than
+/// [`READ_LIMIT`] bytes, which no server takes (`limit` says which of its
+/// limits).
+fn bounded(source: impl Read, what: &str, limit: &str) -> Result<Vec<u8>, Error> {
     let mut value = Vec::new();
     source
         .take(READ_LIMIT as u64 + 1)
         .read_to_end(&mut value)
-        .map_err(|e| Error::InvalidArgument(format!("can't read the value from {name}: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("can't read {what}: {e}")))?;
     if value.len() > READ_LIMIT {
         return Err(Error::InvalidArgument(format!(
-            "the value from {name} is over {} MiB, more than any kvraft server accepts (max_value_size, 1 MiB by default)",
+            "{what} is over {} MiB, more than any kvraft server accepts {limit}",
             READ_LIMIT >> 20
         )));
     }
@@ -83,10 +78,17 @@ mod tests {
             "{missing}"
         );
 
-        let huge = bounded(std::io::repeat(7).take(READ_LIMIT as u64 + 10), "stdin")
-            .unwrap_err()
-            .to_string();
+        let huge = bounded(
+            std::io::repeat(7).take(READ_LIMIT as u64 + 10),
+            "the value from stdin",
+            VALUE_LIMIT,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(huge.contains("more than any kvraft server accepts"), "{huge}");
-        assert_eq!(bounded(&[1u8, 2, 3][..], "stdin").unwrap(), [1, 2, 3]);
+        assert_eq!(
+            bounded(&[1u8, 2, 3][..], "the value from stdin", VALUE_LIMIT).unwrap(),
+            [1, 2, 3]
+        );
     }
 }

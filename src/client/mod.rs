@@ -155,15 +155,7 @@ impl Client {
             serializable: self.inner.options.serializable,
         });
         match self.call(command, Kind::Read).await? {
-            response::Result::Get(r) if r.found => Ok(Some(KeyValue {
-                key,
-                value: r.value,
-                create_revision: r.create_revision,
-                mod_revision: r.mod_revision,
-                version: r.version,
-                lease: r.lease,
-            })),
-            response::Result::Get(_) => Ok(None),
+            response::Result::Get(r) => Ok(r.into_key_value(key)),
             other => Err(mismatch(other)),
         }
     }
@@ -203,7 +195,7 @@ impl Client {
     /// `failure`, at one revision. Applied exactly once, retries included
     /// (one that only reads needs no session: it is simply sent again).
     pub async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Error> {
-        let writes = crate::server::validate::txn_writes(&txn);
+        let writes = txn.writes();
         let command = request::Command::Txn(txn);
         let result = if writes {
             self.write(command).await?
@@ -239,15 +231,7 @@ impl Client {
             });
         }
         let current = match answer.results.first().and_then(|r| r.result.as_ref()) {
-            Some(R::Get(g)) if g.found => Some(KeyValue {
-                key,
-                value: g.value.clone(),
-                create_revision: g.create_revision,
-                mod_revision: g.mod_revision,
-                version: g.version,
-                lease: g.lease,
-            }),
-            Some(R::Get(_)) => None,
+            Some(R::Get(g)) => g.clone().into_key_value(key),
             // A retry answered from the session without its read (the value
             // was large): read it now, after the swap was tried.
             _ => self.get_record(key).await?,

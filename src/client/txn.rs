@@ -135,25 +135,6 @@ impl TxnOp {
     }
 }
 
-impl KeyRange {
-    /// Every key that starts with `prefix` (empty: every key).
-    pub fn prefix(prefix: impl Into<Vec<u8>>) -> KeyRange {
-        KeyRange {
-            prefix: prefix.into(),
-            ..Default::default()
-        }
-    }
-
-    /// Keys in `[from, to)` (an empty `to`: no upper bound).
-    pub fn between(from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) -> KeyRange {
-        KeyRange {
-            prefix: Vec::new(),
-            from: from.into(),
-            to: to.into(),
-        }
-    }
-}
-
 /// What a compare-and-swap expects of the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {

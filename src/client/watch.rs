@@ -26,9 +26,6 @@ use crate::proto::{
 /// dropped and opened again.
 pub(super) const BUFFER: usize = 64;
 
-/// The server's progress interval when the watch asks for none.
-const DEFAULT_PROGRESS: Duration = Duration::from_secs(10);
-
 /// What to watch.
 #[derive(Debug, Clone, Default)]
 pub struct WatchOptions {
@@ -213,7 +210,7 @@ impl WatchTask {
             return Attempt::NextEndpoint("the connection closed".into());
         }
         let progress = match self.request.progress_interval_ms {
-            0 => DEFAULT_PROGRESS,
+            0 => crate::server::DEFAULT_PROGRESS_INTERVAL,
             ms => Duration::from_millis(ms),
         };
         // A node that says nothing for this long is taken for gone.

@@ -57,7 +57,7 @@ pub fn required_role(command: &request::Command) -> Role {
             Role::Read
         }
         C::Set(_) | C::Delete(_) | C::RegisterSession(_) => Role::Write,
-        C::Txn(txn) if super::validate::txn_writes(txn) => Role::Write,
+        C::Txn(txn) if txn.writes() => Role::Write,
         C::Txn(_) => Role::Read,
         // A backup reads everything, members included.
         C::AddNode(_) | C::RemoveNode(_) | C::SnapshotSave(_) => Role::Admin,

@@ -18,6 +18,8 @@ pub mod peer;
 pub mod requests;
 pub mod validate;
 mod watches;
+
+pub use watches::DEFAULT_PROGRESS_INTERVAL;
 mod wire_errors;
 
 use std::net::SocketAddr;

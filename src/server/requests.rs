@@ -185,11 +185,7 @@ async fn run(
             validate::txn(&txn, limits)?;
             // A transaction that writes nothing needs no session (it may run
             // twice), and one from a read-only identity must not touch one.
-            let session = if validate::txn_writes(&txn) {
-                session
-            } else {
-                SessionFields::NONE
-            };
+            let session = if txn.writes() { session } else { SessionFields::NONE };
             let op = session.command(command::Op::Txn(txn));
             match handle.propose(op).await? {
                 ApplyResult::Txn(response) => Ok(response::Result::Txn(*response)),

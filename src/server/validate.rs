@@ -78,14 +78,6 @@ pub fn txn(txn: &TxnRequest, limits: Limits) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Whether a transaction may write (a put or delete in either branch).
-pub fn txn_writes(txn: &TxnRequest) -> bool {
-    txn.success
-        .iter()
-        .chain(&txn.failure)
-        .any(|op| matches!(op.op, Some(txn_op::Op::Put(_)) | Some(txn_op::Op::Delete(_))))
-}
-
 fn compare_clause(c: &Compare, limits: Limits) -> Result<(), WireError> {
     key(&c.key, limits)?;
     if compare::Target::try_from(c.target).is_err() || c.target == compare::Target::Unspecified as i32 {
@@ -143,7 +135,7 @@ fn branch(ops: &[TxnOp], limits: Limits) -> Result<(), WireError> {
         }
     }
     for r in deleted_ranges {
-        if let Some(k) = written.iter().find(|k| in_range(k, r)) {
+        if let Some(k) = written.iter().find(|k| r.contains(k)) {
             return Err(WireError::invalid(format!(
                 "{:?} is written and also in a deleted range; write each key at most once per branch",
                 String::from_utf8_lossy(k)
@@ -158,11 +150,6 @@ fn twice(key: &[u8]) -> WireError {
         "{:?} is written twice; write each key at most once per branch",
         String::from_utf8_lossy(key)
     ))
-}
-
-/// Whether `key` is in `range`.
-pub fn in_range(key: &[u8], range: &KeyRange) -> bool {
-    key.starts_with(&range.prefix) && key >= range.from.as_slice() && (range.to.is_empty() || key < range.to.as_slice())
 }
 
 #[cfg(test)]
@@ -272,12 +259,5 @@ mod tests {
             range: Some(KeyRange::default()),
         };
         assert!(delete(&both, limits()).unwrap_err().message.contains("not both"));
-        let r = KeyRange {
-            prefix: b"a/".to_vec(),
-            from: b"a/b".to_vec(),
-            to: b"a/d".to_vec(),
-        };
-        assert!(in_range(b"a/c", &r));
-        assert!(!in_range(b"a/a", &r) && !in_range(b"a/d", &r) && !in_range(b"b", &r));
     }
 }

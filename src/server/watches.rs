@@ -19,7 +19,7 @@ use super::client::{ClientPort, Reply};
 use crate::error::WireError;
 use crate::metrics;
 use crate::proto::{
-    request, response, watch_event, ErrorCode, KeyValue, Response, StoredValue, WatchEvent, WatchRequest, WatchResponse,
+    request, response, watch_event, ErrorCode, KeyValue, Response, WatchEvent, WatchRequest, WatchResponse,
 };
 use crate::storage::history::{Event, Filter, HistoryError};
 use crate::storage::{StateStore, StorageError};
@@ -36,13 +36,7 @@ fn filter_of(request: &WatchRequest, limits: super::Limits) -> Result<Filter, Wi
         Some(_) if !request.key.is_empty() => Err(WireError::invalid("a watch names a key or a range, not both")),
         Some(range) => {
             super::validate::range(&range.from, &range.to)?;
-            let start = if range.from > range.prefix {
-                &range.from
-            } else {
-                &range.prefix
-            };
-            let empty = !start.starts_with(&range.prefix) || (!range.to.is_empty() && *start >= range.to);
-            if empty {
+            if range.holds_no_key() {
                 return Err(WireError::invalid(
                     "the watched range holds no key (its prefix and from/to do not overlap); nothing could ever match",
                 ));
@@ -152,17 +146,16 @@ impl Watch {
         // Read before the watch is confirmed: a compacted start is refused
         // as the answer to the request itself.
         let mut first = Some(self.store.history(next, &self.filter));
-        if let Some(Err(HistoryError::Compacted { .. })) = &first {
-            // Answered below, without a `created` first.
-        } else if let Err(ended) = self
-            .send(WatchResponse {
+        let compacted = matches!(first, Some(Err(HistoryError::Compacted { .. })));
+        if !compacted {
+            let created = WatchResponse {
                 created: true,
                 revision: next - 1,
                 ..Default::default()
-            })
-            .await
-        {
-            return ended;
+            };
+            if let Err(ended) = self.send(created).await {
+                return ended;
+            }
         }
         let mut last_sent = Instant::now();
         loop {
@@ -242,11 +235,11 @@ impl Watch {
                     revision if self.prev_kv => self
                         .store
                         .history_record(revision, &key)?
-                        .map(|record| key_value(key.clone(), record)),
+                        .map(|record| record.into_key_value(key.clone())),
                     _ => None,
                 };
                 let (kind, kv) = match event.change.record {
-                    Some(record) => (watch_event::Type::Put, key_value(key, record)),
+                    Some(record) => (watch_event::Type::Put, record.into_key_value(key)),
                     None => (
                         watch_event::Type::Delete,
                         KeyValue {
@@ -263,17 +256,6 @@ impl Watch {
                 })
             })
             .collect()
-    }
-}
-
-fn key_value(key: Vec<u8>, record: StoredValue) -> KeyValue {
-    KeyValue {
-        key,
-        value: record.value,
-        create_revision: record.create_revision,
-        mod_revision: record.mod_revision,
-        version: record.version,
-        lease: record.lease,
     }
 }
 
@@ -341,6 +323,8 @@ impl ConnectionWatches {
     /// Ends watch `watch_id`; answers request `id`.
     pub(super) async fn cancel(&self, id: u64, watch_id: u64, tx: &mpsc::Sender<Reply>) {
         let found = self.map().remove(&watch_id);
+        let outcome = if found.is_some() { "ok" } else { "invalid_argument" };
+        counter!(metrics::REQUESTS, "op" => "watch_cancel", "outcome" => outcome).increment(1);
         let result = match found {
             Some(cancel) => {
                 let _ = cancel.send(());

@@ -9,8 +9,8 @@ use std::ops::Bound;
 
 use super::{ApplyResult, Batch, Pending, WriteOp};
 use crate::proto::{
-    compare, txn_op, txn_op_result, Compare, DeleteResponse, GetResponse, KeyRange, KeyValue, ScanResponse,
-    SetResponse, StoredValue, TxnOpResult, TxnRequest, TxnResponse,
+    compare, txn_op, txn_op_result, Compare, DeleteResponse, GetResponse, KeyRange, ScanResponse, SetResponse,
+    StoredValue, TxnOpResult, TxnRequest, TxnResponse,
 };
 use crate::storage::memtable::Change;
 use crate::storage::state_store::ScanPage;
@@ -84,15 +84,17 @@ pub fn get_response(record: Option<StoredValue>) -> GetResponse {
     }
 }
 
-/// `key` with its record, as scans return it.
-fn key_value(key: &[u8], change: &Change) -> Option<KeyValue> {
-    change.as_ref().map(|r| KeyValue {
-        key: key.to_vec(),
-        value: r.value.clone(),
-        create_revision: r.create_revision,
-        mod_revision: r.mod_revision,
-        version: r.version,
-        lease: r.lease,
+/// A transaction's result for one of its writes.
+fn write_result(done: ApplyResult) -> Option<txn_op_result::Result> {
+    use txn_op_result::Result as R;
+    Some(match done {
+        ApplyResult::Set { revision } => R::Put(SetResponse { revision }),
+        ApplyResult::Delete { deleted, revision } => R::Delete(DeleteResponse {
+            existed: deleted > 0,
+            revision,
+            deleted,
+        }),
+        other => unreachable!("a put or delete answers as one, not {other:?}"),
     })
 }
 
@@ -113,21 +115,25 @@ impl Batch<'_> {
         let ops = if succeeded { txn.success } else { txn.failure };
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
-            let written = match op.op {
-                Some(Op::Put(set)) => Some(self.write(&mut pending, index, WriteOp::Set(set))?),
-                Some(Op::Delete(delete)) => Some(self.write(&mut pending, index, WriteOp::Delete(delete))?),
+            let result = match op.op {
+                Some(Op::Put(set)) => match self.write(&mut pending, index, WriteOp::Set(set))? {
+                    Ok(done) => write_result(done),
+                    Err(why) => return Ok(ApplyResult::Refused(why)),
+                },
+                Some(Op::Delete(delete)) => match self.write(&mut pending, index, WriteOp::Delete(delete))? {
+                    Ok(done) => write_result(done),
+                    Err(why) => return Ok(ApplyResult::Refused(why)),
+                },
                 Some(Op::Get(get)) => {
                     let record = self.lookup(&pending, &get.key)?;
-                    let size = record.as_ref().map_or(0, |r| read_size(&get.key, &r.value));
-                    pending.read_bytes += size;
+                    pending.read_bytes += record.as_ref().map_or(0, |r| read_size(&get.key, &r.value));
                     if pending.read_bytes > TXN_READ_BYTES {
                         return Ok(ApplyResult::Refused(format!(
                             "the transaction's reads come to over {} MiB; nothing was applied: read fewer or smaller keys",
                             TXN_READ_BYTES >> 20
                         )));
                     }
-                    results.push(Some(R::Get(get_response(record))));
-                    None
+                    Some(R::Get(get_response(record)))
                 }
                 Some(Op::Range(scan)) => {
                     let range = KeyRange {
@@ -141,35 +147,21 @@ impl Batch<'_> {
                         Err(why) => return Ok(ApplyResult::Refused(why)),
                     };
                     pending.read_bytes += page.pairs.iter().map(|kv| read_size(&kv.key, &kv.value)).sum::<usize>();
-                    results.push(Some(R::Range(ScanResponse {
+                    Some(R::Range(ScanResponse {
                         pairs: page.pairs,
                         more: page.more,
-                    })));
-                    None
+                    }))
                 }
                 // Refused before proposing; answered with an empty result.
-                None => {
-                    results.push(None);
-                    None
-                }
+                None => None,
             };
-            match written {
-                None => {}
-                Some(Err(why)) => return Ok(ApplyResult::Refused(why)),
-                Some(Ok(ApplyResult::Set { revision })) => results.push(Some(R::Put(SetResponse { revision }))),
-                Some(Ok(ApplyResult::Delete { deleted, revision })) => results.push(Some(R::Delete(DeleteResponse {
-                    existed: deleted > 0,
-                    revision,
-                    deleted,
-                }))),
-                Some(Ok(other)) => unreachable!("a put or delete answers as one, not {other:?}"),
-            }
+            results.push(TxnOpResult { result });
         }
         self.absorb(pending);
         Ok(ApplyResult::Txn(Box::new(TxnResponse {
             succeeded,
             revision: index,
-            results: results.into_iter().map(|result| TxnOpResult { result }).collect(),
+            results,
             reads_omitted: false,
         })))
     }
@@ -197,14 +189,7 @@ impl Batch<'_> {
         let deleted = page.pairs.len() as u64;
         pending.range_deleted += page.pairs.len();
         for kv in page.pairs {
-            let previous = StoredValue {
-                value: Vec::new(),
-                create_revision: kv.create_revision,
-                mod_revision: kv.mod_revision,
-                version: kv.version,
-                lease: kv.lease,
-            };
-            pending.change(index, kv.key, None, Some(&previous));
+            pending.change(index, kv.key, None, Some(kv.mod_revision));
         }
         Ok(Ok(deleted))
     }
@@ -223,8 +208,8 @@ impl Batch<'_> {
         max_bytes: usize,
         keys_only: bool,
     ) -> Result<Result<ScanPage, String>, StorageError> {
-        let KeyRange { prefix, from, to } = range;
-        let start: &[u8] = if from > prefix { from } else { prefix };
+        let KeyRange { prefix, to, .. } = range;
+        let start = range.start();
         let mut page = ScanPage::default();
         if !to.is_empty() && start >= to.as_slice() {
             return Ok(Ok(page));
@@ -290,7 +275,9 @@ impl Batch<'_> {
                 let next = if from_store {
                     records.next()
                 } else {
-                    changes.next().and_then(|(key, change)| key_value(key, change))
+                    changes
+                        .next()
+                        .and_then(|(key, change)| (*change).clone().map(|r| r.into_key_value(key.to_vec())))
                 };
                 let Some(mut kv) = next else { continue };
                 if keys_only {

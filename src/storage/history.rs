@@ -74,9 +74,7 @@ impl Filter {
     pub fn matches(&self, key: &[u8]) -> bool {
         match self {
             Filter::Key(k) => k == key,
-            Filter::Range(r) => {
-                key.starts_with(&r.prefix) && key >= r.from.as_slice() && (r.to.is_empty() || key < r.to.as_slice())
-            }
+            Filter::Range(r) => r.contains(key),
         }
     }
 }
@@ -132,13 +130,17 @@ fn decode_event(revision: u64, bytes: &[u8]) -> Result<Event, StorageError> {
 
 /// A `meta` counter (0 when unset).
 pub(super) fn read_counter(txn: &ReadTransaction, name: &str) -> Result<u64, StorageError> {
-    let meta = match txn.open_table(META) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-        Err(e) => return Err(e.into()),
-    };
-    let value = meta.get(name)?;
-    Ok(value
+    match txn.open_table(META) {
+        Ok(meta) => counter(&meta, name),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A `meta` counter of a table read or being written (0 when unset).
+fn counter(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<u64, StorageError> {
+    Ok(meta
+        .get(name)?
         .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
         .map_or(0, u64::from_be_bytes))
 }
@@ -183,11 +185,19 @@ impl StateStore {
     /// time, as of the last applied batch.
     pub fn history(&self, from: u64, filter: &Filter) -> Result<HistoryPage, HistoryError> {
         // Memory's part and a read transaction of the file as of one moment.
-        let (memory, applied, txn) = {
+        // Memory's matching part (copied under the lock the raft loop
+        // waits on: only what matches) and where memory's part begins.
+        let (memory, memory_from, applied, txn) = {
             let mem = self.mem.read().expect("memtable lock poisoned");
-            let memory: Vec<Event> = mem.events_from(from).cloned().collect();
+            let memory_from = mem.events_from(from).next().map_or(u64::MAX, |e| e.revision);
+            let memory: Vec<Event> = mem
+                .events_from(from)
+                .filter(|e| filter.matches(&e.change.key))
+                .cloned()
+                .collect();
             (
                 memory,
+                memory_from,
                 mem.applied_index(),
                 self.db()?.begin_read().map_err(StorageError::from)?,
             )
@@ -198,7 +208,6 @@ impl StateStore {
         }
         // The file holds what memory no longer does: stop where memory's
         // part begins, so a change just flushed is not read twice.
-        let memory_from = memory.first().map_or(u64::MAX, |e| e.revision);
         let mut builder = PageBuilder {
             page: HistoryPage::default(),
             bytes: 0,
@@ -287,12 +296,6 @@ pub(super) fn write_events(
     retention: Retention,
 ) -> Result<u64, StorageError> {
     let mut meta = txn.open_table(META)?;
-    let counter = |meta: &redb::Table<&str, &[u8]>, name: &str| -> Result<u64, StorageError> {
-        Ok(meta
-            .get(name)?
-            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-            .map_or(0, u64::from_be_bytes))
-    };
     let mut start = counter(&meta, META_HISTORY_START)?;
     let mut bytes = counter(&meta, META_HISTORY_BYTES)?;
     let mut history = txn.open_table(HISTORY)?;

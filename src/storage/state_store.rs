@@ -536,14 +536,7 @@ impl StateStore {
                 return false;
             }
             bytes += size;
-            page.pairs.push(KeyValue {
-                key,
-                create_revision: value.create_revision,
-                mod_revision: value.mod_revision,
-                version: value.version,
-                lease: value.lease,
-                value: value.value,
-            });
+            page.pairs.push(value.into_key_value(key));
             true
         })?;
         page.more |= stopped;

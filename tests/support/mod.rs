@@ -358,6 +358,20 @@ impl Cluster {
         kvraft_cli(&self.endpoints(ids), &all)
     }
 
+    /// The nemesis of the history tests: `times` times, lets traffic run for
+    /// 1.5 s, kills -9 the leader among `ids` (calling `on_kill` right after),
+    /// and restarts it half a second later.
+    pub async fn kill_leaders(&mut self, ids: &[u64], times: usize, mut on_kill: impl FnMut()) {
+        for _ in 0..times {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let leader = self.wait_for_leader(ids, Duration::from_secs(30)).await;
+            self.kill(leader);
+            on_kill();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            self.start(leader);
+        }
+    }
+
     /// Runs the `kvraft` CLI against these nodes with `input` on its stdin.
     pub fn cli_with_stdin(&self, ids: &[u64], args: &[&str], input: &[u8]) -> Output {
         use std::io::Write as _;
