@@ -201,6 +201,13 @@ impl NodeConfig {
         Duration::from_millis(self.tick_ms)
     }
 
+    /// The shortest time to live a lease is granted, in seconds: the longest
+    /// election timeout (twice `election_ticks`), rounded up, so that a
+    /// leader change alone can't end a lease (2 s with the defaults).
+    pub fn min_lease_ttl(&self) -> u64 {
+        (2 * self.election_ticks as u64 * self.tick_ms).div_ceil(1000).max(1)
+    }
+
     /// How long a request may wait inside the node.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
@@ -980,6 +987,18 @@ mod tests {
         };
         assert_eq!(c.catchup_entries(), 50);
         assert_eq!(NodeConfig::default().catchup_entries(), 5_000);
+    }
+
+    #[test]
+    fn the_shortest_lease_outlasts_the_longest_election() {
+        assert_eq!(NodeConfig::default().min_lease_ttl(), 2);
+        let slow = NodeConfig {
+            tick_ms: 150,
+            election_ticks: 15,
+            ..Default::default()
+        };
+        // 4.5 s of election timeout at most, rounded up.
+        assert_eq!(slow.min_lease_ttl(), 5);
     }
 
     #[test]

@@ -63,17 +63,23 @@ pub enum Error {
     /// changed.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The lease named does not exist (it expired or was revoked); nothing
+    /// was changed.
+    #[error("{0}")]
+    LeaseNotFound(String),
 }
 
 impl Error {
     /// The process exit status the CLI uses for this error: 2 for what the
     /// user must fix (input, TLS settings), 3 for cluster or network trouble,
-    /// 5 for a request the identity may not make (0 success, 1 key not found
-    /// and 4 compare failed are decided elsewhere).
+    /// 5 for a request the identity may not make, 1 for a lease that is gone
+    /// (0 success, 1 key not found and 4 compare failed are decided
+    /// elsewhere).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::InvalidArgument(_) | Error::Tls(_) => 2,
             Error::PermissionDenied(_) => 5,
+            Error::LeaseNotFound(_) => 1,
             Error::Server { code, .. } if is_callers_fault(*code) => 2,
             _ => 3,
         }

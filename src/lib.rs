@@ -14,6 +14,7 @@
 //! | `peer_guard` (crate-private) | every check peer input passes before raft |
 //! | [`storage`] | the durable raft log (raft-engine), snapshot files, the data dir's identity |
 //! | [`state_machine`] | the ordered map, membership, apply and snapshot/restore |
+//! | [`sessions`], [`leases`] | the client sessions (exactly-once writes) and the leases the state machine keeps |
 //! | [`server`] | `server::run`/`start` on listeners the caller binds, the client and peer listeners, the metrics endpoint, the one mapping of node errors to wire errors |
 //! | `metrics` (crate-private) | every metric name, the recorder, zero-valued series at start |
 //! | [`client`] | [`Client`]: endpoints, failover, retries, deadlines, pipelining |
@@ -39,6 +40,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod leases;
 pub(crate) mod metrics;
 pub mod node;
 pub(crate) mod peer_guard;
@@ -55,6 +57,9 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/kvraft.rs"));
 }
 
-pub use client::{CasOutcome, Client, ClientOptions, CompareOp, Expect, WatchOptions, WatchUpdate, Watcher};
+pub use client::{
+    CasOutcome, Client, ClientOptions, CompareOp, Expect, Lease, LeaseKeeper, LeaseState, WatchOptions, WatchUpdate,
+    Watcher,
+};
 pub use config::NodeConfig;
 pub use error::Error;

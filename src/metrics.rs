@@ -89,6 +89,12 @@ pub const WATCH_EVENTS: &str = "kvraft_watch_events_total";
 pub const WATCHES_CANCELED: &str = "kvraft_watches_canceled_total";
 /// `kvraft_history_start_revision`: The oldest revision the change history holds.
 pub const HISTORY_START: &str = "kvraft_history_start_revision";
+/// `kvraft_leases`: Leases held in the state machine.
+pub const LEASES: &str = "kvraft_leases";
+/// `kvraft_leases_expired_total`: Leases that ran out (applied on this node).
+pub const LEASES_EXPIRED: &str = "kvraft_leases_expired_total";
+/// `kvraft_lease_expiries_proposed_total`: Expiries this node proposed as leader.
+pub const LEASE_EXPIRIES_PROPOSED: &str = "kvraft_lease_expiries_proposed_total";
 // The process series (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
 // `process_open_fds`, `process_max_fds`, `process_start_time_seconds`, ...) carry
 // Prometheus's standard names, without our prefix, so stock dashboards and
@@ -110,6 +116,11 @@ pub const OPS: &[&str] = &[
     "txn",
     "watch",
     "watch_cancel",
+    "lease_grant",
+    "lease_revoke",
+    "lease_keep_alive",
+    "lease_time_to_live",
+    "lease_list",
 ];
 /// Why the node ended a watch, as the `reason` label.
 pub const WATCH_CANCEL_REASONS: &[&str] = &["client", "compacted", "store_failure"];
@@ -244,6 +255,9 @@ fn describe() {
     describe_counter!(WATCH_EVENTS, "Events sent to watchers.");
     describe_counter!(WATCHES_CANCELED, "Watches the node ended, by reason.");
     describe_gauge!(HISTORY_START, "The oldest revision the change history holds.");
+    describe_gauge!(LEASES, "Leases held in the state machine.");
+    describe_counter!(LEASES_EXPIRED, "Leases that ran out (applied on this node).");
+    describe_counter!(LEASE_EXPIRIES_PROPOSED, "Lease expiries this node proposed as leader.");
     process_collector().describe();
 }
 
@@ -280,10 +294,13 @@ fn zero() {
         STORE_SIZE,
         WATCHERS,
         HISTORY_START,
+        LEASES,
     ] {
         gauge!(name).set(0.0);
     }
     counter!(WATCH_EVENTS).absolute(0);
+    counter!(LEASES_EXPIRED).absolute(0);
+    counter!(LEASE_EXPIRIES_PROPOSED).absolute(0);
     for reason in WATCH_CANCEL_REASONS {
         counter!(WATCHES_CANCELED, "reason" => *reason).absolute(0);
     }

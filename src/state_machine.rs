@@ -15,19 +15,23 @@ use std::sync::Arc;
 use protobuf::Message as _;
 use raft::prelude::ConfState;
 
+use crate::leases::Leases;
 use crate::proto::{
     command, Command, DeleteRequest, HistoryEvent, Member, MemberRole, SetRequest, SnapshotHeader, StoredValue,
     TxnResponse,
 };
 use crate::sessions::{replay_txn, Outcome, Refusal, Sessions, Verdict, WriteId};
 use crate::storage::history::Event;
-use crate::storage::memtable::Layer;
+use crate::storage::memtable::{Applied, Layer};
 use crate::storage::state_store::FORMAT;
 use crate::storage::{StateStore, StorageError};
 
 #[cfg(test)]
 mod history_tests;
+mod leases;
 mod txn;
+
+pub use leases::LeaseEvent;
 
 pub use txn::{get_response, holds, MAX_RANGE_DELETE, TXN_READ_BYTES};
 
@@ -62,6 +66,23 @@ pub enum ApplyResult {
         /// The new session's id.
         session_id: u64,
     },
+    /// A lease was granted; its id is the entry's index.
+    LeaseGranted {
+        /// The new lease's id.
+        id: u64,
+        /// Its time to live, in seconds.
+        ttl: u64,
+    },
+    /// A lease ended (revoked, or expired) with its keys.
+    LeaseEnded {
+        /// The log index that ended it.
+        revision: u64,
+        /// How many keys went with it.
+        deleted: u64,
+    },
+    /// The write names a lease that does not exist (any more); nothing was
+    /// applied.
+    LeaseNotFound(u64),
 }
 
 /// Everything but the keys: small, kept in memory, and written with every
@@ -272,6 +293,10 @@ pub struct Batch<'a> {
     meta: StateMeta,
     /// The raft loop's copy of the client sessions, held for the batch.
     sessions: std::sync::MutexGuard<'a, Sessions>,
+    /// The raft loop's copy of the leases, held for the batch.
+    leases: std::sync::MutexGuard<'a, Leases>,
+    /// Leases granted and ended in the batch, for the leader's lessor.
+    lease_events: Vec<LeaseEvent>,
 }
 
 /// The changes of one command, joined to the batch only once the whole
@@ -287,22 +312,49 @@ struct Pending {
     examined: std::cell::Cell<usize>,
     range_deleted: usize,
     read_bytes: usize,
+    /// Keys moved between leases: (key, from, to), 0 for none.
+    lease_moves: Vec<(Vec<u8>, u64, u64)>,
+}
+
+/// What a change replaces: the old record's revision and lease.
+#[derive(Debug, Clone, Copy)]
+struct Replaced {
+    mod_revision: u64,
+    lease: u64,
+}
+
+impl Replaced {
+    fn of(record: &StoredValue) -> Self {
+        Replaced {
+            mod_revision: record.mod_revision,
+            lease: record.lease,
+        }
+    }
 }
 
 impl Pending {
-    /// Records `key`'s change at `revision` and its history; `replaced` is
-    /// the revision of the record it replaces (`None`: the key was absent).
-    fn change(&mut self, revision: u64, key: Vec<u8>, record: Option<StoredValue>, replaced: Option<u64>) {
+    /// Records `key`'s change at `revision` and its history; `replaced`
+    /// describes the record it replaces (`None`: the key was absent).
+    fn change(&mut self, revision: u64, key: Vec<u8>, record: Option<StoredValue>, replaced: Option<Replaced>) {
+        let (from, to) = (replaced.map_or(0, |r| r.lease), record.as_ref().map_or(0, |r| r.lease));
+        if from != to {
+            self.lease_moves.push((key.clone(), from, to));
+        }
         self.events.push(Event {
             revision,
             change: HistoryEvent {
                 key: key.clone(),
                 record: record.clone(),
-                prev_mod_revision: replaced.unwrap_or(0),
+                prev_mod_revision: replaced.map_or(0, |r| r.mod_revision),
             },
         });
         self.keys_added += i64::from(record.is_some()) - i64::from(replaced.is_some());
         self.layer.insert(key, record);
+    }
+
+    /// Keys this command attaches to `lease` so far.
+    fn attached_to(&self, lease: u64) -> usize {
+        self.lease_moves.iter().filter(|(_, _, to)| *to == lease).count()
     }
 }
 
@@ -316,7 +368,14 @@ impl<'a> Batch<'a> {
             keys_added: 0,
             meta,
             sessions: store.working_sessions(),
+            leases: store.working_leases(),
+            lease_events: Vec::new(),
         })
+    }
+
+    /// Leases granted and ended so far in this batch (each reported once).
+    pub fn take_lease_events(&mut self) -> Vec<LeaseEvent> {
+        std::mem::take(&mut self.lease_events)
     }
 
     /// The state as of the entries applied so far.
@@ -342,18 +401,26 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Sets `key` at revision `index`, carrying its history on.
-    fn put(&self, pending: &mut Pending, index: u64, key: Vec<u8>, value: Vec<u8>) -> Result<(), StorageError> {
+    /// Sets `key` at revision `index`, carrying its history on, attached to
+    /// `set.lease`; refused (unapplied) if that lease does not exist or
+    /// holds as many keys as one may.
+    fn put(&self, pending: &mut Pending, index: u64, set: SetRequest) -> Result<Result<(), ApplyResult>, StorageError> {
+        let SetRequest { key, value, lease } = set;
         let previous = self.lookup(pending, &key)?;
+        if lease != 0 && previous.as_ref().is_none_or(|p| p.lease != lease) {
+            if let Err(refusal) = self.check_attach(pending, lease) {
+                return Ok(Err(refusal));
+            }
+        }
         let record = StoredValue {
             value,
             create_revision: previous.as_ref().map_or(index, |p| p.create_revision),
             mod_revision: index,
             version: previous.as_ref().map_or(1, |p| p.version + 1),
-            lease: 0,
+            lease,
         };
-        pending.change(index, key, Some(record), previous.map(|p| p.mod_revision));
-        Ok(())
+        pending.change(index, key, Some(record), previous.as_ref().map(Replaced::of));
+        Ok(Ok(()))
     }
 
     /// Deletes `key` at revision `index`; returns how many keys that deleted
@@ -362,27 +429,30 @@ impl<'a> Batch<'a> {
         let Some(previous) = self.lookup(pending, &key)? else {
             return Ok(0);
         };
-        pending.change(index, key, None, Some(previous.mod_revision));
+        pending.change(index, key, None, Some(Replaced::of(&previous)));
         Ok(1)
     }
 
-    /// Applies a set or delete (of a key or a range).
+    /// Applies a set or delete (of a key or a range); a refusal is the
+    /// result to answer with, nothing of the command applied.
     fn write(
         &self,
         pending: &mut Pending,
         index: u64,
         op: WriteOp,
-    ) -> Result<Result<ApplyResult, String>, StorageError> {
+    ) -> Result<Result<ApplyResult, ApplyResult>, StorageError> {
         Ok(Ok(match op {
             WriteOp::Set(set) => {
-                self.put(pending, index, set.key, set.value)?;
+                if let Err(refusal) = self.put(pending, index, set)? {
+                    return Ok(Err(refusal));
+                }
                 ApplyResult::Set { revision: index }
             }
             WriteOp::Delete(delete) => {
                 let deleted = match delete.range {
                     Some(range) => match self.delete_range(pending, index, &range)? {
                         Ok(deleted) => deleted,
-                        Err(why) => return Ok(Err(why)),
+                        Err(why) => return Ok(Err(ApplyResult::Refused(why))),
                     },
                     None => self.delete_key(pending, index, delete.key)?,
                 };
@@ -396,6 +466,9 @@ impl<'a> Batch<'a> {
 
     /// Joins a command's changes to the batch.
     fn absorb(&mut self, pending: Pending) {
+        for (key, from, to) in &pending.lease_moves {
+            self.leases.attach(key, *from, *to);
+        }
         self.keys_added += pending.keys_added;
         self.changes.absorb(pending.layer);
         self.events.extend(pending.events);
@@ -416,7 +489,11 @@ impl<'a> Batch<'a> {
         let in_session = write.session != 0
             && matches!(
                 command.op,
-                Some(command::Op::Set(_)) | Some(command::Op::Delete(_)) | Some(command::Op::Txn(_))
+                Some(command::Op::Set(_))
+                    | Some(command::Op::Delete(_))
+                    | Some(command::Op::Txn(_))
+                    | Some(command::Op::LeaseGrant(_))
+                    | Some(command::Op::LeaseRevoke(_))
             );
         if in_session {
             match self.sessions.check(write) {
@@ -438,6 +515,9 @@ impl<'a> Batch<'a> {
             Some(command::Op::Set(set)) => self.apply_write(index, WriteOp::Set(set))?,
             Some(command::Op::Delete(delete)) => self.apply_write(index, WriteOp::Delete(delete))?,
             Some(command::Op::Txn(txn)) => self.apply_txn(index, txn)?,
+            Some(command::Op::LeaseGrant(grant)) => self.grant_lease(index, grant.ttl),
+            Some(command::Op::LeaseRevoke(revoke)) => self.end_lease(index, revoke.id, false)?,
+            Some(command::Op::LeaseExpire(expire)) => self.end_lease(index, expire.id, true)?,
         };
         if in_session {
             if let Some(outcome) = Outcome::of(&result) {
@@ -454,7 +534,7 @@ impl<'a> Batch<'a> {
                 self.absorb(pending);
                 result
             }
-            Err(why) => ApplyResult::Refused(why),
+            Err(refusal) => refusal,
         })
     }
 
@@ -468,10 +548,19 @@ impl<'a> Batch<'a> {
             keys_added,
             meta,
             mut sessions,
+            mut leases,
+            lease_events: _,
         } = self;
-        let delta = sessions.take_delta();
-        drop(sessions);
-        store.commit_batch(changes, events, meta.to_header(), delta, keys_added)?;
+        let applied = Applied {
+            changes,
+            events,
+            header: meta.to_header(),
+            sessions: sessions.take_delta(),
+            leases: leases.take_delta(),
+            keys_added,
+        };
+        drop((sessions, leases));
+        store.commit_batch(applied)?;
         Ok(meta)
     }
 }
@@ -484,6 +573,20 @@ enum WriteOp {
 
 /// The answer of a write applied before, for its retry `command`.
 fn replay(outcome: Outcome, command: &Command) -> ApplyResult {
+    match (outcome, &command.op) {
+        // A lease's grant and revoke are kept as a set and a delete are.
+        (Outcome::Set { revision }, Some(command::Op::LeaseGrant(grant))) => ApplyResult::LeaseGranted {
+            id: revision,
+            ttl: grant.ttl,
+        },
+        (Outcome::Delete { deleted, revision }, Some(command::Op::LeaseRevoke(_))) => {
+            ApplyResult::LeaseEnded { revision, deleted }
+        }
+        (outcome, _) => replay_write(outcome, command),
+    }
+}
+
+fn replay_write(outcome: Outcome, command: &Command) -> ApplyResult {
     match outcome {
         Outcome::Set { revision } => ApplyResult::Set { revision },
         Outcome::Delete { deleted, revision } => ApplyResult::Delete { deleted, revision },
@@ -510,6 +613,11 @@ impl Outcome {
                 revision: *revision,
             }),
             ApplyResult::Txn(response) => Some(Outcome::txn(response)),
+            ApplyResult::LeaseGranted { id, .. } => Some(Outcome::Set { revision: *id }),
+            ApplyResult::LeaseEnded { revision, deleted } => Some(Outcome::Delete {
+                deleted: *deleted,
+                revision: *revision,
+            }),
             _ => None,
         }
     }
@@ -536,6 +644,7 @@ mod tests {
             op: Some(command::Op::Set(SetRequest {
                 key: k.into(),
                 value: v.into(),
+                lease: 0,
             })),
             ..Default::default()
         }

@@ -289,6 +289,7 @@ async fn a_follower_answers_writes_and_linearizable_reads_itself_by_forwarding_t
     let set = C::Set(SetRequest {
         key: b"fwd".to_vec(),
         value: b"1".to_vec(),
+        lease: 0,
     });
     assert!(
         matches!(support::raw_request(&addr, set).await, R::Set(_)),

@@ -502,6 +502,7 @@ async fn spans_for_a_set_reach_an_otlp_receiver_with_the_request_id() {
         command: Some(request::Command::Set(SetRequest {
             key: b"traced".to_vec(),
             value: b"yes".to_vec(),
+            lease: 0,
         })),
         ..Default::default()
     };

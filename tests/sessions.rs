@@ -32,6 +32,7 @@ async fn set_in_session(addr: &str, key: &str, value: &str, session: u64, seq: u
         command: Some(request::Command::Set(SetRequest {
             key: key.into(),
             value: value.into(),
+            lease: 0,
         })),
         session_id: session,
         seq,

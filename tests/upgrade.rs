@@ -28,6 +28,7 @@ fn set_entry(index: u64, key: String) -> Entry {
         op: Some(command::Op::Set(SetRequest {
             key: key.into_bytes(),
             value: format!("v{index}").into_bytes(),
+            lease: 0,
         })),
         ..Default::default()
     }

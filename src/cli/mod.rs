@@ -6,6 +6,7 @@
 mod bench;
 mod certs;
 mod endpoint;
+mod lease;
 mod output;
 mod snapshot;
 mod txn;
@@ -94,6 +95,10 @@ enum Command {
         /// or too binary for an argument.
         #[arg(long, value_name = "PATH")]
         value_file: Option<std::path::PathBuf>,
+        /// Attach KEY to this lease (see `kvraft lease`): it is deleted when
+        /// the lease ends. Without it, KEY loses any lease it had.
+        #[arg(long, value_name = "ID", default_value_t = 0)]
+        lease: u64,
     },
     /// Print the value of KEY (exit status 1 if it does not exist).
     Get {
@@ -136,12 +141,19 @@ enum Command {
         /// Swap only if KEY does not exist.
         #[arg(long, group = "expect")]
         expect_absent: bool,
+        /// Attach the new value to this lease (with --expect-absent: claim
+        /// KEY for as long as the lease lives).
+        #[arg(long, value_name = "ID", default_value_t = 0)]
+        lease: u64,
     },
     /// Run a transaction read as JSON from stdin (format in the README);
     /// exit status 4 if its compares failed (the failure branch ran).
     Txn,
     /// Print every change to KEY (or a range) as it happens, one line each.
     Watch(watch::WatchArgs),
+    /// Leases: keys attached to one are deleted when it ends.
+    #[command(subcommand)]
+    Lease(lease::LeaseCommand),
     /// List pairs in key order, one `KEY<TAB>VALUE` line each.
     Scan {
         /// Only keys starting with this.
@@ -261,9 +273,14 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
     let health_options = options.clone();
     let client = Client::new(options)?;
     match cli.command {
-        Command::Set { key, value, value_file } => {
+        Command::Set {
+            key,
+            value,
+            value_file,
+            lease,
+        } => {
             let value = value_input::read(value.as_deref(), value_file.as_deref())?;
-            printer.set(client.set(key, value).await?)
+            printer.set(client.set_with_lease(key, value, lease).await?)
         }
         Command::Get { key, raw } => match client.get_record(key.clone()).await? {
             Some(record) if raw => output::write_raw(&record.value)?,
@@ -298,6 +315,7 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
             expect_version,
             expect_mod_revision,
             expect_absent,
+            lease,
         } => {
             let expect = match (expect_value, expect_version, expect_mod_revision) {
                 (Some(v), _, _) => Expect::Value(v.into_bytes()),
@@ -308,10 +326,11 @@ async fn run(cli: Cli, printer: &Printer) -> Result<i32, Error> {
                     Expect::Absent
                 }
             };
-            let outcome = client.cas(key.clone(), expect, new_value).await?;
+            let outcome = client.cas_with_lease(key.clone(), expect, new_value, lease).await?;
             return Ok(txn::print_cas(printer, &key, &outcome));
         }
         Command::Watch(args) => return watch::run(args, client, printer).await,
+        Command::Lease(command) => return lease::run(command, client, printer).await,
         Command::Txn => {
             let request = txn::parse(&value_input::read_transaction()?)?;
             let answer = client.txn(request.clone()).await?;

@@ -41,6 +41,8 @@ enum OpJson {
     Put {
         key: String,
         value: String,
+        #[serde(default)]
+        lease: u64,
     },
     Get {
         key: String,
@@ -115,7 +117,7 @@ fn compare_of(c: CompareJson) -> Result<Compare, String> {
 
 fn op_of(op: OpJson) -> Result<TxnOp, String> {
     Ok(match op {
-        OpJson::Put { key, value } => TxnOp::put(key, value),
+        OpJson::Put { key, value, lease } => TxnOp::put_with_lease(key, value, lease),
         OpJson::Get { key } => TxnOp::get(key),
         OpJson::Delete {
             key: Some(key),

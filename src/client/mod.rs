@@ -16,9 +16,11 @@
 //!   hint that can't be reached is not followed again in that call.
 
 mod attempts;
+mod lease;
 mod txn;
 mod watch;
 
+pub use lease::{Lease, LeaseKeeper, LeaseState};
 pub use txn::{CasOutcome, CompareOp, Expect};
 pub use watch::{WatchOptions, WatchUpdate, Watcher};
 
@@ -37,7 +39,7 @@ use crate::error::{is_callers_fault, is_retryable, Error};
 use crate::proto::{
     request, response, AddNodeRequest, DeleteRequest, DeleteResponse, ErrorCode, GetRequest, InfoRequest, InfoResponse,
     KeyRange, KeyValue, Member, MembersRequest, PingRequest, RegisterSessionRequest, RemoveNodeRequest, Request,
-    Response, ScanRequest, SetRequest, TxnRequest, TxnResponse,
+    Response, ScanRequest, TxnRequest, TxnResponse,
 };
 use crate::tls::client::{explain_client_error, ClientTls, ClientTlsOptions};
 use attempts::Attempts;
@@ -131,14 +133,7 @@ impl Client {
 
     /// Sets `key` to `value`; returns the log index that applied it.
     pub async fn set(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<u64, Error> {
-        let command = request::Command::Set(SetRequest {
-            key: key.into(),
-            value: value.into(),
-        });
-        match self.write(command).await? {
-            response::Result::Set(r) => Ok(r.revision),
-            other => Err(mismatch(other)),
-        }
+        self.set_with_lease(key, value, 0).await
     }
 
     /// The value of `key`, or `None`.
@@ -216,12 +211,25 @@ impl Client {
         expect: Expect,
         value: impl Into<Vec<u8>>,
     ) -> Result<CasOutcome, Error> {
+        self.cas_with_lease(key, expect, value, 0).await
+    }
+
+    /// [`Client::cas`], the new value attached to lease `lease` (0: none):
+    /// with [`Expect::Absent`], the way to claim a key only while alive
+    /// (leader election, locks).
+    pub async fn cas_with_lease(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expect: Expect,
+        value: impl Into<Vec<u8>>,
+        lease: u64,
+    ) -> Result<CasOutcome, Error> {
         use crate::proto::{txn_op_result::Result as R, TxnOp};
         let key = key.into();
         let answer = self
             .txn(TxnRequest {
                 compare: vec![expect.compare(&key)],
-                success: vec![TxnOp::put(key.clone(), value)],
+                success: vec![TxnOp::put_with_lease(key.clone(), value, lease)],
                 failure: vec![TxnOp::get(key.clone())],
             })
             .await?;
@@ -580,6 +588,7 @@ impl Client {
                             // but not to this call.
                             ErrorCode::OutcomeUnknown | ErrorCode::StaleWrite => Error::OutcomeUnknown(e.message),
                             ErrorCode::PermissionDenied => Error::PermissionDenied(e.message),
+                            ErrorCode::LeaseNotFound => Error::LeaseNotFound(e.message),
                             ErrorCode::Unauthenticated => Error::Tls(e.message),
                             c if is_callers_fault(c) => Error::InvalidArgument(e.message),
                             // SESSION_EXPIRED among them: nothing of this write

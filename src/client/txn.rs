@@ -83,10 +83,16 @@ impl Compare {
 impl TxnOp {
     /// Sets `key` to `value`.
     pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> TxnOp {
+        TxnOp::put_with_lease(key, value, 0)
+    }
+
+    /// Sets `key` to `value`, attached to lease `lease` (0: none).
+    pub fn put_with_lease(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, lease: u64) -> TxnOp {
         TxnOp {
             op: Some(txn_op::Op::Put(SetRequest {
                 key: key.into(),
                 value: value.into(),
+                lease,
             })),
         }
     }

@@ -4,6 +4,7 @@
 //! - [`raft_loop`]: the loop, its `Ready` handling and apply.
 //! - [`membership`]: the membership rules, as pure functions.
 //! - [`pending`]: proposals and reads waiting for an answer.
+//! - [`lessor`]: the leader's lease timers.
 //! - [`transport`]: the `Transport` trait outgoing raft messages go through
 //!   (the TCP one is `server::peer::outbound`).
 //! - [`status`]: the status and gauges, published when they change.
@@ -17,6 +18,7 @@
 //! never queue behind the raft thread.
 
 pub mod error;
+pub mod lessor;
 pub mod membership;
 pub mod pending;
 pub mod raft_loop;
@@ -86,6 +88,14 @@ pub enum Inbox {
         /// Where the index goes.
         reply: oneshot::Sender<Result<u64, Error>>,
     },
+    /// A question about leases only the leader can answer (it alone times
+    /// them); answered once a read-index round confirms it still leads.
+    Lease {
+        /// The question.
+        query: LeaseQuery,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<LeaseAnswer, Error>>,
+    },
     /// Add or remove a member.
     ChangeMembership {
         /// The change.
@@ -119,6 +129,49 @@ pub enum Inbox {
         /// When the loop must have stopped.
         deadline: std::time::Instant,
     },
+}
+
+/// What the leader is asked about leases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseQuery {
+    /// Renew this lease.
+    KeepAlive(u64),
+    /// This lease's time left, and with `keys` its keys.
+    TimeToLive {
+        /// The lease.
+        id: u64,
+        /// List its keys too.
+        keys: bool,
+    },
+    /// Every lease.
+    List,
+}
+
+/// The leader's answer about leases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAnswer {
+    /// Renewed: it has this many seconds to live.
+    Renewed {
+        /// Seconds.
+        ttl: u64,
+    },
+    /// A lease's time left.
+    TimeToLive {
+        /// Seconds left, rounded up.
+        ttl: u64,
+        /// Seconds it was granted.
+        granted_ttl: u64,
+        /// Its keys (asked for), up to about 1 MiB of them.
+        keys: Vec<Vec<u8>>,
+        /// Keys left out of `keys`.
+        keys_omitted: u64,
+        /// Keys attached.
+        key_count: u64,
+    },
+    /// Every lease's id.
+    List(Vec<u64>),
+    /// No such lease (or it ran out).
+    NotFound(u64),
 }
 
 /// Runs a raft loop on its own OS thread (storage calls block on fsync);
@@ -272,6 +325,15 @@ impl NodeHandle {
             span: tracing::Span::current(),
             reply,
         })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Asks the leader about leases (this node, if it leads; otherwise the
+    /// error names the leader).
+    pub async fn lease(&self, query: LeaseQuery) -> Result<LeaseAnswer, Error> {
+        self.no_leader_check()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::Lease { query, reply })?;
         rx.await.map_err(|_| stopped())?
     }
 

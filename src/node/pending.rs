@@ -12,7 +12,9 @@ use crate::metrics;
 use crate::state_machine::ApplyResult;
 
 type ProposalReply = oneshot::Sender<Result<ApplyResult, Error>>;
-type ReadReply = oneshot::Sender<Result<u64, Error>>;
+/// What waits on a read-index round: a read (sent the index), or an answer
+/// that may go out only once the round confirms this node leads.
+type ReadReply = Box<dyn FnOnce(Result<u64, Error>) + Send>;
 
 struct PendingProposal {
     reply: ProposalReply,
@@ -199,8 +201,16 @@ impl Reads {
     }
 
     /// Queues a read for the next round.
-    pub fn push(&mut self, reply: ReadReply) {
-        self.batch.push(reply);
+    pub fn push(&mut self, reply: oneshot::Sender<Result<u64, Error>>) {
+        self.batch.push(Box::new(move |index| {
+            let _ = reply.send(index);
+        }));
+    }
+
+    /// Queues `then` for the next round: it runs with the round's outcome
+    /// (the index once confirmed, or why not).
+    pub fn push_confirmation(&mut self, then: impl FnOnce(Result<u64, Error>) + Send + 'static) {
+        self.batch.push(Box::new(then));
     }
 
     /// Takes the queued reads as one round with a fresh context, if any.
@@ -221,7 +231,7 @@ impl Reads {
     pub fn complete(&mut self, ctx: &[u8], index: u64) {
         if let Some((replies, _)) = self.rounds.remove(ctx) {
             for r in replies {
-                let _ = r.send(Ok(index));
+                r(Ok(index));
             }
         }
     }
@@ -247,7 +257,7 @@ impl Reads {
         for ctx in expired {
             if let Some((replies, _)) = self.rounds.remove(&ctx) {
                 for r in replies {
-                    let _ = r.send(Err(Error::ReadTimeout(
+                    r(Err(Error::ReadTimeout(
                         "the read index round did not complete in time (leader change or lost quorum); retry".into(),
                     )));
                 }
@@ -259,7 +269,7 @@ impl Reads {
     pub fn fail_all(&mut self, error: Error) {
         let rounds = self.rounds.drain().flat_map(|(_, (r, _))| r);
         for r in self.batch.drain(..).chain(rounds) {
-            let _ = r.send(Err(error.clone()));
+            r(Err(error.clone()));
         }
     }
 }

@@ -19,6 +19,9 @@ use raft_proto::ConfChangeI;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+mod leases;
+
+use super::lessor::Lessor;
 use super::membership;
 use super::pending::{Proposals, Reads};
 use super::status::{RaftView, StatusPublisher};
@@ -58,6 +61,9 @@ pub struct LoopSettings {
     pub advertise_client_addr: String,
     /// This data dir's incarnation, published in our member record.
     pub incarnation: u64,
+    /// The shortest time to live a lease is granted (seconds): longer than
+    /// an election takes, so a failover alone can't end a lease.
+    pub min_lease_ttl: u64,
 }
 
 /// What the loop is built from (see `startup::prepare`).
@@ -112,6 +118,8 @@ pub struct RaftLoop {
     settings: LoopSettings,
     proposals: Proposals,
     reads: Reads,
+    /// Lease timers, while this node leads.
+    lessor: Lessor,
     /// The members' peer addresses, the loop's own copy: refreshed under the
     /// state machine's write lock whenever entries or a snapshot are applied,
     /// so sending a message never takes that lock.
@@ -188,6 +196,7 @@ impl RaftLoop {
             settings: parts.settings,
             proposals: Proposals::new(),
             reads: Reads::new(id),
+            lessor: Lessor::default(),
             peer_addrs,
             learned_addrs: HashMap::new(),
             leader_id: 0,
@@ -351,6 +360,7 @@ impl RaftLoop {
                     self.reads.push(reply);
                 }
             }
+            Inbox::Lease { query, reply } => self.answer_lease(query, reply),
             Inbox::ChangeMembership { change, reply } => {
                 if let Err(e) = self.change_membership(change, reply) {
                     debug!(error = %e, "membership change refused");
@@ -544,6 +554,10 @@ impl RaftLoop {
         command.proposed_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        if let Some(command::Op::LeaseGrant(grant)) = &mut command.op {
+            // Raised here, once: every node applies the same time to live.
+            grant.ttl = grant.ttl.max(self.settings.min_lease_ttl);
+        }
         let id = self.proposals.next_id();
         let before = self.node.raft.raft_log.last_index();
         match self.node.propose(self.context(id, None), command.encode_to_vec()) {
@@ -685,6 +699,7 @@ impl RaftLoop {
             self.promote_caught_up_learner();
         }
         self.publish_own_addresses(now);
+        self.expire_leases(now);
     }
 
     /// Leader only: promotes one learner whose log has caught up.
@@ -798,6 +813,7 @@ impl RaftLoop {
     }
 
     fn on_soft_state(&mut self, leader_id: u64, role: StateRole) {
+        self.follow_role(role);
         if leader_id != self.leader_id && leader_id != 0 {
             counter!(metrics::LEADER_CHANGES).increment(1);
         }
@@ -951,7 +967,9 @@ impl RaftLoop {
                 }
             }
         }
+        let lease_events = batch.take_lease_events();
         let state = batch.commit()?;
+        self.leases_applied(&lease_events);
         let applied = state.applied_index();
         self.peer_addrs = member_addrs(&state);
         self.state_machine

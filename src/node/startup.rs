@@ -181,6 +181,7 @@ pub fn prepare(
             advertise_peer_addr,
             advertise_client_addr,
             incarnation: identity.incarnation,
+            min_lease_ttl: config.min_lease_ttl(),
         },
         rounds: rounds.clone(),
     };

@@ -53,10 +53,21 @@ impl Role {
 pub fn required_role(command: &request::Command) -> Role {
     use request::Command as C;
     match command {
-        C::Get(_) | C::Scan(_) | C::Members(_) | C::Info(_) | C::Ping(_) | C::Watch(_) | C::WatchCancel(_) => {
-            Role::Read
-        }
-        C::Set(_) | C::Delete(_) | C::RegisterSession(_) => Role::Write,
+        C::Get(_)
+        | C::Scan(_)
+        | C::Members(_)
+        | C::Info(_)
+        | C::Ping(_)
+        | C::Watch(_)
+        | C::WatchCancel(_)
+        | C::LeaseTimeToLive(_)
+        | C::LeaseList(_) => Role::Read,
+        C::Set(_)
+        | C::Delete(_)
+        | C::RegisterSession(_)
+        | C::LeaseGrant(_)
+        | C::LeaseRevoke(_)
+        | C::LeaseKeepAlive(_) => Role::Write,
         C::Txn(txn) if txn.writes() => Role::Write,
         C::Txn(_) => Role::Read,
         // A backup reads everything, members included.

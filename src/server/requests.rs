@@ -11,11 +11,11 @@ use super::{validate, Limits};
 use crate::address::check_host_port;
 use crate::error::WireError;
 use crate::metrics;
-use crate::node::{MembershipChange, NodeHandle, NodeStatus};
+use crate::node::{LeaseAnswer, LeaseQuery, MembershipChange, NodeHandle, NodeStatus};
 use crate::proto::{
-    command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, InfoResponse, Member,
-    MembersResponse, PingResponse, RegisterSessionResponse, RemoveNodeResponse, Request, Response, ScanResponse,
-    SetResponse,
+    command, request, response, AddNodeResponse, Command, DeleteResponse, ErrorCode, InfoResponse, LeaseGrantResponse,
+    LeaseKeepAliveResponse, LeaseListResponse, LeaseRevokeResponse, LeaseTimeToLiveResponse, Member, MembersResponse,
+    PingResponse, RegisterSessionResponse, RemoveNodeResponse, Request, Response, ScanResponse, SetResponse,
 };
 use crate::sessions::Refusal;
 use crate::state_machine::{get_response, ApplyResult};
@@ -92,6 +92,11 @@ pub(super) fn op_name(command: &request::Command) -> &'static str {
         C::Info(_) => "info",
         C::Ping(_) => "ping",
         C::SnapshotSave(_) => "snapshot_save",
+        C::LeaseGrant(_) => "lease_grant",
+        C::LeaseRevoke(_) => "lease_revoke",
+        C::LeaseKeepAlive(_) => "lease_keep_alive",
+        C::LeaseTimeToLive(_) => "lease_time_to_live",
+        C::LeaseList(_) => "lease_list",
     }
 }
 
@@ -107,8 +112,19 @@ fn unexpected(result: ApplyResult) -> WireError {
             WireError::new(code, why)
         }
         ApplyResult::Refused(why) => WireError::invalid(why),
+        ApplyResult::LeaseNotFound(id) => lease_not_found(id),
         other => WireError::new(ErrorCode::Internal, format!("unexpected apply result {other:?}")),
     }
+}
+
+/// The one way to say that a lease is gone.
+fn lease_not_found(id: u64) -> WireError {
+    WireError::new(
+        ErrorCode::LeaseNotFound,
+        format!(
+            "lease {id} not found: it expired or was revoked (or never existed); nothing was done: grant a new one"
+        ),
+    )
 }
 
 /// A write's place in its client session (see `Request.session_id`).
@@ -192,6 +208,64 @@ async fn run(
                 other => Err(unexpected(other)),
             }
         }
+        C::LeaseGrant(grant) => {
+            validate::lease_ttl(grant.ttl)?;
+            let op = session.command(command::Op::LeaseGrant(grant));
+            match handle.propose(op).await? {
+                ApplyResult::LeaseGranted { id, ttl } => {
+                    Ok(response::Result::LeaseGrant(LeaseGrantResponse { id, ttl }))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        C::LeaseRevoke(revoke) => {
+            validate::lease_id(revoke.id)?;
+            let op = session.command(command::Op::LeaseRevoke(revoke));
+            match handle.propose(op).await? {
+                ApplyResult::LeaseEnded { revision, deleted } => {
+                    Ok(response::Result::LeaseRevoke(LeaseRevokeResponse { revision, deleted }))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        C::LeaseKeepAlive(keep) => {
+            validate::lease_id(keep.id)?;
+            match handle.lease(LeaseQuery::KeepAlive(keep.id)).await? {
+                LeaseAnswer::Renewed { ttl } => Ok(response::Result::LeaseKeepAlive(LeaseKeepAliveResponse {
+                    id: keep.id,
+                    ttl,
+                })),
+                other => Err(unexpected_answer(other)),
+            }
+        }
+        C::LeaseTimeToLive(ask) => {
+            validate::lease_id(ask.id)?;
+            let query = LeaseQuery::TimeToLive {
+                id: ask.id,
+                keys: ask.keys,
+            };
+            match handle.lease(query).await? {
+                LeaseAnswer::TimeToLive {
+                    ttl,
+                    granted_ttl,
+                    keys,
+                    keys_omitted,
+                    key_count,
+                } => Ok(response::Result::LeaseTimeToLive(LeaseTimeToLiveResponse {
+                    id: ask.id,
+                    ttl,
+                    granted_ttl,
+                    keys,
+                    keys_omitted,
+                    key_count,
+                })),
+                other => Err(unexpected_answer(other)),
+            }
+        }
+        C::LeaseList(_) => match handle.lease(LeaseQuery::List).await? {
+            LeaseAnswer::List(ids) => Ok(response::Result::LeaseList(LeaseListResponse { ids })),
+            other => Err(unexpected_answer(other)),
+        },
         C::Get(get) => {
             validate::key(&get.key, limits)?;
             if !get.serializable {
@@ -262,6 +336,13 @@ async fn run(
         C::Ping(_) => Ok(response::Result::Ping(PingResponse {
             node_id: handle.status().id,
         })),
+    }
+}
+
+fn unexpected_answer(answer: LeaseAnswer) -> WireError {
+    match answer {
+        LeaseAnswer::NotFound(id) => lease_not_found(id),
+        other => WireError::new(ErrorCode::Internal, format!("unexpected lease answer {other:?}")),
     }
 }
 

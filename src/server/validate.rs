@@ -39,6 +39,28 @@ pub fn set(set: &SetRequest, limits: Limits) -> Result<(), WireError> {
     Ok(())
 }
 
+/// A lease's time to live (seconds): at least 1, at most a year (it is
+/// raised to the cluster's minimum when proposed).
+pub fn lease_ttl(ttl: u64) -> Result<(), WireError> {
+    if ttl == 0 || ttl > crate::leases::MAX_TTL {
+        return Err(WireError::invalid(format!(
+            "a lease's time to live must be 1 to {} seconds, not {ttl}",
+            crate::leases::MAX_TTL
+        )));
+    }
+    Ok(())
+}
+
+/// A lease id: never 0 (0 means "no lease").
+pub fn lease_id(id: u64) -> Result<(), WireError> {
+    if id == 0 {
+        return Err(WireError::invalid(
+            "lease id 0 means no lease; give the id `lease grant` printed",
+        ));
+    }
+    Ok(())
+}
+
 /// A range: `to`, when given, sorts after `from`.
 pub fn range(from: &[u8], to: &[u8]) -> Result<(), WireError> {
     if !to.is_empty() && to <= from {
@@ -175,6 +197,7 @@ mod tests {
             op: Some(txn_op::Op::Put(SetRequest {
                 key: k.into(),
                 value: b"v".to_vec(),
+                lease: 0,
             })),
         }
     }
@@ -239,6 +262,7 @@ mod tests {
             op: Some(txn_op::Op::Put(SetRequest {
                 key: b"a".to_vec(),
                 value: vec![0; 33],
+                lease: 0,
             })),
         };
         assert!(error(&big).contains("operation 1: the value is 33 bytes"));

@@ -7,7 +7,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::{ApplyResult, Batch, Pending, WriteOp};
+use super::{ApplyResult, Batch, Pending, Replaced, WriteOp};
 use crate::proto::{
     compare, txn_op, txn_op_result, Compare, DeleteResponse, GetResponse, KeyRange, ScanResponse, SetResponse,
     StoredValue, TxnOpResult, TxnRequest, TxnResponse,
@@ -118,11 +118,11 @@ impl Batch<'_> {
             let result = match op.op {
                 Some(Op::Put(set)) => match self.write(&mut pending, index, WriteOp::Set(set))? {
                     Ok(done) => write_result(done),
-                    Err(why) => return Ok(ApplyResult::Refused(why)),
+                    Err(refusal) => return Ok(refusal),
                 },
                 Some(Op::Delete(delete)) => match self.write(&mut pending, index, WriteOp::Delete(delete))? {
                     Ok(done) => write_result(done),
-                    Err(why) => return Ok(ApplyResult::Refused(why)),
+                    Err(refusal) => return Ok(refusal),
                 },
                 Some(Op::Get(get)) => {
                     let record = self.lookup(&pending, &get.key)?;
@@ -189,7 +189,11 @@ impl Batch<'_> {
         let deleted = page.pairs.len() as u64;
         pending.range_deleted += page.pairs.len();
         for kv in page.pairs {
-            pending.change(index, kv.key, None, Some(kv.mod_revision));
+            let replaced = Replaced {
+                mod_revision: kv.mod_revision,
+                lease: kv.lease,
+            };
+            pending.change(index, kv.key, None, Some(replaced));
         }
         Ok(Ok(deleted))
     }
@@ -324,6 +328,7 @@ mod tests {
             op: Some(txn_op::Op::Put(SetRequest {
                 key: k.into(),
                 value: v.into(),
+                lease: 0,
             })),
         }
     }

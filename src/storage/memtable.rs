@@ -18,8 +18,26 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use super::history::Event;
+use crate::leases::LeaseDelta;
 use crate::proto::{SnapshotHeader, StoredValue};
 use crate::sessions::{SessionDelta, Sessions};
+
+/// What one committed batch hands the store.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Its changes to keys.
+    pub changes: Layer,
+    /// Their history, in revision order.
+    pub events: Vec<Event>,
+    /// The state record it led to.
+    pub header: SnapshotHeader,
+    /// How it changed the client sessions.
+    pub sessions: SessionDelta,
+    /// How it changed the leases.
+    pub leases: LeaseDelta,
+    /// How it changed the number of keys.
+    pub keys_added: i64,
+}
 
 /// A key's newest record, or `None` for a delete.
 pub type Change = Option<StoredValue>;
@@ -94,6 +112,8 @@ pub struct Frozen {
     pub layer: Layer,
     /// Their history, in revision order.
     pub events: Vec<Event>,
+    /// The changes to the lease tables.
+    pub leases: LeaseDelta,
     /// The state (applied index, membership) as of the last change in it.
     pub header: SnapshotHeader,
 }
@@ -106,6 +126,8 @@ pub struct Memtable {
     /// The history of the active layer's changes, in revision order.
     active_events: Vec<Event>,
     active_event_bytes: usize,
+    /// The lease changes of the active layer's batches.
+    active_leases: LeaseDelta,
     frozen: Option<Arc<Frozen>>,
     /// The state record as of the last applied batch (its `sessions` are
     /// in `sessions`, filled in only when a layer is frozen).
@@ -124,6 +146,7 @@ impl Memtable {
             active: Layer::default(),
             active_events: Vec::new(),
             active_event_bytes: 0,
+            active_leases: LeaseDelta::default(),
             frozen: None,
             header,
             sessions,
@@ -143,22 +166,15 @@ impl Memtable {
             .or_else(|| self.frozen.as_ref().and_then(|f| f.layer.get(key)))
     }
 
-    /// Adds a committed batch: its changes and their history, the state it
-    /// led to, and how it changed the number of keys.
-    pub fn commit(
-        &mut self,
-        changes: Layer,
-        events: Vec<Event>,
-        header: SnapshotHeader,
-        sessions: SessionDelta,
-        keys_added: i64,
-    ) {
-        self.active.absorb(changes);
-        self.active_event_bytes += events.iter().map(Event::cost).sum::<usize>();
-        self.active_events.extend(events);
-        self.header = header;
-        self.sessions.apply_delta(sessions);
-        self.keys = self.keys.saturating_add_signed(keys_added);
+    /// Adds a committed batch.
+    pub fn commit(&mut self, batch: Applied) {
+        self.active.absorb(batch.changes);
+        self.active_event_bytes += batch.events.iter().map(Event::cost).sum::<usize>();
+        self.active_events.extend(batch.events);
+        self.active_leases.absorb(batch.leases);
+        self.header = batch.header;
+        self.sessions.apply_delta(batch.sessions);
+        self.keys = self.keys.saturating_add_signed(batch.keys_added);
     }
 
     /// Keys held.
@@ -168,7 +184,7 @@ impl Memtable {
 
     /// Rough bytes of changes (and their history) not yet being flushed.
     pub fn active_bytes(&self) -> usize {
-        self.active.bytes() + self.active_event_bytes
+        self.active.bytes() + self.active_event_bytes + self.active_leases.cost()
     }
 
     /// The history held in memory (not yet in the file) from revision
@@ -191,7 +207,11 @@ impl Memtable {
     /// write beyond `flushed_index`. At most one layer is frozen at a time.
     pub fn freeze(&mut self, flushed_index: u64) -> Option<Arc<Frozen>> {
         debug_assert!(self.frozen.is_none(), "one flush at a time");
-        if self.active.is_empty() && self.active_events.is_empty() && self.header.index <= flushed_index {
+        if self.active.is_empty()
+            && self.active_events.is_empty()
+            && self.active_leases.is_empty()
+            && self.header.index <= flushed_index
+        {
             return None;
         }
         let mut header = self.header.clone();
@@ -202,6 +222,7 @@ impl Memtable {
         let frozen = Arc::new(Frozen {
             layer: std::mem::take(&mut self.active),
             events: std::mem::take(&mut self.active_events),
+            leases: std::mem::take(&mut self.active_leases),
             header,
         });
         self.frozen = Some(frozen.clone());
@@ -357,6 +378,15 @@ mod tests {
         layer
     }
 
+    fn applied(changes: &[(&str, Change)], index: u64, keys_added: i64) -> Applied {
+        Applied {
+            changes: batch(changes),
+            header: header(index),
+            keys_added,
+            ..Default::default()
+        }
+    }
+
     fn scan(mem: &Memtable, file: &[(&str, &str)], limit: usize) -> (Vec<String>, bool) {
         let (memory, until) = mem.collect_range(b"", b"", Bound::Unbounded, limit, usize::MAX);
         let file = file.iter().map(|(k, v)| {
@@ -387,22 +417,10 @@ mod tests {
     #[test]
     fn the_active_layer_hides_the_frozen_one_and_both_hide_the_file() {
         let mut mem = Memtable::new(header(1), 2);
-        mem.commit(
-            batch(&[("a", value("1")), ("b", None)]),
-            Vec::new(),
-            header(2),
-            Default::default(),
-            -1,
-        );
+        mem.commit(applied(&[("a", value("1")), ("b", None)], 2, -1));
         let frozen = mem.freeze(1).expect("changes to flush");
         assert_eq!(frozen.header.index, 2);
-        mem.commit(
-            batch(&[("a", value("2")), ("c", value("3"))]),
-            Vec::new(),
-            header(3),
-            Default::default(),
-            1,
-        );
+        mem.commit(applied(&[("a", value("2")), ("c", value("3"))], 3, 1));
         assert_eq!(mem.lookup(b"a"), Some(&value("2")));
         assert_eq!(mem.lookup(b"b"), Some(&None), "a delete is remembered, not forgotten");
         assert_eq!(mem.lookup(b"d"), None);
@@ -418,20 +436,18 @@ mod tests {
         let mut mem = Memtable::new(header(5), 0);
         assert!(mem.freeze(5).is_none());
         // A batch with no key (a membership change) still moves the state.
-        mem.commit(Layer::default(), Vec::new(), header(6), Default::default(), 0);
+        mem.commit(applied(&[], 6, 0));
         assert_eq!(mem.freeze(5).expect("a new state record").header.index, 6);
     }
 
     #[test]
     fn a_scan_stops_where_the_memory_it_collected_ends() {
         let mut mem = Memtable::new(header(1), 0);
-        mem.commit(
-            batch(&[("b", value("m")), ("d", value("m")), ("f", value("m"))]),
-            Vec::new(),
-            header(2),
-            Default::default(),
+        mem.commit(applied(
+            &[("b", value("m")), ("d", value("m")), ("f", value("m"))],
+            2,
             3,
-        );
+        ));
         // Two live changes collected: memory is known up to "d" only, and
         // the file's "e" (which "e"'s absence from memory can't vouch for
         // beyond "d") is not returned.

@@ -21,6 +21,7 @@ pub mod backup_file;
 mod fs_util;
 pub mod history;
 pub mod identity;
+mod lease_tables;
 pub mod lock;
 pub mod log_check;
 pub mod memtable;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! SnapshotFrame{header}   index, term, membership, cluster id, record count
-//! SnapshotFrame{chunk}*   records in key order, about CHUNK_BYTES each
+//! SnapshotFrame{chunk}*   records, table by table in key order, about CHUNK_BYTES each
 //! SnapshotFrame{trailer}  record count and CRC-32 over every frame before it
 //! ```
 //!
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message as _;
 
-use super::state_store::{Record, StoreBuilder, StoreView, FORMAT, TABLE_KV};
+use super::state_store::{Record, StoreBuilder, StoreView, FORMAT};
 use super::StorageError;
 use crate::proto::{snapshot_frame, SnapshotChunk, SnapshotFrame, SnapshotHeader, SnapshotRecord, SnapshotTrailer};
 
@@ -52,7 +52,7 @@ impl SnapshotFrames {
     pub fn new(view: StoreView, source_node: u64) -> Result<Self, StorageError> {
         let mut header = view.header.clone();
         header.format = FORMAT;
-        header.records = view.len()?;
+        header.records = view.record_count()?;
         header.source_node = source_node;
         header.created_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -82,13 +82,9 @@ impl SnapshotFrames {
         while size < CHUNK_BYTES {
             match self.records.next() {
                 Some(record) => {
-                    let (key, value) = record?;
+                    let (table, key, value) = record?;
                     size += key.len() + value.len() + 8;
-                    chunk.records.push(SnapshotRecord {
-                        table: TABLE_KV,
-                        key,
-                        value,
-                    });
+                    chunk.records.push(SnapshotRecord { table, key, value });
                 }
                 None => break,
             }
@@ -311,6 +307,7 @@ mod tests {
                 op: Some(command::Op::Set(SetRequest {
                     key: format!("key{i:08}").into_bytes(),
                     value: vec![(i % 251) as u8; value_len],
+                    lease: 0,
                 })),
                 ..Default::default()
             };
@@ -352,6 +349,42 @@ mod tests {
         assert_eq!(copy.header().unwrap().conf_state, store.header().unwrap().conf_state);
         let leftovers: Vec<_> = std::fs::read_dir(&staging).unwrap().collect();
         assert!(leftovers.is_empty(), "nothing but the staged file: {leftovers:?}");
+    }
+
+    #[test]
+    fn leases_and_their_keys_travel_with_the_snapshot() {
+        use crate::proto::LeaseGrantRequest;
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let store = filled(from.path(), 3, 10);
+        let mut sm = StateMachine::open(store.clone()).unwrap();
+        let mut batch = Batch::begin(&store, sm.meta().clone()).unwrap();
+        let grant = Command {
+            op: Some(command::Op::LeaseGrant(LeaseGrantRequest { ttl: 7 })),
+            ..Default::default()
+        };
+        batch.apply(10, 1, grant).unwrap();
+        let leased = Command {
+            op: Some(command::Op::Set(SetRequest {
+                key: b"leased".to_vec(),
+                value: b"v".to_vec(),
+                lease: 10,
+            })),
+            ..Default::default()
+        };
+        batch.apply(11, 1, leased).unwrap();
+        sm.set_meta(batch.commit().unwrap());
+        store.flush().unwrap();
+        let frames = SnapshotFrames::new(store.view().unwrap(), 1).unwrap();
+        let (header, staged) = stage(frames.map(Result::unwrap), &to.path().join("incoming")).unwrap();
+        assert_eq!(header.records, 4 + 1 + 1, "keys, the lease, its one key");
+        std::fs::rename(&staged, StateStore::path_in(to.path())).unwrap();
+        let copy = StateStore::open(to.path(), 8 << 20).unwrap();
+        let leases = copy.working_leases();
+        let lease = leases.get(10).expect("the lease came along");
+        assert_eq!(lease.ttl, 7);
+        assert_eq!(lease.keys.iter().collect::<Vec<_>>(), [b"leased"]);
+        assert_eq!(copy.get(b"leased").unwrap().unwrap().lease, 10);
     }
 
     #[test]

@@ -8,10 +8,9 @@
 //! meta   "history_start", "history_bytes" -> big-endian u64 (see history.rs)
 //! kv     user key -> StoredValue: value, create/mod revision, version, lease
 //! history revision (8 bytes BE) + place in it (4 bytes BE) -> HistoryEvent
+//! leases     lease id (8 bytes BE) -> LeaseRecord
+//! lease_keys lease id (8 bytes BE) + user key -> (empty)
 //! ```
-//!
-//! Reserved for the coordination API, in the same file and so without a
-//! migration: `leases`.
 //!
 //! The raft loop applies each batch of committed entries to the in-memory
 //! [`Memtable`] in front of the file (cheap, on the raft thread). A flush moves
@@ -35,11 +34,13 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDefinition};
 
-use super::history::{self, read_counter, Event, Retention};
-use super::memtable::{self, Layer, Memtable};
+use super::history::{self, read_counter, Retention};
+use super::lease_tables::{self, LEASES, LEASE_KEYS};
+use super::memtable::{self, Applied, Memtable};
 use super::StorageError;
+use crate::leases::Leases;
 use crate::proto::{KeyValue, SnapshotHeader, StoredValue};
-use crate::sessions::{SessionDelta, Sessions};
+use crate::sessions::Sessions;
 
 /// The store's file under the data dir.
 pub const STORE_FILE: &str = "state.redb";
@@ -53,6 +54,10 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META_STATE: &str = "state";
 /// `SnapshotRecord::table` of the kv table.
 pub const TABLE_KV: u32 = 1;
+/// `SnapshotRecord::table` of the `leases` table.
+pub const TABLE_LEASES: u32 = 2;
+/// `SnapshotRecord::table` of the `lease_keys` table.
+pub const TABLE_LEASE_KEYS: u32 = 3;
 
 /// A pinned view for a follower is dropped after this long unused: it holds
 /// pages the store can't reuse.
@@ -122,6 +127,9 @@ pub struct StateStore {
     /// The raft loop's copy of the client sessions (memory's copy follows it
     /// batch by batch); only the raft thread takes it.
     working_sessions: Mutex<Sessions>,
+    /// The leases, the raft loop's copy (the file's tables follow it flush
+    /// by flush); only the raft thread takes it.
+    working_leases: Mutex<Leases>,
     /// How much change history flushes keep.
     retention: Mutex<Retention>,
     /// The applied index of the last batch, for watchers to wait on.
@@ -222,6 +230,7 @@ impl StateStore {
         let history_start = start_history(&db, header.index)?;
         let mem = Memtable::new(header.clone(), keys);
         let working_sessions = Mutex::new(mem.sessions().clone());
+        let working_leases = Mutex::new(lease_tables::load(&db.begin_read()?)?);
         Ok(StateStore {
             dir: data_dir.to_path_buf(),
             cache_bytes,
@@ -232,6 +241,7 @@ impl StateStore {
             memory_limits: (FLUSH_EARLY_BYTES, HOLD_BYTES),
             pinned: Mutex::default(),
             working_sessions,
+            working_leases,
             retention: Mutex::default(),
             applied: tokio::sync::watch::Sender::new(header.index),
             history_start: AtomicU64::new(history_start),
@@ -374,6 +384,7 @@ impl StateStore {
                 }
             }
         }
+        lease_tables::write_delta(&txn, &frozen.leases)?;
         let retention = *self.retention.lock().expect("retention lock poisoned");
         let start = history::write_events(&txn, &frozen.events, frozen.header.index, retention)?;
         commit_with_header(txn, &frozen.header)?;
@@ -384,18 +395,11 @@ impl StateStore {
     /// Adds a batch the raft loop applied: its changes, the state record it
     /// led to, and how it changed the number of keys. Visible to readers at
     /// once; in the file after the next flush.
-    pub fn commit_batch(
-        &self,
-        changes: Layer,
-        events: Vec<Event>,
-        header: SnapshotHeader,
-        sessions: SessionDelta,
-        keys_added: i64,
-    ) -> Result<(), StorageError> {
-        let index = header.index;
+    pub fn commit_batch(&self, batch: Applied) -> Result<(), StorageError> {
+        let index = batch.header.index;
         let waiting = {
             let mut mem = self.mem.write().expect("memtable lock poisoned");
-            mem.commit(changes, events, header, sessions, keys_added);
+            mem.commit(batch);
             mem.active_bytes()
         };
         self.applied.send_replace(index);
@@ -549,11 +553,19 @@ impl StateStore {
         self.working_sessions.lock().expect("sessions lock poisoned")
     }
 
-    /// Resets the working copy to memory's (after open, install or a new
-    /// state record).
-    fn reset_working_sessions(&self) {
+    /// The raft loop's copy of the leases (each batch's changes reach the
+    /// file with the batch's data).
+    pub fn working_leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.working_leases.lock().expect("leases lock poisoned")
+    }
+
+    /// Resets the working copies to memory's and the file's (after an
+    /// install or a new state record, with nothing applied in memory).
+    fn reset_working_copies(&self) -> Result<(), StorageError> {
         let published = self.mem.read().expect("memtable lock poisoned").sessions().clone();
         *self.working_sessions() = published;
+        *self.working_leases() = lease_tables::load(&self.db()?.begin_read()?)?;
+        Ok(())
     }
 
     /// Writes the state record straight to the file, durably: only for a
@@ -570,7 +582,7 @@ impl StateStore {
         let keys = mem.keys();
         mem.reset(header.clone(), keys);
         drop(mem);
-        self.reset_working_sessions();
+        self.reset_working_copies()?;
         self.durable_index.store(header.index, Ordering::Release);
         Ok(())
     }
@@ -705,7 +717,7 @@ impl StateStore {
             (std::mem::replace(&mut *mem, Memtable::new(header.clone(), keys)), old)
         };
         drop(old);
-        self.reset_working_sessions();
+        self.reset_working_copies()?;
         self.pinned.lock().expect("pin lock poisoned").clear();
         self.durable_index.store(header.index, Ordering::Release);
         self.history_start.store(header.index + 1, Ordering::Relaxed);
@@ -741,7 +753,9 @@ fn header_and_len(db: &Database) -> Result<(SnapshotHeader, u64), StorageError> 
 }
 
 /// A raw kv record: the key and its encoded `StoredValue`.
-pub type Record = (Vec<u8>, Vec<u8>);
+/// A raw record of one of the store's tables (see `TABLE_KV` and the
+/// others): table, key, value.
+pub type Record = (u32, Vec<u8>, Vec<u8>);
 
 /// One page of a scan.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -754,15 +768,18 @@ pub struct ScanPage {
 
 /// Writes one raw record of `table` (from a snapshot stream).
 fn put_record(txn: &redb::WriteTransaction, table: u32, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
-    match table {
-        TABLE_KV => {
-            txn.open_table(KV)?.insert(key, value)?;
-            Ok(())
+    let definition = match table {
+        TABLE_KV => KV,
+        TABLE_LEASES => LEASES,
+        TABLE_LEASE_KEYS => LEASE_KEYS,
+        other => {
+            return Err(StorageError::Corrupt(format!(
+                "a snapshot record names table {other}, which this version does not know; upgrade this node"
+            )))
         }
-        other => Err(StorageError::Corrupt(format!(
-            "a snapshot record names table {other}, which this version does not know; upgrade this node"
-        ))),
-    }
+    };
+    txn.open_table(definition)?.insert(key, value)?;
+    Ok(())
 }
 
 /// Commits `txn` durably with `header` as the state record.
@@ -777,21 +794,36 @@ fn commit_with_header(mut txn: redb::WriteTransaction, header: &SnapshotHeader) 
 }
 
 impl StoreView {
-    /// Every kv record in key order, as (key, encoded `StoredValue`).
+    /// Every record a snapshot carries, table by table, each in key order:
+    /// kv (key, encoded `StoredValue`), then the lease tables.
     pub fn records(&self) -> Result<impl Iterator<Item = Result<Record, StorageError>>, StorageError> {
-        let kv = match self.txn.open_table(KV) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let range = match &kv {
-            Some(t) => Some(t.range::<&[u8]>(..)?),
-            None => None,
-        };
-        Ok(range.into_iter().flatten().map(|item| {
-            let (k, v) = item?;
-            Ok((k.value().to_vec(), v.value().to_vec()))
+        let mut tables = Vec::new();
+        for (id, definition) in [(TABLE_KV, KV), (TABLE_LEASES, LEASES), (TABLE_LEASE_KEYS, LEASE_KEYS)] {
+            match self.txn.open_table(definition) {
+                Ok(t) => tables.push((id, t.range::<&[u8]>(..)?)),
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(tables.into_iter().flat_map(|(id, range)| {
+            range.map(move |item| {
+                let (k, v) = item?;
+                Ok((id, k.value().to_vec(), v.value().to_vec()))
+            })
         }))
+    }
+
+    /// Number of records [`Self::records`] yields.
+    pub fn record_count(&self) -> Result<u64, StorageError> {
+        let mut count = 0;
+        for definition in [KV, LEASES, LEASE_KEYS] {
+            match self.txn.open_table(definition) {
+                Ok(t) => count += t.len()?,
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(count)
     }
 
     /// Number of kv records in the view.
@@ -897,6 +929,17 @@ mod tests {
         assert!(partial.exists(), "a stream still arriving is its receiver's");
     }
 
+    use super::memtable::Layer;
+
+    fn applied(changes: Layer, header: SnapshotHeader, keys_added: i64) -> Applied {
+        Applied {
+            changes,
+            header,
+            keys_added,
+            ..Default::default()
+        }
+    }
+
     fn value(len: usize) -> StoredValue {
         StoredValue {
             value: vec![7; len],
@@ -916,9 +959,7 @@ mod tests {
                 index,
                 ..Default::default()
             };
-            store
-                .commit_batch(changes, Vec::new(), header, Default::default(), 1)
-                .unwrap();
+            store.commit_batch(applied(changes, header, 1)).unwrap();
             let waiting = store.mem.read().unwrap().active_bytes();
             assert!(waiting < 16 << 10, "{waiting} bytes wait in memory at index {index}");
         }
@@ -944,15 +985,11 @@ mod tests {
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), Some(value(3)));
         changes.insert(b"kept".to_vec(), Some(value(3)));
-        store
-            .commit_batch(changes, Vec::new(), header(1), Default::default(), 2)
-            .unwrap();
+        store.commit_batch(applied(changes, header(1), 2)).unwrap();
         store.flush().unwrap();
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), None);
-        store
-            .commit_batch(changes, Vec::new(), header(2), Default::default(), -1)
-            .unwrap();
+        store.commit_batch(applied(changes, header(2), -1)).unwrap();
         assert_eq!(
             store.view().unwrap().len().unwrap(),
             2,

@@ -337,6 +337,7 @@ impl MemCluster {
             op: Some(command::Op::Set(SetRequest {
                 key: key.as_bytes().to_vec(),
                 value: value.as_bytes().to_vec(),
+                lease: 0,
             })),
             ..Default::default()
         };

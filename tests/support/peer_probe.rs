@@ -146,6 +146,7 @@ pub fn set_command(key: &str, value: &str) -> Bytes {
         op: Some(command::Op::Set(SetRequest {
             key: key.into(),
             value: value.into(),
+            lease: 0,
         })),
         ..Default::default()
     }
