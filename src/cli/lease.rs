@@ -4,7 +4,7 @@
 //! `lease ID granted with TTL Ns`, so `$(kvraft lease grant 10 | cut -d' ' -f2)`
 //! is the id.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 use serde_json::json;
@@ -50,6 +50,41 @@ pub enum LeaseCommand {
     List,
 }
 
+fn print_renewed(printer: &Printer, id: u64, ttl: u64) {
+    printer.emit(json!({"id": id, "ttl": ttl}), || {
+        format!("lease {id} kept alive with TTL {ttl}s")
+    });
+}
+
+/// Renews lease `id` every third of its TTL until it is gone (exit 1) or
+/// can't be renewed before it runs out (exit 3): a script waiting on this
+/// command learns it lost the lease no later than the cluster does.
+async fn keep_alive(client: &Client, id: u64, printer: &Printer) -> Result<i32, Error> {
+    let sent = Instant::now();
+    let mut ttl = client.lease_keep_alive_once(id).await?;
+    let mut until = sent + Duration::from_secs(ttl);
+    print_renewed(printer, id, ttl);
+    loop {
+        tokio::time::sleep(Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(200))).await;
+        loop {
+            let sent = Instant::now();
+            match client.lease_keep_alive_before(id, until).await {
+                Ok(renewed) => {
+                    (ttl, until) = (renewed, sent + Duration::from_secs(renewed));
+                    print_renewed(printer, id, ttl);
+                    break;
+                }
+                Err(e @ Error::LeaseNotFound(_)) => return Err(e),
+                Err(e) if Instant::now() >= until => {
+                    eprintln!("kvraft: lease {id} could not be renewed before it ran out: {e}");
+                    return Ok(3);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
 /// Runs a lease subcommand; returns the exit status.
 pub async fn run(command: LeaseCommand, client: Client, printer: &Printer) -> Result<i32, Error> {
     match command {
@@ -59,16 +94,14 @@ pub async fn run(command: LeaseCommand, client: Client, printer: &Printer) -> Re
                 format!("lease {} granted with TTL {}s", lease.id, lease.ttl)
             });
         }
-        LeaseCommand::Keepalive { id, once } => loop {
-            let ttl = client.lease_keep_alive_once(id).await?;
-            printer.emit(json!({"id": id, "ttl": ttl}), || {
-                format!("lease {id} kept alive with TTL {ttl}s")
-            });
+        LeaseCommand::Keepalive { id, once } => {
             if once {
-                break;
+                let ttl = client.lease_keep_alive_once(id).await?;
+                print_renewed(printer, id, ttl);
+            } else {
+                return keep_alive(&client, id, printer).await;
             }
-            tokio::time::sleep(Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(200))).await;
-        },
+        }
         LeaseCommand::Revoke { id } => {
             let answer = client.lease_revoke(id).await?;
             printer.emit(

@@ -68,8 +68,15 @@ impl Client {
 
     /// Renews lease `id` once; returns the seconds it now has to live.
     pub async fn lease_keep_alive_once(&self, id: u64) -> Result<u64, Error> {
+        self.lease_keep_alive_before(id, Instant::now() + self.inner.options.timeout)
+            .await
+    }
+
+    /// Renews lease `id` once, giving up at `deadline` (a keeper passes the
+    /// moment the lease runs out: past it, a renewal comes too late).
+    pub async fn lease_keep_alive_before(&self, id: u64, deadline: Instant) -> Result<u64, Error> {
         let command = request::Command::LeaseKeepAlive(LeaseKeepAliveRequest { id });
-        match self.call(command, Kind::Read).await? {
+        match self.call_until(command, Kind::Read, deadline, None).await? {
             response::Result::LeaseKeepAlive(r) => Ok(r.ttl),
             other => Err(mismatch(other)),
         }
@@ -136,7 +143,7 @@ async fn renew_until_lost(client: Client, lease: Lease, state: watch::Sender<Lea
         tokio::time::sleep(Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(200))).await;
         loop {
             let sent = Instant::now();
-            match client.lease_keep_alive_once(lease.id).await {
+            match client.lease_keep_alive_before(lease.id, until).await {
                 Ok(renewed) => {
                     ttl = renewed;
                     until = sent + Duration::from_secs(renewed);

@@ -244,6 +244,7 @@ impl RaftLoop {
         let started = Instant::now();
         let mut next_tick = Instant::now() + tick;
         self.publish_status();
+        self.publish_lease_count();
         loop {
             if self.hooks.wedge_after.is_some_and(|after| started.elapsed() >= after) {
                 warn!("test hook: wedging the raft loop");
@@ -902,6 +903,7 @@ impl RaftLoop {
         );
         self.applied_tx.send_replace(meta.index);
         self.store.remove_staged_up_to(meta.index);
+        self.publish_lease_count();
         let size = self.store.size_on_disk();
         counter!(metrics::SNAPSHOTS, "kind" => "applied").increment(1);
         histogram!(metrics::SNAPSHOT_DURATION, "kind" => "applied").record(started.elapsed().as_secs_f64());

@@ -44,8 +44,14 @@ impl RaftLoop {
     pub(super) fn leases_applied(&mut self, events: &[LeaseEvent]) {
         if !events.is_empty() {
             self.lessor.applied(events, Instant::now());
-            ::metrics::gauge!(metrics::LEASES).set(self.store.working_leases().len() as f64);
+            self.publish_lease_count();
         }
+    }
+
+    /// Sets the `kvraft_leases` gauge (at start, after an install, and when
+    /// a batch changed the leases).
+    pub(super) fn publish_lease_count(&self) {
+        ::metrics::gauge!(metrics::LEASES).set(self.store.working_leases().len() as f64);
     }
 
     /// Proposes the end of leases that ran out (leader only).
