@@ -176,3 +176,92 @@ fn a_store_from_before_the_history_starts_it_after_its_state() {
     }
     assert!(sm.store().history(3, &all()).unwrap().events.is_empty());
 }
+
+#[test]
+fn a_history_of_one_record_per_change_is_dropped_on_open() {
+    use crate::storage::history::UNCHUNKED_HISTORY;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut sm = machine(dir.path());
+        apply_all(&mut sm, 1, vec![set("a", "1"), set("b", "1")], true);
+    }
+    // As the release before chunks left it: its own table, history from 1.
+    {
+        let db = redb::Database::open(StateStore::path_in(dir.path())).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(crate::storage::history::HISTORY).unwrap();
+        txn.open_table(UNCHUNKED_HISTORY)
+            .unwrap()
+            .insert(&[0u8; 12][..], &b"old"[..])
+            .unwrap();
+        {
+            let mut meta = txn.open_table(crate::storage::state_store::META).unwrap();
+            meta.insert(crate::storage::history::META_HISTORY_START, &1u64.to_be_bytes()[..])
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let mut sm = machine(dir.path());
+    match sm.store().history(1, &all()) {
+        Err(HistoryError::Compacted { oldest: 3, .. }) => {}
+        other => panic!("the old history is given up, not misread: {other:?}"),
+    }
+    apply_all(&mut sm, 3, vec![set("c", "1")], true);
+    assert_eq!(seen(sm.store(), 3, &all()), [(3, "c".into(), "1".into(), 0)]);
+    sm.store().close();
+    let db = redb::Database::open(StateStore::path_in(dir.path())).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(
+        matches!(
+            txn.open_table(UNCHUNKED_HISTORY),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ),
+        "the old table is gone"
+    );
+}
+
+#[test]
+fn chunks_split_anywhere_and_read_back_from_any_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    // 600 single puts, then one revision of 700 deletes (split over chunks
+    // of 256 changes), then more puts, all in one flush.
+    let puts: Vec<Command> = (0..600).map(|i| set(&format!("k{i:04}"), "v")).collect();
+    apply_all(&mut sm, 1, puts, false);
+    apply_all(
+        &mut sm,
+        601,
+        vec![delete(DeleteRequest {
+            key: vec![],
+            range: Some(KeyRange::between("k0000", "k0700")),
+        })],
+        false,
+    );
+    apply_all(&mut sm, 602, vec![set("z1", "v"), set("z2", "v")], true);
+    let every = seen(sm.store(), 1, &all());
+    assert_eq!(every.len(), 600 + 600 + 2);
+    assert!(every.windows(2).all(|w| w[0].0 <= w[1].0), "in revision order");
+    // From inside the first chunk, from the revision split over chunks, and
+    // a key filter that matches only in the last chunk.
+    assert_eq!(seen(sm.store(), 300, &all()).len(), 301 + 600 + 2);
+    let split = seen(sm.store(), 601, &all());
+    assert_eq!(split.len(), 602);
+    assert!(split[..600].iter().all(|e| e.0 == 601 && e.2 == "-"));
+    assert_eq!(
+        seen(sm.store(), 1, &Filter::Key(b"z2".to_vec())),
+        [(603, "z2".into(), "v".into(), 0)]
+    );
+    // prev_kv of a delete in the middle of the split revision.
+    assert_eq!(sm.store().history_record(450, b"k0449").unwrap().unwrap().value, b"v");
+    // Compacting into the split revision drops it whole.
+    sm.store().set_history_retention(Retention {
+        revisions: 3,
+        bytes: u64::MAX,
+    });
+    apply_all(&mut sm, 604, vec![set("z3", "v")], true);
+    match sm.store().history(601, &all()) {
+        Err(HistoryError::Compacted { oldest: 602, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(seen(sm.store(), 602, &all()).len(), 3);
+}

@@ -4,22 +4,30 @@
 //! history too).
 //!
 //! Recent changes are in memory with the batch that made them; a flush
-//! writes them into the `history` table with the data, keyed by revision and
-//! place within it, and drops the oldest beyond the retention. The first
+//! writes them into the `history_chunks` table with the data, a chunk of
+//! consecutive changes per record (about 64 KiB: one B-tree insert per
+//! chunk, not per change), keyed by its first change's revision and place
+//! within that revision, and drops the oldest beyond the retention. The first
 //! revision still held (`history_start` in `meta`) is committed with them, so
 //! a reader that finds its start below it knows the history was compacted,
 //! and never reads around a gap.
-
-use std::ops::Bound;
 
 use prost::Message as _;
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 
 use super::state_store::{StateStore, META};
 use super::StorageError;
-use crate::proto::{HistoryEvent, KeyRange, StoredValue};
+use crate::proto::HistoryEvent;
+use crate::proto::{HistoryChunk, KeyRange, StoredValue};
 
-pub(crate) const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history");
+pub(crate) const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history_chunks");
+/// Where the release before chunks kept one record per change; dropped
+/// when such a store is opened (see [`drop_unchunked`]).
+pub(crate) const UNCHUNKED_HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history");
+/// A chunk closes at this many changes, or at [`CHUNK_BYTES`].
+const CHUNK_EVENTS: usize = 256;
+/// Rough bytes of changes per chunk.
+const CHUNK_BYTES: usize = 64 << 10;
 /// `meta` key: the first revision the history holds, big-endian u64.
 pub(crate) const META_HISTORY_START: &str = "history_start";
 /// `meta` key: bytes of history records held, big-endian u64.
@@ -115,17 +123,73 @@ pub(super) fn history_key(revision: u64, n: u32) -> [u8; 12] {
     key
 }
 
-fn revision_of(key: &[u8]) -> Result<u64, StorageError> {
-    key.get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| StorageError::Corrupt("state store: a history key is shorter than 8 bytes".into()))
+/// The changes of a history record, in order.
+fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, StorageError> {
+    let damaged = |what: String| StorageError::Corrupt(format!("state store: a history record {what}"));
+    let chunk = HistoryChunk::decode(bytes).map_err(|e| damaged(format!("does not decode: {e}")))?;
+    if chunk.revisions.len() != chunk.events.len() || chunk.events.is_empty() {
+        return Err(damaged(format!(
+            "holds {} revisions for {} changes",
+            chunk.revisions.len(),
+            chunk.events.len()
+        )));
+    }
+    Ok(chunk
+        .revisions
+        .into_iter()
+        .zip(chunk.events)
+        .map(|(revision, change)| Event { revision, change })
+        .collect())
 }
 
-fn decode_event(revision: u64, bytes: &[u8]) -> Result<Event, StorageError> {
-    let change = HistoryEvent::decode(bytes)
-        .map_err(|e| StorageError::Corrupt(format!("state store: a history record does not decode: {e}")))?;
-    Ok(Event { revision, change })
+/// A history record of `events` (a `HistoryChunk`, encoded without copying
+/// the changes).
+fn encode_chunk(events: &[&Event]) -> Vec<u8> {
+    use prost::encoding;
+    let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
+    let mut buf = Vec::with_capacity(events.iter().map(|e| e.change.encoded_len() + 12).sum::<usize>() + 8);
+    encoding::uint64::encode_packed(1, &revisions, &mut buf);
+    for event in events {
+        encoding::message::encode::<HistoryEvent>(2, &event.change, &mut buf);
+    }
+    buf
+}
+
+/// The key of the chunk to start reading at for changes from `revision`:
+/// the last chunk that starts at or before its first change (it may begin
+/// in an earlier chunk).
+fn chunk_start(
+    history: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    revision: u64,
+) -> Result<Vec<u8>, StorageError> {
+    let first = history_key(revision, 0);
+    Ok(match history.range::<&[u8]>(..=&first[..])?.next_back() {
+        Some(item) => item?.0.value().to_vec(),
+        None => first.to_vec(),
+    })
+}
+
+/// Every change from `revision` on (and before `until`), chunk by chunk:
+/// `each` returns false to stop.
+fn read_from(
+    history: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    revision: u64,
+    until: u64,
+    mut each: impl FnMut(Event) -> bool,
+) -> Result<(), StorageError> {
+    let start = chunk_start(history, revision)?;
+    for item in history.range::<&[u8]>(start.as_slice()..)? {
+        let (_, value) = item?;
+        for event in decode_chunk(value.value())? {
+            if event.revision < revision {
+                continue;
+            }
+            if event.revision >= until || !each(event) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A `meta` counter (0 when unset).
@@ -219,18 +283,7 @@ impl StateStore {
                 Err(redb::TableError::TableDoesNotExist(_)) => break 'file,
                 Err(e) => return Err(StorageError::from(e).into()),
             };
-            let start = history_key(from, 0);
-            let end = history_key(memory_from, 0);
-            let range = table
-                .range::<&[u8]>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
-                .map_err(StorageError::from)?;
-            for item in range {
-                let (key, value) = item.map_err(StorageError::from)?;
-                let event = decode_event(revision_of(key.value())?, value.value())?;
-                if !builder.offer(event, filter) {
-                    break 'file;
-                }
-            }
+            read_from(&table, from, memory_from, |event| builder.offer(event, filter))?;
         }
         if !builder.page.more {
             for event in memory {
@@ -266,24 +319,33 @@ impl StateStore {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let (start, end) = (history_key(revision, 0), history_key(revision + 1, 0));
-        for item in table.range::<&[u8]>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))? {
-            let (_, value) = item?;
-            let event = decode_event(revision, value.value())?;
+        let mut found = None;
+        read_from(&table, revision, revision + 1, |event| {
             if event.change.key == key {
-                return Ok(event.change.record);
+                found = Some(event.change.record);
+                return false;
             }
-        }
-        Ok(None)
+            true
+        })?;
+        Ok(found.flatten())
     }
 }
 
-/// The revision and size of the oldest history record.
-fn first_of(history: &redb::Table<&[u8], &[u8]>) -> Result<Option<(u64, u64)>, StorageError> {
-    match history.first()? {
-        Some((key, value)) => Ok(Some((revision_of(key.value())?, value.value().len() as u64))),
-        None => Ok(None),
+/// Drops the history table of a release before chunks (one record per
+/// change): its history is given up once, and starts after `applied`, as a
+/// store's without history does. Returns whether there was one.
+pub(super) fn drop_unchunked(db: &redb::Database, applied: u64) -> Result<bool, StorageError> {
+    let txn = db.begin_write()?;
+    if !txn.delete_table(UNCHUNKED_HISTORY)? {
+        return Ok(false);
     }
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(META_HISTORY_START, &(applied + 1).to_be_bytes()[..])?;
+        meta.insert(META_HISTORY_BYTES, &0u64.to_be_bytes()[..])?;
+    }
+    txn.commit()?;
+    Ok(true)
 }
 
 /// Writes `events` into the history table of `txn` and drops the oldest
@@ -299,31 +361,61 @@ pub(super) fn write_events(
     let mut start = counter(&meta, META_HISTORY_START)?;
     let mut bytes = counter(&meta, META_HISTORY_BYTES)?;
     let mut history = txn.open_table(HISTORY)?;
+    // Every change of a revision is in one batch, so one flush: places
+    // within a revision count from 0 here.
     let mut previous: Option<(u64, u32)> = None;
-    for event in events {
+    let mut chunk: Vec<&Event> = Vec::new();
+    let mut chunk_key = [0u8; 12];
+    let mut chunk_bytes = 0;
+    for (i, event) in events.iter().enumerate() {
         let n = match previous {
             Some((revision, n)) if revision == event.revision => n + 1,
             _ => 0,
         };
         previous = Some((event.revision, n));
-        let value = event.change.encode_to_vec();
-        bytes += value.len() as u64;
-        history.insert(&history_key(event.revision, n)[..], value.as_slice())?;
-    }
-    let keep_from = applied.saturating_sub(retention.revisions).saturating_add(1);
-    while let Some((oldest, _)) = first_of(&history)? {
-        if oldest >= keep_from && bytes <= retention.bytes {
-            break;
+        if chunk.is_empty() {
+            chunk_key = history_key(event.revision, n);
         }
-        // Whole revisions go: a watcher never sees half of one.
-        while let Some((revision, size)) = first_of(&history)? {
-            if revision != oldest {
+        chunk.push(event);
+        chunk_bytes += event.cost();
+        if chunk.len() >= CHUNK_EVENTS || chunk_bytes >= CHUNK_BYTES || i + 1 == events.len() {
+            let value = encode_chunk(&chunk);
+            bytes += value.len() as u64;
+            history.insert(&chunk_key[..], value.as_slice())?;
+            chunk.clear();
+            chunk_bytes = 0;
+        }
+    }
+    // Whole revisions go, oldest first, so a watcher never sees half of one:
+    // everything below `drop_below`, which rises past the oldest revisions
+    // left while the bytes are over their cap. A chunk that straddles it
+    // is written again with the part that stays.
+    let mut drop_below = applied.saturating_sub(retention.revisions).saturating_add(1);
+    let mut dropped = false;
+    loop {
+        let Some((key, value)) = history.first()?.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())) else {
+            break;
+        };
+        let events = decode_chunk(&value)?;
+        if events[0].revision >= drop_below {
+            if bytes <= retention.bytes {
                 break;
             }
-            history.pop_first()?;
-            bytes = bytes.saturating_sub(size);
+            drop_below = events[events.len() - 1].revision + 1;
         }
-        start = oldest + 1;
+        history.remove(key.as_slice())?;
+        bytes = bytes.saturating_sub(value.len() as u64);
+        dropped = true;
+        // What stays starts a revision (this chunk began below drop_below).
+        let rest: Vec<&Event> = events.iter().filter(|e| e.revision >= drop_below).collect();
+        if let Some(first) = rest.first() {
+            let value = encode_chunk(&rest);
+            bytes += value.len() as u64;
+            history.insert(&history_key(first.revision, 0)[..], value.as_slice())?;
+        }
+    }
+    if dropped {
+        start = start.max(drop_below);
     }
     meta.insert(META_HISTORY_START, &start.to_be_bytes()[..])?;
     meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes()[..])?;

@@ -7,7 +7,8 @@
 //!                    members, removed ids, cluster id, format
 //! meta   "history_start", "history_bytes" -> big-endian u64 (see history.rs)
 //! kv     user key -> StoredValue: value, create/mod revision, version, lease
-//! history revision (8 bytes BE) + place in it (4 bytes BE) -> HistoryEvent
+//! history_chunks revision (8 bytes BE) + place in it (4 bytes BE) of its
+//!        first change -> HistoryChunk (consecutive changes, see history.rs)
 //! leases     lease id (8 bytes BE) -> LeaseRecord
 //! lease_keys lease id (8 bytes BE) + user key -> (empty)
 //! ```
@@ -227,6 +228,9 @@ impl StateStore {
         let db = open_db(&Self::path_in(data_dir), cache_bytes)?;
         // Whatever redb opened is what survived: its last durable commit.
         let (header, keys) = header_and_len(&db)?;
+        if history::drop_unchunked(&db, header.index)? {
+            tracing::info!("the change history is now kept in chunks; the earlier one was dropped");
+        }
         let history_start = start_history(&db, header.index)?;
         let mem = Memtable::new(header.clone(), keys);
         let working_sessions = Mutex::new(mem.sessions().clone());
