@@ -226,18 +226,26 @@ impl Watch {
     /// The wire form of history events, with the records they replaced when
     /// asked.
     fn events(&self, events: Vec<Event>) -> Result<Vec<WatchEvent>, StorageError> {
+        // The replaced records, read together (each history chunk once).
+        let mut previous = if self.prev_kv {
+            let wanted: Vec<(u64, &[u8])> = events
+                .iter()
+                .map(|e| (e.change.prev_mod_revision, e.change.key.as_slice()))
+                .collect();
+            self.store.history_records(&wanted)?
+        } else {
+            Vec::new()
+        }
+        .into_iter();
         events
             .into_iter()
             .map(|event| {
                 let key = event.change.key;
-                let prev_kv = match event.change.prev_mod_revision {
-                    0 => None,
-                    revision if self.prev_kv => self
-                        .store
-                        .history_record(revision, &key)?
-                        .map(|record| record.into_key_value(key.clone())),
-                    _ => None,
-                };
+                let prev_kv = previous
+                    .next()
+                    .flatten()
+                    .filter(|_| event.change.prev_mod_revision != 0)
+                    .map(|record| record.into_key_value(key.clone()));
                 let (kind, kv) = match event.change.record {
                     Some(record) => (watch_event::Type::Put, record.into_key_value(key)),
                     None => (

@@ -265,3 +265,21 @@ fn chunks_split_anywhere_and_read_back_from_any_revision() {
     }
     assert_eq!(seen(sm.store(), 602, &all()).len(), 3);
 }
+
+#[test]
+fn a_watch_of_a_rare_key_reads_the_history_a_bounded_page_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    let mut writes: Vec<Command> = (0..25_000).map(|i| set(&format!("n{i}"), "v")).collect();
+    writes.push(set("rare", "1"));
+    apply_all(&mut sm, 1, writes, true);
+    let rare = Filter::Key(b"rare".to_vec());
+    let first = sm.store().history(1, &rare).unwrap();
+    assert!(first.events.is_empty() && first.more, "{first:?}");
+    assert!(
+        first.until >= 19_999 && first.until < 25_001,
+        "progress made: {}",
+        first.until
+    );
+    assert_eq!(seen(sm.store(), 1, &rare), [(25_001, "rare".into(), "1".into(), 0)]);
+}

@@ -213,12 +213,16 @@ fn counter(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -
 const PAGE_EVENTS: usize = 1000;
 /// And about this many bytes.
 const PAGE_BYTES: usize = 1 << 20;
+/// And at most this many changes looked at (a watch of a rare key reads
+/// past many that don't match: a page ends there, with its progress).
+const PAGE_EXAMINED: usize = 20_000;
 
 /// Collects a page: `take` returns false once full, after which only the
 /// rest of the last revision is taken.
 struct PageBuilder {
     page: HistoryPage,
     bytes: usize,
+    examined: usize,
     full_at: Option<u64>,
 }
 
@@ -230,6 +234,10 @@ impl PageBuilder {
                 self.page.more = true;
                 return false;
             }
+        }
+        self.examined += 1;
+        if self.full_at.is_none() && self.examined >= PAGE_EXAMINED {
+            self.full_at = Some(event.revision);
         }
         if !filter.matches(&event.change.key) {
             return true;
@@ -275,6 +283,7 @@ impl StateStore {
         let mut builder = PageBuilder {
             page: HistoryPage::default(),
             bytes: 0,
+            examined: 0,
             full_at: None,
         };
         'file: {
@@ -293,41 +302,114 @@ impl StateStore {
             }
         }
         let mut page = builder.page;
-        page.until = match (page.more, page.events.last()) {
-            (true, Some(last)) => last.revision,
+        page.until = match (page.more, builder.full_at) {
+            // Every change up to the end of that revision was looked at.
+            (true, Some(last)) => last,
             _ => applied.max(from.saturating_sub(1)),
         };
         Ok(page)
     }
 
-    /// The record `key` had at `revision` (for a watcher's `prev_kv`), if the
-    /// history still holds that change.
+    /// The record `key` had at `revision`, if the history still holds that
+    /// change.
     pub fn history_record(&self, revision: u64, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        Ok(self.history_records(&[(revision, key)])?.pop().flatten())
+    }
+
+    /// The records keys had at revisions (for a watcher's `prev_kv`: each
+    /// `(revision, key)` asked, in order), where the history still holds
+    /// that change. Chunks are read once each for the whole call.
+    pub fn history_records(&self, wanted: &[(u64, &[u8])]) -> Result<Vec<Option<StoredValue>>, StorageError> {
+        let mut found: Vec<Option<Option<StoredValue>>> = vec![None; wanted.len()];
         let txn = {
             let mem = self.mem.read().expect("memtable lock poisoned");
-            if let Some(e) = mem
-                .events_from(revision)
-                .take_while(|e| e.revision == revision)
-                .find(|e| e.change.key == key)
-            {
-                return Ok(e.change.record.clone());
+            for (i, (revision, key)) in wanted.iter().enumerate() {
+                if *revision == 0 {
+                    // The key did not exist before.
+                    found[i] = Some(None);
+                } else if let Some(e) = mem
+                    .events_from(*revision)
+                    .take_while(|e| e.revision == *revision)
+                    .find(|e| e.change.key == *key)
+                {
+                    found[i] = Some(e.change.record.clone());
+                }
+            }
+            if found.iter().all(Option::is_some) {
+                return Ok(found.into_iter().map(Option::flatten).collect());
             }
             self.db()?.begin_read()?
         };
         let table = match txn.open_table(HISTORY) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(e.into()),
         };
-        let mut found = None;
-        read_from(&table, revision, revision + 1, |event| {
-            if event.change.key == key {
-                found = Some(event.change.record);
-                return false;
+        let mut chunks = ChunkCache::default();
+        for (i, (revision, key)) in wanted.iter().enumerate() {
+            if found[i].is_none() {
+                if let Some(table) = &table {
+                    found[i] = Some(chunks.find(table, *revision, key)?);
+                }
             }
-            true
-        })?;
-        Ok(found.flatten())
+        }
+        Ok(found.into_iter().map(Option::flatten).collect())
+    }
+}
+
+/// Chunks decoded during one call, by key (a few dozen at most).
+#[derive(Default)]
+struct ChunkCache {
+    decoded: std::collections::HashMap<Vec<u8>, Vec<Event>>,
+}
+
+impl ChunkCache {
+    const MAX: usize = 64;
+
+    fn get(
+        &mut self,
+        history: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        key: &[u8],
+    ) -> Result<&[Event], StorageError> {
+        if !self.decoded.contains_key(key) {
+            if self.decoded.len() >= Self::MAX {
+                self.decoded.clear();
+            }
+            let events = match history.get(key)? {
+                Some(value) => decode_chunk(value.value())?,
+                None => Vec::new(),
+            };
+            self.decoded.insert(key.to_vec(), events);
+        }
+        Ok(&self.decoded[key])
+    }
+
+    /// The record `key` got at `revision`, if the history holds it.
+    fn find(
+        &mut self,
+        history: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        revision: u64,
+        key: &[u8],
+    ) -> Result<Option<StoredValue>, StorageError> {
+        let mut chunk = chunk_start(history, revision)?;
+        loop {
+            for event in self.get(history, &chunk)? {
+                if event.revision > revision {
+                    return Ok(None);
+                }
+                if event.revision == revision && event.change.key == key {
+                    return Ok(event.change.record.clone());
+                }
+            }
+            // The revision may go on in the next chunk.
+            let next = history
+                .range::<&[u8]>((std::ops::Bound::Excluded(chunk.as_slice()), std::ops::Bound::Unbounded))?
+                .next();
+            match next {
+                Some(item) => chunk = item?.0.value().to_vec(),
+                None => return Ok(None),
+            }
+        }
     }
 }
 
