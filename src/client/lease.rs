@@ -125,9 +125,11 @@ impl Client {
     /// third of its time to live, until the keeper is dropped (the lease
     /// then runs out by itself) or the lease is lost.
     pub fn keep_alive(&self, lease: Lease) -> LeaseKeeper {
+        // Nothing is promised until the first renewal (made at once): the
+        // lease may have been granted a while ago.
         let (state_tx, state) = watch::channel(LeaseState::Alive {
             ttl: lease.ttl,
-            until: Instant::now() + Duration::from_secs(lease.ttl),
+            until: Instant::now(),
         });
         let client = self.clone();
         let task = tokio::spawn(async move { renew_until_lost(client, lease, state_tx).await });
@@ -138,9 +140,15 @@ impl Client {
 /// Renews `lease` until it is lost, publishing each outcome.
 async fn renew_until_lost(client: Client, lease: Lease, state: watch::Sender<LeaseState>) {
     let mut ttl = lease.ttl;
+    // The first renewal may take a whole TTL: the grant was at least that
+    // recent, as far as this keeper can tell.
     let mut until = Instant::now() + Duration::from_secs(ttl);
+    let mut first = true;
     loop {
-        tokio::time::sleep(Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(200))).await;
+        if !first {
+            tokio::time::sleep(Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(200))).await;
+        }
+        first = false;
         loop {
             let sent = Instant::now();
             match client.lease_keep_alive_before(lease.id, until).await {

@@ -22,6 +22,10 @@ const EXPIRY_RETRY: Duration = Duration::from_secs(3);
 #[derive(Debug, Default)]
 pub struct Lessor {
     leading: bool,
+    /// The first index of this node's term as leader: until it is applied,
+    /// an expiry proposed by an earlier leader may still apply, so no
+    /// renewal is answered.
+    term_start: u64,
     /// Lease id -> (time to live, deadline).
     timers: HashMap<u64, (Duration, Instant)>,
     /// The same deadlines, in order, to find the expired ones without a scan.
@@ -36,11 +40,13 @@ impl Lessor {
         self.leading
     }
 
-    /// This node became leader: every lease (`(id, ttl seconds)`) gets its
-    /// full time to live from `now`.
-    pub fn promote(&mut self, leases: impl IntoIterator<Item = (u64, u64)>, now: Instant) {
+    /// This node became leader with its term starting at log index
+    /// `term_start`: every lease (`(id, ttl seconds)`) gets its full time to
+    /// live from `now`.
+    pub fn promote(&mut self, leases: impl IntoIterator<Item = (u64, u64)>, term_start: u64, now: Instant) {
         self.demote();
         self.leading = true;
+        self.term_start = term_start;
         for (id, ttl) in leases {
             self.start(id, ttl, now);
         }
@@ -49,6 +55,12 @@ impl Lessor {
     /// This node no longer leads: it times nothing.
     pub fn demote(&mut self) {
         *self = Lessor::default();
+    }
+
+    /// Whether every entry from before this node's term is applied (at
+    /// `applied`): only then do its timers say which leases still exist.
+    pub fn is_ready(&self, applied: u64) -> bool {
+        self.leading && applied >= self.term_start
     }
 
     fn start(&mut self, id: u64, ttl: u64, now: Instant) {
@@ -135,7 +147,8 @@ mod tests {
         let mut lessor = Lessor::default();
         lessor.applied(&[LeaseEvent::Granted { id: 1, ttl: 5 }], start);
         assert!(lessor.remaining(1, start).is_none(), "a follower times nothing");
-        lessor.promote([(1, 5), (2, 10)], start);
+        lessor.promote([(1, 5), (2, 10)], 7, start);
+        assert!(!lessor.is_ready(6) && lessor.is_ready(7));
         assert_eq!(lessor.ids(), [1, 2]);
         assert_eq!(
             lessor.remaining(1, start),
@@ -159,7 +172,7 @@ mod tests {
     fn a_renewal_moves_the_deadline_and_due_leases_come_in_deadline_order() {
         let start = Instant::now();
         let mut lessor = Lessor::default();
-        lessor.promote([(1, 2), (2, 3), (3, 4)], start);
+        lessor.promote([(1, 2), (2, 3), (3, 4)], 1, start);
         assert_eq!(lessor.renew(1, start + Duration::from_secs(1)), Some(2));
         assert_eq!(lessor.renew(9, start), None, "unknown lease");
         // 1 now ends at 3 s, 2 at 3 s, 3 at 4 s.

@@ -34,7 +34,9 @@ impl RaftLoop {
                 leases = leases.len(),
                 "leading: every lease gets its full time to live from now"
             );
-            self.lessor.promote(leases, Instant::now());
+            // raft appended this term's first (empty) entry on becoming leader.
+            let term_start = self.node.raft.raft_log.last_index();
+            self.lessor.promote(leases, term_start, Instant::now());
         } else {
             self.lessor.demote();
         }
@@ -93,6 +95,15 @@ impl RaftLoop {
                 }
             };
             let _ = reply.send(Err(error));
+            return;
+        }
+        if !self.lessor.is_ready(*self.applied_tx.borrow()) {
+            // An expiry an earlier leader proposed may still be in the log:
+            // a renewal now could be undone by it.
+            let _ = reply.send(Err(Error::Overloaded(format!(
+                "node {} has just become leader and is applying the entries from before its term; retry shortly",
+                self.settings.id
+            ))));
             return;
         }
         let now = Instant::now();
