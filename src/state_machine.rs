@@ -498,7 +498,7 @@ impl<'a> Batch<'a> {
         if in_session {
             match self.sessions.check(write) {
                 Verdict::Apply => {}
-                Verdict::Duplicate(outcome) => return Ok(replay(outcome, &command)),
+                Verdict::Duplicate(outcome) => return Ok(replay(outcome, &command, &self.leases)),
                 Verdict::Refuse(refusal, why) => return Ok(ApplyResult::SessionRefused(refusal, why)),
             }
         }
@@ -517,7 +517,12 @@ impl<'a> Batch<'a> {
             Some(command::Op::Txn(txn)) => self.apply_txn(index, txn)?,
             Some(command::Op::LeaseGrant(grant)) => self.grant_lease(index, grant.ttl),
             Some(command::Op::LeaseRevoke(revoke)) => self.end_lease(index, revoke.id, false)?,
-            Some(command::Op::LeaseExpire(expire)) => self.end_lease(index, expire.id, true)?,
+            // Only in the term of the leader that timed it out (see LeaseExpire).
+            Some(command::Op::LeaseExpire(expire)) if expire.term == term => self.end_lease(index, expire.id, true)?,
+            Some(command::Op::LeaseExpire(_)) => ApplyResult::LeaseEnded {
+                revision: index,
+                deleted: 0,
+            },
         };
         if in_session {
             if let Some(outcome) = Outcome::of(&result) {
@@ -572,12 +577,14 @@ enum WriteOp {
 }
 
 /// The answer of a write applied before, for its retry `command`.
-fn replay(outcome: Outcome, command: &Command) -> ApplyResult {
+fn replay(outcome: Outcome, command: &Command, leases: &Leases) -> ApplyResult {
     match (outcome, &command.op) {
         // A lease's grant and revoke are kept as a set and a delete are.
+        // The TTL the retry carries was raised by the node it went through;
+        // the lease (if still there) says what was granted.
         (Outcome::Set { revision }, Some(command::Op::LeaseGrant(grant))) => ApplyResult::LeaseGranted {
             id: revision,
-            ttl: grant.ttl,
+            ttl: leases.get(revision).map_or(grant.ttl, |l| l.ttl),
         },
         (Outcome::Delete { deleted, revision }, Some(command::Op::LeaseRevoke(_))) => {
             ApplyResult::LeaseEnded { revision, deleted }

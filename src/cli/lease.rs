@@ -13,6 +13,7 @@ use super::output::text;
 use super::Printer;
 use crate::client::Client;
 use crate::error::Error;
+use crate::leases::MAX_TTL;
 
 /// The lease subcommands.
 #[derive(Subcommand)]
@@ -61,7 +62,8 @@ fn print_renewed(printer: &Printer, id: u64, ttl: u64) {
 /// command learns it lost the lease no later than the cluster does.
 async fn keep_alive(client: &Client, id: u64, printer: &Printer) -> Result<i32, Error> {
     let sent = Instant::now();
-    let mut ttl = client.lease_keep_alive_once(id).await?;
+    // No more than a lease may have, whatever a server says.
+    let mut ttl = client.lease_keep_alive_once(id).await?.min(MAX_TTL);
     let mut until = sent + Duration::from_secs(ttl);
     print_renewed(printer, id, ttl);
     loop {
@@ -70,6 +72,7 @@ async fn keep_alive(client: &Client, id: u64, printer: &Printer) -> Result<i32, 
             let sent = Instant::now();
             match client.lease_keep_alive_before(id, until).await {
                 Ok(renewed) => {
+                    let renewed = renewed.min(MAX_TTL);
                     (ttl, until) = (renewed, sent + Duration::from_secs(renewed));
                     print_renewed(printer, id, ttl);
                     break;

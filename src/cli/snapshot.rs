@@ -52,7 +52,7 @@ fn describe(header: &SnapshotHeader) -> serde_json::Value {
     json!({
         "index": header.index,
         "term": header.term,
-        "keys": header.records,
+        "keys": header.keys.unwrap_or(header.records),
         "cluster_id": format!("{:016x}", header.cluster_id),
         "source_node": header.source_node,
         "created_unix": header.created_unix,
@@ -83,7 +83,7 @@ pub async fn run(
                     "saved a snapshot at index {} (term {}, {} keys, {bytes} bytes) from node {} to {}",
                     header.index,
                     header.term,
-                    header.records,
+                    header.keys.unwrap_or(header.records),
                     header.source_node,
                     file.display()
                 )
@@ -104,7 +104,7 @@ pub async fn run(
                 format!(
                     "restored {} keys at index {} into {} as node {id} of new cluster {:016x}; \
                      start it with `kvraftd --id {id} --data-dir {}` (the other members likewise)",
-                    restored.backup.records,
+                    restored.backup.keys.unwrap_or(restored.backup.records),
                     restored.backup.index,
                     data_dir.display(),
                     restored.cluster_id,
@@ -130,7 +130,7 @@ pub async fn run(
                     file.display(),
                     header.index,
                     header.term,
-                    header.records,
+                    header.keys.unwrap_or(header.records),
                     header.cluster_id,
                     header.source_node
                 )

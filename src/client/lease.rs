@@ -139,7 +139,7 @@ impl Client {
 
 /// Renews `lease` until it is lost, publishing each outcome.
 async fn renew_until_lost(client: Client, lease: Lease, state: watch::Sender<LeaseState>) {
-    let mut ttl = lease.ttl;
+    let mut ttl = lease.ttl.min(crate::leases::MAX_TTL);
     // The first renewal may take a whole TTL: the grant was at least that
     // recent, as far as this keeper can tell.
     let mut until = Instant::now() + Duration::from_secs(ttl);
@@ -153,6 +153,8 @@ async fn renew_until_lost(client: Client, lease: Lease, state: watch::Sender<Lea
             let sent = Instant::now();
             match client.lease_keep_alive_before(lease.id, until).await {
                 Ok(renewed) => {
+                    // Whatever a server says, no more than a lease may have.
+                    let renewed = renewed.min(crate::leases::MAX_TTL);
                     ttl = renewed;
                     until = sent + Duration::from_secs(renewed);
                     state.send_replace(LeaseState::Alive { ttl, until });

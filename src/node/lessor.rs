@@ -64,7 +64,9 @@ impl Lessor {
     }
 
     fn start(&mut self, id: u64, ttl: u64, now: Instant) {
-        let ttl = Duration::from_secs(ttl);
+        // Checked where leases are granted and loaded; clamped here too, as
+        // an overflowing deadline would panic.
+        let ttl = Duration::from_secs(ttl.min(crate::leases::MAX_TTL));
         self.stop(id);
         self.timers.insert(id, (ttl, now + ttl));
         self.by_deadline.insert((now + ttl, id));

@@ -124,11 +124,16 @@ mod tests {
         }
     }
 
-    fn expire(id: u64) -> Command {
+    /// An expiry timed out by the leader of `term` (the tests apply in term 1).
+    fn expire_in(id: u64, term: u64) -> Command {
         Command {
-            op: Some(command::Op::LeaseExpire(LeaseExpire { id })),
+            op: Some(command::Op::LeaseExpire(LeaseExpire { id, term })),
             ..Default::default()
         }
+    }
+
+    fn expire(id: u64) -> Command {
+        expire_in(id, 1)
     }
 
     fn set_leased(k: &str, v: &str, lease: u64) -> Command {
@@ -220,11 +225,22 @@ mod tests {
             .collect();
         assert_eq!(deletes, [(12, b"a".to_vec(), true), (12, b"b".to_vec(), true)]);
 
+        // An expiry from a deposed leader, appended in a later term by its
+        // successor (which may have renewed the lease), changes nothing.
+        let stale = apply_all(&mut sm, 13, vec![expire_in(2, 7)], false);
+        assert_eq!(
+            stale,
+            [ApplyResult::LeaseEnded {
+                revision: 13,
+                deleted: 0
+            }]
+        );
+        assert_eq!(keys_of(&sm, 2), ["moved"]);
         // Gone: a second revoke, and a put naming it, are refused; an expiry
         // that comes late is nothing.
         let again = apply_all(
             &mut sm,
-            13,
+            14,
             vec![revoke(1), set_leased("late", "1", 1), expire(1), expire(2)],
             false,
         );
@@ -234,14 +250,14 @@ mod tests {
         assert_eq!(
             again[2],
             ApplyResult::LeaseEnded {
-                revision: 15,
+                revision: 16,
                 deleted: 0
             }
         );
         assert_eq!(
             again[3],
             ApplyResult::LeaseEnded {
-                revision: 16,
+                revision: 17,
                 deleted: 1
             }
         );
@@ -298,8 +314,11 @@ mod tests {
         let mut sm = machine(dir.path());
         apply_all(&mut sm, 1, vec![register()], false);
         let first = apply_all(&mut sm, 2, vec![in_session(grant(30), 1, 1, 1)], false);
-        let retry = apply_all(&mut sm, 3, vec![in_session(grant(30), 1, 1, 1)], false);
+        // Retried through a node that raises TTLs further: the answer is
+        // still the lease as granted.
+        let retry = apply_all(&mut sm, 3, vec![in_session(grant(45), 1, 1, 1)], false);
         assert_eq!(first, retry);
+        assert_eq!(first, [ApplyResult::LeaseGranted { id: 2, ttl: 30 }]);
         assert_eq!(sm.store().working_leases().len(), 1, "granted once");
         apply_all(&mut sm, 4, vec![set_leased("k", "v", 2)], false);
         let first = apply_all(&mut sm, 5, vec![in_session(revoke(2), 1, 2, 1)], false);

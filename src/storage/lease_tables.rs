@@ -10,7 +10,7 @@ use prost::Message as _;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::StorageError;
-use crate::leases::{split_lease_key, LeaseDelta, Leases};
+use crate::leases::{split_lease_key, LeaseDelta, Leases, MAX_TTL};
 use crate::proto::LeaseRecord;
 
 pub(super) const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
@@ -54,6 +54,12 @@ pub(super) fn load(txn: &ReadTransaction) -> Result<Leases, StorageError> {
                 let (_, value) = item?;
                 let record = LeaseRecord::decode(value.value())
                     .map_err(|e| damaged(&format!("a lease record does not decode ({e})")))?;
+                if record.ttl == 0 || record.ttl > MAX_TTL {
+                    return Err(damaged(&format!(
+                        "lease {} has a time to live of {} s, outside 1 to {MAX_TTL}",
+                        record.id, record.ttl
+                    )));
+                }
                 leases.push((record.id, record.ttl));
             }
         }
@@ -73,4 +79,31 @@ pub(super) fn load(txn: &ReadTransaction) -> Result<Leases, StorageError> {
         Err(e) => return Err(e.into()),
     }
     Ok(Leases::load(leases, keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StateStore;
+
+    #[test]
+    fn a_lease_record_out_of_range_is_damage_not_a_timer_that_overflows() {
+        let dir = tempfile::tempdir().unwrap();
+        StateStore::open(dir.path(), 1 << 20).unwrap().close();
+        {
+            let db = redb::Database::open(StateStore::path_in(dir.path())).unwrap();
+            let txn = db.begin_write().unwrap();
+            let record = LeaseRecord { id: 9, ttl: u64::MAX };
+            txn.open_table(LEASES)
+                .unwrap()
+                .insert(&9u64.to_be_bytes()[..], record.encode_to_vec().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = StateStore::open(dir.path(), 1 << 20).unwrap_err().to_string();
+        assert!(
+            err.contains("lease 9 has a time to live") && err.contains("damaged"),
+            "{err}"
+        );
+    }
 }

@@ -53,6 +53,7 @@ impl SnapshotFrames {
         let mut header = view.header.clone();
         header.format = FORMAT;
         header.records = view.record_count()?;
+        header.keys = Some(view.len()?);
         header.source_node = source_node;
         header.created_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

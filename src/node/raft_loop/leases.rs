@@ -58,12 +58,16 @@ impl RaftLoop {
 
     /// Proposes the end of leases that ran out (leader only).
     pub(super) fn expire_leases(&mut self, now: Instant) {
-        if !self.lessor.is_leading() || self.shutdown.is_some() {
+        // Raft's own state, not the lessor's (demoted only at the next
+        // Ready): a node that just stepped down would forward its expiry to
+        // the new leader, which may have renewed the lease.
+        if self.node.raft.state != StateRole::Leader || !self.lessor.is_leading() || self.shutdown.is_some() {
             return;
         }
+        let term = self.node.raft.term;
         for id in self.lessor.due(now, EXPIRIES_PER_TICK) {
             let command = Command {
-                op: Some(command::Op::LeaseExpire(LeaseExpire { id })),
+                op: Some(command::Op::LeaseExpire(LeaseExpire { id, term })),
                 ..Default::default()
             };
             match self.node.propose(self.context(0, None), command.encode_to_vec()) {
