@@ -4,14 +4,14 @@
 //! `lease ID granted with TTL Ns`, so `$(kvraft lease grant 10 | cut -d' ' -f2)`
 //! is the id.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Subcommand;
 use serde_json::json;
 
 use super::output::text;
 use super::Printer;
-use crate::client::Client;
+use crate::client::{Client, Lease, LeaseState};
 use crate::error::Error;
 use crate::leases::MAX_TTL;
 
@@ -57,32 +57,22 @@ fn print_renewed(printer: &Printer, id: u64, ttl: u64) {
     });
 }
 
-/// Renews lease `id` every third of its TTL until it is gone (exit 1) or
-/// can't be renewed before it runs out (exit 3): a script waiting on this
-/// command learns it lost the lease no later than the cluster does.
+/// Renews lease `id` every third of its TTL (through the client's
+/// [`LeaseKeeper`](crate::client::LeaseKeeper)) until it is gone (exit 1)
+/// or can't be renewed before it runs out (exit 3): a script waiting on
+/// this command learns it lost the lease no later than the cluster does.
 async fn keep_alive(client: &Client, id: u64, printer: &Printer) -> Result<i32, Error> {
     let sent = Instant::now();
-    // No more than a lease may have, whatever a server says.
-    let mut ttl = client.lease_keep_alive_once(id).await?.min(MAX_TTL);
-    let mut until = sent + Duration::from_secs(ttl);
-    print_renewed(printer, id, ttl);
+    let ttl = client.lease_keep_alive_once(id).await?;
+    print_renewed(printer, id, ttl.min(MAX_TTL));
+    let mut keeper = client.keep_alive_from(Lease { id, ttl }, Some(sent));
     loop {
-        tokio::time::sleep(Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(200))).await;
-        loop {
-            let sent = Instant::now();
-            match client.lease_keep_alive_before(id, until).await {
-                Ok(renewed) => {
-                    let renewed = renewed.min(MAX_TTL);
-                    (ttl, until) = (renewed, sent + Duration::from_secs(renewed));
-                    print_renewed(printer, id, ttl);
-                    break;
-                }
-                Err(e @ Error::LeaseNotFound(_)) => return Err(e),
-                Err(e) if Instant::now() >= until => {
-                    eprintln!("kvraft: lease {id} could not be renewed before it ran out: {e}");
-                    return Ok(3);
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        match keeper.next().await {
+            LeaseState::Alive { ttl, .. } => print_renewed(printer, id, ttl),
+            LeaseState::Gone(why) => return Err(Error::LeaseNotFound(why)),
+            LeaseState::Lost(why) => {
+                eprintln!("kvraft: {why}");
+                return Ok(3);
             }
         }
     }

@@ -37,8 +37,11 @@ pub enum LeaseState {
         /// When it runs out unless renewed again.
         until: Instant,
     },
-    /// Gone: expired, revoked, or not renewed in time; says which. Keys
-    /// attached to it are (or are about to be) deleted.
+    /// Gone: the cluster no longer has it (expired or revoked). Keys
+    /// attached to it are deleted.
+    Gone(String),
+    /// Not renewed before it would run out (the cluster could not be
+    /// reached in time): treat it as gone; its keys are about to be deleted.
     Lost(String),
 }
 
@@ -127,23 +130,30 @@ impl Client {
     pub fn keep_alive(&self, lease: Lease) -> LeaseKeeper {
         // Nothing is promised until the first renewal (made at once): the
         // lease may have been granted a while ago.
-        let (state_tx, state) = watch::channel(LeaseState::Alive {
-            ttl: lease.ttl,
-            until: Instant::now(),
-        });
+        self.keep_alive_from(lease, None)
+    }
+
+    /// [`Client::keep_alive`] for a lease renewed at `renewed_at` (its
+    /// `ttl` as that renewal answered): the next renewal comes a third of
+    /// the TTL later.
+    pub(crate) fn keep_alive_from(&self, lease: Lease, renewed_at: Option<Instant>) -> LeaseKeeper {
+        let ttl = lease.ttl.min(crate::leases::MAX_TTL);
+        let until = renewed_at.map_or_else(Instant::now, |at| at + Duration::from_secs(ttl));
+        let (state_tx, state) = watch::channel(LeaseState::Alive { ttl, until });
         let client = self.clone();
-        let task = tokio::spawn(async move { renew_until_lost(client, lease, state_tx).await });
+        let task = tokio::spawn(async move { renew_until_lost(client, lease, renewed_at, state_tx).await });
         LeaseKeeper { lease, state, task }
     }
 }
 
 /// Renews `lease` until it is lost, publishing each outcome.
-async fn renew_until_lost(client: Client, lease: Lease, state: watch::Sender<LeaseState>) {
+async fn renew_until_lost(client: Client, lease: Lease, renewed_at: Option<Instant>, state: watch::Sender<LeaseState>) {
     let mut ttl = lease.ttl.min(crate::leases::MAX_TTL);
-    // The first renewal may take a whole TTL: the grant was at least that
-    // recent, as far as this keeper can tell.
-    let mut until = Instant::now() + Duration::from_secs(ttl);
-    let mut first = true;
+    // Unless renewed just now, the first renewal is made at once and may
+    // take a whole TTL: the grant was at least that recent, as far as this
+    // keeper can tell.
+    let mut until = renewed_at.unwrap_or_else(Instant::now) + Duration::from_secs(ttl);
+    let mut first = renewed_at.is_none();
     loop {
         if !first {
             tokio::time::sleep(Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(200))).await;
@@ -161,7 +171,7 @@ async fn renew_until_lost(client: Client, lease: Lease, state: watch::Sender<Lea
                     break;
                 }
                 Err(Error::LeaseNotFound(why)) => {
-                    state.send_replace(LeaseState::Lost(why));
+                    state.send_replace(LeaseState::Gone(why));
                     return;
                 }
                 Err(e) if Instant::now() >= until => {
@@ -196,15 +206,22 @@ impl LeaseKeeper {
         self.state.borrow().clone()
     }
 
-    /// Waits until the lease is lost; returns why.
+    /// Waits for the next renewal or the loss, and returns it.
+    pub async fn next(&mut self) -> LeaseState {
+        if self.state.changed().await.is_err() {
+            return LeaseState::Lost(format!("the keeper of lease {} stopped", self.lease.id));
+        }
+        self.state.borrow_and_update().clone()
+    }
+
+    /// Waits until the lease is gone or lost; returns why.
     pub async fn lost(&mut self) -> String {
+        let mut state = self.state.borrow_and_update().clone();
         loop {
-            if let LeaseState::Lost(why) = &*self.state.borrow_and_update() {
-                return why.clone();
+            if let LeaseState::Gone(why) | LeaseState::Lost(why) = state {
+                return why;
             }
-            if self.state.changed().await.is_err() {
-                return format!("the keeper of lease {} stopped", self.lease.id);
-            }
+            state = self.next().await;
         }
     }
 }
