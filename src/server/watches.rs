@@ -178,7 +178,8 @@ impl Watch {
                     }
                 };
                 next = page.until + 1;
-                if !page.events.is_empty() {
+                let matched = !page.events.is_empty();
+                if matched {
                     let events = match self.events(page.events) {
                         Ok(events) => events,
                         Err(e) => {
@@ -199,6 +200,25 @@ impl Watch {
                 }
                 if !page.more {
                     break;
+                }
+                if !matched {
+                    // A page of changes none of which is watched (a rare key
+                    // in a busy store): say how far the watcher is current
+                    // now and then, and let the node's other tasks run.
+                    if last_sent.elapsed() >= interval {
+                        let progress = WatchResponse {
+                            revision: page.until,
+                            ..Default::default()
+                        };
+                        if let Err(ended) = self.send(progress).await {
+                            return ended;
+                        }
+                        last_sent = Instant::now();
+                    }
+                    if self.tx.is_closed() {
+                        return None;
+                    }
+                    tokio::task::yield_now().await;
                 }
             }
             tokio::select! {

@@ -283,3 +283,71 @@ fn a_watch_of_a_rare_key_reads_the_history_a_bounded_page_at_a_time() {
     );
     assert_eq!(seen(sm.store(), 1, &rare), [(25_001, "rare".into(), "1".into(), 0)]);
 }
+
+#[test]
+fn a_page_copies_at_most_a_page_of_what_memory_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    // 1,500 changes in the file, then 2,500 in memory, and a rare key in
+    // memory behind 25,000 others.
+    let writes =
+        |from: usize, n: usize| -> Vec<Command> { (from..from + n).map(|i| set(&format!("k{i}"), "v")).collect() };
+    apply_all(&mut sm, 1, writes(0, 1_500), true);
+    apply_all(&mut sm, 1_501, writes(1_500, 2_500), false);
+    let page = sm.store().history(1_501, &all()).unwrap();
+    assert!(page.more, "memory held more than a page");
+    assert!(
+        (1_000..=1_100).contains(&page.events.len()),
+        "a page, not all of memory: {}",
+        page.events.len()
+    );
+    assert_eq!(page.until, page.events.last().unwrap().revision);
+    let every = seen(sm.store(), 1, &all());
+    assert_eq!(every.len(), 4_000);
+    assert!(
+        every.iter().enumerate().all(|(i, e)| e.0 == i as u64 + 1),
+        "each once, in order"
+    );
+
+    let mut writes = writes(4_000, 25_000);
+    writes.push(set("rare", "1"));
+    apply_all(&mut sm, 4_001, writes, false);
+    let rare = Filter::Key(b"rare".to_vec());
+    let first = sm.store().history(4_001, &rare).unwrap();
+    assert!(first.events.is_empty() && first.more, "{first:?}");
+    assert!(first.until < 29_001, "a bounded look at memory: {}", first.until);
+    assert_eq!(seen(sm.store(), 4_001, &rare), [(29_001, "rare".into(), "1".into(), 0)]);
+    // A watcher that is current reads nothing (and nothing of the file).
+    let current = sm.store().history(29_002, &all()).unwrap();
+    assert!(
+        current.events.is_empty() && !current.more && current.until == 29_001,
+        "{current:?}"
+    );
+}
+
+#[test]
+fn replaced_records_are_found_in_any_order_across_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    let puts: Vec<Command> = (0..1_200).map(|i| set(&format!("k{i:04}"), &format!("v{i}"))).collect();
+    apply_all(&mut sm, 1, puts, true);
+    // Asked newest first and shuffled across the five chunks, and a key
+    // that was not written at that revision.
+    let wanted: Vec<(u64, Vec<u8>)> = [1_200u64, 3, 700, 256, 257, 1, 999, 512]
+        .iter()
+        .map(|&r| (r, format!("k{:04}", r - 1).into_bytes()))
+        .chain([(5, b"k0000".to_vec()), (0, b"k0001".to_vec())])
+        .collect();
+    let asked: Vec<(u64, &[u8])> = wanted.iter().map(|(r, k)| (*r, k.as_slice())).collect();
+    let found = sm.store().history_records(&asked).unwrap();
+    let values: Vec<Option<String>> = found
+        .into_iter()
+        .map(|r| r.map(|r| String::from_utf8(r.value).unwrap()))
+        .collect();
+    let expected: Vec<Option<String>> = [1_200u64, 3, 700, 256, 257, 1, 999, 512]
+        .iter()
+        .map(|r| Some(format!("v{}", r - 1)))
+        .chain([None, None])
+        .collect();
+    assert_eq!(values, expected);
+}

@@ -227,21 +227,53 @@ struct PageBuilder {
 }
 
 impl PageBuilder {
+    fn new() -> Self {
+        PageBuilder {
+            page: HistoryPage::default(),
+            bytes: 0,
+            examined: 0,
+            full_at: None,
+        }
+    }
+
     /// Offers one event; false once the page is complete.
     fn offer(&mut self, event: Event, filter: &Filter) -> bool {
+        match self.admit(&event, filter) {
+            Admit::Stop => false,
+            Admit::Skip => true,
+            Admit::Take => self.take(event),
+        }
+    }
+
+    /// Offers one event held elsewhere, copied only if it is taken; false
+    /// once the page is complete.
+    fn offer_copy(&mut self, event: &Event, filter: &Filter) -> bool {
+        match self.admit(event, filter) {
+            Admit::Stop => false,
+            Admit::Skip => true,
+            Admit::Take => self.take(event.clone()),
+        }
+    }
+
+    fn admit(&mut self, event: &Event, filter: &Filter) -> Admit {
         if let Some(last) = self.full_at {
             if event.revision != last {
                 self.page.more = true;
-                return false;
+                return Admit::Stop;
             }
         }
         self.examined += 1;
         if self.full_at.is_none() && self.examined >= PAGE_EXAMINED {
             self.full_at = Some(event.revision);
         }
-        if !filter.matches(&event.change.key) {
-            return true;
+        if filter.matches(&event.change.key) {
+            Admit::Take
+        } else {
+            Admit::Skip
         }
+    }
+
+    fn take(&mut self, event: Event) -> bool {
         self.bytes += event.cost();
         let revision = event.revision;
         self.page.events.push(event);
@@ -252,24 +284,40 @@ impl PageBuilder {
     }
 }
 
+/// What a page does with an event offered.
+enum Admit {
+    /// The page is complete without it.
+    Stop,
+    /// Not watched.
+    Skip,
+    /// Watched: it goes in.
+    Take,
+}
+
 impl StateStore {
     /// The changes matching `filter` from revision `from` on, a page at a
     /// time, as of the last applied batch.
     pub fn history(&self, from: u64, filter: &Filter) -> Result<HistoryPage, HistoryError> {
         // Memory's part and a read transaction of the file as of one moment.
-        // Memory's matching part (copied under the lock the raft loop
-        // waits on: only what matches) and where memory's part begins.
-        let (memory, memory_from, applied, txn) = {
+        // Memory's matching part is copied under the lock the raft loop
+        // waits on, so at most a page's worth of it.
+        let (memory, memory_from, in_file, applied, txn) = {
             let mem = self.mem.read().expect("memtable lock poisoned");
             let memory_from = mem.events_from(from).next().map_or(u64::MAX, |e| e.revision);
-            let memory: Vec<Event> = mem
-                .events_from(from)
-                .filter(|e| filter.matches(&e.change.key))
-                .cloned()
-                .collect();
+            let mut memory = PageBuilder::new();
+            for event in mem.events_from(from) {
+                if !memory.offer_copy(event, filter) {
+                    break;
+                }
+            }
+            // Every change after the durable index is still in memory (the
+            // frozen layer is dropped only after the index moves on): a
+            // watcher that is current has nothing to read in the file.
+            let in_file = from <= self.durable_index();
             (
                 memory,
                 memory_from,
+                in_file,
                 mem.applied_index(),
                 self.db()?.begin_read().map_err(StorageError::from)?,
             )
@@ -280,13 +328,11 @@ impl StateStore {
         }
         // The file holds what memory no longer does: stop where memory's
         // part begins, so a change just flushed is not read twice.
-        let mut builder = PageBuilder {
-            page: HistoryPage::default(),
-            bytes: 0,
-            examined: 0,
-            full_at: None,
-        };
+        let mut builder = PageBuilder::new();
         'file: {
+            if !in_file {
+                break 'file;
+            }
             let table = match txn.open_table(HISTORY) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => break 'file,
@@ -295,11 +341,17 @@ impl StateStore {
             read_from(&table, from, memory_from, |event| builder.offer(event, filter))?;
         }
         if !builder.page.more {
-            for event in memory {
+            for event in memory.page.events {
                 if !builder.offer(event, filter) {
                     break;
                 }
             }
+        }
+        if !builder.page.more && memory.page.more {
+            // Memory held more than was copied: the page ends where the
+            // copy did, every change up to there looked at.
+            builder.page.more = true;
+            builder.full_at = memory.full_at;
         }
         let mut page = builder.page;
         page.until = match (page.more, builder.full_at) {
@@ -345,43 +397,51 @@ impl StateStore {
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(e.into()),
         };
-        let mut chunks = ChunkCache::default();
-        for (i, (revision, key)) in wanted.iter().enumerate() {
-            if found[i].is_none() {
-                if let Some(table) = &table {
-                    found[i] = Some(chunks.find(table, *revision, key)?);
-                }
+        if let Some(table) = &table {
+            // In revision order, so each chunk is decoded once and the cache
+            // needs only the few around the revision being looked up.
+            let mut left: Vec<usize> = (0..wanted.len()).filter(|&i| found[i].is_none()).collect();
+            left.sort_by_key(|&i| wanted[i].0);
+            let mut chunks = ChunkCache::default();
+            for i in left {
+                let (revision, key) = wanted[i];
+                found[i] = Some(chunks.find(table, revision, key)?);
             }
         }
         Ok(found.into_iter().map(Option::flatten).collect())
     }
 }
 
-/// Chunks decoded during one call, by key (a few dozen at most).
+/// The chunks decoded last during one call, by key: lookups come in
+/// revision order, so a few suffice, and the oldest goes first.
 #[derive(Default)]
 struct ChunkCache {
-    decoded: std::collections::HashMap<Vec<u8>, Vec<Event>>,
+    decoded: std::collections::VecDeque<(Vec<u8>, Vec<Event>)>,
 }
 
 impl ChunkCache {
-    const MAX: usize = 64;
+    const MAX: usize = 4;
 
     fn get(
         &mut self,
         history: &impl ReadableTable<&'static [u8], &'static [u8]>,
         key: &[u8],
     ) -> Result<&[Event], StorageError> {
-        if !self.decoded.contains_key(key) {
-            if self.decoded.len() >= Self::MAX {
-                self.decoded.clear();
+        let at = match self.decoded.iter().position(|(k, _)| k == key) {
+            Some(at) => at,
+            None => {
+                if self.decoded.len() >= Self::MAX {
+                    self.decoded.pop_front();
+                }
+                let events = match history.get(key)? {
+                    Some(value) => decode_chunk(value.value())?,
+                    None => Vec::new(),
+                };
+                self.decoded.push_back((key.to_vec(), events));
+                self.decoded.len() - 1
             }
-            let events = match history.get(key)? {
-                Some(value) => decode_chunk(value.value())?,
-                None => Vec::new(),
-            };
-            self.decoded.insert(key.to_vec(), events);
-        }
-        Ok(&self.decoded[key])
+        };
+        Ok(&self.decoded[at].1)
     }
 
     /// The record `key` got at `revision`, if the history holds it.
@@ -421,6 +481,8 @@ pub(super) fn drop_unchunked(db: &redb::Database, applied: u64) -> Result<bool, 
     if !txn.delete_table(UNCHUNKED_HISTORY)? {
         return Ok(false);
     }
+    // Chunks from anything before would now sit behind the new start.
+    txn.delete_table(HISTORY)?;
     {
         let mut meta = txn.open_table(META)?;
         meta.insert(META_HISTORY_START, &(applied + 1).to_be_bytes()[..])?;
@@ -463,7 +525,13 @@ pub(super) fn write_events(
         if chunk.len() >= CHUNK_EVENTS || chunk_bytes >= CHUNK_BYTES || i + 1 == events.len() {
             let value = encode_chunk(&chunk);
             bytes += value.len() as u64;
-            history.insert(&chunk_key[..], value.as_slice())?;
+            if history.insert(&chunk_key[..], value.as_slice())?.is_some() {
+                return Err(StorageError::Corrupt(format!(
+                    "state store: the history already holds a record at revision {}: the store's applied index \
+                     went back, or the history table is damaged",
+                    u64::from_be_bytes(chunk_key[..8].try_into().expect("8 bytes"))
+                )));
+            }
             chunk.clear();
             chunk_bytes = 0;
         }
@@ -502,4 +570,29 @@ pub(super) fn write_events(
     meta.insert(META_HISTORY_START, &start.to_be_bytes()[..])?;
     meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes()[..])?;
     Ok(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_written_twice_at_one_revision_is_reported_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("h.redb")).unwrap();
+        let event = Event {
+            revision: 7,
+            change: HistoryEvent {
+                key: b"k".to_vec(),
+                record: None,
+                prev_mod_revision: 3,
+            },
+        };
+        let txn = db.begin_write().unwrap();
+        write_events(&txn, std::slice::from_ref(&event), 7, Retention::default()).unwrap();
+        match write_events(&txn, &[event], 7, Retention::default()) {
+            Err(StorageError::Corrupt(why)) => assert!(why.contains("revision 7"), "{why}"),
+            other => panic!("a second record at revision 7 must not replace the first: {other:?}"),
+        }
+    }
 }
