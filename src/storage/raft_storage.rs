@@ -45,6 +45,68 @@ struct LogState {
     truncated_term: u64,
     /// The membership raft starts from (the store's, at open).
     conf_state: ConfState,
+    /// Terms of the entries appended since open.
+    terms: TermRuns,
+}
+
+/// The terms of the log's newest entries, kept in memory: raft asks for
+/// terms all the time (each append it sends or checks), and raft-engine can
+/// only answer by reading the entry back from its file.
+#[derive(Debug, Default)]
+struct TermRuns {
+    /// Entries `from..=until` are covered (none when `until < from`).
+    from: u64,
+    until: u64,
+    /// (first index, term) of each run of one term, ascending.
+    runs: Vec<(u64, u64)>,
+}
+
+impl TermRuns {
+    /// Nothing covered: the log's next entry will be `next`.
+    fn starting_at(next: u64) -> Self {
+        TermRuns {
+            from: next,
+            until: next - 1,
+            runs: Vec::new(),
+        }
+    }
+
+    /// Entries `entries` (contiguous) were written, replacing any from
+    /// their first index on.
+    fn appended(&mut self, entries: &[Entry]) {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return;
+        };
+        if first.index < self.from || first.index > self.until + 1 {
+            *self = TermRuns::starting_at(first.index);
+        }
+        let keep = self.runs.partition_point(|&(start, _)| start < first.index);
+        self.runs.truncate(keep);
+        for e in entries {
+            if self.runs.last().is_none_or(|&(_, term)| term != e.term) {
+                self.runs.push((e.index, e.term));
+            }
+        }
+        self.until = last.index;
+    }
+
+    /// The term of entry `index` (at most the log's last), if covered.
+    fn term(&self, index: u64) -> Option<u64> {
+        if index < self.from || index > self.until {
+            return None;
+        }
+        let at = self.runs.partition_point(|&(start, _)| start <= index);
+        at.checked_sub(1).map(|i| self.runs[i].1)
+    }
+
+    /// Entries up to `index` are gone: runs that end by then go too.
+    fn compacted_to(&mut self, index: u64) {
+        let gone = self
+            .runs
+            .partition_point(|&(start, _)| start <= index + 1)
+            .saturating_sub(1);
+        self.runs.drain(..gone);
+    }
 }
 
 /// The durable raft state of one node. Cheap to clone: clones share state.
@@ -79,6 +141,7 @@ impl RaftStorage {
         let engine = Arc::new(Engine::open(config)?);
         let hard_state: HardState = engine.get_message(GROUP, KEY_HARD_STATE)?.unwrap_or_default();
         let truncated: SnapshotMetadata = engine.get_message(GROUP, KEY_TRUNCATED)?.unwrap_or_default();
+        let next = engine.last_index(GROUP).unwrap_or(0).max(truncated.index) + 1;
         Ok(RaftStorage {
             engine,
             state: Arc::new(RwLock::new(LogState {
@@ -86,6 +149,7 @@ impl RaftStorage {
                 truncated_index: truncated.index,
                 truncated_term: truncated.term,
                 conf_state: ConfState::default(),
+                terms: TermRuns::starting_at(next),
             })),
             store: None,
         })
@@ -159,6 +223,7 @@ impl RaftStorage {
         st.hard_state = hs;
         st.truncated_index = index;
         st.truncated_term = term;
+        st.terms = TermRuns::starting_at(index + 1);
         Ok(())
     }
 
@@ -189,8 +254,10 @@ impl RaftStorage {
         if sync {
             crate::metrics::observe(crate::metrics::WAL_FSYNC_DURATION, started.elapsed());
         }
+        let mut st = self.write_state();
+        st.terms.appended(entries);
         if let Some(hs) = hard_state {
-            self.write_state().hard_state = hs.clone();
+            st.hard_state = hs.clone();
         }
         Ok(())
     }
@@ -227,6 +294,7 @@ impl RaftStorage {
             let mut st = self.write_state();
             st.truncated_index = index;
             st.truncated_term = term;
+            st.terms.compacted_to(index);
         }
         // Old log files are deleted only by a purge pass.
         self.engine.purge_expired_files()?;
@@ -296,6 +364,9 @@ impl raft::Storage for RaftStorage {
         }
         if idx < st.truncated_index {
             return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        if let Some(term) = st.terms.term(idx) {
+            return Ok(term);
         }
         match self.engine.get_entry::<EntryExt>(GROUP, idx) {
             Ok(Some(e)) => Ok(e.term),
@@ -444,6 +515,49 @@ mod tests {
         assert_eq!(all(&s), expect);
         drop(s);
         assert_eq!(all(&open(dir.path())), expect, "truncation survives a restart");
+    }
+
+    /// Every term as raft sees it, checked against the entries read back
+    /// from raft-engine (what the in-memory terms stand in for).
+    fn terms_agree_with_the_log(s: &RaftStorage) -> usize {
+        let (first, last) = (s.first_index().unwrap(), s.last_index().unwrap());
+        for (index, term) in all(s) {
+            assert_eq!(s.term(index).unwrap(), term, "term of entry {index}");
+        }
+        assert!(s.term(last + 1).is_err(), "no term past the last entry");
+        if first > 1 {
+            assert_eq!(s.term(first - 1).unwrap(), s.truncated().1);
+        }
+        (last + 1 - first) as usize
+    }
+
+    #[test]
+    fn terms_kept_in_memory_follow_appends_conflicts_compaction_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.append(&entries(1..=10, 1), None, true).unwrap();
+        s.append(&entries(11..=20, 2), None, true).unwrap();
+        assert_eq!(terms_agree_with_the_log(&s), 20);
+        // A new leader overwrites a suffix that spans two terms.
+        s.append(&entries(8..=12, 3), None, true).unwrap();
+        assert_eq!(terms_agree_with_the_log(&s), 12);
+        assert_eq!(s.term(9).unwrap(), 3);
+        s.append(&entries(13..=30, 3), None, true).unwrap();
+        s.append(&entries(31..=31, 4), None, true).unwrap();
+        s.compact_to(12).unwrap();
+        assert_eq!(terms_agree_with_the_log(&s), 19);
+        drop(s);
+        // After a restart the old entries' terms come from the file, new
+        // ones from memory, and an overwrite reaching below both works.
+        let s = open(dir.path());
+        assert_eq!(terms_agree_with_the_log(&s), 19);
+        s.append(&entries(32..=35, 4), None, true).unwrap();
+        s.append(&entries(20..=22, 5), None, true).unwrap();
+        assert_eq!(terms_agree_with_the_log(&s), 10);
+        s.start_at(100, 6).unwrap();
+        assert!(s.term(50).is_err());
+        s.append(&entries(101..=102, 6), None, true).unwrap();
+        assert_eq!(terms_agree_with_the_log(&s), 2);
     }
 
     #[test]
