@@ -23,7 +23,7 @@ use crate::proto::{
 use crate::sessions::{replay_txn, Outcome, Refusal, Sessions, Verdict, WriteId};
 use crate::storage::history::Event;
 use crate::storage::memtable::{Applied, Layer};
-use crate::storage::state_store::FORMAT;
+use crate::storage::state_store::{FileReader, FORMAT};
 use crate::storage::{StateStore, StorageError};
 
 #[cfg(test)]
@@ -297,6 +297,8 @@ pub struct Batch<'a> {
     leases: std::sync::MutexGuard<'a, Leases>,
     /// Leases granted and ended in the batch, for the leader's lessor.
     lease_events: Vec<LeaseEvent>,
+    /// The file's read view for the batch's lookups.
+    file: std::cell::RefCell<Option<FileReader>>,
 }
 
 /// The changes of one command, joined to the batch only once the whole
@@ -370,6 +372,7 @@ impl<'a> Batch<'a> {
             sessions: store.working_sessions(),
             leases: store.working_leases(),
             lease_events: Vec::new(),
+            file: std::cell::RefCell::default(),
         })
     }
 
@@ -397,7 +400,7 @@ impl<'a> Batch<'a> {
     fn lookup(&self, pending: &Pending, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
         match pending.layer.get(key).or_else(|| self.changes.get(key)) {
             Some(change) => Ok(change.clone()),
-            None => self.store.get(key),
+            None => self.store.get_with(key, &mut self.file.borrow_mut()),
         }
     }
 
@@ -555,7 +558,9 @@ impl<'a> Batch<'a> {
             mut sessions,
             mut leases,
             lease_events: _,
+            file,
         } = self;
+        drop(file);
         let applied = Applied {
             changes,
             events,
@@ -769,6 +774,24 @@ mod tests {
         );
         assert_eq!(sm.get(b"k").unwrap(), None, "nothing was applied twice");
         assert_eq!(sm.get(b"x").unwrap(), None, "nor the refused write");
+    }
+
+    #[test]
+    fn a_batch_reads_what_a_flush_moved_to_the_file_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        apply_all(&mut sm, 1, vec![set("k", "1")], false);
+        let store = sm.store().clone();
+        let mut batch = Batch::begin(&store, sm.meta().clone()).unwrap();
+        // A lookup that goes to the file opens the batch's view of it...
+        batch.apply(2, 1, set("x", "1")).unwrap();
+        // ...then a flush moves "k" from memory to the file and drops it
+        // from memory: the view must not be used for it any more.
+        store.flush().unwrap();
+        batch.apply(3, 1, set("k", "2")).unwrap();
+        sm.set_meta(batch.commit().unwrap());
+        let k = store.get(b"k").unwrap().unwrap();
+        assert_eq!((k.create_revision, k.version, k.mod_revision), (1, 2, 3));
     }
 
     #[test]

@@ -138,6 +138,18 @@ pub struct StateStore {
     /// The first revision the file's change history holds (for metrics;
     /// readers check the file's own record).
     history_start: AtomicU64,
+    /// Moves on (under the memtable's write lock) whenever memory stops
+    /// holding something the file did not have when a [`FileReader`] was
+    /// taken: a flushed layer dropped, an install, a header write.
+    file_generation: AtomicU64,
+}
+
+/// A read view of the file kept across lookups (one batch's), good while
+/// the store's file generation has not moved on.
+pub struct FileReader {
+    generation: u64,
+    /// `None`: the file has no key table yet.
+    kv: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
 }
 
 /// Coordinates the flusher thread, the raft loop's flushes and installs.
@@ -249,6 +261,7 @@ impl StateStore {
             retention: Mutex::default(),
             applied: tokio::sync::watch::Sender::new(header.index),
             history_start: AtomicU64::new(history_start),
+            file_generation: AtomicU64::new(0),
         })
     }
 
@@ -350,7 +363,11 @@ impl StateStore {
             return Err(e);
         }
         self.durable_index.store(frozen.header.index, Ordering::Release);
-        self.mem.write().expect("memtable lock poisoned").flushed();
+        {
+            let mut mem = self.mem.write().expect("memtable lock poisoned");
+            mem.flushed();
+            self.file_generation.fetch_add(1, Ordering::Release);
+        }
         // Under the state lock: a waiter checks and sleeps holding it, so it
         // can't miss this.
         let _state = self.flush.state.lock().expect("flush lock poisoned");
@@ -456,22 +473,37 @@ impl StateStore {
 
     /// One key's newest record.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        // The file's handle is taken under the memory lock: an install swaps
-        // both at once.
-        let db = {
+        self.get_with(key, &mut None)
+    }
+
+    /// [`Self::get`] for many lookups in a row (a batch's): the file is
+    /// read through `reader`, opened on first need and again only once
+    /// memory and the file have moved on together (a read transaction per
+    /// lookup costs more than the lookup when the page is cached).
+    pub fn get_with(&self, key: &[u8], reader: &mut Option<FileReader>) -> Result<Option<StoredValue>, StorageError> {
+        {
             let mem = self.mem.read().expect("memtable lock poisoned");
             if let Some(change) = mem.lookup(key) {
                 return Ok(change.clone());
             }
-            self.db()?
-        };
-        // Not in memory: the file holds the newest record (a flush drops a
-        // frozen layer only after committing it).
-        let txn = db.begin_read()?;
-        let kv = match txn.open_table(KV) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            // Not in memory: the file holds the newest record (a flush drops
+            // a frozen layer only after committing it). A view taken before
+            // that commit is still good while memory holds the layer; the
+            // generation moves on when it goes. Taken under the memory lock:
+            // an install swaps both at once.
+            let generation = self.file_generation.load(Ordering::Acquire);
+            if reader.as_ref().is_none_or(|r| r.generation != generation) {
+                let txn = self.db()?.begin_read()?;
+                let kv = match txn.open_table(KV) {
+                    Ok(t) => Some(t),
+                    Err(redb::TableError::TableDoesNotExist(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                *reader = Some(FileReader { generation, kv });
+            }
+        }
+        let Some(kv) = reader.as_ref().and_then(|r| r.kv.as_ref()) else {
+            return Ok(None);
         };
         match kv.get(key)? {
             Some(v) => Ok(Some(decode_value(v.value())?)),
@@ -585,6 +617,7 @@ impl StateStore {
         commit_with_header(self.db()?.begin_write()?, header)?;
         let keys = mem.keys();
         mem.reset(header.clone(), keys);
+        self.file_generation.fetch_add(1, Ordering::Release);
         drop(mem);
         self.reset_working_copies()?;
         self.durable_index.store(header.index, Ordering::Release);
@@ -718,6 +751,7 @@ impl StateStore {
             // is freed after the locks readers need are released.
             let mut mem = self.mem.write().expect("memtable lock poisoned");
             let old = self.db.write().expect("store lock poisoned").replace(installed);
+            self.file_generation.fetch_add(1, Ordering::Release);
             (std::mem::replace(&mut *mem, Memtable::new(header.clone(), keys)), old)
         };
         drop(old);
