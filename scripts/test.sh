@@ -13,6 +13,9 @@ set -eu
 cd "$(dirname "$0")/.."
 
 need=""
+# jemalloc (kvraftd's allocator) is built from C by its crate.
+command -v make >/dev/null || need="$need make"
+command -v cc >/dev/null || need="$need gcc"
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
     [ "${KVRAFT_SKIP_PROMETHEUS:-0}" = 1 ] || need="$need prometheus"
 fi

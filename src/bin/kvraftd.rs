@@ -1,6 +1,16 @@
 //! `kvraftd`: one kvraft node. With no flags it runs a single-node cluster on
 //! 127.0.0.1 (clients 7379, peers 7380) with its data in ./kvraft-data.
 
+/// jemalloc (as TiKV uses), not glibc's malloc: buffers are allocated on one
+/// thread and freed on another all the time (a request decoded on a tokio
+/// worker is applied and dropped on the raft thread, the reverse for
+/// replies), and glibc spent about a tenth of the node's CPU on that under
+/// load. Measured with ~530k keys held (3 nodes, alternating builds on one
+/// data set): 15.2k against 12.9k puts/s, 104 against 123 µs of CPU per put,
+/// p99.9 38 against 55+ ms, and a lower peak RSS (158 against 160-166 MiB).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     std::process::exit(kvraft::daemon::main());
 }
