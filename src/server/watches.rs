@@ -218,6 +218,9 @@ impl Watch {
                     if self.tx.is_closed() {
                         return None;
                     }
+                    if !matches!(cancel.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                        return self.cancel("client", "canceled by the client".into(), 0).await;
+                    }
                     tokio::task::yield_now().await;
                 }
             }

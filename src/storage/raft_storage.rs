@@ -254,6 +254,10 @@ impl RaftStorage {
         if sync {
             crate::metrics::observe(crate::metrics::WAL_FSYNC_DURATION, started.elapsed());
         }
+        // The terms follow the log once it is written. Between the two a
+        // term() from another thread could see the old term of an index
+        // just overwritten; none does: raft, and every caller of append and
+        // term, runs on the raft thread.
         let mut st = self.write_state();
         st.terms.appended(entries);
         if let Some(hs) = hard_state {
