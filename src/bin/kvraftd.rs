@@ -7,7 +7,8 @@
 /// replies), and glibc spent about a tenth of the node's CPU on that under
 /// load. Measured with ~530k keys held (3 nodes, alternating builds on one
 /// data set): 15.2k against 12.9k puts/s, 104 against 123 µs of CPU per put,
-/// p99.9 38 against 55+ ms, and a lower peak RSS (158 against 160-166 MiB).
+/// p99.9 38 against 55+ ms, RSS after those runs 158 against 160-166 MiB (the
+/// peak over bench/scale.sh's fill was 205 against 196 MiB).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
