@@ -12,6 +12,16 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read before `main`. By default it keeps freed pages
+/// for 10 s before giving them back, and each flush frees a whole layer of
+/// writes (up to 48 MiB) at once: peak RSS in bench/scale.sh was 205-216 MiB
+/// (up to 1.57x the data). Returning them after 5 s from a background thread
+/// kept it at 192 MiB (1.39x) at the same throughput (13.3k puts/s with 532k
+/// keys held, p99.9 41 ms). `_RJEM_MALLOC_CONF` in the environment overrides.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:0\0";
+
 fn main() {
     std::process::exit(kvraft::daemon::main());
 }
