@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # How kvraft behaves as the data it holds grows, on one 3-node loopback
 # cluster in one run (issue 11's targets; a benchmark, not a test):
-#   1. small: puts over 10k keys (throughput, p99, p99.9);
+#   1. small: puts over 10k keys (throughput, p99, p99.9, CPU per put);
 #   2. fill: puts over FILL_SPACE keys until about 86% of them are held;
 #   3. large: the same puts as (1) over the large key space, with the data held;
+#      CPU per put of both is summed over the nodes (steadier than throughput
+#      on a shared machine);
 #   4. peak RSS of each node against the raw bytes of keys and values held;
 #   5. a new member (--join + add-node) catching up with the leader;
 #   6. kill -9 of every node, restart, time to the first linearizable read.
@@ -46,9 +48,19 @@ now() { date +%s.%N; }
 for i in 1 2 3; do start "$i" --initial-cluster "$CLUSTER"; done
 for _ in $(seq 100); do kv --timeout 1s set warm up >/dev/null 2>&1 && break; sleep 0.2; done
 
+# CPU (user + system clock ticks) of the three nodes: on a shared machine the
+# CPU each put costs varies far less from run to run than throughput does.
+ticks() { for i in 1 2 3; do cat "/proc/$(cat "$WORK/node-$i.pid")/stat"; done | awk '{s += $14 + $15} END {print s}'; }
+t0=$(ticks)
 bench small put --clients 128 --conns 16 --total 100000 --key-space 10000
+t1=$(ticks)
 bench fill put --clients 128 --conns 16 --total $((FILL_SPACE * 2)) --key-space "$FILL_SPACE"
+t2=$(ticks)
 bench large put --clients 128 --conns 16 --total 100000 --key-space "$FILL_SPACE"
+t3=$(ticks)
+hz=$(getconf CLK_TCK)
+small_cpu_us=$(((t1 - t0) * 1000000 / hz / 100000))
+large_cpu_us=$(((t3 - t2) * 1000000 / hz / 100000))
 
 kv --output json info >"$WORK/info.json"
 keys=$(json info "['keys']")
@@ -84,9 +96,10 @@ until kv --timeout 1s get warm >/dev/null 2>&1; do
 done
 first_read=$(python3 -c "print(f'{$(now) - $restarted_at:.2f}')")
 
-python3 - "$WORK" "$keys" "$raw" "$peak_rss" "$catch_up" "$first_read" <<'PY'
+python3 - "$WORK" "$keys" "$raw" "$peak_rss" "$catch_up" "$first_read" "$small_cpu_us" "$large_cpu_us" <<'PY'
 import json, sys
 work, keys, raw, rss, catch_up, first_read = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+small_cpu, large_cpu = int(sys.argv[7]), int(sys.argv[8])
 small, large = (json.load(open(f"{work}/{n}.json")) for n in ("small", "large"))
 row = lambda name, d: f"| {name} | {d['ops_per_s']:,.0f} | {d['p99_ms']:.1f} ms | {d['p999_ms']:.1f} ms | {d['max_ms']:.1f} ms |"
 print()
@@ -96,6 +109,7 @@ print(row("over 10k keys", small))
 print(row(f"over the large key space, {keys:,} keys held", large))
 print()
 print(f"large / small throughput: {large['ops_per_s'] / small['ops_per_s']:.2f}x (target >= 0.8x; p99.9 target < 50 ms)")
+print(f"CPU per put, 3 nodes summed: {small_cpu} µs over 10k keys, {large_cpu} µs with the data held ({small_cpu / large_cpu:.2f}x)")
 print(f"peak RSS of any node: {rss / 2**20:,.0f} MiB for {raw / 2**20:,.0f} MiB of keys and values: {rss / raw:.1f}x (target <= 1.5x)")
 print(f"a new member caught up in {catch_up} s (target <= 20 s)")
 print(f"first linearizable read {first_read} s after kill -9 of every node (target <= 3 s)")
