@@ -136,6 +136,10 @@ pub struct Memtable {
     sessions: Sessions,
     /// Keys held, counting memory and file together.
     keys: u64,
+    /// Moves on whenever memory drops what the file may not have had a
+    /// moment before (a flushed layer, everything on a reset): a reader
+    /// that keeps a view of the file across lookups takes a new one then.
+    generation: u64,
 }
 
 impl Memtable {
@@ -151,6 +155,7 @@ impl Memtable {
             header,
             sessions,
             keys,
+            generation: 0,
         }
     }
 
@@ -243,12 +248,22 @@ impl Memtable {
     /// Drops the frozen layer once the file holds it.
     pub fn flushed(&mut self) {
         self.frozen = None;
+        self.generation += 1;
     }
 
-    /// Forgets everything in memory: the file was replaced by a snapshot
-    /// that is ahead of it, holding `keys` keys at the state `header`.
-    pub fn reset(&mut self, header: SnapshotHeader, keys: u64) {
-        *self = Memtable::new(header, keys);
+    /// Forgets everything in memory: the file was replaced (by a snapshot
+    /// that is ahead of it, or a new state record), holding `keys` keys at
+    /// the state `header`. Returns what memory held, for the caller to
+    /// free outside its locks.
+    pub fn reset(&mut self, header: SnapshotHeader, keys: u64) -> Memtable {
+        let mut fresh = Memtable::new(header, keys);
+        fresh.generation = self.generation + 1;
+        std::mem::replace(self, fresh)
+    }
+
+    /// See the `generation` field.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The changes in `[start, end)` that start with `prefix`, newest layer

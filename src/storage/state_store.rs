@@ -142,14 +142,10 @@ pub struct StateStore {
     /// The first revision the file's change history holds (for metrics;
     /// readers check the file's own record).
     history_start: AtomicU64,
-    /// Moves on (under the memtable's write lock) whenever memory stops
-    /// holding something the file did not have when a [`FileReader`] was
-    /// taken: a flushed layer dropped, an install, a header write.
-    file_generation: AtomicU64,
 }
 
 /// A read view of the file kept across lookups (one batch's), good while
-/// the store's file generation has not moved on.
+/// the memtable's generation has not moved on.
 pub struct FileReader {
     generation: u64,
     /// `None`: the file has no key table yet.
@@ -265,7 +261,6 @@ impl StateStore {
             retention: Mutex::default(),
             applied: tokio::sync::watch::Sender::new(header.index),
             history_start: AtomicU64::new(history_start),
-            file_generation: AtomicU64::new(0),
         })
     }
 
@@ -367,11 +362,7 @@ impl StateStore {
             return Err(e);
         }
         self.durable_index.store(frozen.header.index, Ordering::Release);
-        {
-            let mut mem = self.mem.write().expect("memtable lock poisoned");
-            mem.flushed();
-            self.file_generation.fetch_add(1, Ordering::Release);
-        }
+        self.mem.write().expect("memtable lock poisoned").flushed();
         // Under the state lock: a waiter checks and sleeps holding it, so it
         // can't miss this.
         let _state = self.flush.state.lock().expect("flush lock poisoned");
@@ -495,7 +486,7 @@ impl StateStore {
             // that commit is still good while memory holds the layer; the
             // generation moves on when it goes. Taken under the memory lock:
             // an install swaps both at once.
-            let generation = self.file_generation.load(Ordering::Acquire);
+            let generation = mem.generation();
             if reader.as_ref().is_none_or(|r| r.generation != generation) {
                 let txn = self.db()?.begin_read()?;
                 let kv = match txn.open_table(KV) {
@@ -621,7 +612,6 @@ impl StateStore {
         commit_with_header(self.db()?.begin_write()?, header)?;
         let keys = mem.keys();
         mem.reset(header.clone(), keys);
-        self.file_generation.fetch_add(1, Ordering::Release);
         drop(mem);
         self.reset_working_copies()?;
         self.durable_index.store(header.index, Ordering::Release);
@@ -755,8 +745,7 @@ impl StateStore {
             // is freed after the locks readers need are released.
             let mut mem = self.mem.write().expect("memtable lock poisoned");
             let old = self.db.write().expect("store lock poisoned").replace(installed);
-            self.file_generation.fetch_add(1, Ordering::Release);
-            (std::mem::replace(&mut *mem, Memtable::new(header.clone(), keys)), old)
+            (mem.reset(header.clone(), keys), old)
         };
         drop(old);
         self.reset_working_copies()?;
