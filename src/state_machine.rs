@@ -560,6 +560,8 @@ impl<'a> Batch<'a> {
             lease_events: _,
             file,
         } = self;
+        // The batch's read transaction ends before the batch is handed over
+        // (commit_batch may wait for a flush).
         drop(file);
         let applied = Applied {
             changes,

@@ -125,6 +125,20 @@ impl Watch {
         self.tx.send(Reply::without_slot(response)).await.map_err(|_| None)
     }
 
+    /// Tells the watcher every change up to `revision` has been delivered.
+    async fn progress(&self, revision: u64) -> Result<(), Ended> {
+        self.send(WatchResponse {
+            revision,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Ends the watch as its client asked.
+    async fn canceled_by_client(&self) -> Ended {
+        self.cancel("client", "canceled by the client".into(), 0).await
+    }
+
     /// Ends the watch with a last response saying why.
     async fn cancel(&self, label: &'static str, reason: String, compact_revision: u64) -> Ended {
         let _ = self
@@ -206,11 +220,7 @@ impl Watch {
                     // in a busy store): say how far the watcher is current
                     // now and then, and let the node's other tasks run.
                     if last_sent.elapsed() >= interval {
-                        let progress = WatchResponse {
-                            revision: page.until,
-                            ..Default::default()
-                        };
-                        if let Err(ended) = self.send(progress).await {
+                        if let Err(ended) = self.progress(page.until).await {
                             return ended;
                         }
                         last_sent = Instant::now();
@@ -219,7 +229,7 @@ impl Watch {
                         return None;
                     }
                     if !matches!(cancel.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
-                        return self.cancel("client", "canceled by the client".into(), 0).await;
+                        return self.canceled_by_client().await;
                     }
                     tokio::task::yield_now().await;
                 }
@@ -231,12 +241,11 @@ impl Watch {
                     }
                 }
                 _ = &mut cancel => {
-                    return self.cancel("client", "canceled by the client".into(), 0).await;
+                    return self.canceled_by_client().await;
                 }
                 _ = tokio::time::sleep_until((last_sent + interval).into()) => {
                     // Nothing new for a while: say how far the watcher is current.
-                    let progress = WatchResponse { revision: next - 1, ..Default::default() };
-                    if let Err(ended) = self.send(progress).await {
+                    if let Err(ended) = self.progress(next - 1).await {
                         return ended;
                     }
                     last_sent = Instant::now();

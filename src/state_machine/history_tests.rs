@@ -285,7 +285,7 @@ fn a_watch_of_a_rare_key_reads_the_history_a_bounded_page_at_a_time() {
 }
 
 #[test]
-fn a_page_copies_at_most_a_page_of_what_memory_holds() {
+fn pages_cut_from_memory_end_on_a_revision_and_read_on_from_there() {
     let dir = tempfile::tempdir().unwrap();
     let mut sm = machine(dir.path());
     // 1,500 changes in the file, then 2,500 in memory, and a rare key in
@@ -317,7 +317,7 @@ fn a_page_copies_at_most_a_page_of_what_memory_holds() {
     assert!(first.events.is_empty() && first.more, "{first:?}");
     assert!(first.until < 29_001, "a bounded look at memory: {}", first.until);
     assert_eq!(seen(sm.store(), 4_001, &rare), [(29_001, "rare".into(), "1".into(), 0)]);
-    // A watcher that is current reads nothing (and nothing of the file).
+    // A watcher that is current gets an empty page at the applied index.
     let current = sm.store().history(29_002, &all()).unwrap();
     assert!(
         current.events.is_empty() && !current.more && current.until == 29_001,

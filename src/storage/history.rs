@@ -12,6 +12,8 @@
 //! a reader that finds its start below it knows the history was compacted,
 //! and never reads around a gap.
 
+use std::borrow::Cow;
+
 use prost::Message as _;
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 
@@ -236,22 +238,13 @@ impl PageBuilder {
         }
     }
 
-    /// Offers one event; false once the page is complete.
-    fn offer(&mut self, event: Event, filter: &Filter) -> bool {
+    /// Offers one event (one held elsewhere is copied only if it is
+    /// taken); false once the page is complete.
+    fn offer(&mut self, event: Cow<'_, Event>, filter: &Filter) -> bool {
         match self.admit(&event, filter) {
             Admit::Stop => false,
             Admit::Skip => true,
-            Admit::Take => self.take(event),
-        }
-    }
-
-    /// Offers one event held elsewhere, copied only if it is taken; false
-    /// once the page is complete.
-    fn offer_copy(&mut self, event: &Event, filter: &Filter) -> bool {
-        match self.admit(event, filter) {
-            Admit::Stop => false,
-            Admit::Skip => true,
-            Admit::Take => self.take(event.clone()),
+            Admit::Take => self.take(event.into_owned()),
         }
     }
 
@@ -306,7 +299,7 @@ impl StateStore {
             let memory_from = mem.events_from(from).next().map_or(u64::MAX, |e| e.revision);
             let mut memory = PageBuilder::new();
             for event in mem.events_from(from) {
-                if !memory.offer_copy(event, filter) {
+                if !memory.offer(Cow::Borrowed(event), filter) {
                     break;
                 }
             }
@@ -338,11 +331,13 @@ impl StateStore {
                 Err(redb::TableError::TableDoesNotExist(_)) => break 'file,
                 Err(e) => return Err(StorageError::from(e).into()),
             };
-            read_from(&table, from, memory_from, |event| builder.offer(event, filter))?;
+            read_from(&table, from, memory_from, |event| {
+                builder.offer(Cow::Owned(event), filter)
+            })?;
         }
         if !builder.page.more {
             for event in memory.page.events {
-                if !builder.offer(event, filter) {
+                if !builder.offer(Cow::Owned(event), filter) {
                     break;
                 }
             }
@@ -527,8 +522,9 @@ pub(super) fn write_events(
             bytes += value.len() as u64;
             if history.insert(&chunk_key[..], value.as_slice())?.is_some() {
                 return Err(StorageError::Corrupt(format!(
-                    "state store: the history already holds a record at revision {}: the store's applied index \
-                     went back, or the history table is damaged",
+                    "state store: the history already holds a record at revision {} (the applied index went \
+                     back, or the history table is damaged): state.redb is damaged; keep the data dir for \
+                     inspection, remove the node (`kvraft remove-node`) and add a fresh one under a new id",
                     u64::from_be_bytes(chunk_key[..8].try_into().expect("8 bytes"))
                 )));
             }
