@@ -476,26 +476,30 @@ impl StateStore {
     /// memory and the file have moved on together (a read transaction per
     /// lookup costs more than the lookup when the page is cached).
     pub fn get_with(&self, key: &[u8], reader: &mut Option<FileReader>) -> Result<Option<StoredValue>, StorageError> {
-        {
+        // Not in memory: the file holds the newest record (a flush drops a
+        // frozen layer only after committing it). A view taken before that
+        // commit is still good while memory holds the layer; the generation
+        // moves on when it goes. The file's handle is taken under the memory
+        // lock (an install swaps both at once), the view opened after it.
+        let stale = {
             let mem = self.mem.read().expect("memtable lock poisoned");
             if let Some(change) = mem.lookup(key) {
                 return Ok(change.clone());
             }
-            // Not in memory: the file holds the newest record (a flush drops
-            // a frozen layer only after committing it). A view taken before
-            // that commit is still good while memory holds the layer; the
-            // generation moves on when it goes. Taken under the memory lock:
-            // an install swaps both at once.
             let generation = mem.generation();
-            if reader.as_ref().is_none_or(|r| r.generation != generation) {
-                let txn = self.db()?.begin_read()?;
-                let kv = match txn.open_table(KV) {
-                    Ok(t) => Some(t),
-                    Err(redb::TableError::TableDoesNotExist(_)) => None,
-                    Err(e) => return Err(e.into()),
-                };
-                *reader = Some(FileReader { generation, kv });
+            match reader {
+                Some(r) if r.generation == generation => None,
+                _ => Some((generation, self.db()?)),
             }
+        };
+        if let Some((generation, db)) = stale {
+            let txn = db.begin_read()?;
+            let kv = match txn.open_table(KV) {
+                Ok(t) => Some(t),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            *reader = Some(FileReader { generation, kv });
         }
         let Some(kv) = reader.as_ref().and_then(|r| r.kv.as_ref()) else {
             return Ok(None);
