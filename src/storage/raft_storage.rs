@@ -141,7 +141,7 @@ impl RaftStorage {
         let engine = Arc::new(Engine::open(config)?);
         let hard_state: HardState = engine.get_message(GROUP, KEY_HARD_STATE)?.unwrap_or_default();
         let truncated: SnapshotMetadata = engine.get_message(GROUP, KEY_TRUNCATED)?.unwrap_or_default();
-        let next = engine.last_index(GROUP).unwrap_or(0).max(truncated.index) + 1;
+        let next = last_index(&engine, truncated.index) + 1;
         Ok(RaftStorage {
             engine,
             state: Arc::new(RwLock::new(LogState {
@@ -322,11 +322,14 @@ impl RaftStorage {
     }
 
     fn last_index_locked(&self, st: &LogState) -> u64 {
-        match self.engine.last_index(GROUP) {
-            Some(last) if last > st.truncated_index => last,
-            _ => st.truncated_index,
-        }
+        last_index(&self.engine, st.truncated_index)
     }
+}
+
+/// The log's last index: its last entry's, or the index it was truncated
+/// at when it holds none after that.
+fn last_index(engine: &Engine, truncated_index: u64) -> u64 {
+    engine.last_index(GROUP).unwrap_or(0).max(truncated_index)
 }
 
 impl raft::Storage for RaftStorage {
