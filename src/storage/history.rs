@@ -20,7 +20,7 @@ use redb::{ReadTransaction, ReadableTable, TableDefinition};
 use super::state_store::{StateStore, META};
 use super::StorageError;
 use crate::proto::HistoryEvent;
-use crate::proto::{HistoryChunk, KeyRange, StoredValue};
+use crate::proto::{HistoryChunk, HistoryChunkRevisions, KeyRange, StoredValue};
 
 pub(crate) const HISTORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history_chunks");
 /// Where the release before chunks kept one record per change; dropped
@@ -142,6 +142,16 @@ fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, StorageError> {
         .zip(chunk.events)
         .map(|(revision, change)| Event { revision, change })
         .collect())
+}
+
+/// The first and last revision of a history record, its changes skipped.
+fn chunk_bounds(bytes: &[u8]) -> Result<(u64, u64), StorageError> {
+    let damaged = |what: String| StorageError::Corrupt(format!("state store: a history record {what}"));
+    let chunk = HistoryChunkRevisions::decode(bytes).map_err(|e| damaged(format!("does not decode: {e}")))?;
+    match (chunk.revisions.first(), chunk.revisions.last()) {
+        (Some(&first), Some(&last)) => Ok((first, last)),
+        _ => Err(damaged("holds no change".into())),
+    }
 }
 
 /// A history record of `events` (a `HistoryChunk`, encoded without copying
@@ -539,26 +549,37 @@ pub(super) fn write_events(
     let mut drop_below = applied.saturating_sub(retention.revisions).saturating_add(1);
     let mut dropped = false;
     loop {
-        let Some((key, value)) = history.first()?.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())) else {
+        // Only the chunk's revisions are decoded: most chunks go whole, and
+        // their changes are never looked at.
+        let Some((key, len, first, last)) = history
+            .first()?
+            .map(|(k, v)| -> Result<_, StorageError> {
+                let (first, last) = chunk_bounds(v.value())?;
+                Ok((k.value().to_vec(), v.value().len(), first, last))
+            })
+            .transpose()?
+        else {
             break;
         };
-        let events = decode_chunk(&value)?;
-        if events[0].revision >= drop_below {
+        if first >= drop_below {
             if bytes <= retention.bytes {
                 break;
             }
-            drop_below = events[events.len() - 1].revision + 1;
+            drop_below = last + 1;
         }
-        history.remove(key.as_slice())?;
-        bytes = bytes.saturating_sub(value.len() as u64);
+        let removed = history.remove(key.as_slice())?;
+        bytes = bytes.saturating_sub(len as u64);
         dropped = true;
-        // What stays starts a revision (this chunk began below drop_below).
-        let rest: Vec<&Event> = events.iter().filter(|e| e.revision >= drop_below).collect();
-        if let Some(first) = rest.first() {
-            let value = encode_chunk(&rest);
-            bytes += value.len() as u64;
-            history.insert(&history_key(first.revision, 0)[..], value.as_slice())?;
+        if last < drop_below {
+            continue;
         }
+        // The chunk began below drop_below and ends above it: what stays
+        // (it starts a revision) is written again.
+        let events = decode_chunk(removed.expect("the chunk was just read").value())?;
+        let rest: Vec<&Event> = events.iter().filter(|e| e.revision >= drop_below).collect();
+        let value = encode_chunk(&rest);
+        bytes += value.len() as u64;
+        history.insert(&history_key(rest[0].revision, 0)[..], value.as_slice())?;
     }
     if dropped {
         start = start.max(drop_below);
