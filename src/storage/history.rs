@@ -127,10 +127,9 @@ pub(super) fn history_key(revision: u64, n: u32) -> [u8; 12] {
 
 /// The changes of a history record, in order.
 fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, StorageError> {
-    let damaged = |what: String| StorageError::Corrupt(format!("state store: a history record {what}"));
-    let chunk = HistoryChunk::decode(bytes).map_err(|e| damaged(format!("does not decode: {e}")))?;
+    let chunk = HistoryChunk::decode(bytes).map_err(|e| damaged_history(format!("does not decode: {e}")))?;
     if chunk.revisions.len() != chunk.events.len() || chunk.events.is_empty() {
-        return Err(damaged(format!(
+        return Err(damaged_history(format!(
             "holds {} revisions for {} changes",
             chunk.revisions.len(),
             chunk.events.len()
@@ -146,12 +145,19 @@ fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, StorageError> {
 
 /// The first and last revision of a history record, its changes skipped.
 fn chunk_bounds(bytes: &[u8]) -> Result<(u64, u64), StorageError> {
-    let damaged = |what: String| StorageError::Corrupt(format!("state store: a history record {what}"));
-    let chunk = HistoryChunkRevisions::decode(bytes).map_err(|e| damaged(format!("does not decode: {e}")))?;
+    let chunk = HistoryChunkRevisions::decode(bytes).map_err(|e| damaged_history(format!("does not decode: {e}")))?;
     match (chunk.revisions.first(), chunk.revisions.last()) {
         (Some(&first), Some(&last)) => Ok((first, last)),
-        _ => Err(damaged("holds no change".into())),
+        _ => Err(damaged_history("holds no change")),
     }
+}
+
+/// Damage found in the history table, and what to do about it.
+fn damaged_history(what: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(format!(
+        "state store: a history record {what}: state.redb is damaged; keep the data dir for inspection, remove \
+         the node (`kvraft remove-node`) and add a fresh one under a new id"
+    ))
 }
 
 /// A history record of `events` (a `HistoryChunk`, encoded without copying
@@ -531,10 +537,8 @@ pub(super) fn write_events(
             let value = encode_chunk(&chunk);
             bytes += value.len() as u64;
             if history.insert(&chunk_key[..], value.as_slice())?.is_some() {
-                return Err(StorageError::Corrupt(format!(
-                    "state store: the history already holds a record at revision {} (the applied index went \
-                     back, or the history table is damaged): state.redb is damaged; keep the data dir for \
-                     inspection, remove the node (`kvraft remove-node`) and add a fresh one under a new id",
+                return Err(damaged_history(format!(
+                    "already exists at revision {} (the applied index went back, or the history table is damaged)",
                     u64::from_be_bytes(chunk_key[..8].try_into().expect("8 bytes"))
                 )));
             }
@@ -551,15 +555,10 @@ pub(super) fn write_events(
     loop {
         // Only the chunk's revisions are decoded: most chunks go whole, and
         // their changes are never looked at.
-        let Some((key, len, first, last)) = history
-            .first()?
-            .map(|(k, v)| -> Result<_, StorageError> {
-                let (first, last) = chunk_bounds(v.value())?;
-                Ok((k.value().to_vec(), v.value().len(), first, last))
-            })
-            .transpose()?
-        else {
-            break;
+        let (key, len, first, last) = {
+            let Some((key, value)) = history.first()? else { break };
+            let (first, last) = chunk_bounds(value.value())?;
+            (key.value().to_vec(), value.value().len(), first, last)
         };
         if first >= drop_below {
             if bytes <= retention.bytes {
@@ -608,7 +607,12 @@ mod tests {
         let txn = db.begin_write().unwrap();
         write_events(&txn, std::slice::from_ref(&event), 7, Retention::default()).unwrap();
         match write_events(&txn, &[event], 7, Retention::default()) {
-            Err(StorageError::Corrupt(why)) => assert!(why.contains("revision 7"), "{why}"),
+            Err(StorageError::Corrupt(why)) => {
+                assert!(
+                    why.contains("revision 7") && why.contains("kvraft remove-node"),
+                    "{why}"
+                )
+            }
             other => panic!("a second record at revision 7 must not replace the first: {other:?}"),
         }
     }
