@@ -48,34 +48,29 @@ now() { date +%s.%N; }
 for i in 1 2 3; do start "$i" --initial-cluster "$CLUSTER"; done
 for _ in $(seq 100); do kv --timeout 1s set warm up >/dev/null 2>&1 && break; sleep 0.2; done
 
-# CPU (user + system clock ticks) of the three nodes: on a shared machine the
-# CPU each put costs varies far less from run to run than throughput does.
-ticks() { for i in 1 2 3; do cat "/proc/$(cat "$WORK/node-$i.pid")/stat"; done | awk '{s += $14 + $15} END {print s}'; }
-# The same per thread kind (raft-loop, store-flusher, tokio-rt-worker, ...),
-# summed over the nodes: says which part of a node a change moved. (A thread
-# that ends between two samples takes its ticks with it; the node's threads
-# above live as long as it does.)
-thread_ticks() {
+# CPU (user + system clock ticks) of the three nodes, summed: in all ("all",
+# from each process, which keeps the ticks of threads that ended) and per kind
+# of thread (raft-loop, store-flusher, tokio-rt-worker, ...), which says which
+# part of a node a change moved. On a shared machine the CPU each put costs
+# varies far less from run to run than throughput does.
+cpu_sample() { # N: written to $WORK/cpu-N
   for i in 1 2 3; do
-    for task in /proc/"$(cat "$WORK/node-$i.pid")"/task/*; do
+    local pid
+    pid=$(cat "$WORK/node-$i.pid")
+    echo "all $(awk '{print $14 + $15}' "/proc/$pid/stat")"
+    for task in /proc/"$pid"/task/*; do
       echo "$(sed 's/-[0-9]*$//; s/ /_/g' "$task/comm") $(awk '{print $14 + $15}' "$task/stat")"
     done
-  done | awk '{s[$1] += $2} END {for (k in s) print k, s[k]}' | sort
+  done | awk '{s[$1] += $2} END {for (k in s) print k, s[k]}' | sort >"$WORK/cpu-$1"
 }
-t0=$(ticks)
-thread_ticks >"$WORK/threads-0"
-bench small put --clients 128 --conns 16 --total 100000 --key-space 10000
-t1=$(ticks)
-thread_ticks >"$WORK/threads-1"
+PHASE_PUTS=100000
+cpu_sample 0
+bench small put --clients 128 --conns 16 --total $PHASE_PUTS --key-space 10000
+cpu_sample 1
 bench fill put --clients 128 --conns 16 --total $((FILL_SPACE * 2)) --key-space "$FILL_SPACE"
-t2=$(ticks)
-thread_ticks >"$WORK/threads-2"
-bench large put --clients 128 --conns 16 --total 100000 --key-space "$FILL_SPACE"
-t3=$(ticks)
-thread_ticks >"$WORK/threads-3"
-hz=$(getconf CLK_TCK)
-small_cpu_us=$(((t1 - t0) * 1000000 / hz / 100000))
-large_cpu_us=$(((t3 - t2) * 1000000 / hz / 100000))
+cpu_sample 2
+bench large put --clients 128 --conns 16 --total $PHASE_PUTS --key-space "$FILL_SPACE"
+cpu_sample 3
 
 kv --output json info >"$WORK/info.json"
 keys=$(json info "['keys']")
@@ -111,11 +106,10 @@ until kv --timeout 1s get warm >/dev/null 2>&1; do
 done
 first_read=$(python3 -c "print(f'{$(now) - $restarted_at:.2f}')")
 
-python3 - "$WORK" "$keys" "$raw" "$peak_rss" "$catch_up" "$first_read" "$small_cpu_us" "$large_cpu_us" "$hz" <<'PY'
+python3 - "$WORK" "$keys" "$raw" "$peak_rss" "$catch_up" "$first_read" "$(getconf CLK_TCK)" "$PHASE_PUTS" <<'PY'
 import json, sys
-hz = int(sys.argv[9])
 work, keys, raw, rss, catch_up, first_read = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-small_cpu, large_cpu = int(sys.argv[7]), int(sys.argv[8])
+hz, puts = int(sys.argv[7]), int(sys.argv[8])
 small, large = (json.load(open(f"{work}/{n}.json")) for n in ("small", "large"))
 row = lambda name, d: f"| {name} | {d['ops_per_s']:,.0f} | {d['p99_ms']:.1f} ms | {d['p999_ms']:.1f} ms | {d['max_ms']:.1f} ms |"
 print()
@@ -125,15 +119,15 @@ print(row("over 10k keys", small))
 print(row(f"over the large key space, {keys:,} keys held", large))
 print()
 print(f"large / small throughput: {large['ops_per_s'] / small['ops_per_s']:.2f}x (target >= 0.8x; p99.9 target < 50 ms)")
-print(f"CPU per put, 3 nodes summed: {small_cpu} µs over 10k keys, {large_cpu} µs with the data held ({small_cpu / large_cpu:.2f}x)")
-def per_put(a, b):
-    read = lambda n: dict((k, int(v)) for k, v in (line.split() for line in open(f"{work}/threads-{n}")))
+def per_put(a, b):  # µs of CPU per put between samples a and b, by kind
+    read = lambda n: dict((k, int(v)) for k, v in (line.split() for line in open(f"{work}/cpu-{n}")))
     before, after = read(a), read(b)
-    return {k: (after[k] - before.get(k, 0)) * 1e6 / hz / 100000 for k in after}
-small_split, large_split = per_put(0, 1), per_put(2, 3)
-for kind in sorted(large_split, key=lambda k: -large_split[k]):
-    if large_split[kind] >= 0.5 or small_split.get(kind, 0) >= 0.5:
-        print(f"  {kind}: {small_split.get(kind, 0):.1f} µs over 10k keys, {large_split[kind]:.1f} µs with the data held")
+    return {k: (after[k] - before.get(k, 0)) * 1e6 / hz / puts for k in after}
+small_cpu, large_cpu = per_put(0, 1), per_put(2, 3)
+print(f"CPU per put, 3 nodes summed: {small_cpu['all']:.0f} µs over 10k keys, {large_cpu['all']:.0f} µs with the data held ({small_cpu['all'] / large_cpu['all']:.2f}x)")
+for kind in sorted(large_cpu, key=lambda k: -large_cpu[k]):
+    if kind != "all" and (large_cpu[kind] >= 0.5 or small_cpu.get(kind, 0) >= 0.5):
+        print(f"  {kind}: {small_cpu.get(kind, 0):.1f} µs over 10k keys, {large_cpu[kind]:.1f} µs with the data held")
 print(f"peak RSS of any node: {rss / 2**20:,.0f} MiB for {raw / 2**20:,.0f} MiB of keys and values: {rss / raw:.1f}x (target <= 1.5x)")
 print(f"a new member caught up in {catch_up} s (target <= 20 s)")
 print(f"first linearizable read {first_read} s after kill -9 of every node (target <= 3 s)")
