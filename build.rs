@@ -4,6 +4,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/kvraft.proto");
     let descriptors = protox::compile(["proto/kvraft.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    prost_build::Config::new()
+        .bytes([".kvraft.StoredValue.value"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -12,7 +12,7 @@
 //! Time is not here: when a lease runs out is the leader's business
 //! (`node::lessor`), never a follower's clock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// At most this many leases at once; a grant past it is refused.
 pub const MAX_LEASES: usize = 100_000;
@@ -35,6 +35,9 @@ pub struct Lease {
 #[derive(Debug, Clone, Default)]
 pub struct Leases {
     leases: BTreeMap<u64, Lease>,
+    /// Which lease each attached key is on: a put needs to know without
+    /// reading the key's record from the file.
+    by_key: HashMap<Vec<u8>, u64>,
     delta: LeaseDelta,
 }
 
@@ -96,15 +99,23 @@ impl Leases {
                 )
             })
             .collect();
+        let mut by_key = HashMap::new();
         for (id, key) in keys {
             // An attachment whose lease is gone can't be (both change in one
             // commit); it is kept with a lease of its own rather than lost.
+            by_key.insert(key.clone(), id);
             table.entry(id).or_default().keys.insert(key);
         }
         Leases {
             leases: table,
+            by_key,
             delta: LeaseDelta::default(),
         }
+    }
+
+    /// The lease `key` is attached to, if any.
+    pub fn lease_of(&self, key: &[u8]) -> Option<u64> {
+        self.by_key.get(key).copied()
     }
 
     /// One lease.
@@ -144,6 +155,9 @@ impl Leases {
     pub fn end(&mut self, id: u64) {
         if let Some(lease) = self.leases.remove(&id) {
             for key in lease.keys {
+                if self.by_key.get(&key) == Some(&id) {
+                    self.by_key.remove(&key);
+                }
                 self.delta.keys.insert(lease_key(id, &key), false);
             }
             self.delta.leases.insert(id, None);
@@ -159,11 +173,15 @@ impl Leases {
             if let Some(lease) = self.leases.get_mut(&from) {
                 lease.keys.remove(key);
             }
+            if self.by_key.get(key) == Some(&from) {
+                self.by_key.remove(key);
+            }
             self.delta.keys.insert(lease_key(from, key), false);
         }
         if to != 0 {
             if let Some(lease) = self.leases.get_mut(&to) {
                 lease.keys.insert(key.to_vec());
+                self.by_key.insert(key.to_vec(), to);
                 self.delta.keys.insert(lease_key(to, key), true);
             }
         }
@@ -189,6 +207,7 @@ mod tests {
         leases.attach(b"a", 5, 6);
         assert_eq!(leases.get(5).unwrap().keys, BTreeSet::from([b"b".to_vec()]));
         assert_eq!(leases.get(6).unwrap().keys, BTreeSet::from([b"a".to_vec()]));
+        assert_eq!((leases.lease_of(b"a"), leases.lease_of(b"b")), (Some(6), Some(5)));
         // Attaching to a lease that does not exist attaches nothing.
         leases.attach(b"c", 0, 99);
         assert!(leases.get(99).is_none());
@@ -203,6 +222,7 @@ mod tests {
             ])
         );
         leases.end(5);
+        assert_eq!((leases.lease_of(b"a"), leases.lease_of(b"b")), (Some(6), None));
         let second = leases.take_delta();
         assert_eq!(second.leases, BTreeMap::from([(5, None)]));
         assert_eq!(second.keys, BTreeMap::from([(lease_key(5, b"b"), false)]));
@@ -214,6 +234,7 @@ mod tests {
         // What the tables would hold loads back to the same leases.
         let loaded = Leases::load([(6, 20)], [(6, b"a".to_vec())]);
         assert_eq!(loaded.iter().collect::<Vec<_>>(), leases.iter().collect::<Vec<_>>());
+        assert_eq!(loaded.lease_of(b"a"), Some(6));
         assert_eq!(split_lease_key(&lease_key(6, b"a")), Some((6, &b"a"[..])));
         assert_eq!(split_lease_key(b"short"), None);
     }

@@ -22,14 +22,16 @@ use crate::proto::{
 };
 use crate::sessions::{replay_txn, Outcome, Refusal, Sessions, Verdict, WriteId};
 use crate::storage::history::Event;
-use crate::storage::memtable::{Applied, Layer};
-use crate::storage::state_store::{FileReader, FORMAT};
+use crate::storage::memtable::{self, Applied, Change, Layer};
+use crate::storage::state_store::{FileReader, MemoryLookup, FORMAT};
 use crate::storage::{StateStore, StorageError};
 
 #[cfg(test)]
 mod history_tests;
 mod leases;
 mod txn;
+#[cfg(test)]
+mod unresolved_tests;
 
 pub use leases::LeaseEvent;
 
@@ -278,7 +280,7 @@ impl StateMachine {
 
     /// The value of a key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.store.get(key)?.map(|v| v.value))
+        Ok(self.store.get(key)?.map(|v| v.value.into()))
     }
 }
 
@@ -290,6 +292,8 @@ pub struct Batch<'a> {
     /// The history of `changes`, in revision order.
     events: Vec<Event>,
     keys_added: i64,
+    /// See [`Applied::settle`].
+    settle: Vec<(Vec<u8>, u64)>,
     meta: StateMeta,
     /// The raft loop's copy of the client sessions, held for the batch.
     sessions: std::sync::MutexGuard<'a, Sessions>,
@@ -309,6 +313,8 @@ struct Pending {
     layer: Layer,
     events: Vec<Event>,
     keys_added: i64,
+    /// See [`Applied::settle`].
+    settle: Vec<(Vec<u8>, u64)>,
     /// Work budgets of one command (see txn.rs): store records examined by
     /// range reads and deletes, keys deleted by ranges, bytes read.
     examined: std::cell::Cell<usize>,
@@ -318,27 +324,94 @@ struct Pending {
     lease_moves: Vec<(Vec<u8>, u64, u64)>,
 }
 
-/// What a change replaces: the old record's revision and lease.
+/// What a change replaces.
+#[derive(Debug, Clone, Copy)]
+enum Previous {
+    /// Nothing: the key was absent.
+    Absent,
+    /// This record.
+    Record(Replaced),
+    /// Not looked up (the change is a put applied unresolved, see
+    /// [`memtable::is_unresolved`]): a record with no lease, or none.
+    Unknown,
+}
+
+/// The record a change replaces: its revision and lease.
 #[derive(Debug, Clone, Copy)]
 struct Replaced {
     mod_revision: u64,
     lease: u64,
+    /// Whether it was a put applied unresolved that created its key,
+    /// counted as replacing one until now, and where it is.
+    uncounted_create: Uncounted,
 }
 
-impl Replaced {
-    fn of(record: &StoredValue) -> Self {
-        Replaced {
-            mod_revision: record.mod_revision,
-            lease: record.lease,
+/// Where a put applied unresolved (counted as replacing a key) is, for
+/// the change that replaces it to settle its count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Uncounted {
+    /// Not such a put: resolved, or in the frozen layer, whose flush counts
+    /// it from the file.
+    No,
+    /// In this batch: it never reaches memory, so it is settled here.
+    InBatch,
+    /// In memory's active layer: settled when the batch is committed, if it
+    /// is still there (a flush may have taken it, and counted it, since).
+    InActive,
+}
+
+/// A key's record as the batch sees it (see [`Batch::lookup`]).
+struct Looked {
+    record: Option<StoredValue>,
+    /// See [`Replaced::uncounted_create`].
+    uncounted_create: Uncounted,
+}
+
+impl Looked {
+    /// What a change of the key replaces.
+    fn previous(&self) -> Previous {
+        match &self.record {
+            Some(record) => Previous::Record(Replaced {
+                mod_revision: record.mod_revision,
+                lease: record.lease,
+                uncounted_create: self.uncounted_create,
+            }),
+            None => Previous::Absent,
         }
     }
 }
 
+/// What the batch holds of a key before the file is read.
+enum Seen {
+    /// A change: the batch's, or the store memory's. `uncounted` says where
+    /// it is if it is a put applied unresolved whose count the next flush
+    /// does not settle (see [`Uncounted`]).
+    Change { change: Change, uncounted: Uncounted },
+    /// Nothing, and the file holds no key: absent.
+    Absent,
+    /// Nothing: the file has the key's record.
+    InFile,
+}
+
 impl Pending {
-    /// Records `key`'s change at `revision` and its history; `replaced`
-    /// describes the record it replaces (`None`: the key was absent).
-    fn change(&mut self, revision: u64, key: Vec<u8>, record: Option<StoredValue>, replaced: Option<Replaced>) {
-        let (from, to) = (replaced.map_or(0, |r| r.lease), record.as_ref().map_or(0, |r| r.lease));
+    /// Records `key`'s change at `revision` and its history, replacing
+    /// `previous`.
+    fn change(&mut self, revision: u64, key: Vec<u8>, record: Option<StoredValue>, previous: Previous) {
+        let (from, replaced_revision, existed) = match previous {
+            Previous::Absent => (0, 0, 0),
+            // The correction the replaced put's count was waiting for.
+            Previous::Record(r) => match r.uncounted_create {
+                Uncounted::No => (r.lease, r.mod_revision, 1),
+                Uncounted::InBatch => (r.lease, r.mod_revision, 0),
+                Uncounted::InActive => {
+                    self.settle.push((key.clone(), r.mod_revision));
+                    (r.lease, r.mod_revision, 1)
+                }
+            },
+            // Counted as replacing a key until the flush finds out.
+            Previous::Unknown => (0, 0, 1),
+        };
+        let to = record.as_ref().map_or(0, |r| r.lease);
         if from != to {
             self.lease_moves.push((key.clone(), from, to));
         }
@@ -347,10 +420,10 @@ impl Pending {
             change: HistoryEvent {
                 key: key.clone(),
                 record: record.clone(),
-                prev_mod_revision: replaced.map_or(0, |r| r.mod_revision),
+                prev_mod_revision: replaced_revision,
             },
         });
-        self.keys_added += i64::from(record.is_some()) - i64::from(replaced.is_some());
+        self.keys_added += i64::from(record.is_some()) - existed;
         self.layer.insert(key, record);
     }
 
@@ -368,6 +441,7 @@ impl<'a> Batch<'a> {
             changes: Layer::default(),
             events: Vec::new(),
             keys_added: 0,
+            settle: Vec::new(),
             meta,
             sessions: store.working_sessions(),
             leases: store.working_leases(),
@@ -396,43 +470,121 @@ impl<'a> Batch<'a> {
         self.meta.apply_conf_state(index, term, conf_state, added);
     }
 
-    /// A key's record as of the entries applied so far, `pending` included.
-    fn lookup(&self, pending: &Pending, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        match pending.layer.get(key).or_else(|| self.changes.get(key)) {
-            Some(change) => Ok(change.clone()),
-            None => self.store.get_with(key, &mut self.file.borrow_mut()),
+    /// What the batch holds of `key` (`pending` included) without reading
+    /// the file.
+    fn find(&self, pending: &Pending, key: &[u8]) -> Seen {
+        let unresolved = |change: &Change| change.as_ref().is_some_and(memtable::is_unresolved);
+        if let Some(change) = pending.layer.get(key).or_else(|| self.changes.get(key)) {
+            return Seen::Change {
+                change: change.clone(),
+                uncounted: if unresolved(change) {
+                    Uncounted::InBatch
+                } else {
+                    Uncounted::No
+                },
+            };
         }
+        match self.store.memory_lookup(key) {
+            MemoryLookup::Change { change, frozen } => Seen::Change {
+                uncounted: if !frozen && unresolved(&change) {
+                    Uncounted::InActive
+                } else {
+                    Uncounted::No
+                },
+                change,
+            },
+            MemoryLookup::NotHeld { file_empty: true } => Seen::Absent,
+            MemoryLookup::NotHeld { file_empty: false } => Seen::InFile,
+        }
+    }
+
+    /// A key's record as of the entries applied so far, `pending` included,
+    /// resolved from the file if it was applied unresolved.
+    fn lookup(&self, pending: &Pending, key: &[u8]) -> Result<Looked, StorageError> {
+        self.read_seen(self.find(pending, key), key)
+    }
+
+    /// [`Self::lookup`] of what [`Self::find`] saw.
+    fn read_seen(&self, seen: Seen, key: &[u8]) -> Result<Looked, StorageError> {
+        let mut file = self.file.borrow_mut();
+        Ok(match seen {
+            Seen::Change {
+                change: Some(record),
+                uncounted,
+            } if memtable::is_unresolved(&record) => {
+                let below = self.store.file_record(key, &mut file)?;
+                Looked {
+                    uncounted_create: if below.is_none() { uncounted } else { Uncounted::No },
+                    record: Some(memtable::resolve(record, below.as_ref())),
+                }
+            }
+            Seen::Change { change, .. } => Looked {
+                record: change,
+                uncounted_create: Uncounted::No,
+            },
+            Seen::Absent => Looked {
+                record: None,
+                uncounted_create: Uncounted::No,
+            },
+            Seen::InFile => Looked {
+                record: self.store.file_record(key, &mut file)?,
+                uncounted_create: Uncounted::No,
+            },
+        })
+    }
+
+    /// A key's record as of the entries applied so far (see [`Self::lookup`]).
+    fn record(&self, pending: &Pending, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        Ok(self.lookup(pending, key)?.record)
     }
 
     /// Sets `key` at revision `index`, carrying its history on, attached to
     /// `set.lease`; refused (unapplied) if that lease does not exist or
-    /// holds as many keys as one may.
+    /// holds as many keys as one may. A key memory doesn't hold and no
+    /// lease has is put unresolved (see [`memtable::is_unresolved`]): its
+    /// previous record, all a put needs of which is its create revision and
+    /// version, is not read from the file here.
     fn put(&self, pending: &mut Pending, index: u64, set: SetRequest) -> Result<Result<(), ApplyResult>, StorageError> {
         let SetRequest { key, value, lease } = set;
-        let previous = self.lookup(pending, &key)?;
-        if lease != 0 && previous.as_ref().is_none_or(|p| p.lease != lease) {
+        let looked = match self.find(pending, &key) {
+            Seen::InFile if self.leases.lease_of(&key).is_none() => None,
+            seen => Some(self.read_seen(seen, &key)?),
+        };
+        let previous = looked.as_ref().and_then(|l| l.record.as_ref());
+        if lease != 0 && previous.is_none_or(|p| p.lease != lease) {
             if let Err(refusal) = self.check_attach(pending, lease) {
                 return Ok(Err(refusal));
             }
         }
-        let record = StoredValue {
-            value,
-            create_revision: previous.as_ref().map_or(index, |p| p.create_revision),
-            mod_revision: index,
-            version: previous.as_ref().map_or(1, |p| p.version + 1),
-            lease,
+        let record = match (&looked, previous) {
+            (None, _) => StoredValue {
+                value: value.into(),
+                create_revision: 0,
+                mod_revision: index,
+                version: 0,
+                lease,
+            },
+            (Some(_), previous) => StoredValue {
+                value: value.into(),
+                create_revision: previous.map_or(index, |p| p.create_revision),
+                mod_revision: index,
+                version: previous.map_or(1, |p| p.version + 1),
+                lease,
+            },
         };
-        pending.change(index, key, Some(record), previous.as_ref().map(Replaced::of));
+        let previous = looked.as_ref().map_or(Previous::Unknown, Looked::previous);
+        pending.change(index, key, Some(record), previous);
         Ok(Ok(()))
     }
 
     /// Deletes `key` at revision `index`; returns how many keys that deleted
     /// (0 or 1).
     fn delete_key(&self, pending: &mut Pending, index: u64, key: Vec<u8>) -> Result<u64, StorageError> {
-        let Some(previous) = self.lookup(pending, &key)? else {
+        let looked = self.lookup(pending, &key)?;
+        if looked.record.is_none() {
             return Ok(0);
-        };
-        pending.change(index, key, None, Some(Replaced::of(&previous)));
+        }
+        pending.change(index, key, None, looked.previous());
         Ok(1)
     }
 
@@ -473,6 +625,7 @@ impl<'a> Batch<'a> {
             self.leases.attach(key, *from, *to);
         }
         self.keys_added += pending.keys_added;
+        self.settle.extend(pending.settle);
         self.changes.absorb(pending.layer);
         self.events.extend(pending.events);
     }
@@ -554,6 +707,7 @@ impl<'a> Batch<'a> {
             changes,
             events,
             keys_added,
+            settle,
             meta,
             mut sessions,
             mut leases,
@@ -570,6 +724,7 @@ impl<'a> Batch<'a> {
             sessions: sessions.take_delta(),
             leases: leases.take_delta(),
             keys_added,
+            settle,
         };
         drop((sessions, leases));
         store.commit_batch(applied)?;
@@ -664,7 +819,7 @@ mod tests {
         }
     }
 
-    fn delete(k: &str) -> Command {
+    pub(super) fn delete(k: &str) -> Command {
         Command {
             op: Some(command::Op::Delete(DeleteRequest {
                 key: k.into(),

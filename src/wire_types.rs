@@ -59,7 +59,7 @@ impl StoredValue {
     pub fn into_key_value(self, key: Vec<u8>) -> KeyValue {
         KeyValue {
             key,
-            value: self.value,
+            value: self.value.into(),
             create_revision: self.create_revision,
             mod_revision: self.mod_revision,
             version: self.version,

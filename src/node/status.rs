@@ -112,7 +112,7 @@ impl StatusPublisher {
         g.first.set(view.first_index as f64);
         g.last.set(view.last_index as f64);
         g.pending.set(view.pending as f64);
-        g.keys.set(sm.store().len().unwrap_or(0) as f64);
+        g.keys.set(sm.store().len_as_flushed() as f64);
         g.voters.set(conf.voters.len() as f64);
         g.learners.set(conf.learners.len() as f64);
         let status = NodeStatus {

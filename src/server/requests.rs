@@ -360,7 +360,9 @@ fn info(handle: &NodeHandle) -> InfoResponse {
         last_index,
         ..
     } = handle.status();
-    let (members, keys) = handle.read(|sm| (sm.members(), sm.store().len().unwrap_or(0)));
+    let (members, store) = handle.read(|sm| (sm.members(), sm.store().clone()));
+    // Outside the state machine's lock: the exact count may read the file.
+    let keys = store.len().unwrap_or(0);
     InfoResponse {
         id,
         role: role.as_str().into(),

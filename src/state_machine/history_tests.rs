@@ -102,7 +102,7 @@ fn every_write_leaves_its_change_in_order_across_memory_and_the_file() {
     assert!(page.events.is_empty() && page.until == 7 && !page.more, "{page:?}");
     // The record a change replaced is found by its revision (prev_kv).
     let prev = store.history_record(3, b"a").unwrap().unwrap();
-    assert_eq!((prev.value.as_slice(), prev.version), (&b"2"[..], 2));
+    assert_eq!((prev.value.as_ref(), prev.version), (&b"2"[..], 2));
     assert_eq!(store.history_record(3, b"b").unwrap(), None);
 
     // Kept across a restart.
@@ -252,7 +252,10 @@ fn chunks_split_anywhere_and_read_back_from_any_revision() {
         [(603, "z2".into(), "v".into(), 0)]
     );
     // prev_kv of a delete in the middle of the split revision.
-    assert_eq!(sm.store().history_record(450, b"k0449").unwrap().unwrap().value, b"v");
+    assert_eq!(
+        sm.store().history_record(450, b"k0449").unwrap().unwrap().value,
+        &b"v"[..]
+    );
     // Compacting into the split revision drops it whole.
     sm.store().set_history_retention(Retention {
         revisions: 3,
@@ -342,7 +345,7 @@ fn replaced_records_are_found_in_any_order_across_chunks() {
     let found = sm.store().history_records(&asked).unwrap();
     let values: Vec<Option<String>> = found
         .into_iter()
-        .map(|r| r.map(|r| String::from_utf8(r.value).unwrap()))
+        .map(|r| r.map(|r| String::from_utf8(r.value.to_vec()).unwrap()))
         .collect();
     let expected: Vec<Option<String>> = [1_200u64, 3, 700, 256, 257, 1, 999, 512]
         .iter()

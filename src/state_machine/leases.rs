@@ -3,7 +3,7 @@
 //! decided by the leader (`node::lessor`), which proposes its end; here an
 //! end is the same whether revoked or expired.
 
-use super::{ApplyResult, Batch, Pending, Replaced};
+use super::{ApplyResult, Batch, Pending};
 use crate::leases::{MAX_LEASES, MAX_LEASE_KEYS, MAX_TTL};
 use crate::storage::StorageError;
 
@@ -62,9 +62,10 @@ impl Batch<'_> {
         let mut pending = Pending::default();
         let mut deleted = 0;
         for key in keys {
-            match self.lookup(&pending, &key)? {
+            let looked = self.lookup(&pending, &key)?;
+            match &looked.record {
                 Some(record) if record.lease == id => {
-                    pending.change(index, key, None, Some(Replaced::of(&record)));
+                    pending.change(index, key, None, looked.previous());
                     deleted += 1;
                 }
                 // The key moved on without the index following: a bug, but
@@ -72,7 +73,7 @@ impl Batch<'_> {
                 other => tracing::error!(
                     lease = id,
                     key = %String::from_utf8_lossy(&key),
-                    now = other.map_or(0, |r| r.lease),
+                    now = other.as_ref().map_or(0, |r| r.lease),
                     "a key listed under a lease is not attached to it; left alone"
                 ),
             }
@@ -152,6 +153,40 @@ mod tests {
         leases.get(id).map_or(Vec::new(), |l| {
             l.keys.iter().map(|k| String::from_utf8(k.clone()).unwrap()).collect()
         })
+    }
+
+    #[test]
+    fn puts_over_flushed_keys_keep_lease_attachments_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = machine(dir.path());
+        apply_all(
+            &mut sm,
+            1,
+            vec![grant(10), set_leased("held", "1", 1), set("free", "1")],
+            true,
+        );
+        // Memory holds neither key now. "held" is on a lease, so its put
+        // reads the record (to detach it); "free" is on none, so its put to
+        // lease 1 attaches it without a read.
+        apply_all(&mut sm, 4, vec![set("held", "2"), set_leased("free", "2", 1)], false);
+        assert_eq!(keys_of(&sm, 1), ["free"]);
+        let free = sm.store().get(b"free").unwrap().unwrap();
+        assert_eq!((free.lease, free.create_revision, free.version), (1, 3, 2));
+        assert_eq!(sm.store().get(b"held").unwrap().unwrap().lease, 0);
+        // Ending the lease deletes the key attached unresolved.
+        let ended = apply_all(&mut sm, 6, vec![revoke(1)], false);
+        assert_eq!(
+            ended,
+            [ApplyResult::LeaseEnded {
+                revision: 6,
+                deleted: 1
+            }]
+        );
+        assert_eq!(sm.store().get(b"free").unwrap(), None);
+        assert_eq!(sm.store().len().unwrap(), 1);
+        sm.store().flush().unwrap();
+        assert_eq!(sm.store().len_as_flushed(), 1);
+        assert!(sm.store().working_leases().lease_of(b"free").is_none());
     }
 
     #[test]

@@ -7,12 +7,12 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::{ApplyResult, Batch, Pending, Replaced, WriteOp};
+use super::{ApplyResult, Batch, Pending, Previous, Replaced, Seen, Uncounted, WriteOp};
 use crate::proto::{
     compare, txn_op, txn_op_result, Compare, DeleteResponse, GetResponse, KeyRange, ScanResponse, SetResponse,
     StoredValue, TxnOpResult, TxnRequest, TxnResponse,
 };
-use crate::storage::memtable::Change;
+use crate::storage::memtable::{self, Change};
 use crate::storage::state_store::ScanPage;
 use crate::storage::StorageError;
 
@@ -51,7 +51,7 @@ pub fn holds(compare: &Compare, record: Option<&StoredValue>) -> bool {
     let number = |field: fn(&StoredValue) -> u64| record.map_or(0, field).cmp(&compare.number);
     let ordering = match compare.target() {
         Target::Value => match record {
-            Some(r) => r.value.as_slice().cmp(&compare.value),
+            Some(r) => r.value.as_ref().cmp(compare.value.as_slice()),
             None => return false,
         },
         Target::Version => number(|r| r.version),
@@ -74,7 +74,7 @@ pub fn get_response(record: Option<StoredValue>) -> GetResponse {
     match record {
         Some(r) => GetResponse {
             found: true,
-            value: r.value,
+            value: r.value.into(),
             create_revision: r.create_revision,
             mod_revision: r.mod_revision,
             version: r.version,
@@ -107,7 +107,7 @@ impl Batch<'_> {
         let mut pending = Pending::default();
         let mut succeeded = true;
         for compare in &txn.compare {
-            if !holds(compare, self.lookup(&pending, &compare.key)?.as_ref()) {
+            if !holds(compare, self.record(&pending, &compare.key)?.as_ref()) {
                 succeeded = false;
                 break;
             }
@@ -125,7 +125,7 @@ impl Batch<'_> {
                     Err(refusal) => return Ok(refusal),
                 },
                 Some(Op::Get(get)) => {
-                    let record = self.lookup(&pending, &get.key)?;
+                    let record = self.record(&pending, &get.key)?;
                     pending.read_bytes += record.as_ref().map_or(0, |r| read_size(&get.key, &r.value));
                     if pending.read_bytes > TXN_READ_BYTES {
                         return Ok(ApplyResult::Refused(format!(
@@ -189,11 +189,18 @@ impl Batch<'_> {
         let deleted = page.pairs.len() as u64;
         pending.range_deleted += page.pairs.len();
         for kv in page.pairs {
+            let uncounted = match self.find(pending, &kv.key) {
+                Seen::Change { uncounted, .. } => uncounted,
+                _ => Uncounted::No,
+            };
             let replaced = Replaced {
                 mod_revision: kv.mod_revision,
                 lease: kv.lease,
+                // Resolved by the range against the file's record: version
+                // 1 means it created the key.
+                uncounted_create: if kv.version == 1 { uncounted } else { Uncounted::No },
             };
-            pending.change(index, kv.key, None, Some(replaced));
+            pending.change(index, kv.key, None, Previous::Record(replaced));
         }
         Ok(Ok(deleted))
     }
@@ -263,6 +270,11 @@ impl Batch<'_> {
                 .peekable();
             let mut records = stored.pairs.into_iter().peekable();
             loop {
+                // The store's record of a key the batch changed: what the
+                // batch's change replaced, which resolves it if it was
+                // applied unresolved (the store's memory didn't hold the key
+                // then, so this is the file's record).
+                let mut below = None;
                 let from_store = match (records.peek(), changes.peek()) {
                     (None, None) => break,
                     (Some(_), None) => true,
@@ -270,7 +282,7 @@ impl Batch<'_> {
                     (Some(kv), Some((key, _))) => match kv.key.as_slice().cmp(key) {
                         Ordering::Less => true,
                         Ordering::Equal => {
-                            records.next();
+                            below = records.next();
                             false
                         }
                         Ordering::Greater => false,
@@ -279,9 +291,17 @@ impl Batch<'_> {
                 let next = if from_store {
                     records.next()
                 } else {
-                    changes
-                        .next()
-                        .and_then(|(key, change)| (*change).clone().map(|r| r.into_key_value(key.to_vec())))
+                    changes.next().and_then(|(key, change)| {
+                        let below = below.map(|kv| StoredValue {
+                            create_revision: kv.create_revision,
+                            mod_revision: kv.mod_revision,
+                            version: kv.version,
+                            ..Default::default()
+                        });
+                        (*change)
+                            .clone()
+                            .map(|r| memtable::resolve(r, below.as_ref()).into_key_value(key.to_vec()))
+                    })
                 };
                 let Some(mut kv) = next else { continue };
                 if keys_only {
@@ -400,7 +420,7 @@ mod tests {
     #[test]
     fn every_compare_target_and_operator() {
         let record = StoredValue {
-            value: b"m".to_vec(),
+            value: b"m".to_vec().into(),
             create_revision: 3,
             mod_revision: 7,
             version: 2,
@@ -449,7 +469,7 @@ mod tests {
         );
         let owner = sm.store().get(b"owner").unwrap().unwrap();
         assert_eq!(
-            (owner.value.as_slice(), owner.mod_revision),
+            (owner.value.as_ref(), owner.mod_revision),
             (&b"a"[..], 2),
             "one revision for both puts"
         );

@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use prost::Message as _;
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 
+use super::memtable;
 use super::state_store::{StateStore, META};
 use super::StorageError;
 use crate::proto::HistoryEvent;
@@ -64,7 +65,9 @@ pub struct Event {
 }
 
 impl Event {
-    /// Rough bytes it holds in memory.
+    /// Rough bytes it holds in memory (its value is shared with the
+    /// layer's record, but counted here too: the flush thresholds were set
+    /// by this count).
     pub fn cost(&self) -> usize {
         self.change.key.len() + self.change.record.as_ref().map_or(0, |r| r.value.len()) + 96
     }
@@ -162,7 +165,7 @@ fn damaged_history(what: impl std::fmt::Display) -> StorageError {
 
 /// A history record of `events` (a `HistoryChunk`, encoded without copying
 /// the changes).
-fn encode_chunk(events: &[&Event]) -> Vec<u8> {
+fn encode_chunk(events: &[Cow<'_, Event>]) -> Vec<u8> {
     use prost::encoding;
     let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
     let mut buf = Vec::with_capacity(events.iter().map(|e| e.change.encoded_len() + 12).sum::<usize>() + 8);
@@ -335,6 +338,8 @@ impl StateStore {
         if from < oldest {
             return Err(HistoryError::Compacted { asked: from, oldest });
         }
+        let mut memory = memory;
+        resolve_events(&txn, memory.page.events.iter_mut())?;
         // The file holds what memory no longer does: stop where memory's
         // part begins, so a change just flushed is not read twice.
         let mut builder = PageBuilder::new();
@@ -383,7 +388,9 @@ impl StateStore {
     /// `(revision, key)` asked, in order), where the history still holds
     /// that change. Chunks are read once each for the whole call.
     pub fn history_records(&self, wanted: &[(u64, &[u8])]) -> Result<Vec<Option<StoredValue>>, StorageError> {
-        let mut found: Vec<Option<Option<StoredValue>>> = vec![None; wanted.len()];
+        // Per key asked: the change memory holds (perhaps unresolved), or
+        // `None` to read the file's history.
+        let mut found: Vec<Option<Option<Event>>> = vec![None; wanted.len()];
         let txn = {
             let mem = self.mem.read().expect("memtable lock poisoned");
             for (i, (revision, key)) in wanted.iter().enumerate() {
@@ -395,32 +402,107 @@ impl StateStore {
                     .take_while(|e| e.revision == *revision)
                     .find(|e| e.change.key == *key)
                 {
-                    found[i] = Some(e.change.record.clone());
+                    found[i] = Some(Some(e.clone()));
                 }
             }
-            if found.iter().all(Option::is_some) {
-                return Ok(found.into_iter().map(Option::flatten).collect());
+            let unresolved = found.iter().flatten().flatten().any(memtable::is_unresolved_event);
+            if found.iter().all(Option::is_some) && !unresolved {
+                return Ok(found
+                    .into_iter()
+                    .map(|e| e.flatten().and_then(|e| e.change.record))
+                    .collect());
             }
             self.db()?.begin_read()?
         };
+        resolve_events(&txn, found.iter_mut().flatten().flatten())?;
         let table = match txn.open_table(HISTORY) {
             Ok(t) => Some(t),
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(e.into()),
         };
+        let mut records: Vec<Option<StoredValue>> = Vec::with_capacity(wanted.len());
+        let mut left = Vec::new();
+        for (i, event) in found.into_iter().enumerate() {
+            match event {
+                Some(event) => records.push(event.and_then(|e| e.change.record)),
+                None => {
+                    records.push(None);
+                    left.push(i);
+                }
+            }
+        }
         if let Some(table) = &table {
             // In revision order, so each chunk is decoded once and the cache
             // needs only the few around the revision being looked up.
-            let mut left: Vec<usize> = (0..wanted.len()).filter(|&i| found[i].is_none()).collect();
             left.sort_by_key(|&i| wanted[i].0);
             let mut chunks = ChunkCache::default();
             for i in left {
                 let (revision, key) = wanted[i];
-                found[i] = Some(chunks.find(table, revision, key)?);
+                records[i] = chunks.find(table, revision, key)?;
             }
         }
-        Ok(found.into_iter().map(Option::flatten).collect())
+        Ok(records)
     }
+}
+
+/// Resolves `events` that memory held unresolved (see
+/// [`memtable::is_unresolved`]) against `txn`, a view of the file taken
+/// with them: from the record each replaced, or, where the file holds the
+/// event's own flush already, from its resolved copy in the history.
+pub(super) fn resolve_events<'a>(
+    txn: &ReadTransaction,
+    events: impl IntoIterator<Item = &'a mut Event>,
+) -> Result<(), StorageError> {
+    let mut events = events
+        .into_iter()
+        .filter(|e| memtable::is_unresolved_event(e))
+        .peekable();
+    if events.peek().is_none() {
+        return Ok(());
+    }
+    let flushed = super::state_store::read_header(txn)?.index;
+    let kv = match txn.open_table(super::state_store::KV) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let history = match txn.open_table(HISTORY) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let mut chunks = ChunkCache::default();
+    for event in events {
+        if event.revision <= flushed {
+            if let Some(table) = &history {
+                if let Some(copy) = chunks.find_event(table, event.revision, &event.change.key)? {
+                    *event = copy;
+                    continue;
+                }
+            }
+        }
+        let below = match &kv {
+            Some(t) => match t.get(event.change.key.as_slice())? {
+                Some(bytes) => Some(super::state_store::decode_value(bytes.value())?),
+                None => None,
+            },
+            None => None,
+        };
+        if event.revision <= flushed && below.as_ref().is_none_or(|b| b.mod_revision != event.revision) {
+            // Flushed, and dropped from the history at once by a retention
+            // shorter than a flush, then changed again: what it replaced is
+            // gone from the file. Said as a create, the one guess left.
+            memtable::resolve_event(event, None);
+            continue;
+        }
+        // Before the flush: the record it replaced. After: its own copy
+        // (the revision it replaced stays unknown: 0).
+        memtable::resolve_event(event, below.as_ref());
+        if event.revision <= flushed {
+            event.change.prev_mod_revision = 0;
+        }
+    }
+    Ok(())
 }
 
 /// The chunks decoded last during one call, by key: lookups come in
@@ -462,6 +544,16 @@ impl ChunkCache {
         revision: u64,
         key: &[u8],
     ) -> Result<Option<StoredValue>, StorageError> {
+        Ok(self.find_event(history, revision, key)?.and_then(|e| e.change.record))
+    }
+
+    /// The change of `key` at `revision`, if the history holds it.
+    fn find_event(
+        &mut self,
+        history: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        revision: u64,
+        key: &[u8],
+    ) -> Result<Option<Event>, StorageError> {
         let mut chunk = chunk_start(history, revision)?;
         loop {
             for event in self.get(history, &chunk)? {
@@ -469,7 +561,7 @@ impl ChunkCache {
                     return Ok(None);
                 }
                 if event.revision == revision && event.change.key == key {
-                    return Ok(event.change.record.clone());
+                    return Ok(Some(event.clone()));
                 }
             }
             // The revision may go on in the next chunk.
@@ -506,9 +598,9 @@ pub(super) fn drop_unchunked(db: &redb::Database, applied: u64) -> Result<bool, 
 /// Writes `events` into the history table of `txn` and drops the oldest
 /// beyond `retention` at `applied`; updates the counters in `meta`. Returns
 /// the first revision the history then holds.
-pub(super) fn write_events(
+pub(super) fn write_events<'a>(
     txn: &redb::WriteTransaction,
-    events: &[Event],
+    events: impl IntoIterator<Item = Cow<'a, Event>>,
     applied: u64,
     retention: Retention,
 ) -> Result<u64, StorageError> {
@@ -519,10 +611,11 @@ pub(super) fn write_events(
     // Every change of a revision is in one batch, so one flush: places
     // within a revision count from 0 here.
     let mut previous: Option<(u64, u32)> = None;
-    let mut chunk: Vec<&Event> = Vec::new();
+    let mut chunk: Vec<Cow<'a, Event>> = Vec::new();
     let mut chunk_key = [0u8; 12];
     let mut chunk_bytes = 0;
-    for (i, event) in events.iter().enumerate() {
+    let mut events = events.into_iter().peekable();
+    while let Some(event) = events.next() {
         let n = match previous {
             Some((revision, n)) if revision == event.revision => n + 1,
             _ => 0,
@@ -531,9 +624,9 @@ pub(super) fn write_events(
         if chunk.is_empty() {
             chunk_key = history_key(event.revision, n);
         }
-        chunk.push(event);
         chunk_bytes += event.cost();
-        if chunk.len() >= CHUNK_EVENTS || chunk_bytes >= CHUNK_BYTES || i + 1 == events.len() {
+        chunk.push(event);
+        if chunk.len() >= CHUNK_EVENTS || chunk_bytes >= CHUNK_BYTES || events.peek().is_none() {
             let value = encode_chunk(&chunk);
             bytes += value.len() as u64;
             if history.insert(&chunk_key[..], value.as_slice())?.is_some() {
@@ -575,7 +668,11 @@ pub(super) fn write_events(
         // The chunk began below drop_below and ends above it: what stays
         // (it starts a revision) is written again.
         let events = decode_chunk(removed.expect("the chunk was just read").value())?;
-        let rest: Vec<&Event> = events.iter().filter(|e| e.revision >= drop_below).collect();
+        let rest: Vec<Cow<'_, Event>> = events
+            .iter()
+            .filter(|e| e.revision >= drop_below)
+            .map(Cow::Borrowed)
+            .collect();
         let value = encode_chunk(&rest);
         bytes += value.len() as u64;
         history.insert(&history_key(rest[0].revision, 0)[..], value.as_slice())?;
@@ -605,8 +702,8 @@ mod tests {
             },
         };
         let txn = db.begin_write().unwrap();
-        write_events(&txn, std::slice::from_ref(&event), 7, Retention::default()).unwrap();
-        match write_events(&txn, &[event], 7, Retention::default()) {
+        write_events(&txn, [Cow::Borrowed(&event)], 7, Retention::default()).unwrap();
+        match write_events(&txn, [Cow::Owned(event)], 7, Retention::default()) {
             Err(StorageError::Corrupt(why)) => {
                 assert!(
                     why.contains("revision 7") && why.contains("kvraft remove-node"),

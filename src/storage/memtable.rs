@@ -35,12 +35,70 @@ pub struct Applied {
     pub sessions: SessionDelta,
     /// How it changed the leases.
     pub leases: LeaseDelta,
-    /// How it changed the number of keys.
+    /// How it changed the number of keys (puts applied unresolved counted
+    /// as replacing a key).
     pub keys_added: i64,
+    /// Puts applied unresolved, as `(key, mod revision)`, that the batch
+    /// replaced and found to have created their key: each adds that key to
+    /// the count if the active layer still holds it (else the flush that
+    /// took it counted it).
+    pub settle: Vec<(Vec<u8>, u64)>,
 }
 
 /// A key's newest record, or `None` for a delete.
 pub type Change = Option<StoredValue>;
+
+/// True for a put applied without the key's previous record: memory held
+/// none, and reading the file for it on the raft thread was, with a large
+/// state, a quarter of that thread's work per put. Such a record knows its
+/// value, mod revision and lease; its create revision and version come from
+/// the record below it in the file, found when it is read ([`resolve`]) or
+/// flushed. Marked by `create_revision == 0` (a real one is a log index, so
+/// at least 1); never written to the file.
+pub fn is_unresolved(record: &StoredValue) -> bool {
+    record.create_revision == 0
+}
+
+/// `record` with its create revision and version filled in from `below`,
+/// the key's record in a file view that holds everything older than
+/// `record`: either the record it replaced (or `None`: the key was absent),
+/// or, once the file holds `record` itself (its flush committed), that
+/// resolved copy. A resolved record comes back as it was.
+pub fn resolve(mut record: StoredValue, below: Option<&StoredValue>) -> StoredValue {
+    if !is_unresolved(&record) {
+        return record;
+    }
+    match below {
+        Some(b) if b.mod_revision == record.mod_revision => {
+            record.create_revision = b.create_revision;
+            record.version = b.version;
+        }
+        Some(b) => {
+            record.create_revision = b.create_revision;
+            record.version = b.version + 1;
+        }
+        None => {
+            record.create_revision = record.mod_revision;
+            record.version = 1;
+        }
+    }
+    record
+}
+
+/// `event` (a put applied unresolved, see [`is_unresolved`]) resolved
+/// against the record it replaced, `below` (`None`: the key was absent).
+pub fn resolve_event(event: &mut Event, below: Option<&StoredValue>) {
+    if let Some(record) = event.change.record.take() {
+        event.change.record = Some(resolve(record, below));
+        event.change.prev_mod_revision = below.map_or(0, |b| b.mod_revision);
+    }
+}
+
+/// True for the history of a put applied unresolved: its record's create
+/// revision and version and the revision it replaced are not known yet.
+pub fn is_unresolved_event(event: &Event) -> bool {
+    event.change.record.as_ref().is_some_and(is_unresolved)
+}
 
 /// A key with its change.
 pub type KeyedChange = (Vec<u8>, Change);
@@ -134,8 +192,14 @@ pub struct Memtable {
     header: SnapshotHeader,
     /// The client sessions as of the last applied batch.
     sessions: Sessions,
-    /// Keys held, counting memory and file together.
-    keys: u64,
+    /// Keys the file held at its last flush (or open, or install).
+    file_keys: u64,
+    /// How the frozen layer and the active one change the number of keys,
+    /// as far as known: a put applied unresolved counts as replacing a key
+    /// (most do) until the flush that writes it finds out, and then the
+    /// file's count is exact again.
+    frozen_keys_added: i64,
+    active_keys_added: i64,
     /// Moves on whenever memory drops what the file may not have had a
     /// moment before (a flushed layer, everything on a reset): a reader
     /// that keeps a view of the file across lookups takes a new one then.
@@ -154,7 +218,9 @@ impl Memtable {
             frozen: None,
             header,
             sessions,
-            keys,
+            file_keys: keys,
+            frozen_keys_added: 0,
+            active_keys_added: 0,
             generation: 0,
         }
     }
@@ -173,18 +239,50 @@ impl Memtable {
 
     /// Adds a committed batch.
     pub fn commit(&mut self, batch: Applied) {
+        for (key, revision) in &batch.settle {
+            let held = self.active.get(key).and_then(Option::as_ref);
+            if held.is_some_and(|r| is_unresolved(r) && r.mod_revision == *revision) {
+                self.active_keys_added += 1;
+            }
+        }
         self.active.absorb(batch.changes);
         self.active_event_bytes += batch.events.iter().map(Event::cost).sum::<usize>();
         self.active_events.extend(batch.events);
         self.active_leases.absorb(batch.leases);
         self.header = batch.header;
         self.sessions.apply_delta(batch.sessions);
-        self.keys = self.keys.saturating_add_signed(batch.keys_added);
+        self.active_keys_added += batch.keys_added;
     }
 
-    /// Keys held.
+    /// Keys held, counting memory and file together, as far as known: a put
+    /// applied unresolved that created its key counts from the flush that
+    /// writes it on (see [`StateStore::len`](super::StateStore::len) for
+    /// the exact count).
     pub fn keys(&self) -> u64 {
-        self.keys
+        self.file_keys
+            .saturating_add_signed(self.frozen_keys_added + self.active_keys_added)
+    }
+
+    /// Keys the file held at its last flush: none means a key memory
+    /// doesn't hold is absent, with no need to look.
+    pub fn file_keys(&self) -> u64 {
+        self.file_keys
+    }
+
+    /// How the frozen layer and the active one change the number of keys,
+    /// unresolved puts counted as replacing theirs.
+    pub fn keys_added(&self) -> (i64, i64) {
+        (self.frozen_keys_added, self.active_keys_added)
+    }
+
+    /// The frozen layer (being flushed), if any.
+    pub fn frozen(&self) -> Option<&Arc<Frozen>> {
+        self.frozen.as_ref()
+    }
+
+    /// The active layer.
+    pub fn active(&self) -> &Layer {
+        &self.active
     }
 
     /// Rough bytes of changes (and their history) not yet being flushed.
@@ -224,6 +322,7 @@ impl Memtable {
         // both back together.
         header.sessions = Some(self.sessions.to_proto());
         self.active_event_bytes = 0;
+        self.frozen_keys_added = std::mem::take(&mut self.active_keys_added);
         let frozen = Arc::new(Frozen {
             layer: std::mem::take(&mut self.active),
             events: std::mem::take(&mut self.active_events),
@@ -245,9 +344,11 @@ impl Memtable {
         self.active.is_empty() && self.frozen.is_none() && self.header.index <= flushed_index
     }
 
-    /// Drops the frozen layer once the file holds it.
-    pub fn flushed(&mut self) {
+    /// Drops the frozen layer once the file holds it, and `file_keys` keys.
+    pub fn flushed(&mut self, file_keys: u64) {
         self.frozen = None;
+        self.file_keys = file_keys;
+        self.frozen_keys_added = 0;
         self.generation += 1;
     }
 
@@ -317,7 +418,9 @@ impl Memtable {
 
 /// Merges changes collected from memory (see [`Memtable::collect_range`])
 /// with the file's records of the same range, in key order: memory's change
-/// wins, deletes hide the file's record. Stops at `known_until` (memory past
+/// wins (resolved against the file's record, see [`resolve`]), deletes hide
+/// the file's record. The file's records must be of a read view taken with
+/// the memory collected. Stops at `known_until` (memory past
 /// it was not collected); returns whether more may follow (it stopped there,
 /// or memory holds changes past it).
 pub fn merge<E>(
@@ -329,6 +432,9 @@ pub fn merge<E>(
     let mut memory = memory.into_iter().peekable();
     let mut file = file.peekable();
     loop {
+        // The file's record of a key memory changed resolves memory's
+        // record if that was applied unresolved.
+        let mut below = None;
         let from_file = match (memory.peek(), file.peek()) {
             (None, None) => return Ok(known_until.is_some()),
             (Some(_), None) => false,
@@ -339,7 +445,7 @@ pub fn merge<E>(
             (None, Some(Ok(_))) => true,
             (Some((m, _)), Some(Ok((f, _)))) => {
                 if m == f {
-                    file.next();
+                    below = file.next().and_then(Result::ok).map(|(_, record)| record);
                     false
                 } else {
                     f < m
@@ -353,7 +459,7 @@ pub fn merge<E>(
             }
         } else {
             match memory.next() {
-                Some((key, Some(value))) => (key, value),
+                Some((key, Some(value))) => (key, resolve(value, below.as_ref())),
                 Some((_, None)) => continue,
                 None => unreachable!("peeked a change"),
             }
@@ -373,9 +479,22 @@ mod tests {
 
     fn value(v: &str) -> Change {
         Some(StoredValue {
-            value: v.as_bytes().to_vec(),
-            ..Default::default()
+            value: v.as_bytes().to_vec().into(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
         })
+    }
+
+    fn record(create_revision: u64, mod_revision: u64, version: u64) -> StoredValue {
+        StoredValue {
+            value: b"v".to_vec().into(),
+            create_revision,
+            mod_revision,
+            version,
+            lease: 0,
+        }
     }
 
     fn header(index: u64) -> SnapshotHeader {
@@ -408,7 +527,7 @@ mod tests {
             Ok::<_, ()>((
                 k.as_bytes().to_vec(),
                 StoredValue {
-                    value: v.as_bytes().to_vec(),
+                    value: v.as_bytes().to_vec().into(),
                     ..Default::default()
                 },
             ))
@@ -421,7 +540,7 @@ mod tests {
             out.push(format!(
                 "{}={}",
                 String::from_utf8(k).unwrap(),
-                String::from_utf8(v.value).unwrap()
+                String::from_utf8(v.value.to_vec()).unwrap()
             ));
             true
         })
@@ -441,7 +560,9 @@ mod tests {
         assert_eq!(mem.lookup(b"d"), None);
         let (pairs, _) = scan(&mem, &[("a", "0"), ("b", "0"), ("d", "0")], 0);
         assert_eq!(pairs, ["a=2", "c=3", "d=0"]);
-        mem.flushed();
+        assert_eq!(mem.keys(), 2, "2 in the file, -1 frozen, +1 active");
+        // The file now holds a (and not b): 1 key, and the active layer's c.
+        mem.flushed(1);
         assert_eq!(mem.lookup(b"b"), None, "once flushed, the file has it");
         assert_eq!(mem.keys(), 2);
     }
@@ -478,6 +599,57 @@ mod tests {
         let file = [Ok::<_, ()>((b"e".to_vec(), StoredValue::default()))];
         let stopped = merge(memory, until.as_deref(), file.into_iter(), |_, _| true).unwrap();
         assert!(stopped);
+    }
+
+    #[test]
+    fn an_unresolved_put_takes_create_revision_and_version_from_the_record_below_it() {
+        let put = record(0, 9, 0);
+        assert!(is_unresolved(&put));
+        // The key was absent: this put created it.
+        assert_eq!(resolve(put.clone(), None), record(9, 9, 1));
+        // It replaced a record: carried on from that one.
+        assert_eq!(resolve(put.clone(), Some(&record(3, 5, 4))), record(3, 9, 5));
+        // The file holds the put itself (flushed since): its copy says.
+        assert_eq!(resolve(put.clone(), Some(&record(3, 9, 5))), record(3, 9, 5));
+        // A resolved record is left alone.
+        assert_eq!(resolve(record(2, 9, 7), Some(&record(3, 5, 4))), record(2, 9, 7));
+
+        let mut event = Event {
+            revision: 9,
+            change: crate::proto::HistoryEvent {
+                key: b"k".to_vec(),
+                record: Some(put.clone()),
+                prev_mod_revision: 0,
+            },
+        };
+        assert!(is_unresolved_event(&event));
+        resolve_event(&mut event, Some(&record(3, 5, 4)));
+        assert_eq!(event.change.record, Some(record(3, 9, 5)));
+        assert_eq!(event.change.prev_mod_revision, 5);
+        assert!(!is_unresolved_event(&event));
+
+        // A scan resolves memory's unresolved puts against the file's records.
+        let mut mem = Memtable::new(header(8), 1);
+        let mut layer = Layer::default();
+        layer.insert(b"a".to_vec(), Some(record(0, 9, 0)));
+        layer.insert(b"b".to_vec(), Some(record(0, 9, 0)));
+        mem.commit(Applied {
+            changes: layer,
+            header: header(9),
+            ..Default::default()
+        });
+        let (memory, until) = mem.collect_range(b"", b"", Bound::Unbounded, 0, usize::MAX);
+        let file = [Ok::<_, ()>((b"a".to_vec(), record(3, 5, 4)))];
+        let mut seen = Vec::new();
+        merge(memory, until.as_deref(), file.into_iter(), |k, v| {
+            seen.push((k, v));
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [(b"a".to_vec(), record(3, 9, 5)), (b"b".to_vec(), record(9, 9, 1))]
+        );
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //! Readers see memory over the file. Views for snapshots and backups are
 //! read transactions of the file, as of a flush.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +34,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::history::{self, read_counter, Retention};
 use super::lease_tables::{self, LEASES, LEASE_KEYS};
@@ -51,7 +52,7 @@ pub const INCOMING_DIR: &str = "snapshot-incoming";
 pub const FORMAT: u32 = 1;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+pub(super) const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META_STATE: &str = "state";
 /// `SnapshotRecord::table` of the kv table.
 pub const TABLE_KV: u32 = 1;
@@ -152,6 +153,23 @@ pub struct FileReader {
     kv: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
 }
 
+/// What memory holds of a key (see [`StateStore::memory_lookup`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemoryLookup {
+    /// Its newest change (perhaps unresolved).
+    Change {
+        /// The change.
+        change: memtable::Change,
+        /// It is in the frozen layer (being flushed), not the active one.
+        frozen: bool,
+    },
+    /// Nothing: the file has its record.
+    NotHeld {
+        /// The file holds no key at all.
+        file_empty: bool,
+    },
+}
+
 /// Coordinates the flusher thread, the raft loop's flushes and installs.
 #[derive(Default)]
 struct FlushControl {
@@ -201,7 +219,7 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StorageError> {
     Ok(builder.create(path)?)
 }
 
-fn read_header(txn: &ReadTransaction) -> Result<SnapshotHeader, StorageError> {
+pub(super) fn read_header(txn: &ReadTransaction) -> Result<SnapshotHeader, StorageError> {
     let meta = match txn.open_table(META) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(SnapshotHeader::default()),
@@ -223,7 +241,7 @@ fn decode_header(bytes: Option<&[u8]>) -> Result<SnapshotHeader, StorageError> {
     }
 }
 
-fn decode_value(bytes: &[u8]) -> Result<StoredValue, StorageError> {
+pub(super) fn decode_value(bytes: &[u8]) -> Result<StoredValue, StorageError> {
     StoredValue::decode(bytes)
         .map_err(|e| StorageError::Corrupt(format!("state store: a value record does not decode: {e}")))
 }
@@ -355,14 +373,17 @@ impl StateStore {
             return Ok(());
         };
         let started = Instant::now();
-        if let Err(e) = self.write_frozen(&frozen) {
-            self.flush.state.lock().expect("flush lock poisoned").failed = Some(e.to_string());
-            // A raft loop waiting past the hold limit wakes to the failure.
-            self.flush.flushed.notify_all();
-            return Err(e);
-        }
+        let file_keys = match self.write_frozen(&frozen) {
+            Ok(keys) => keys,
+            Err(e) => {
+                self.flush.state.lock().expect("flush lock poisoned").failed = Some(e.to_string());
+                // A raft loop waiting past the hold limit wakes to the failure.
+                self.flush.flushed.notify_all();
+                return Err(e);
+            }
+        };
         self.durable_index.store(frozen.header.index, Ordering::Release);
-        self.mem.write().expect("memtable lock poisoned").flushed();
+        self.mem.write().expect("memtable lock poisoned").flushed(file_keys);
         // Under the state lock: a waiter checks and sleeps holding it, so it
         // can't miss this.
         let _state = self.flush.state.lock().expect("flush lock poisoned");
@@ -384,13 +405,43 @@ impl StateStore {
     }
 
     /// One durable transaction with every change of `frozen` and its state
-    /// record.
-    fn write_frozen(&self, frozen: &memtable::Frozen) -> Result<(), StorageError> {
+    /// record; returns how many keys the file then holds. Puts applied
+    /// unresolved (see [`memtable::is_unresolved`]) are resolved here
+    /// against the record they replace, which the file still holds: the
+    /// flush reads that leaf to write the key anyway.
+    fn write_frozen(&self, frozen: &memtable::Frozen) -> Result<u64, StorageError> {
         let txn = self.db()?.begin_write()?;
-        {
+        // The record each unresolved change replaced (value dropped), by key:
+        // only a key's first change in a layer can be unresolved.
+        let unresolved_events: HashSet<&[u8]> = frozen
+            .events
+            .iter()
+            .filter(|e| memtable::is_unresolved_event(e))
+            .map(|e| e.change.key.as_slice())
+            .collect();
+        let mut below: HashMap<&[u8], Option<StoredValue>> = HashMap::with_capacity(unresolved_events.len());
+        let keys = {
             let mut kv = txn.open_table(KV)?;
             for (key, change) in frozen.layer.iter() {
+                let unresolved = change.as_ref().is_some_and(memtable::is_unresolved);
+                if unresolved || unresolved_events.contains(key.as_slice()) {
+                    let old = match kv.get(key.as_slice())? {
+                        Some(bytes) => Some(decode_value(bytes.value())?),
+                        None => None,
+                    };
+                    below.insert(
+                        key,
+                        old.map(|o| StoredValue {
+                            value: Default::default(),
+                            ..o
+                        }),
+                    );
+                }
                 match change {
+                    Some(value) if unresolved => {
+                        let resolved = memtable::resolve(value.clone(), below[key.as_slice()].as_ref());
+                        kv.insert(key.as_slice(), resolved.encode_to_vec().as_slice())?;
+                    }
                     Some(value) => {
                         kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?;
                     }
@@ -399,13 +450,22 @@ impl StateStore {
                     }
                 }
             }
-        }
+            kv.len()?
+        };
         lease_tables::write_delta(&txn, &frozen.leases)?;
         let retention = *self.retention.lock().expect("retention lock poisoned");
-        let start = history::write_events(&txn, &frozen.events, frozen.header.index, retention)?;
+        let events = frozen.events.iter().map(|event| {
+            if !memtable::is_unresolved_event(event) {
+                return Cow::Borrowed(event);
+            }
+            let mut resolved = event.clone();
+            memtable::resolve_event(&mut resolved, below[event.change.key.as_slice()].as_ref());
+            Cow::Owned(resolved)
+        });
+        let start = history::write_events(&txn, events, frozen.header.index, retention)?;
         commit_with_header(txn, &frozen.header)?;
         self.history_start.store(start, Ordering::Relaxed);
-        Ok(())
+        Ok(keys)
     }
 
     /// Adds a batch the raft loop applied: its changes, the state record it
@@ -476,31 +536,87 @@ impl StateStore {
     /// memory and the file have moved on together (a read transaction per
     /// lookup costs more than the lookup when the page is cached).
     pub fn get_with(&self, key: &[u8], reader: &mut Option<FileReader>) -> Result<Option<StoredValue>, StorageError> {
-        // Not in memory: the file holds the newest record (a flush drops a
-        // frozen layer only after committing it). A view taken before that
-        // commit is still good while memory holds the layer; the generation
-        // moves on when it goes. The file's handle is taken under the memory
-        // lock (an install swaps both at once), the view opened after it.
-        let stale = {
+        let held = {
             let mem = self.mem.read().expect("memtable lock poisoned");
-            if let Some(change) = mem.lookup(key) {
-                return Ok(change.clone());
+            let held = mem.lookup(key).cloned();
+            match &held {
+                Some(Some(record)) if memtable::is_unresolved(record) => {}
+                Some(change) => return Ok(change.clone()),
+                None => {}
             }
-            let generation = mem.generation();
-            match reader {
-                Some(r) if r.generation == generation => None,
-                _ => Some((generation, self.db()?)),
-            }
+            self.refresh_reader(&mem, reader)?;
+            held
         };
-        if let Some((generation, db)) = stale {
-            let txn = db.begin_read()?;
-            let kv = match txn.open_table(KV) {
-                Ok(t) => Some(t),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(e.into()),
+        let in_file = Self::read_file(key, reader)?;
+        Ok(match held {
+            // Applied unresolved: the file's record (older, or this one
+            // once flushed) resolves it.
+            Some(Some(record)) => Some(memtable::resolve(record, in_file.as_ref())),
+            _ => in_file,
+        })
+    }
+
+    /// What memory holds of `key`: a change (perhaps unresolved), or
+    /// nothing, in which case the file has the key's record; `file_empty`
+    /// says the file holds no key at all (so none need be read).
+    pub fn memory_lookup(&self, key: &[u8]) -> MemoryLookup {
+        let mem = self.mem.read().expect("memtable lock poisoned");
+        if let Some(change) = mem.active().get(key) {
+            return MemoryLookup::Change {
+                change: change.clone(),
+                frozen: false,
             };
-            *reader = Some(FileReader { generation, kv });
         }
+        match mem.frozen().and_then(|f| f.layer.get(key)) {
+            Some(change) => MemoryLookup::Change {
+                change: change.clone(),
+                frozen: true,
+            },
+            None => MemoryLookup::NotHeld {
+                file_empty: mem.file_keys() == 0,
+            },
+        }
+    }
+
+    /// The file's record of `key` through `reader` (see [`Self::get_with`]),
+    /// memory not looked at: for a change memory holds unresolved, the
+    /// record it replaced (or, flushed since, its resolved copy).
+    pub fn file_record(
+        &self,
+        key: &[u8],
+        reader: &mut Option<FileReader>,
+    ) -> Result<Option<StoredValue>, StorageError> {
+        {
+            let mem = self.mem.read().expect("memtable lock poisoned");
+            self.refresh_reader(&mem, reader)?;
+        }
+        Self::read_file(key, reader)
+    }
+
+    /// Opens `reader` again if memory moved on since (or it was never
+    /// opened). Not in memory: the file holds the newest record (a flush
+    /// drops a frozen layer only after committing it). A view taken before
+    /// that commit is still good while memory holds the layer; the
+    /// generation moves on when it goes. The view is opened under the memory
+    /// lock (an install swaps both at once), so it holds nothing newer than
+    /// what memory shows: a record applied unresolved finds in it either the
+    /// record it replaced or itself, never a later one.
+    fn refresh_reader(&self, mem: &Memtable, reader: &mut Option<FileReader>) -> Result<(), StorageError> {
+        let generation = mem.generation();
+        if reader.as_ref().is_some_and(|r| r.generation == generation) {
+            return Ok(());
+        }
+        let txn = self.db()?.begin_read()?;
+        let kv = match txn.open_table(KV) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        *reader = Some(FileReader { generation, kv });
+        Ok(())
+    }
+
+    fn read_file(key: &[u8], reader: &Option<FileReader>) -> Result<Option<StoredValue>, StorageError> {
         let Some(kv) = reader.as_ref().and_then(|r| r.kv.as_ref()) else {
             return Ok(None);
         };
@@ -510,9 +626,63 @@ impl StateStore {
         }
     }
 
-    /// Number of keys.
+    /// Number of keys, exactly: puts memory holds unresolved (see
+    /// [`memtable::is_unresolved`]) are looked up in the file to see
+    /// whether they created their key, a file read each. For a metric,
+    /// [`Self::len_as_flushed`] costs nothing.
     pub fn len(&self) -> Result<u64, StorageError> {
-        Ok(self.mem.read().expect("memtable lock poisoned").keys())
+        let unresolved = |layer: &memtable::Layer| -> Vec<Vec<u8>> {
+            layer
+                .iter()
+                .filter(|(_, change)| change.as_ref().is_some_and(memtable::is_unresolved))
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        // Memory's unresolved puts and a view of the file, as of one moment.
+        let (txn, frozen, active, (frozen_added, active_added)) = {
+            let mem = self.mem.read().expect("memtable lock poisoned");
+            let frozen = mem.frozen().map(|f| (f.header.index, unresolved(&f.layer)));
+            let active = unresolved(mem.active());
+            if active.is_empty() && frozen.as_ref().is_none_or(|(_, keys)| keys.is_empty()) {
+                return Ok(mem.keys());
+            }
+            (self.db()?.begin_read()?, frozen, active, mem.keys_added())
+        };
+        let kv = match txn.open_table(KV) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let absent = |key: &[u8]| -> Result<bool, StorageError> {
+            Ok(match &kv {
+                Some(t) => t.get(key)?.is_none(),
+                None => true,
+            })
+        };
+        let mut count = kv.as_ref().map_or(Ok(0), |t| t.len())? as i64 + active_added;
+        // The frozen layer counts unless the file holds it already (its
+        // flush committed, memory not told yet).
+        if let Some((index, keys)) = frozen {
+            if read_header(&txn)?.index < index {
+                count += frozen_added;
+                for key in keys {
+                    count += i64::from(absent(&key)?);
+                }
+            }
+        }
+        // The active layer's unresolved puts replaced what the file holds
+        // (the frozen layer didn't have their keys).
+        for key in active {
+            count += i64::from(absent(&key)?);
+        }
+        Ok(count.max(0) as u64)
+    }
+
+    /// Number of keys as of the last flush, with the changes since as far
+    /// as known without reading the file (a put applied unresolved counts
+    /// as replacing a key until the flush that writes it): for metrics.
+    pub fn len_as_flushed(&self) -> u64 {
+        self.mem.read().expect("memtable lock poisoned").keys()
     }
 
     /// True when no key is held.
@@ -975,10 +1145,14 @@ mod tests {
         }
     }
 
+    /// A resolved record (see `memtable::is_unresolved`).
     fn value(len: usize) -> StoredValue {
         StoredValue {
-            value: vec![7; len],
-            ..Default::default()
+            value: vec![7; len].into(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
         }
     }
 

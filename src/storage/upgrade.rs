@@ -66,7 +66,7 @@ pub fn convert_legacy_snapshots(data_dir: &Path) -> Result<Option<Converted>, St
     let keys = data.pairs.len() as u64;
     for pair in data.pairs {
         let record = StoredValue {
-            value: pair.value,
+            value: pair.value.into(),
             create_revision: meta.index,
             mod_revision: meta.index,
             version: 1,
