@@ -12,15 +12,19 @@
 # Prints each phase's JSON and a summary table with the ratios the targets use.
 #
 # usage: bench/scale.sh [FILL_SPACE]   (default 600000: about 520k keys held)
+#   BIN_DIR=DIR bench/scale.sh   runs the kvraftd and kvraft in DIR instead of
+#   building this tree (to compare two builds on the same day, alternately).
 # Takes several minutes (the fill dominates); not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILL_SPACE=${1:-600000}
 WORK=$(mktemp -d)
-B=target/release
+B=${BIN_DIR:-target/release}
 trap 'pkill -9 -f "kvraftd --id [1234] --data-dir $WORK" || true; rm -rf "$WORK"' EXIT
 
-cargo build --release --locked --bin kvraftd --bin kvraft
+if [ -z "${BIN_DIR:-}" ]; then
+  cargo build --release --locked --bin kvraftd --bin kvraft
+fi
 
 CLUSTER=1=127.0.0.1:17480,2=127.0.0.1:17482,3=127.0.0.1:17484
 ENDPOINTS=127.0.0.1:17479,127.0.0.1:17481,127.0.0.1:17483
@@ -63,7 +67,9 @@ cpu_sample() { # N: written to $WORK/cpu-N
     done
   done | awk '{s[$1] += $2} END {for (k in s) print k, s[k]}' | sort >"$WORK/cpu-$1"
 }
-PHASE_PUTS=100000
+# Long enough for several flushes (every 5 s) in each phase: the flusher's
+# share of the CPU per put depends on how many fall inside it.
+PHASE_PUTS=200000
 cpu_sample 0
 bench small put --clients 128 --conns 16 --total $PHASE_PUTS --key-space 10000
 cpu_sample 1
