@@ -34,7 +34,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDefinition};
 
 use super::history::{self, read_counter, Retention};
 use super::lease_tables::{self, LEASES, LEASE_KEYS};
@@ -424,30 +424,33 @@ impl StateStore {
             let mut kv = txn.open_table(KV)?;
             for (key, change) in frozen.layer.iter() {
                 let unresolved = change.as_ref().is_some_and(memtable::is_unresolved);
-                if unresolved || unresolved_events.contains(key.as_slice()) {
-                    let old = match kv.get(key.as_slice())? {
-                        Some(bytes) => Some(decode_value(bytes.value())?),
-                        None => None,
+                let needed = unresolved || unresolved_events.contains(key.as_slice());
+                // The write returns the record it replaced: an unresolved put
+                // is written as it is, then again resolved from that record
+                // (into the leaf the first write made dirty: cheaper than
+                // reading the old record first).
+                let replaced = {
+                    let old = match change {
+                        Some(value) => kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?,
+                        None => kv.remove(key.as_slice())?,
                     };
+                    match old {
+                        Some(bytes) if needed => Some(decode_value(bytes.value())?),
+                        _ => None,
+                    }
+                };
+                if needed {
                     below.insert(
                         key,
-                        old.map(|o| StoredValue {
+                        replaced.map(|o| StoredValue {
                             value: Default::default(),
                             ..o
                         }),
                     );
                 }
-                match change {
-                    Some(value) if unresolved => {
-                        let resolved = memtable::resolve(value.clone(), below[key.as_slice()].as_ref());
-                        kv.insert(key.as_slice(), resolved.encode_to_vec().as_slice())?;
-                    }
-                    Some(value) => {
-                        kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?;
-                    }
-                    None => {
-                        kv.remove(key.as_slice())?;
-                    }
+                if let Some(value) = change.as_ref().filter(|_| unresolved) {
+                    let resolved = memtable::resolve(value.clone(), below[key.as_slice()].as_ref());
+                    kv.insert(key.as_slice(), resolved.encode_to_vec().as_slice())?;
                 }
             }
             kv.len()?
