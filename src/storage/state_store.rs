@@ -407,8 +407,8 @@ impl StateStore {
     /// One durable transaction with every change of `frozen` and its state
     /// record; returns how many keys the file then holds. Puts applied
     /// unresolved (see [`memtable::is_unresolved`]) are resolved here
-    /// against the record they replace, which the file still holds: the
-    /// flush reads that leaf to write the key anyway.
+    /// against the record they replace, which the file still holds and the
+    /// write of the key returns.
     fn write_frozen(&self, frozen: &memtable::Frozen) -> Result<u64, StorageError> {
         let txn = self.db()?.begin_write()?;
         // The record each unresolved change replaced (value dropped), by key:
