@@ -18,7 +18,7 @@ use prost::Message as _;
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 
 use super::memtable;
-use super::state_store::{StateStore, META};
+use super::state_store::{open_existing, read_header, read_record, StateStore, KV, META};
 use super::StorageError;
 use crate::proto::HistoryEvent;
 use crate::proto::{HistoryChunk, HistoryChunkRevisions, KeyRange, StoredValue};
@@ -415,11 +415,7 @@ impl StateStore {
             self.db()?.begin_read()?
         };
         resolve_events(&txn, found.iter_mut().flatten().flatten())?;
-        let table = match txn.open_table(HISTORY) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
+        let table = open_existing(&txn, HISTORY)?;
         let mut records: Vec<Option<StoredValue>> = Vec::with_capacity(wanted.len());
         let mut left = Vec::new();
         for (i, event) in found.into_iter().enumerate() {
@@ -460,17 +456,9 @@ pub(super) fn resolve_events<'a>(
     if events.peek().is_none() {
         return Ok(());
     }
-    let flushed = super::state_store::read_header(txn)?.index;
-    let kv = match txn.open_table(super::state_store::KV) {
-        Ok(t) => Some(t),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let history = match txn.open_table(HISTORY) {
-        Ok(t) => Some(t),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let flushed = read_header(txn)?.index;
+    let kv = open_existing(txn, KV)?;
+    let history = open_existing(txn, HISTORY)?;
     let mut chunks = ChunkCache::default();
     for event in events {
         if event.revision <= flushed {
@@ -481,13 +469,7 @@ pub(super) fn resolve_events<'a>(
                 }
             }
         }
-        let below = match &kv {
-            Some(t) => match t.get(event.change.key.as_slice())? {
-                Some(bytes) => Some(super::state_store::decode_value(bytes.value())?),
-                None => None,
-            },
-            None => None,
-        };
+        let below = read_record(kv.as_ref(), &event.change.key)?;
         if event.revision <= flushed && below.as_ref().is_none_or(|b| b.mod_revision != event.revision) {
             // Flushed, and dropped from the history at once by a retention
             // shorter than a flush, then changed again: what it replaced is

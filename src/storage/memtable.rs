@@ -232,9 +232,15 @@ impl Memtable {
 
     /// The newest change to `key` held in memory (`None`: look in the file).
     pub fn lookup(&self, key: &[u8]) -> Option<&Change> {
-        self.active
-            .get(key)
-            .or_else(|| self.frozen.as_ref().and_then(|f| f.layer.get(key)))
+        self.locate(key).map(|(change, _)| change)
+    }
+
+    /// [`Self::lookup`], and whether the change is in the frozen layer.
+    pub fn locate(&self, key: &[u8]) -> Option<(&Change, bool)> {
+        match self.active.get(key) {
+            Some(change) => Some((change, false)),
+            None => self.frozen.as_ref()?.layer.get(key).map(|change| (change, true)),
+        }
     }
 
     /// Adds a committed batch.

@@ -241,9 +241,36 @@ fn decode_header(bytes: Option<&[u8]>) -> Result<SnapshotHeader, StorageError> {
     }
 }
 
-pub(super) fn decode_value(bytes: &[u8]) -> Result<StoredValue, StorageError> {
+fn decode_value(bytes: &[u8]) -> Result<StoredValue, StorageError> {
     StoredValue::decode(bytes)
         .map_err(|e| StorageError::Corrupt(format!("state store: a value record does not decode: {e}")))
+}
+
+/// A table of a read view, or `None` if the file has none yet (nothing was
+/// ever written to it).
+pub(super) fn open_existing<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, StorageError> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A key's record in a kv table (`None`: the table is absent, or the key).
+pub(super) fn read_record(
+    kv: Option<&impl redb::ReadableTable<&'static [u8], &'static [u8]>>,
+    key: &[u8],
+) -> Result<Option<StoredValue>, StorageError> {
+    match kv {
+        Some(t) => match t.get(key)? {
+            Some(bytes) => Ok(Some(decode_value(bytes.value())?)),
+            None => Ok(None),
+        },
+        None => Ok(None),
+    }
 }
 
 impl StateStore {
@@ -531,14 +558,7 @@ impl StateStore {
 
     /// One key's newest record.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        self.get_with(key, &mut None)
-    }
-
-    /// [`Self::get`] for many lookups in a row (a batch's): the file is
-    /// read through `reader`, opened on first need and again only once
-    /// memory and the file have moved on together (a read transaction per
-    /// lookup costs more than the lookup when the page is cached).
-    pub fn get_with(&self, key: &[u8], reader: &mut Option<FileReader>) -> Result<Option<StoredValue>, StorageError> {
+        let mut reader = None;
         let held = {
             let mem = self.mem.read().expect("memtable lock poisoned");
             let held = mem.lookup(key).cloned();
@@ -547,10 +567,10 @@ impl StateStore {
                 Some(change) => return Ok(change.clone()),
                 None => {}
             }
-            self.refresh_reader(&mem, reader)?;
+            self.refresh_reader(&mem, &mut reader)?;
             held
         };
-        let in_file = Self::read_file(key, reader)?;
+        let in_file = Self::read_file(key, &reader)?;
         Ok(match held {
             // Applied unresolved: the file's record (older, or this one
             // once flushed) resolves it.
@@ -564,16 +584,10 @@ impl StateStore {
     /// says the file holds no key at all (so none need be read).
     pub fn memory_lookup(&self, key: &[u8]) -> MemoryLookup {
         let mem = self.mem.read().expect("memtable lock poisoned");
-        if let Some(change) = mem.active().get(key) {
-            return MemoryLookup::Change {
+        match mem.locate(key) {
+            Some((change, frozen)) => MemoryLookup::Change {
                 change: change.clone(),
-                frozen: false,
-            };
-        }
-        match mem.frozen().and_then(|f| f.layer.get(key)) {
-            Some(change) => MemoryLookup::Change {
-                change: change.clone(),
-                frozen: true,
+                frozen,
             },
             None => MemoryLookup::NotHeld {
                 file_empty: mem.file_keys() == 0,
@@ -581,9 +595,12 @@ impl StateStore {
         }
     }
 
-    /// The file's record of `key` through `reader` (see [`Self::get_with`]),
-    /// memory not looked at: for a change memory holds unresolved, the
-    /// record it replaced (or, flushed since, its resolved copy).
+    /// The file's record of `key` through `reader`, memory not looked at:
+    /// for a change memory holds unresolved, the record it replaced (or,
+    /// flushed since, its resolved copy). `reader` is opened on first need
+    /// and again only once memory and the file have moved on together: a
+    /// batch's lookups share it (a read transaction per lookup costs more
+    /// than the lookup when the page is cached).
     pub fn file_record(
         &self,
         key: &[u8],
@@ -609,24 +626,13 @@ impl StateStore {
         if reader.as_ref().is_some_and(|r| r.generation == generation) {
             return Ok(());
         }
-        let txn = self.db()?.begin_read()?;
-        let kv = match txn.open_table(KV) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
+        let kv = open_existing(&self.db()?.begin_read()?, KV)?;
         *reader = Some(FileReader { generation, kv });
         Ok(())
     }
 
     fn read_file(key: &[u8], reader: &Option<FileReader>) -> Result<Option<StoredValue>, StorageError> {
-        let Some(kv) = reader.as_ref().and_then(|r| r.kv.as_ref()) else {
-            return Ok(None);
-        };
-        match kv.get(key)? {
-            Some(v) => Ok(Some(decode_value(v.value())?)),
-            None => Ok(None),
-        }
+        read_record(reader.as_ref().and_then(|r| r.kv.as_ref()), key)
     }
 
     /// Number of keys, exactly: puts memory holds unresolved (see
@@ -651,17 +657,8 @@ impl StateStore {
             }
             (self.db()?.begin_read()?, frozen, active, mem.keys_added())
         };
-        let kv = match txn.open_table(KV) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let absent = |key: &[u8]| -> Result<bool, StorageError> {
-            Ok(match &kv {
-                Some(t) => t.get(key)?.is_none(),
-                None => true,
-            })
-        };
+        let kv = open_existing(&txn, KV)?;
+        let absent = |key: &[u8]| -> Result<bool, StorageError> { Ok(read_record(kv.as_ref(), key)?.is_none()) };
         let mut count = kv.as_ref().map_or(Ok(0), |t| t.len())? as i64 + active_added;
         // The frozen layer counts unless the file holds it already (its
         // flush committed, memory not told yet).
@@ -722,11 +719,7 @@ impl StateStore {
             let (memory, known_until) = mem.collect_range(prefix, start, upper, limit, max_bytes);
             (memory, known_until, self.db()?.begin_read()?)
         };
-        let kv = match txn.open_table(KV) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
+        let kv = open_existing(&txn, KV)?;
         let range = match &kv {
             Some(t) => Some(t.range::<&[u8]>((Bound::Included(start), upper))?),
             None => None,
