@@ -360,6 +360,17 @@ enum Uncounted {
     InActive,
 }
 
+impl Uncounted {
+    /// `place` for a change that is a put applied unresolved, else `No`.
+    fn of(change: &Change, place: Uncounted) -> Uncounted {
+        if change.as_ref().is_some_and(memtable::is_unresolved) {
+            place
+        } else {
+            Uncounted::No
+        }
+    }
+}
+
 /// A key's record as the batch sees it (see [`Batch::lookup`]).
 struct Looked {
     record: Option<StoredValue>,
@@ -473,24 +484,15 @@ impl<'a> Batch<'a> {
     /// What the batch holds of `key` (`pending` included) without reading
     /// the file.
     fn find(&self, pending: &Pending, key: &[u8]) -> Seen {
-        let unresolved = |change: &Change| change.as_ref().is_some_and(memtable::is_unresolved);
         if let Some(change) = pending.layer.get(key).or_else(|| self.changes.get(key)) {
             return Seen::Change {
+                uncounted: Uncounted::of(change, Uncounted::InBatch),
                 change: change.clone(),
-                uncounted: if unresolved(change) {
-                    Uncounted::InBatch
-                } else {
-                    Uncounted::No
-                },
             };
         }
         match self.store.memory_lookup(key) {
             MemoryLookup::Change { change, frozen } => Seen::Change {
-                uncounted: if !frozen && unresolved(&change) {
-                    Uncounted::InActive
-                } else {
-                    Uncounted::No
-                },
+                uncounted: Uncounted::of(&change, if frozen { Uncounted::No } else { Uncounted::InActive }),
                 change,
             },
             MemoryLookup::NotHeld { file_empty: true } => Seen::Absent,
@@ -556,21 +558,19 @@ impl<'a> Batch<'a> {
                 return Ok(Err(refusal));
             }
         }
-        let record = match (&looked, previous) {
-            (None, _) => StoredValue {
-                value: value.into(),
-                create_revision: 0,
-                mod_revision: index,
-                version: 0,
-                lease,
-            },
-            (Some(_), previous) => StoredValue {
-                value: value.into(),
-                create_revision: previous.map_or(index, |p| p.create_revision),
-                mod_revision: index,
-                version: previous.map_or(1, |p| p.version + 1),
-                lease,
-            },
+        let (create_revision, version) = match &looked {
+            None => (0, 0),
+            Some(_) => (
+                previous.map_or(index, |p| p.create_revision),
+                previous.map_or(1, |p| p.version + 1),
+            ),
+        };
+        let record = StoredValue {
+            value: value.into(),
+            create_revision,
+            mod_revision: index,
+            version,
+            lease,
         };
         let previous = looked.as_ref().map_or(Previous::Unknown, Looked::previous);
         pending.change(index, key, Some(record), previous);
