@@ -43,6 +43,15 @@ fn revisions(store: &StateStore, key: &str) -> Option<(u64, u64, u64)> {
         .map(|r| (r.create_revision, r.mod_revision, r.version))
 }
 
+/// A state machine whose file holds `keys` (each set to "1" at revisions 1..),
+/// memory empty: the next put of any key is applied unresolved.
+fn flushed_with(keys: &[&str]) -> (tempfile::TempDir, StateMachine) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    apply_all(&mut sm, 1, keys.iter().map(|k| set(k, "1")).collect(), true);
+    (dir, sm)
+}
+
 /// True if memory holds `key`'s newest record unresolved.
 fn held_unresolved(store: &StateStore, key: &str) -> bool {
     matches!(
@@ -72,9 +81,7 @@ fn history(store: &StateStore, from: u64) -> Vec<(u64, String, u64, u64, u64)> {
 
 #[test]
 fn puts_over_flushed_keys_read_back_as_if_the_record_they_replaced_was_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sm = machine(dir.path());
-    apply_all(&mut sm, 1, vec![set("a", "1"), set("b", "1")], true);
+    let (dir, mut sm) = flushed_with(&["a", "b"]);
     // a replaces a record only the file holds; c is new.
     apply_all(&mut sm, 3, vec![set("a", "2"), set("c", "1")], false);
     let store = sm.store().clone();
@@ -137,9 +144,7 @@ fn puts_over_flushed_keys_read_back_as_if_the_record_they_replaced_was_read() {
 
 #[test]
 fn keys_created_unresolved_and_deleted_again_count_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sm = machine(dir.path());
-    apply_all(&mut sm, 1, vec![set("old", "1")], true);
+    let (_dir, mut sm) = flushed_with(&["old"]);
     let store = sm.store().clone();
     // Created and deleted in one batch, then across batches, then by a
     // range; an update of a flushed key deleted too.
@@ -195,14 +200,12 @@ fn the_file_empty_means_absent_without_deferring() {
 
 #[test]
 fn a_flush_between_a_lookup_and_its_commit_counts_each_key_once() {
-    for second in [set("n", "2"), delete("n")] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sm = machine(dir.path());
-        apply_all(&mut sm, 1, vec![set("old", "1")], true);
+    // The second write of n, and the keys held after it.
+    for (second, expected) in [(set("n", "2"), 2), (delete("n"), 1)] {
+        let (_dir, mut sm) = flushed_with(&["old"]);
         apply_all(&mut sm, 2, vec![set("n", "1")], false);
         let store = sm.store().clone();
         assert!(held_unresolved(&store, "n"));
-        let expected = if second.op == delete("n").op { 1 } else { 2 };
         // The batch finds n's put in the active layer, unresolved; the
         // flusher then takes that layer (and counts n) before the batch is
         // committed.

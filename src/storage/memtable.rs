@@ -483,13 +483,11 @@ pub fn merge<E>(
 mod tests {
     use super::*;
 
+    /// A resolved record of `v`.
     fn value(v: &str) -> Change {
         Some(StoredValue {
             value: v.as_bytes().to_vec().into(),
-            create_revision: 1,
-            mod_revision: 1,
-            version: 1,
-            lease: 0,
+            ..record(1, 1, 1)
         })
     }
 
