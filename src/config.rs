@@ -147,7 +147,7 @@ impl Default for NodeConfig {
             join: false,
             snapshot_threshold: 100_000,
             snapshot_catchup_entries: 5_000,
-            store_cache_mb: 32,
+            store_cache_mb: 16,
             history_retention_revisions: 1_000_000,
             history_retention_mb: 256,
             tick_ms: 100,
