@@ -10,6 +10,16 @@
 //!   the commit (no garbage collection);
 //! - `value-table`: headers, with the values in a second table keyed by an
 //!   increasing id (appended, never deleted);
+//! - `value-log-gc`: `value-log` in 64 MiB segments with garbage collection:
+//!   while the log holds more than GC_SPACE (env, default 2) times the live
+//!   bytes, the segment with
+//!   the most dead records is read back and its live records (the header
+//!   still points at them) are appended again and their headers rewritten,
+//!   in the flush's transaction; then the segment is deleted. Runs
+//!   GC_FLUSHES (env, default 30) timed flushes so collection reaches its
+//!   steady state. GC_BITMAP=1 tells live records by in-memory bitmaps of
+//!   the dead ones (kept from the replaced headers) instead of a header
+//!   lookup per record;
 //! - `chunks`: key-ordered chunks of records, one entry per chunk of up to
 //!   CHUNK_BYTES (env, default 48 KiB).
 
@@ -71,6 +81,7 @@ struct Bench {
     value_log: std::fs::File,
     next_id: u64,
     chunk_bytes: usize,
+    segments: segments::Log,
 }
 
 impl Bench {
@@ -81,6 +92,17 @@ impl Bench {
         if self.layout == "chunks" {
             random.fill(&mut record);
             chunks::write(&txn, keys, &record, self.chunk_bytes);
+        } else if self.layout == "value-log-gc" {
+            let mut kv = txn.open_table(KV).expect("kv");
+            self.segments.collect(&mut kv);
+            for key in keys {
+                random.fill(&mut record);
+                let header = self.segments.append(key, &record);
+                if let Some(old) = kv.insert(key.as_slice(), header.as_slice()).expect("insert") {
+                    self.segments.dead(old.value());
+                }
+            }
+            self.segments.sync();
         } else {
             let mut kv = txn.open_table(KV).expect("kv");
             let mut values = txn.open_table(VALUES).expect("values");
@@ -112,6 +134,150 @@ impl Bench {
         txn.set_durability(Durability::Immediate);
         txn.set_quick_repair(true);
         txn.commit().expect("commit");
+    }
+}
+
+mod segments {
+    //! A value log in segment files, with the dead bytes of each known from
+    //! the headers each put replaces.
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::io::Read as _;
+
+    const SEGMENT_BYTES: u64 = 64 << 20;
+    const ENTRY: u64 = 16 + RECORD as u64;
+
+    #[derive(Default)]
+    struct Segment {
+        len: u64,
+        dead: u64,
+        /// Which records are dead, by ordinal.
+        dead_records: Vec<u64>,
+    }
+
+    pub struct Log {
+        dir: std::path::PathBuf,
+        segments: BTreeMap<u32, Segment>,
+        head: u32,
+        buffer: Vec<u8>,
+        pub moved: u64,
+        /// Collect while the log is over this many times the live bytes.
+        space: u64,
+        /// Liveness from the dead-record bitmaps instead of a header lookup.
+        by_bitmap: bool,
+    }
+
+    pub fn header(segment: u32, offset: u64) -> [u8; 24] {
+        let mut header = [7u8; 24];
+        header[..4].copy_from_slice(&segment.to_be_bytes());
+        header[4..12].copy_from_slice(&offset.to_be_bytes());
+        header
+    }
+
+    fn pointer(header: &[u8]) -> (u32, u64) {
+        let segment = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
+        (segment, u64::from_be_bytes(header[4..12].try_into().expect("8 bytes")))
+    }
+
+    impl Log {
+        pub fn new(dir: &std::path::Path) -> Self {
+            Log {
+                dir: dir.to_path_buf(),
+                segments: BTreeMap::from([(0, Segment::default())]),
+                head: 0,
+                buffer: Vec::new(),
+                moved: 0,
+                space: std::env::var("GC_SPACE").map_or(2, |v| v.parse().expect("a number")),
+                by_bitmap: std::env::var("GC_BITMAP").is_ok_and(|v| v == "1"),
+            }
+        }
+
+        fn path(&self, segment: u32) -> std::path::PathBuf {
+            self.dir.join(format!("{segment:08}.seg"))
+        }
+
+        /// Appends a record to the head; returns its header.
+        pub fn append(&mut self, key: &[u8], record: &[u8]) -> [u8; 24] {
+            let head = &self.segments[&self.head];
+            let offset = head.len + self.buffer.len() as u64;
+            self.buffer.extend_from_slice(key);
+            self.buffer.extend_from_slice(record);
+            header(self.head, offset)
+        }
+
+        /// The record a replaced header pointed at is dead.
+        pub fn dead(&mut self, header: &[u8]) {
+            let (segment, offset) = pointer(header);
+            if let Some(segment) = self.segments.get_mut(&segment) {
+                segment.dead += ENTRY;
+                let ordinal = (offset / ENTRY) as usize;
+                if segment.dead_records.len() <= ordinal / 64 {
+                    segment.dead_records.resize(ordinal / 64 + 1, 0);
+                }
+                segment.dead_records[ordinal / 64] |= 1 << (ordinal % 64);
+            }
+        }
+
+        /// Writes and fsyncs the head's new records; starts a new head
+        /// once it is full.
+        pub fn sync(&mut self) {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.path(self.head))
+                .expect("segment");
+            file.write_all(&self.buffer).expect("write");
+            file.sync_data().expect("fsync");
+            let head = self.segments.get_mut(&self.head).expect("head");
+            head.len += self.buffer.len() as u64;
+            self.buffer.clear();
+            if head.len >= SEGMENT_BYTES {
+                self.head += 1;
+                self.segments.insert(self.head, Segment::default());
+            }
+        }
+
+        /// While the log holds more than `space` times its live bytes, moves the
+        /// live records of the emptiest segment to the head and deletes it.
+        pub fn collect(&mut self, kv: &mut redb::Table<&[u8], &[u8]>) {
+            loop {
+                let total: u64 = self.segments.values().map(|s| s.len).sum();
+                let dead: u64 = self.segments.values().map(|s| s.dead).sum();
+                if total <= self.space * (total - dead) {
+                    return;
+                }
+                let Some((&victim, _)) = self
+                    .segments
+                    .iter()
+                    .filter(|(&id, _)| id != self.head)
+                    .max_by_key(|(_, s)| s.dead)
+                else {
+                    return;
+                };
+                let mut bytes = Vec::new();
+                std::fs::File::open(self.path(victim))
+                    .and_then(|mut f| f.read_to_end(&mut bytes))
+                    .expect("read segment");
+                let dead_records = std::mem::take(&mut self.segments.get_mut(&victim).expect("victim").dead_records);
+                for (i, entry) in bytes.chunks_exact(ENTRY as usize).enumerate() {
+                    let key = &entry[..16];
+                    let live = if self.by_bitmap {
+                        dead_records.get(i / 64).is_none_or(|word| word & (1 << (i % 64)) == 0)
+                    } else {
+                        kv.get(key)
+                            .expect("get")
+                            .is_some_and(|h| pointer(h.value()) == (victim, i as u64 * ENTRY))
+                    };
+                    if live {
+                        let header = self.append(key, &entry[16..]);
+                        kv.insert(key, header.as_slice()).expect("insert");
+                        self.moved += 1;
+                    }
+                }
+                self.segments.remove(&victim);
+                std::fs::remove_file(self.path(victim)).expect("remove segment");
+            }
+        }
     }
 }
 
@@ -200,6 +366,7 @@ fn main() {
         value_log: std::fs::File::create(dir.join("values.log")).expect("value log"),
         next_id: 0,
         chunk_bytes,
+        segments: segments::Log::new(&dir),
     };
     let mut random = Random(0x2545_F491_4F6C_DD1D);
     // Every key once, in flushes of 100k keys.
@@ -210,7 +377,12 @@ fn main() {
     }
     let mut cpu = 0.0;
     let mut puts = 0;
-    for round in 0..WARM_UP_FLUSHES + TIMED_FLUSHES {
+    let timed = if bench.layout == "value-log-gc" {
+        std::env::var("GC_FLUSHES").map_or(30, |v| v.parse().expect("a number"))
+    } else {
+        TIMED_FLUSHES
+    };
+    for round in 0..WARM_UP_FLUSHES + timed {
         let mut batch: Vec<[u8; 16]> = (0..per_flush).map(|_| key(random.next() % keys)).collect();
         batch.sort();
         batch.dedup();
@@ -229,9 +401,10 @@ fn main() {
     }
     let file_mib = std::fs::metadata(dir.join("kv.redb")).map_or(0, |m| m.len() >> 20);
     println!(
-        "{} with {keys} keys, {per_flush} puts per flush, {cache_mib} MiB cache: {:.2} us of CPU per put (file {file_mib} MiB)",
+        "{} with {keys} keys, {per_flush} puts per flush, {cache_mib} MiB cache: {:.2} us of CPU per put (file {file_mib} MiB; {} records moved by collection)",
         bench.layout,
-        cpu * 1e6 / puts as f64
+        cpu * 1e6 / puts as f64,
+        bench.segments.moved
     );
     drop(bench);
     let _ = std::fs::remove_dir_all(&dir);
