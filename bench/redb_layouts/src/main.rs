@@ -12,14 +12,13 @@
 //!   increasing id (appended, never deleted);
 //! - `value-log-gc`: `value-log` in 64 MiB segments with garbage collection:
 //!   while the log holds more than GC_SPACE (env, default 2) times the live
-//!   bytes, the segment with
-//!   the most dead records is read back and its live records (the header
-//!   still points at them) are appended again and their headers rewritten,
-//!   in the flush's transaction; then the segment is deleted. Runs
-//!   GC_FLUSHES (env, default 30) timed flushes so collection reaches its
-//!   steady state. GC_BITMAP=1 tells live records by in-memory bitmaps of
-//!   the dead ones (kept from the replaced headers) instead of a header
-//!   lookup per record;
+//!   bytes, the segment with the most dead records is read back, its live
+//!   records (the header still points at them) are appended again and their
+//!   headers rewritten in the flush's transaction, and the segment is
+//!   deleted. Runs GC_FLUSHES (env, default 30) timed flushes so collection
+//!   reaches its steady state. GC_BITMAP=1 tells live records by in-memory
+//!   bitmaps of the dead ones (set from each header a put replaces) instead
+//!   of a header lookup per record;
 //! - `chunks`: key-ordered chunks of records, one entry per chunk of up to
 //!   CHUNK_BYTES (env, default 48 KiB).
 
