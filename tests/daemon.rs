@@ -735,7 +735,12 @@ async fn sigint_stops_gracefully_and_logs_can_be_json() {
         tls: Default::default(),
     })
     .unwrap();
-    client.set("k", "v").await.unwrap();
+    // The node may not listen yet (the client says "nothing listening"
+    // at once rather than wait): retry until it takes the write.
+    support::eventually(T, "the node takes a write", || async {
+        client.set("k", "v").await.is_ok()
+    })
+    .await;
 
     signal(child.id(), libc::SIGINT);
     let status = wait_exit(&mut child, T);
