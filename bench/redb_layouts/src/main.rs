@@ -6,8 +6,8 @@
 //! - `inline`: one entry per key holding its whole record (the store today);
 //! - `headers`: one entry per key holding a 24-byte header only (the floor
 //!   of any layout that keeps one entry per key);
-//! - `value-log`: headers, with the values appended to a file fsynced before
-//!   the commit (no garbage collection);
+//! - `value-log`: headers, with the values appended to segment files fsynced
+//!   before the commit (no garbage collection);
 //! - `value-table`: headers, with the values in a second table keyed by an
 //!   increasing id (appended, never deleted);
 //! - `value-log-gc`: `value-log` in 64 MiB segments with garbage collection:
@@ -77,7 +77,6 @@ fn header(id: u64) -> [u8; 24] {
 struct Bench {
     layout: String,
     db: Database,
-    value_log: std::fs::File,
     next_id: u64,
     chunk_bytes: usize,
     segments: segments::Log,
@@ -91,9 +90,11 @@ impl Bench {
         if self.layout == "chunks" {
             random.fill(&mut record);
             chunks::write(&txn, keys, &record, self.chunk_bytes);
-        } else if self.layout == "value-log-gc" {
+        } else if self.layout.starts_with("value-log") {
             let mut kv = txn.open_table(KV).expect("kv");
-            self.segments.collect(&mut kv);
+            if self.layout == "value-log-gc" {
+                self.segments.collect(&mut kv);
+            }
             for key in keys {
                 random.fill(&mut record);
                 let header = self.segments.append(key, &record);
@@ -104,30 +105,20 @@ impl Bench {
             self.segments.sync();
         } else {
             let mut kv = txn.open_table(KV).expect("kv");
-            let mut values = txn.open_table(VALUES).expect("values");
-            let mut log = Vec::new();
+            let mut values = (self.layout == "value-table").then(|| txn.open_table(VALUES).expect("values"));
             for key in keys {
                 random.fill(&mut record);
-                self.next_id += 1;
-                let entry: &[u8] = match self.layout.as_str() {
-                    "inline" => &record,
-                    "headers" => &header(0),
-                    "value-log" => {
-                        log.extend_from_slice(key);
-                        log.extend_from_slice(&record);
-                        &header(log.len() as u64)
-                    }
-                    "value-table" => {
+                let entry: &[u8] = match (self.layout.as_str(), values.as_mut()) {
+                    ("inline", _) => &record,
+                    ("headers", _) => &header(0),
+                    ("value-table", Some(values)) => {
+                        self.next_id += 1;
                         values.insert(self.next_id, record.as_slice()).expect("insert");
                         &header(self.next_id)
                     }
-                    other => panic!("unknown layout {other}"),
+                    (other, _) => panic!("unknown layout {other}"),
                 };
                 kv.insert(key.as_slice(), entry).expect("insert");
-            }
-            if !log.is_empty() {
-                self.value_log.write_all(&log).expect("value log");
-                self.value_log.sync_data().expect("fsync");
             }
         }
         txn.set_durability(Durability::Immediate);
@@ -362,7 +353,6 @@ fn main() {
     let mut bench = Bench {
         layout,
         db: builder.create(dir.join("kv.redb")).expect("create"),
-        value_log: std::fs::File::create(dir.join("values.log")).expect("value log"),
         next_id: 0,
         chunk_bytes,
         segments: segments::Log::new(&dir),
