@@ -41,8 +41,10 @@ pub const STORE_APPLY_DURATION: &str = "kvraft_store_apply_duration_seconds";
 pub const STORE_CHECKPOINT_DURATION: &str = "kvraft_store_checkpoint_duration_seconds";
 /// `kvraft_store_durable_applied_index`: The applied index of the store's last flush (each is fsynced).
 pub const STORE_DURABLE_INDEX: &str = "kvraft_store_durable_applied_index";
-/// `kvraft_store_size_bytes`: The state store file's size on disk.
+/// `kvraft_store_size_bytes`: The state store's size on disk (state.redb and the value log).
 pub const STORE_SIZE: &str = "kvraft_store_size_bytes";
+/// `kvraft_store_value_log_live_bytes`: Bytes of the value log that keys still point to (the rest is garbage to collect).
+pub const STORE_VALUE_LOG_LIVE: &str = "kvraft_store_value_log_live_bytes";
 /// `kvraft_snapshot_stream_bytes_total`: Snapshot stream bytes, by peer and direction (sent, received).
 pub const SNAPSHOT_STREAM_BYTES: &str = "kvraft_snapshot_stream_bytes_total";
 /// `kvraft_snapshot_stream_duration_seconds`: How long a snapshot stream took, by peer and direction.
@@ -197,7 +199,16 @@ fn describe() {
         STORE_DURABLE_INDEX,
         "The applied index of the store's last flush (each is fsynced)."
     );
-    describe_gauge!(STORE_SIZE, Unit::Bytes, "The state store file's size on disk.");
+    describe_gauge!(
+        STORE_SIZE,
+        Unit::Bytes,
+        "The state store's size on disk (state.redb and the value log)."
+    );
+    describe_gauge!(
+        STORE_VALUE_LOG_LIVE,
+        Unit::Bytes,
+        "Bytes of the value log that keys still point to (the rest is garbage to collect)."
+    );
     describe_counter!(
         SNAPSHOT_STREAM_BYTES,
         Unit::Bytes,
@@ -292,6 +303,7 @@ fn zero() {
         KEYS,
         STORE_DURABLE_INDEX,
         STORE_SIZE,
+        STORE_VALUE_LOG_LIVE,
         WATCHERS,
         HISTORY_START,
         LEASES,

@@ -514,7 +514,7 @@ impl<'a> Batch<'a> {
                 change: Some(record),
                 uncounted,
             } if memtable::is_unresolved(&record) => {
-                let below = self.store.file_record(key, &mut file)?;
+                let below = self.store.file_header(key, &mut file)?;
                 Looked {
                     uncounted_create: if below.is_none() { uncounted } else { Uncounted::No },
                     record: Some(memtable::resolve(record, below.as_ref())),
@@ -571,6 +571,7 @@ impl<'a> Batch<'a> {
             mod_revision: index,
             version,
             lease,
+            value_ref: None,
         };
         let previous = looked.as_ref().map_or(Previous::Unknown, Looked::previous);
         pending.change(index, key, Some(record), previous);

@@ -1,6 +1,7 @@
 //! Damage to a stopped follower's files in a 3-node cluster is found at
 //! start and refused with what to do, never served and never a raft panic:
-//! a flipped byte inside a fsynced log record, and a store ahead of its log.
+//! a flipped byte inside a fsynced log record, a store ahead of its log,
+//! and a value log segment cut short.
 
 mod support;
 
@@ -22,12 +23,18 @@ fn newest_log_file(data_dir: &std::path::Path) -> std::path::PathBuf {
 
 /// Starts a cluster, writes, and stops a follower; returns it and the cluster.
 async fn cluster_with_stopped_follower() -> (Cluster, u64) {
+    cluster_with_stopped_follower_holding("").await
+}
+
+/// The same, with `padding` after each value (from 64 bytes on, values go
+/// to the value log).
+async fn cluster_with_stopped_follower_holding(padding: &str) -> (Cluster, u64) {
     let mut cluster = Cluster::start_static(3, &[]);
     let leader = cluster.wait_for_leader(&[1, 2, 3], T).await;
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
     let client = cluster.client(&[1, 2, 3]);
     for i in 0..300 {
-        support::put(&client, format!("key-{i:04}"), format!("value-{i:04}")).await;
+        support::put(&client, format!("key-{i:04}"), format!("value-{i:04}{padding}")).await;
     }
     cluster
         .wait_info(follower, T, "the follower applied everything, durably", |i| {
@@ -83,4 +90,18 @@ async fn a_store_ahead_of_its_log_is_refused_at_start() {
     f.set_len(first_record_end as u64).unwrap();
     drop(f);
     assert_refused(&mut cluster, follower, "the log lost entries it had fsynced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_log_segment_cut_short_is_refused_at_start() {
+    let (mut cluster, follower) = cluster_with_stopped_follower_holding(&"x".repeat(200)).await;
+    let segment = cluster.node(follower).data_dir.join("values/00000001.seg");
+    let len = std::fs::metadata(&segment)
+        .expect("the values went to the value log")
+        .len();
+    assert!(len > 300 * 200, "{len} bytes");
+    let f = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    assert_refused(&mut cluster, follower, "values of keys this node acknowledged are lost");
 }

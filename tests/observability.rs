@@ -47,6 +47,7 @@ const REQUIRED: &[&str] = &[
     "kvraft_store_checkpoint_duration_seconds_bucket",
     "kvraft_store_durable_applied_index",
     "kvraft_store_size_bytes",
+    "kvraft_store_value_log_live_bytes",
     "kvraft_members",
     "process_resident_memory_bytes",
     "process_cpu_seconds_total",

@@ -1101,6 +1101,7 @@ impl RaftLoop {
         self.store.remove_staged_up_to(durable);
         gauge!(metrics::STORE_DURABLE_INDEX).set(durable as f64);
         gauge!(metrics::STORE_SIZE).set(self.store.size_on_disk() as f64);
+        gauge!(metrics::STORE_VALUE_LOG_LIVE).set(self.store.value_log_bytes().1 as f64);
         gauge!(metrics::HISTORY_START).set(self.store.history_start() as f64);
         Ok(())
     }

@@ -425,6 +425,7 @@ mod tests {
             mod_revision: 7,
             version: 2,
             lease: 9,
+            value_ref: None,
         };
         let check = |target, op, number, value| holds(&compare("k", target, op, number, value), Some(&record));
         assert!(check(Target::Value, CmpOp::Equal, 0, "m"));

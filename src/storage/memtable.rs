@@ -498,6 +498,7 @@ mod tests {
             mod_revision,
             version,
             lease: 0,
+            value_ref: None,
         }
     }
 

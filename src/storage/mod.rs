@@ -5,6 +5,8 @@
 //! DATA_DIR/identity          which node and cluster this data dir belongs to (identity.rs)
 //! DATA_DIR/state.redb        the state machine: keys, applied index, membership (state_store.rs;
 //!                            recent changes wait in memory for a flush, memtable.rs)
+//! DATA_DIR/values/           values of 64 bytes and more, in segments the store's records point into
+//!                            (value_log.rs)
 //! DATA_DIR/raft-log/         the raft log, HardState and log bounds, in raft-engine (raft_storage.rs)
 //! DATA_DIR/snapshot-incoming/ snapshots from the leader, built and verified before install (snapshot_stream.rs)
 //! ```
@@ -30,6 +32,7 @@ pub mod snapshot_files;
 pub mod snapshot_stream;
 pub mod state_store;
 pub mod upgrade;
+pub mod value_log;
 
 pub use fs_util::create_private_dir;
 pub use identity::NodeIdentityFile;

@@ -6,7 +6,10 @@
 //! meta   "state"  -> SnapshotHeader: applied index and term, ConfState,
 //!                    members, removed ids, cluster id, format
 //! meta   "history_start", "history_bytes" -> big-endian u64 (see history.rs)
-//! kv     user key -> StoredValue: value, create/mod revision, version, lease
+//! kv     user key -> StoredValue: value (or, from 64 bytes on, a ref to its
+//!        record in the value log, value_log.rs), create/mod revision,
+//!        version, lease
+//! value_segments segment id -> (committed length, live bytes) (value_log.rs)
 //! history_chunks revision (8 bytes BE) + place in it (4 bytes BE) of its
 //!        first change -> HistoryChunk (consecutive changes, see history.rs)
 //! leases     lease id (8 bytes BE) -> LeaseRecord
@@ -39,6 +42,7 @@ use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDe
 use super::history::{self, read_counter, Retention};
 use super::lease_tables::{self, LEASES, LEASE_KEYS};
 use super::memtable::{self, Applied, Memtable};
+use super::value_log::{Segments, ValueLog};
 use super::StorageError;
 use crate::leases::Leases;
 use crate::proto::{KeyValue, SnapshotHeader, StoredValue};
@@ -143,6 +147,8 @@ pub struct StateStore {
     /// The first revision the file's change history holds (for metrics;
     /// readers check the file's own record).
     history_start: AtomicU64,
+    /// Where the file's records point for values of 64 bytes and more.
+    values: ValueLog,
 }
 
 /// A read view of the file kept across lookups (one batch's), good while
@@ -151,6 +157,8 @@ pub struct FileReader {
     generation: u64,
     /// `None`: the file has no key table yet.
     kv: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    /// The value log segments the view may point into.
+    values: Arc<Segments>,
 }
 
 /// What memory holds of a key (see [`StateStore::memory_lookup`]).
@@ -201,6 +209,8 @@ struct Pinned {
 /// state it was taken at.
 pub struct StoreView {
     txn: ReadTransaction,
+    /// The value log segments the view may point into.
+    values: Arc<Segments>,
     /// Applied index, term, membership as of this view.
     pub header: SnapshotHeader,
 }
@@ -259,7 +269,8 @@ pub(super) fn open_existing<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
-/// A key's record in a kv table (`None`: the table is absent, or the key).
+/// A key's record in a kv table (`None`: the table is absent, or the key),
+/// its value perhaps still in the value log (see [`Segments::load`]).
 pub(super) fn read_record(
     kv: Option<&impl redb::ReadableTable<&'static [u8], &'static [u8]>>,
     key: &[u8],
@@ -285,6 +296,7 @@ impl StateStore {
         let db = open_db(&Self::path_in(data_dir), cache_bytes)?;
         // Whatever redb opened is what survived: its last durable commit.
         let (header, keys) = header_and_len(&db)?;
+        let values = ValueLog::open(data_dir, &db.begin_read()?)?;
         if history::drop_unchunked(&db, header.index)? {
             tracing::info!("the change history is now kept in chunks; the earlier one was dropped");
         }
@@ -306,6 +318,7 @@ impl StateStore {
             retention: Mutex::default(),
             applied: tokio::sync::watch::Sender::new(header.index),
             history_start: AtomicU64::new(history_start),
+            values,
         })
     }
 
@@ -438,6 +451,7 @@ impl StateStore {
     /// write of the key returns.
     fn write_frozen(&self, frozen: &memtable::Frozen) -> Result<u64, StorageError> {
         let txn = self.db()?.begin_write()?;
+        let mut log = self.values.begin_flush()?;
         // The record each unresolved change replaced (value dropped), by key:
         // only a key's first change in a layer can be unresolved.
         let unresolved_events: HashSet<&[u8]> = frozen
@@ -449,34 +463,48 @@ impl StateStore {
         let mut below: HashMap<&[u8], Option<StoredValue>> = HashMap::with_capacity(unresolved_events.len());
         let keys = {
             let mut kv = txn.open_table(KV)?;
+            // Before the layer's writes: a key the layer changes again then
+            // drops the moved record at once.
+            log.collect_garbage(&mut kv)?;
             for (key, change) in frozen.layer.iter() {
                 let unresolved = change.as_ref().is_some_and(memtable::is_unresolved);
                 let needed = unresolved || unresolved_events.contains(key.as_slice());
+                // What the file gets: the record, its value in the log if
+                // large.
+                let stored = match change {
+                    Some(value) => Some(log.store(key, value)?),
+                    None => None,
+                };
                 // The write returns the record it replaced: an unresolved put
                 // is written as it is, then again resolved from that record
                 // (into the leaf the first write made dirty: cheaper than
                 // reading the old record first).
                 let replaced = {
-                    let old = match change {
+                    let old = match &stored {
                         Some(value) => kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?,
                         None => kv.remove(key.as_slice())?,
                     };
                     match old {
-                        Some(bytes) if needed => Some(decode_value(bytes.value())?),
-                        _ => None,
+                        Some(bytes) => Some(decode_value(bytes.value())?),
+                        None => None,
                     }
                 };
+                if let Some(old) = &replaced {
+                    log.release(key, old)?;
+                }
                 if needed {
                     below.insert(
                         key,
                         replaced.map(|o| StoredValue {
                             value: Default::default(),
+                            value_ref: None,
                             ..o
                         }),
                     );
                 }
-                if let Some(value) = change.as_ref().filter(|_| unresolved) {
-                    let resolved = memtable::resolve(value.clone(), below[key.as_slice()].as_ref());
+                if let Some(value) = stored.filter(|_| unresolved) {
+                    // The same value ref: nothing to release.
+                    let resolved = memtable::resolve(value, below[key.as_slice()].as_ref());
                     kv.insert(key.as_slice(), resolved.encode_to_vec().as_slice())?;
                 }
             }
@@ -493,7 +521,9 @@ impl StateStore {
             Cow::Owned(resolved)
         });
         let start = history::write_events(&txn, events, frozen.header.index, retention)?;
+        log.prepare(&txn)?;
         commit_with_header(txn, &frozen.header)?;
+        log.committed();
         self.history_start.store(start, Ordering::Relaxed);
         Ok(keys)
     }
@@ -546,9 +576,14 @@ impl StateStore {
     /// A consistent read view of the file, as of the last flush (call
     /// [`Self::flush`] first for one of everything applied).
     pub fn view(&self) -> Result<StoreView, StorageError> {
-        let txn = self.db()?.begin_read()?;
+        let (txn, values) = {
+            // Under the memory lock: an install swaps the file and the value
+            // log together under it.
+            let _mem = self.mem.read().expect("memtable lock poisoned");
+            self.values.begin_read(&*self.db()?)?
+        };
         let header = read_header(&txn)?;
-        Ok(StoreView { txn, header })
+        Ok(StoreView { txn, values, header })
     }
 
     /// The file's state record, as of the last flush.
@@ -572,11 +607,28 @@ impl StateStore {
         };
         let in_file = Self::read_file(key, &reader)?;
         Ok(match held {
+            // Only the revisions of the record below count.
             // Applied unresolved: the file's record (older, or this one
             // once flushed) resolves it.
             Some(Some(record)) => Some(memtable::resolve(record, in_file.as_ref())),
-            _ => in_file,
+            _ => Self::load_value(key, in_file, &reader)?,
         })
+    }
+
+    /// `record` (read through `reader`) with its value, from the value log
+    /// if it is there.
+    fn load_value(
+        key: &[u8],
+        record: Option<StoredValue>,
+        reader: &Option<FileReader>,
+    ) -> Result<Option<StoredValue>, StorageError> {
+        match (record, reader) {
+            (Some(mut record), Some(reader)) => {
+                reader.values.load(key, &mut record)?;
+                Ok(Some(record))
+            }
+            (record, _) => Ok(record),
+        }
     }
 
     /// What memory holds of `key`: a change (perhaps unresolved), or
@@ -606,6 +658,17 @@ impl StateStore {
         key: &[u8],
         reader: &mut Option<FileReader>,
     ) -> Result<Option<StoredValue>, StorageError> {
+        let header = self.file_header(key, reader)?;
+        Self::load_value(key, header, reader)
+    }
+
+    /// [`Self::file_record`] without the value when the value log holds it:
+    /// for its revisions, without a second read.
+    pub fn file_header(
+        &self,
+        key: &[u8],
+        reader: &mut Option<FileReader>,
+    ) -> Result<Option<StoredValue>, StorageError> {
         {
             let mem = self.mem.read().expect("memtable lock poisoned");
             self.refresh_reader(&mem, reader)?;
@@ -626,8 +689,9 @@ impl StateStore {
         if reader.as_ref().is_some_and(|r| r.generation == generation) {
             return Ok(());
         }
-        let kv = open_existing(&self.db()?.begin_read()?, KV)?;
-        *reader = Some(FileReader { generation, kv });
+        let (txn, values) = self.values.begin_read(&*self.db()?)?;
+        let kv = open_existing(&txn, KV)?;
+        *reader = Some(FileReader { generation, kv, values });
         Ok(())
     }
 
@@ -717,8 +781,10 @@ impl StateStore {
         let (memory, known_until, txn) = {
             let mem = self.mem.read().expect("memtable lock poisoned");
             let (memory, known_until) = mem.collect_range(prefix, start, upper, limit, max_bytes);
-            (memory, known_until, self.db()?.begin_read()?)
+            let (txn, values) = self.values.begin_read(&*self.db()?)?;
+            (memory, known_until, (txn, values))
         };
+        let (txn, values) = txn;
         let kv = open_existing(&txn, KV)?;
         let range = match &kv {
             Some(t) => Some(t.range::<&[u8]>((Bound::Included(start), upper))?),
@@ -729,7 +795,10 @@ impl StateStore {
             .flatten()
             .map(|item| -> Result<(Vec<u8>, StoredValue), StorageError> {
                 let (key, value) = item?;
-                Ok((key.value().to_vec(), decode_value(value.value())?))
+                let key = key.value().to_vec();
+                let mut record = decode_value(value.value())?;
+                values.load(&key, &mut record)?;
+                Ok((key, record))
             })
             .take_while(|item| item.as_ref().map_or(true, |(key, _)| key.starts_with(prefix)));
         let mut page = ScanPage::default();
@@ -796,7 +865,13 @@ impl StateStore {
 
     /// The store file's size on disk.
     pub fn size_on_disk(&self) -> u64 {
-        std::fs::metadata(Self::path_in(&self.dir)).map_or(0, |m| m.len())
+        std::fs::metadata(Self::path_in(&self.dir)).map_or(0, |m| m.len()) + self.values.bytes().0
+    }
+
+    /// Bytes in the value log's segments, and the live bytes among them, as
+    /// of the last flush.
+    pub fn value_log_bytes(&self) -> (u64, u64) {
+        self.values.bytes()
     }
 
     /// Pins a view for follower `to` and returns its header (raft's snapshot
@@ -915,9 +990,13 @@ impl StateStore {
             // is freed after the locks readers need are released.
             let mut mem = self.mem.write().expect("memtable lock poisoned");
             let old = self.db.write().expect("store lock poisoned").replace(installed);
+            // The installed file holds its values inline.
+            self.values.reset();
             (mem.reset(header.clone(), keys), old)
         };
         drop(old);
+        // A crash before this leaves files that the next open removes.
+        self.values.remove_unlisted()?;
         self.reset_working_copies()?;
         self.pinned.lock().expect("pin lock poisoned").clear();
         self.durable_index.store(header.index, Ordering::Release);
@@ -979,6 +1058,14 @@ fn put_record(txn: &redb::WriteTransaction, table: u32, key: &[u8], value: &[u8]
             )))
         }
     };
+    if table == TABLE_KV {
+        let record = decode_value(value)?;
+        if record.value_ref.is_some() {
+            return Err(StorageError::Corrupt(
+                "a snapshot record points into a value log; snapshots carry values inline (a sender bug?)".into(),
+            ));
+        }
+    }
     txn.open_table(definition)?.insert(key, value)?;
     Ok(())
 }
@@ -1006,10 +1093,22 @@ impl StoreView {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(tables.into_iter().flat_map(|(id, range)| {
+        let values = self.values.clone();
+        Ok(tables.into_iter().flat_map(move |(id, range)| {
+            let values = values.clone();
             range.map(move |item| {
                 let (k, v) = item?;
-                Ok((id, k.value().to_vec(), v.value().to_vec()))
+                let key = k.value().to_vec();
+                let mut record = v.value().to_vec();
+                if id == TABLE_KV {
+                    // Values go inline: the receiver has no value log of ours.
+                    let mut value = decode_value(&record)?;
+                    if value.value_ref.is_some() {
+                        values.load(&key, &mut value)?;
+                        record = value.encode_to_vec();
+                    }
+                }
+                Ok((id, key, record))
             })
         }))
     }
@@ -1149,6 +1248,7 @@ mod tests {
             mod_revision: 1,
             version: 1,
             lease: 0,
+            value_ref: None,
         }
     }
 
@@ -1225,3 +1325,7 @@ mod tests {
         StateStore::open(dir.path(), 1 << 20).unwrap();
     }
 }
+
+#[cfg(test)]
+#[path = "value_log_tests.rs"]
+mod value_log_tests;

@@ -71,6 +71,7 @@ pub fn convert_legacy_snapshots(data_dir: &Path) -> Result<Option<Converted>, St
             mod_revision: meta.index,
             version: 1,
             lease: 0,
+            value_ref: None,
         };
         builder.add(TABLE_KV, &pair.key, &record.encode_to_vec())?;
     }
