@@ -2,7 +2,9 @@
 # How kvraft behaves as the data it holds grows, on one 3-node loopback
 # cluster in one run (issue 11's targets; a benchmark, not a test):
 #   1. small: puts over 10k keys (throughput, p99, p99.9, CPU per put);
-#   2. fill: puts over FILL_SPACE keys until about 86% of them are held;
+#   2. fill: puts over FILL_SPACE keys until about 86% of them are held, then
+#      as many again (churn), so the value log has reached the size its
+#      garbage collection keeps it at (CHURN=0 skips that);
 #   3. large: the same puts as (1) over the large key space, with the data held;
 #      CPU per put of both is summed over the nodes (steadier than throughput
 #      on a shared machine), in all and per kind of thread;
@@ -74,6 +76,9 @@ cpu_sample 0
 bench small put --clients 128 --conns 16 --total $PHASE_PUTS --key-space 10000
 cpu_sample 1
 bench fill put --clients 128 --conns 16 --total $((FILL_SPACE * 2)) --key-space "$FILL_SPACE"
+if [ "${CHURN:-1}" != 0 ]; then
+  bench churn put --clients 128 --conns 16 --total $((FILL_SPACE * 2)) --key-space "$FILL_SPACE"
+fi
 cpu_sample 2
 bench large put --clients 128 --conns 16 --total $PHASE_PUTS --key-space "$FILL_SPACE"
 cpu_sample 3
@@ -81,6 +86,12 @@ cpu_sample 3
 kv --output json info >"$WORK/info.json"
 keys=$(json info "['keys']")
 raw=$((keys * (16 + 256)))
+# Node 1's files: the value log (what collection keeps) and the B-tree.
+segments=$(find "$WORK/node-1/values" -name '*.seg' 2>/dev/null | wc -l)
+newest=$(find "$WORK/node-1/values" -name '*.seg' 2>/dev/null | sort | tail -1 | xargs -r basename)
+disk="value log $(du -sm "$WORK/node-1/values" | cut -f1) MiB in $segments segments (newest ${newest:-none}), \
+state.redb $(du -sm "$WORK/node-1/state.redb" | cut -f1) MiB, for $((raw >> 20)) MiB of keys and values"
+
 peak_rss=0
 for i in 1 2 3; do
   rss=$(awk '/^VmHWM:/ {print $2 * 1024}' "/proc/$(cat "$WORK/node-$i.pid")/status")
@@ -112,6 +123,7 @@ until kv --timeout 1s get warm >/dev/null 2>&1; do
 done
 first_read=$(python3 -c "print(f'{$(now) - $restarted_at:.2f}')")
 
+echo "disk of node 1: $disk"
 python3 - "$WORK" "$keys" "$raw" "$peak_rss" "$catch_up" "$first_read" "$(getconf CLK_TCK)" "$PHASE_PUTS" <<'PY'
 import json, sys
 work, keys, raw, rss, catch_up, first_read = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
