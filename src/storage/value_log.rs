@@ -120,6 +120,22 @@ impl Segments {
                 "state store: a key's record points to a {size}-byte value log record; {REMEDY}"
             )));
         }
+        if size > WRITE_BUFFER as u64 {
+            // A large record (rare): check it is all there before reserving
+            // memory for it.
+            let held = segment
+                .file
+                .metadata()
+                .map_err(StorageError::io(format!("stat {}", segment.path.display())))?
+                .len();
+            if value_ref.offset.saturating_add(size) > held {
+                return Err(StorageError::Corrupt(format!(
+                    "value log: {} ends before the record at byte {} that the store points to (truncated?); {REMEDY}",
+                    segment.path.display(),
+                    value_ref.offset
+                )));
+            }
+        }
         let mut record = vec![0; size as usize];
         segment.file.read_exact_at(&mut record, value_ref.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -315,6 +331,9 @@ impl ValueLog {
                 )));
             }
             super::create_private_dir(&dir)?;
+            // The new directory's entry must outlive a crash before any
+            // commit lists a segment in it.
+            sync_dir(data_dir)?;
         }
         let mut on_disk = BTreeSet::new();
         for entry in std::fs::read_dir(&dir).map_err(StorageError::io(format!("list {}", dir.display())))? {
@@ -339,6 +358,9 @@ impl ValueLog {
             on_disk.insert(id);
         }
         let next_id = on_disk.iter().chain(listed.keys()).max().map_or(1, |id| id + 1);
+        // Only the newest listed segment takes appends, so only it can hold
+        // bytes no commit covers.
+        let newest = listed.keys().next_back().copied();
         let mut files = BTreeMap::new();
         for (&id, stats) in &listed {
             let path = dir.join(segment_name(id));
@@ -363,6 +385,14 @@ impl ValueLog {
                 return Err(StorageError::Corrupt(format!(
                     "value log: {} holds {len} bytes, but the store committed {} bytes of it: values of keys \
                      this node acknowledged are lost; {REMEDY}",
+                    path.display(),
+                    stats.len
+                )));
+            }
+            if len > stats.len && Some(id) != newest {
+                return Err(StorageError::Corrupt(format!(
+                    "value log: {} holds {len} bytes, but the store committed {} and only the newest segment \
+                     takes appends: the store's segment table is damaged; {REMEDY}",
                     path.display(),
                     stats.len
                 )));
@@ -576,12 +606,20 @@ impl LogFlush<'_> {
             )));
         };
         let size = record_size(key.len(), value_ref.len.into());
-        debug_assert!(
-            stats.live >= size,
-            "live bytes of segment {} went negative",
-            value_ref.segment
-        );
-        stats.live = stats.live.saturating_sub(size);
+        // A damaged ref must not mark another key's record dead (collection
+        // would then drop it) nor size the bitmap.
+        if value_ref.offset.saturating_add(size) > stats.len || stats.live < size {
+            return Err(StorageError::Corrupt(format!(
+                "value log: a key's record points to bytes {}..{} of segment {}, which the store does not account \
+                 for ({} bytes, {} live); {REMEDY}",
+                value_ref.offset,
+                value_ref.offset.saturating_add(size),
+                value_ref.segment,
+                stats.len,
+                stats.live
+            )));
+        }
+        stats.live -= size;
         let bit = value_ref.offset / 64;
         let words = self.writer.dead.entry(value_ref.segment).or_default();
         let word = (bit / 64) as usize;

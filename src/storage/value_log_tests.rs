@@ -3,6 +3,7 @@
 //! and install real stores in temp dirs.
 
 use super::*;
+use redb::ReadableTable;
 use crate::storage::memtable::Layer;
 use crate::storage::value_log::{GC_SPACE, INLINE_MAX, VALUES_DIR};
 
@@ -343,4 +344,66 @@ fn a_store_written_with_every_value_inline_is_read_and_updated_in_place() {
         (value_of(&store, "a"), value_of(&store, "b")),
         (large("new-a"), large("old-b"))
     );
+}
+
+#[test]
+fn only_the_newest_segment_may_hold_bytes_no_commit_covers() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        store.values.set_limits(1 << 10, u64::MAX);
+        let pairs: Vec<(String, Vec<u8>)> = (0..8).map(|i| (format!("k{i}"), large(&format!("{i}")))).collect();
+        let pairs: Vec<(&str, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        put_and_flush(&store, 1, &pairs);
+        assert!(store.values.segment_ids().len() > 1, "{:?}", store.values.segment_ids());
+        store.close();
+    }
+    // Bytes after an older, sealed segment's committed end: no flush
+    // appends there, so the store's table is what is wrong.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(segment_path(dir.path(), 1))
+        .unwrap();
+    std::io::Write::write_all(&mut file, &[0xAB; 100]).unwrap();
+    let err = StateStore::open(dir.path(), 1 << 20).unwrap_err().to_string();
+    assert!(
+        err.contains("damaged") && err.contains("00000001.seg") && err.contains("new id"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_damaged_ref_fails_the_flush_that_replaces_it_and_marks_nothing_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        put_and_flush(&store, 1, &[("a", large("a1")), ("b", large("b1"))]);
+        store.close();
+    }
+    // Damage "a"'s header: an offset far past the segment's end.
+    {
+        let db = redb::Database::open(StateStore::path_in(dir.path())).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut kv = txn.open_table(KV).unwrap();
+            let mut header = StoredValue::decode(kv.get(&b"a"[..]).unwrap().unwrap().value()).unwrap();
+            header.value_ref.as_mut().unwrap().offset = 1 << 40;
+            kv.insert(&b"a"[..], header.encode_to_vec().as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+    let mut changes = Layer::default();
+    changes.insert(b"a".to_vec(), Some(record(&large("a2"), 2)));
+    store
+        .commit_batch(Applied {
+            changes,
+            header: header(2),
+            ..Default::default()
+        })
+        .unwrap();
+    let err = store.flush().unwrap_err().to_string();
+    assert!(err.contains("does not account for") && err.contains("new id"), "{err}");
+    // Nothing was committed: "b" still reads from the log.
+    assert_eq!(value_of(&store, "b"), large("b1"));
 }
