@@ -3,9 +3,9 @@
 //! and install real stores in temp dirs.
 
 use super::*;
-use redb::ReadableTable;
 use crate::storage::memtable::Layer;
 use crate::storage::value_log::{GC_SPACE, INLINE_MAX, VALUES_DIR};
+use redb::ReadableTable;
 
 fn header(index: u64) -> SnapshotHeader {
     SnapshotHeader {
