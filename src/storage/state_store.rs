@@ -607,7 +607,6 @@ impl StateStore {
         };
         let in_file = Self::read_file(key, &reader)?;
         Ok(match held {
-            // Only the revisions of the record below count.
             // Applied unresolved: the file's record (older, or this one
             // once flushed) resolves it.
             Some(Some(record)) => Some(memtable::resolve(record, in_file.as_ref())),
@@ -778,13 +777,12 @@ impl StateStore {
         };
         // Memory's part of the range and a read transaction of the file, as
         // of the same moment.
-        let (memory, known_until, txn) = {
+        let (memory, known_until, txn, values) = {
             let mem = self.mem.read().expect("memtable lock poisoned");
             let (memory, known_until) = mem.collect_range(prefix, start, upper, limit, max_bytes);
             let (txn, values) = self.values.begin_read(&*self.db()?)?;
-            (memory, known_until, (txn, values))
+            (memory, known_until, txn, values)
         };
-        let (txn, values) = txn;
         let kv = open_existing(&txn, KV)?;
         let range = match &kv {
             Some(t) => Some(t.range::<&[u8]>((Bound::Included(start), upper))?),

@@ -459,8 +459,10 @@ impl ValueLog {
         writer.gc_min_bytes = gc_min_bytes;
     }
 
-    /// The ids of the segments the log lists.
-    pub fn segment_ids(&self) -> Vec<u32> {
+    /// The ids of the segments the log lists (tests: it waits for a
+    /// running flush).
+    #[cfg(test)]
+    pub(super) fn segment_ids(&self) -> Vec<u32> {
         self.writer
             .lock()
             .expect("value log lock poisoned")

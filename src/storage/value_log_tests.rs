@@ -29,12 +29,8 @@ fn large(tag: &str) -> Vec<u8> {
     format!("{tag}:{}", "v".repeat(300)).into_bytes()
 }
 
-/// Applies `pairs` as one batch at `index` and flushes it.
-fn put_and_flush(store: &StateStore, index: u64, pairs: &[(&str, Vec<u8>)]) {
-    let mut changes = Layer::default();
-    for (key, value) in pairs {
-        changes.insert(key.as_bytes().to_vec(), Some(record(value, index)));
-    }
+/// Applies `changes` as one batch at `index` (not flushed).
+fn commit(store: &StateStore, index: u64, changes: Layer) {
     store
         .commit_batch(Applied {
             changes,
@@ -42,6 +38,15 @@ fn put_and_flush(store: &StateStore, index: u64, pairs: &[(&str, Vec<u8>)]) {
             ..Default::default()
         })
         .unwrap();
+}
+
+/// Applies `pairs` as one batch at `index` and flushes it.
+fn put_and_flush(store: &StateStore, index: u64, pairs: &[(&str, Vec<u8>)]) {
+    let mut changes = Layer::default();
+    for (key, value) in pairs {
+        changes.insert(key.as_bytes().to_vec(), Some(record(value, index)));
+    }
+    commit(store, index, changes);
     store.flush().unwrap();
 }
 
@@ -194,13 +199,7 @@ fn collection_moves_only_live_values_keeps_the_log_bounded_and_old_views_read_wh
             deletes.insert(key.clone().into_bytes(), None);
         }
     }
-    store
-        .commit_batch(Applied {
-            changes: deletes,
-            header: header(2),
-            ..Default::default()
-        })
-        .unwrap();
+    commit(&store, 2, deletes);
     store.flush().unwrap();
     let mut index = 2;
     let mut collected_first = false;
@@ -395,13 +394,7 @@ fn a_damaged_ref_fails_the_flush_that_replaces_it_and_marks_nothing_dead() {
     let store = StateStore::open(dir.path(), 1 << 20).unwrap();
     let mut changes = Layer::default();
     changes.insert(b"a".to_vec(), Some(record(&large("a2"), 2)));
-    store
-        .commit_batch(Applied {
-            changes,
-            header: header(2),
-            ..Default::default()
-        })
-        .unwrap();
+    commit(&store, 2, changes);
     let err = store.flush().unwrap_err().to_string();
     assert!(err.contains("does not account for") && err.contains("new id"), "{err}");
     // Nothing was committed: "b" still reads from the log.
