@@ -18,6 +18,7 @@ use crate::address::parse_initial_cluster;
 use crate::config::NodeConfig;
 use crate::proto::{Member, NodeIdentity};
 use crate::state_machine::{StateMachine, StateMeta};
+use crate::storage::flush_schedule::FlushSchedule;
 use crate::storage::identity::new_incarnation;
 use crate::storage::{upgrade, DataDirLock, NodeIdentityFile, RaftStorage, StateStore, StorageError};
 
@@ -109,7 +110,10 @@ pub fn prepare(
     }
     let store = Arc::new(StateStore::open(&config.data_dir, config.store_cache_bytes())?);
     store.set_history_retention(config.history_retention());
-    store.spawn_flusher(crate::storage::state_store::FLUSH_INTERVAL);
+    store.spawn_flusher(FlushSchedule::new(
+        crate::storage::state_store::FLUSH_INTERVAL,
+        config.id,
+    ));
     if finish_interrupted_install(&storage, &store)? {
         info!("completed a snapshot install interrupted by a crash");
     }

@@ -20,6 +20,7 @@
 
 pub mod access;
 pub mod backup_file;
+pub mod flush_schedule;
 mod fs_util;
 pub mod history;
 pub mod identity;

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use redb::{Database, Durability, ReadTransaction, ReadableTableMetadata, TableDefinition};
 
+use super::flush_schedule::FlushSchedule;
 use super::history::{self, read_counter, Retention};
 use super::lease_tables::{self, LEASES, LEASE_KEYS};
 use super::memtable::{self, Applied, Memtable};
@@ -346,10 +347,10 @@ impl StateStore {
             .ok_or_else(|| StorageError::Store("the node has stopped; its state store is closed".into()))
     }
 
-    /// Starts the thread that flushes memory to the file every `every` (or
-    /// sooner when asked), off the raft thread. It stops once the store is
-    /// closed or dropped.
-    pub fn spawn_flusher(self: &Arc<Self>, every: Duration) {
+    /// Starts the thread that flushes memory to the file at the slots of
+    /// `schedule` (or sooner when asked), off the raft thread. It stops once
+    /// the store is closed or dropped.
+    pub fn spawn_flusher(self: &Arc<Self>, schedule: FlushSchedule) {
         let store = Arc::downgrade(self);
         let control = self.flush.clone();
         let spawned = std::thread::Builder::new()
@@ -357,9 +358,10 @@ impl StateStore {
             .spawn(move || loop {
                 {
                     let state = control.state.lock().expect("flush lock poisoned");
+                    let wait = schedule.until_next(std::time::SystemTime::now());
                     let (mut state, _) = control
                         .wake
-                        .wait_timeout_while(state, every, |s| !s.requested && !s.stopped)
+                        .wait_timeout_while(state, wait, |s| !s.requested && !s.stopped)
                         .expect("flush lock poisoned");
                     if state.stopped || state.failed.is_some() {
                         state.flusher = false;
@@ -1300,7 +1302,7 @@ mod tests {
         );
         assert_eq!(store.get(b"gone").unwrap(), None, "readers see memory at once");
         // The flusher thread, woken on request, not on its timer.
-        store.spawn_flusher(Duration::from_secs(3600));
+        store.spawn_flusher(FlushSchedule::new(Duration::from_secs(3600), 1));
         store.request_flush();
         let deadline = Instant::now() + Duration::from_secs(10);
         while store.durable_index() < 2 {
