@@ -29,7 +29,7 @@
 //! read transactions of the file, as of a flush.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -456,13 +456,14 @@ impl StateStore {
         let mut log = self.values.begin_flush()?;
         // The record each unresolved change replaced (value dropped), by key:
         // only a key's first change in a layer can be unresolved.
-        let unresolved_events: HashSet<&[u8]> = frozen
+        let unresolved_events: foldhash::HashSet<&[u8]> = frozen
             .events
             .iter()
             .filter(|e| memtable::is_unresolved_event(e))
             .map(|e| e.change.key.as_slice())
             .collect();
-        let mut below: HashMap<&[u8], Option<StoredValue>> = HashMap::with_capacity(unresolved_events.len());
+        let mut below: foldhash::HashMap<&[u8], Option<StoredValue>> =
+            foldhash::HashMap::with_capacity_and_hasher(unresolved_events.len(), Default::default());
         let keys = {
             let mut kv = txn.open_table(KV)?;
             // Before the layer's writes: a key the layer changes again then
