@@ -269,17 +269,39 @@ fn start_writeback(file: &File, at: u64, len: u64) {
     }
 }
 
+/// Records of one segment known dead: bit `offset / 64` (every record is
+/// longer than 64 bytes, so each has its own bit).
+#[derive(Default)]
+struct DeadRecords(Vec<u64>);
+
+impl DeadRecords {
+    fn mark(&mut self, offset: u64) {
+        let bit = offset / 64;
+        let word = (bit / 64) as usize;
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (bit % 64);
+    }
+
+    fn contains(&self, offset: u64) -> bool {
+        let bit = offset / 64;
+        self.0
+            .get((bit / 64) as usize)
+            .is_some_and(|word| word & (1 << (bit % 64)) != 0)
+    }
+}
+
 /// The writer's state: only flushes (one at a time) and installs touch it.
 struct Writer {
     /// Every segment the store lists, with this flush's changes.
     stats: BTreeMap<u32, SegmentStats>,
-    /// Records known dead since the log was opened, by segment: bit
-    /// `offset / 64` (every record is longer than 64 bytes, so each has its
-    /// own bit). Collection skips their key lookups (most records of the
+    /// Records known dead since the log was opened, by segment. Collection
+    /// skips their key lookups (most records of the
     /// segment it collects are dead). Only a hint, kept in memory: a record
     /// not marked is looked up, and a dead record never comes back to life
     /// (a new ref always points to a new append).
-    dead: HashMap<u32, Vec<u64>>,
+    dead: HashMap<u32, DeadRecords>,
     head: Option<Head>,
     next_id: u32,
     /// Segment size and the size below which nothing is collected (the
@@ -622,13 +644,11 @@ impl LogFlush<'_> {
             )));
         }
         stats.live -= size;
-        let bit = value_ref.offset / 64;
-        let words = self.writer.dead.entry(value_ref.segment).or_default();
-        let word = (bit / 64) as usize;
-        if words.len() <= word {
-            words.resize(word + 1, 0);
-        }
-        words[word] |= 1 << (bit % 64);
+        self.writer
+            .dead
+            .entry(value_ref.segment)
+            .or_default()
+            .mark(value_ref.offset);
         self.touched.insert(value_ref.segment);
         Ok(())
     }
@@ -750,7 +770,9 @@ impl LogFlush<'_> {
     ) -> Result<u64, StorageError> {
         let path = self.log.dir.join(segment_name(victim));
         let len = self.writer.stats[&victim].len;
-        let dead = self.writer.dead.get(&victim).cloned().unwrap_or_default();
+        // Collection drops the segment, and nothing marks records dead
+        // meanwhile (releases come after it in the flush).
+        let dead = self.writer.dead.remove(&victim).unwrap_or_default();
         let file = File::open(&path).map_err(StorageError::io(format!("open {}", path.display())))?;
         let mut reader = BufReader::with_capacity(WRITE_BUFFER, file);
         let damaged = |offset: u64, what: &str| {
@@ -783,11 +805,7 @@ impl LogFlush<'_> {
                 offset,
                 len: value_len as u32,
             };
-            let bit = offset / 64;
-            let known_dead = dead
-                .get((bit / 64) as usize)
-                .is_some_and(|word| word & (1 << (bit % 64)) != 0);
-            if known_dead {
+            if dead.contains(offset) {
                 offset += size;
                 continue;
             }
@@ -812,7 +830,6 @@ impl LogFlush<'_> {
             offset += size;
         }
         self.writer.stats.remove(&victim);
-        self.writer.dead.remove(&victim);
         self.touched.insert(victim);
         self.collected.push(victim);
         Ok(moved)
@@ -889,5 +906,20 @@ mod tests {
             Err("has lengths that do not fit it")
         );
         assert_eq!(parse_record(&bytes[..5]), Err("is cut short"));
+    }
+
+    #[test]
+    fn dead_records_are_told_apart_by_offset() {
+        let mut dead = DeadRecords::default();
+        // Records at least 65 bytes apart, within one word and across words.
+        for offset in [0, 65, 4096 * 64 + 130] {
+            dead.mark(offset);
+        }
+        for offset in [0, 65, 4096 * 64 + 130] {
+            assert!(dead.contains(offset), "{offset}");
+        }
+        for offset in [130, 4096 * 64, 1 << 30] {
+            assert!(!dead.contains(offset), "{offset}");
+        }
     }
 }
