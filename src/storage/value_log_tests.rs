@@ -40,6 +40,15 @@ fn commit(store: &StateStore, index: u64, changes: Layer) {
         .unwrap();
 }
 
+/// A data dir with a store that flushed `pairs` at index 1 and was closed.
+fn stopped_store_with(pairs: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+    put_and_flush(&store, 1, pairs);
+    store.close();
+    dir
+}
+
 /// Applies `pairs` as one batch at `index` and flushes it.
 fn put_and_flush(store: &StateStore, index: u64, pairs: &[(&str, Vec<u8>)]) {
     let mut changes = Layer::default();
@@ -107,12 +116,7 @@ fn large_values_go_to_the_log_small_ones_stay_inline_and_all_read_back_after_reo
 
 #[test]
 fn what_a_flush_appended_but_never_committed_is_cut_off_at_open() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
-        put_and_flush(&store, 1, &[("a", large("a1"))]);
-        store.close();
-    }
+    let dir = stopped_store_with(&[("a", large("a1"))]);
     // A crash after a flush's appends (and a new segment) reached the disk
     // but before its commit.
     let head = segment_path(dir.path(), 1);
@@ -137,12 +141,7 @@ fn what_a_flush_appended_but_never_committed_is_cut_off_at_open() {
 
 #[test]
 fn damage_to_the_value_log_is_refused_with_what_to_do_never_served() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
-        put_and_flush(&store, 1, &[("a", large("a1")), ("b", large("b1"))]);
-        store.close();
-    }
+    let dir = stopped_store_with(&[("a", large("a1")), ("b", large("b1"))]);
     let segment = segment_path(dir.path(), 1);
     let original = std::fs::read(&segment).unwrap();
 
@@ -373,12 +372,7 @@ fn only_the_newest_segment_may_hold_bytes_no_commit_covers() {
 
 #[test]
 fn a_damaged_ref_fails_the_flush_that_replaces_it_and_marks_nothing_dead() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
-        put_and_flush(&store, 1, &[("a", large("a1")), ("b", large("b1"))]);
-        store.close();
-    }
+    let dir = stopped_store_with(&[("a", large("a1")), ("b", large("b1"))]);
     // Damage "a"'s header: an offset far past the segment's end.
     {
         let db = redb::Database::open(StateStore::path_in(dir.path())).unwrap();
