@@ -20,6 +20,7 @@ use crate::proto::{Member, NodeIdentity};
 use crate::state_machine::{StateMachine, StateMeta};
 use crate::storage::flush_schedule::FlushSchedule;
 use crate::storage::identity::new_incarnation;
+use crate::storage::state_store::FLUSH_INTERVAL;
 use crate::storage::{upgrade, DataDirLock, NodeIdentityFile, RaftStorage, StateStore, StorageError};
 
 /// The log index and term a new cluster starts from. Starting above zero
@@ -110,10 +111,7 @@ pub fn prepare(
     }
     let store = Arc::new(StateStore::open(&config.data_dir, config.store_cache_bytes())?);
     store.set_history_retention(config.history_retention());
-    store.spawn_flusher(FlushSchedule::new(
-        crate::storage::state_store::FLUSH_INTERVAL,
-        config.id,
-    ));
+    store.spawn_flusher(FlushSchedule::new(FLUSH_INTERVAL, config.id));
     if finish_interrupted_install(&storage, &store)? {
         info!("completed a snapshot install interrupted by a crash");
     }
