@@ -375,23 +375,41 @@ async fn peer_attacks_over_tls_are_refused_before_raft_and_a_foreign_node_cannot
     try_injecting(&mut p, leader, follower, term, last).await;
     assert_eq!(p.reply(T).await, Ok(None), "closed without a word");
 
-    // The same certificate speaking as itself, but the message claims the leader.
-    let mut p = tls_probe(&addr, &ca, Some((&other_cert, &other_key)), cluster_id, other)
-        .await
-        .unwrap();
-    p.hello().await.unwrap();
-    p.send(&forged_append(
-        leader,
-        follower,
-        term,
-        last,
-        set_command("injected", "evil"),
-    ))
-    .await
-    .unwrap();
-    p.send(&raft_message(MessageType::MsgHeartbeat, other, follower, u64::MAX))
-        .await
-        .unwrap();
+    // The same certificate speaking as itself, but the message claims the
+    // leader. The follower keeps one session per peer: node `other`'s own
+    // connection, closed by this one, reconnects within ~20 ms and closes
+    // this one in turn, which on a busy machine can come before these frames
+    // are read. So send again, on a new connection, until the follower has
+    // counted both refusals.
+    let refused_messages =
+        |reason: &str| cluster.metric(follower, "kvraft_peer_messages_refused_total", &[("reason", reason)]);
+    let deadline = Instant::now() + T;
+    while refused_messages("sender_mismatch") < 1.0 || refused_messages("impossible_value") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never refused the forged messages (sender_mismatch {}, impossible_value {})",
+            refused_messages("sender_mismatch"),
+            refused_messages("impossible_value")
+        );
+        let mut p = tls_probe(&addr, &ca, Some((&other_cert, &other_key)), cluster_id, other)
+            .await
+            .unwrap();
+        p.hello().await.unwrap();
+        let _ = p
+            .send(&forged_append(
+                leader,
+                follower,
+                term,
+                last,
+                set_command("injected", "evil"),
+            ))
+            .await;
+        let _ = p
+            .send(&raft_message(MessageType::MsgHeartbeat, other, follower, u64::MAX))
+            .await;
+        // Polled, not waited on: the refusals are counted as the frames are read.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A certificate from our CA for a node that is not a member, heartbeating
     // with a higher term every 200 ms (which once kept a cluster leaderless).
