@@ -466,10 +466,10 @@ impl StateStore {
             foldhash::HashMap::with_capacity_and_hasher(unresolved_events.len(), Default::default());
         let keys = {
             let mut kv = txn.open_table(KV)?;
-            // Before the layer's writes: a key the layer changes again then
-            // drops the moved record at once.
-            log.collect_garbage(&mut kv)?;
+            // Collection moves its records in the same pass, in key order.
+            let mut collection = log.plan_collection()?;
             for (key, change) in frozen.layer.iter() {
+                log.move_collected(&mut collection, Some(key), &mut kv)?;
                 let unresolved = change.as_ref().is_some_and(memtable::is_unresolved);
                 let needed = unresolved || unresolved_events.contains(key.as_slice());
                 // What the file gets: the record, its value in the log if
@@ -511,6 +511,8 @@ impl StateStore {
                     kv.insert(key.as_slice(), resolved.encode_to_vec().as_slice())?;
                 }
             }
+            log.move_collected(&mut collection, None, &mut kv)?;
+            log.finish_collection(collection);
             kv.len()?
         };
         lease_tables::write_delta(&txn, &frozen.leases)?;

@@ -28,12 +28,17 @@
 //! whose checksum or key does not match, is damage, refused and never
 //! served.
 //!
-//! Garbage collection runs in the flush, before the flush's own writes,
-//! while the segments hold more than [`GC_SPACE`] times the live bytes: it
-//! reads the sealed segment with the fewest live bytes, appends each record
-//! a key still points to to the head, rewrites that key's header, and
-//! deletes the file after the commit. Liveness is the key's header itself
-//! (a lookup per record), so no second structure can disagree with it.
+//! Garbage collection runs in the flush while the segments hold more than
+//! [`GC_SPACE`] times the live bytes: it reads the sealed segment with the
+//! fewest live bytes through, then, within the flush's own pass over the kv
+//! table in key order, appends each record a key still points to to the
+//! head and rewrites that key's header (a key the flush writes anyway is
+//! skipped: its record is released), and deletes the file after the
+//! commit. Liveness is the key's header itself (a lookup per record), so no
+//! second structure can disagree with it; the in-memory dead-record bitmaps
+//! only spare lookups. In key order, the lookups and rewrites land on
+//! leaves the flush's own writes touch next to them, instead of rewriting
+//! leaves at random that the ordered pass then reads and writes again.
 //!
 //! Readers resolve refs through the [`Segments`] captured with their read
 //! transaction: an open file per segment, readable after it is deleted, so
@@ -151,13 +156,7 @@ impl Segments {
                 }
             }
         })?;
-        let damaged = |what: &str| {
-            StorageError::Corrupt(format!(
-                "value log: the record at byte {} of {} {what}; {REMEDY}",
-                value_ref.offset,
-                segment.path.display()
-            ))
-        };
+        let damaged = |what: &str| damaged(&segment.path, value_ref.offset, what);
         let (stored_key, value_len) = parse_record(&record).map_err(damaged)?;
         if stored_key != key || value_len != u64::from(value_ref.len) {
             return Err(damaged("belongs to another key (the store and the value log disagree)"));
@@ -578,6 +577,30 @@ fn read_listed(txn: &ReadTransaction) -> Result<BTreeMap<u32, SegmentStats>, Sto
     Ok(listed)
 }
 
+/// What one flush collects: the segments chosen, and the records in them
+/// no release marked dead, by key (see [`LogFlush::plan_collection`]).
+#[derive(Default)]
+pub struct Collection {
+    victims: Vec<u32>,
+    /// Sorted by key; those before `next` are done.
+    candidates: Vec<Candidate>,
+    next: usize,
+}
+
+/// A record that may still be live: moved if its key's header points to it.
+struct Candidate {
+    key: Vec<u8>,
+    here: ValueRef,
+}
+
+/// The error for a damaged record at `offset` of the segment at `path`.
+fn damaged(path: &Path, offset: u64, what: &str) -> StorageError {
+    StorageError::Corrupt(format!(
+        "value log: the record at byte {offset} of {} {what}; {REMEDY}",
+        path.display()
+    ))
+}
+
 /// One flush's changes to the value log. Dropped without
 /// [`LogFlush::committed`], the log refuses further flushes.
 pub struct LogFlush<'a> {
@@ -725,27 +748,43 @@ impl LogFlush<'_> {
         Ok(())
     }
 
-    /// Collects segments while the log holds more than [`GC_SPACE`] times
-    /// its live bytes (at most two segments): moves each live
-    /// record to the head and points its key's header there. Returns the
-    /// records moved.
-    pub fn collect_garbage(&mut self, kv: &mut redb::Table<&'static [u8], &'static [u8]>) -> Result<u64, StorageError> {
-        let mut moved = 0;
-        for _ in 0..GC_SEGMENTS_PER_FLUSH {
-            let Some(victim) = self.victim() else { break };
-            moved += self.collect(victim, kv)?;
+    /// Chooses the segments this flush collects, while the log holds more
+    /// than [`GC_SPACE`] times its live bytes (at most
+    /// [`GC_SEGMENTS_PER_FLUSH`]), and reads each through for the records no
+    /// release marked dead. The flush then moves them in key order
+    /// ([`Self::move_collected`]) within its own ordered pass over the kv
+    /// table, and [`Self::finish_collection`] drops the segments.
+    pub fn plan_collection(&mut self) -> Result<Collection, StorageError> {
+        let mut collection = Collection::default();
+        while collection.victims.len() < GC_SEGMENTS_PER_FLUSH {
+            let Some(victim) = self.victim(&collection.victims) else {
+                break;
+            };
+            self.read_victim(victim, &mut collection)?;
         }
-        Ok(moved)
+        // Stable: a key's records in one segment keep their order (only the
+        // one its header points to moves anyway).
+        collection.candidates.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(collection)
     }
 
     /// The sealed segment with the smallest share of live bytes, if the log
-    /// needs collecting.
-    fn victim(&self) -> Option<u32> {
+    /// still needs collecting once the `chosen` ones are (their live bytes
+    /// then sit in the head).
+    fn victim(&self, chosen: &[u32]) -> Option<u32> {
+        let is_chosen = |id: u32| chosen.contains(&id);
         let (total, live) = self
             .writer
             .stats
-            .values()
-            .fold((0u64, 0u64), |(t, l), s| (t + s.len, l + s.live));
+            .iter()
+            .map(|(id, s)| {
+                if is_chosen(*id) {
+                    (s.live, s.live)
+                } else {
+                    (s.len, s.live)
+                }
+            })
+            .fold((0u64, 0u64), |(t, l), (len, live)| (t + len, l + live));
         if total < self.writer.gc_min_bytes || total <= GC_SPACE * live {
             return None;
         }
@@ -755,7 +794,7 @@ impl LogFlush<'_> {
             .iter()
             // Moving a mostly live segment frees little (dead bytes may sit
             // in the head, which waits until it is sealed).
-            .filter(|(id, s)| Some(**id) != head && s.live * 2 < s.len)
+            .filter(|(id, s)| Some(**id) != head && !is_chosen(**id) && s.live * 2 < s.len)
             // live / len, compared without division.
             .min_by(|(_, a), (_, b)| {
                 (u128::from(a.live) * u128::from(b.len)).cmp(&(u128::from(b.live) * u128::from(a.len)))
@@ -763,52 +802,77 @@ impl LogFlush<'_> {
             .map(|(id, _)| *id)
     }
 
-    fn collect(
-        &mut self,
-        victim: u32,
-        kv: &mut redb::Table<&'static [u8], &'static [u8]>,
-    ) -> Result<u64, StorageError> {
+    /// Reads `victim` through, checking every record, and adds the ones no
+    /// release marked dead to `collection`'s candidates (keys and refs only:
+    /// values are read again when moved, checked as any read is, from the
+    /// page cache this read just filled).
+    fn read_victim(&mut self, victim: u32, collection: &mut Collection) -> Result<(), StorageError> {
         let path = self.log.dir.join(segment_name(victim));
         let len = self.writer.stats[&victim].len;
-        // Collection drops the segment, and nothing marks records dead
-        // meanwhile (releases come after it in the flush).
+        // Records this flush releases in the segment are marked in a fresh
+        // bitmap, dropped with the segment.
         let dead = self.writer.dead.remove(&victim).unwrap_or_default();
         let file = File::open(&path).map_err(StorageError::io(format!("open {}", path.display())))?;
         let mut reader = BufReader::with_capacity(WRITE_BUFFER, file);
-        let damaged = |offset: u64, what: &str| {
-            StorageError::Corrupt(format!(
-                "value log: the record at byte {offset} of {} {what}; {REMEDY}",
-                path.display()
-            ))
-        };
         let mut record = Vec::new();
         let mut offset = 0u64;
-        let mut moved = 0;
         while offset < len {
             record.resize(RECORD_HEADER as usize, 0);
             reader
                 .read_exact(&mut record)
-                .map_err(|_| damaged(offset, "is cut short"))?;
+                .map_err(|_| damaged(&path, offset, "is cut short"))?;
             let key_len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as u64;
             let value_len = u32::from_le_bytes(record[8..12].try_into().expect("4 bytes")) as u64;
             let size = RECORD_HEADER + key_len + value_len;
             if offset + size > len {
-                return Err(damaged(offset, "runs past the segment's committed end"));
+                return Err(damaged(&path, offset, "runs past the segment's committed end"));
             }
             record.resize(size as usize, 0);
             reader
                 .read_exact(&mut record[RECORD_HEADER as usize..])
-                .map_err(|_| damaged(offset, "is cut short"))?;
-            let (key, _) = parse_record(&record).map_err(|what| damaged(offset, what))?;
-            let here = ValueRef {
-                segment: victim,
-                offset,
-                len: value_len as u32,
-            };
-            if dead.contains(offset) {
-                offset += size;
-                continue;
+                .map_err(|_| damaged(&path, offset, "is cut short"))?;
+            let (key, _) = parse_record(&record).map_err(|what| damaged(&path, offset, what))?;
+            if !dead.contains(offset) {
+                collection.candidates.push(Candidate {
+                    key: key.to_vec(),
+                    here: ValueRef {
+                        segment: victim,
+                        offset,
+                        len: value_len as u32,
+                    },
+                });
             }
+            offset += size;
+        }
+        collection.victims.push(victim);
+        Ok(())
+    }
+
+    /// Moves the candidates of `collection` whose keys sort before `until`
+    /// (all that are left, for `None`): each record a key's header still
+    /// points to is appended to the head and the header rewritten. The
+    /// candidates for `until` itself are dropped: the flush is about to
+    /// write that key, which releases its record. Returns how many moved.
+    pub fn move_collected(
+        &mut self,
+        collection: &mut Collection,
+        until: Option<&[u8]>,
+        kv: &mut redb::Table<&'static [u8], &'static [u8]>,
+    ) -> Result<u64, StorageError> {
+        let segments = Arc::clone(&self.log.current.read().expect("segments lock poisoned"));
+        let mut moved = 0;
+        while let Some(candidate) = collection.candidates.get(collection.next) {
+            match until.map(|until| candidate.key.as_slice().cmp(until)) {
+                Some(std::cmp::Ordering::Greater) => break,
+                Some(std::cmp::Ordering::Equal) => {
+                    collection.next += 1;
+                    continue;
+                }
+                Some(std::cmp::Ordering::Less) | None => {}
+            }
+            collection.next += 1;
+            let key = candidate.key.as_slice();
+            let here = &candidate.here;
             let header =
                 match kv.get(key)? {
                     Some(bytes) => Some(StoredValue::decode(bytes.value()).map_err(|e| {
@@ -816,23 +880,36 @@ impl LogFlush<'_> {
                     })?),
                     None => None,
                 };
-            if let Some(header) = header.filter(|h| h.value_ref.as_ref() == Some(&here)) {
-                let key = key.to_vec();
-                let value_start = (RECORD_HEADER + key_len) as usize;
-                let value_ref = self.append(&key, &record[value_start..])?;
-                let moved_header = StoredValue {
-                    value_ref: Some(value_ref),
-                    ..header
-                };
-                kv.insert(key.as_slice(), moved_header.encode_to_vec().as_slice())?;
-                moved += 1;
-            }
-            offset += size;
+            let Some(header) = header.filter(|h| h.value_ref.as_ref() == Some(here)) else {
+                continue;
+            };
+            // Checked like any read: checksum, key, length.
+            let value = segments.read(key, here)?;
+            let value_ref = self.append(key, &value)?;
+            let moved_header = StoredValue {
+                value_ref: Some(value_ref),
+                ..header
+            };
+            kv.insert(key, moved_header.encode_to_vec().as_slice())?;
+            moved += 1;
         }
-        self.writer.stats.remove(&victim);
-        self.touched.insert(victim);
-        self.collected.push(victim);
         Ok(moved)
+    }
+
+    /// Drops the segments `collection` read (their live records moved): off
+    /// the segment table at this flush's commit, deleted after it.
+    pub fn finish_collection(&mut self, collection: Collection) {
+        debug_assert_eq!(
+            collection.next,
+            collection.candidates.len(),
+            "every candidate was passed"
+        );
+        for victim in collection.victims {
+            self.writer.stats.remove(&victim);
+            self.writer.dead.remove(&victim);
+            self.touched.insert(victim);
+            self.collected.push(victim);
+        }
     }
 
     /// Makes this flush's appends durable and writes the segment table into

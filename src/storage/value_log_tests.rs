@@ -6,6 +6,7 @@ use super::*;
 use crate::storage::memtable::Layer;
 use crate::storage::value_log::{GC_SPACE, INLINE_MAX, VALUES_DIR};
 use redb::ReadableTable;
+use std::collections::BTreeMap;
 
 fn header(index: u64) -> SnapshotHeader {
     SnapshotHeader {
@@ -393,4 +394,76 @@ fn a_damaged_ref_fails_the_flush_that_replaces_it_and_marks_nothing_dead() {
     assert!(err.contains("does not account for") && err.contains("new id"), "{err}");
     // Nothing was committed: "b" still reads from the log.
     assert_eq!(value_of(&store, "b"), large("b1"));
+}
+
+#[test]
+fn a_flush_that_collects_moves_the_live_records_in_key_order_and_skips_the_keys_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+    // Segments of ~4 KiB (12 records of 321 bytes), collected from 8 KiB on.
+    store.values.set_limits(4 << 10, 8 << 10);
+    let keys: Vec<String> = (0..40).map(|i| format!("k-{i:02}")).collect();
+    let pairs: Vec<(&str, Vec<u8>)> = keys.iter().map(|k| (k.as_str(), large(k))).collect();
+    put_and_flush(&store, 1, &pairs);
+    // Every fourth key stays: each segment keeps three live records.
+    let kept: Vec<&String> = keys.iter().step_by(4).collect();
+    let mut deletes = Layer::default();
+    for key in keys.iter().filter(|k| !kept.contains(k)) {
+        deletes.insert(key.clone().into_bytes(), None);
+    }
+    commit(&store, 2, deletes);
+    store.flush().unwrap();
+    let before = store.values.segment_ids();
+    // The flush that collects also overwrites one kept key of each segment
+    // and deletes another; the third is left for collection to move.
+    let mut by_segment: BTreeMap<u32, Vec<&String>> = BTreeMap::new();
+    for key in &kept {
+        let segment = raw_record(&store, key).value_ref.expect("a large value").segment;
+        by_segment.entry(segment).or_default().push(key);
+    }
+    let mut expected: BTreeMap<String, Option<Vec<u8>>> = kept.iter().map(|k| ((*k).clone(), Some(large(k)))).collect();
+    let mut changes = Layer::default();
+    for held in by_segment.values() {
+        let new_value = large(&format!("{}-new", held[0]));
+        changes.insert(held[0].as_bytes().to_vec(), Some(record(&new_value, 3)));
+        expected.insert(held[0].to_string(), Some(new_value));
+        if let Some(deleted) = held.get(1) {
+            changes.insert(deleted.as_bytes().to_vec(), None);
+            expected.insert(deleted.to_string(), None);
+        }
+    }
+    commit(&store, 3, changes);
+    store.flush().unwrap();
+    let after = store.values.segment_ids();
+    let collected: Vec<u32> = before.iter().filter(|id| !after.contains(id)).copied().collect();
+    assert!(
+        !collected.is_empty(),
+        "the third flush collected nothing: {before:?} then {after:?}"
+    );
+    let check = |store: &StateStore| {
+        for (key, value) in &expected {
+            let held = store.get(key.as_bytes()).unwrap().map(|r| r.value.to_vec());
+            assert_eq!(&held, value, "{key}");
+            if value.is_some() {
+                let segment = raw_record(store, key).value_ref.expect("a large value").segment;
+                assert!(
+                    !collected.contains(&segment),
+                    "{key} points into collected segment {segment}"
+                );
+            }
+        }
+        // The live bytes are exactly the records the keys point to.
+        let live: u64 = expected
+            .iter()
+            .filter_map(|(key, value)| value.as_ref().map(|v| 12 + (key.len() + v.len()) as u64))
+            .sum();
+        assert_eq!(store.value_log_bytes().1, live);
+    };
+    check(&store);
+    for id in &collected {
+        assert!(!segment_path(dir.path(), *id).exists(), "segment {id} is still there");
+    }
+    store.close();
+    let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+    check(&store);
 }
