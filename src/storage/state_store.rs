@@ -1283,6 +1283,34 @@ mod tests {
     }
 
     #[test]
+    fn the_flusher_flushes_at_its_timer_slots_without_being_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(StateStore::open(dir.path(), 1 << 20).unwrap());
+        store.spawn_flusher(FlushSchedule::new(Duration::from_millis(200), 1));
+        for index in 1..=2u64 {
+            let mut changes = Layer::default();
+            changes.insert(format!("key{index}").into_bytes(), Some(value(10)));
+            let header = SnapshotHeader {
+                index,
+                ..Default::default()
+            };
+            store.commit_batch(applied(changes, header, 1)).unwrap();
+            // Far below every size limit and nobody asks: only the timer
+            // can move it to the file.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while store.durable_index() < index {
+                assert!(
+                    Instant::now() < deadline,
+                    "index {index} not flushed on the timer within 10 s"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(store.view().unwrap().len().unwrap(), index);
+        }
+        store.close();
+    }
+
+    #[test]
     fn a_flush_writes_deletes_and_the_state_record_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(StateStore::open(dir.path(), 1 << 20).unwrap());
