@@ -749,11 +749,11 @@ impl LogFlush<'_> {
     }
 
     /// Chooses the segments this flush collects, while the log holds more
-    /// than [`GC_SPACE`] times its live bytes (at most
-    /// [`GC_SEGMENTS_PER_FLUSH`]), and reads each through for the records no
-    /// release marked dead. The flush then moves them in key order
-    /// ([`Self::move_collected`]) within its own ordered pass over the kv
-    /// table, and [`Self::finish_collection`] drops the segments.
+    /// than [`GC_SPACE`] times its live bytes (at most two), and reads each
+    /// through for the records no release marked dead. The flush then moves
+    /// them in key order ([`Self::move_collected`]) within its own ordered
+    /// pass over the kv table, and [`Self::finish_collection`] drops the
+    /// segments.
     pub fn plan_collection(&mut self) -> Result<Collection, StorageError> {
         let mut collection = Collection::default();
         while collection.victims.len() < GC_SEGMENTS_PER_FLUSH {
