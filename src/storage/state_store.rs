@@ -1255,19 +1255,24 @@ mod tests {
         }
     }
 
+    /// Applies a batch at `index` that creates `key` with a `len`-byte value.
+    fn commit_new_key(store: &StateStore, index: u64, key: String, len: usize) {
+        let mut changes = Layer::default();
+        changes.insert(key.into_bytes(), Some(value(len)));
+        let header = SnapshotHeader {
+            index,
+            ..Default::default()
+        };
+        store.commit_batch(applied(changes, header, 1)).unwrap();
+    }
+
     #[test]
     fn without_a_flusher_thread_memory_is_flushed_where_it_fills() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = StateStore::open(dir.path(), 1 << 20).unwrap();
         store.memory_limits = (4 << 10, 16 << 10);
         for index in 1..=100u64 {
-            let mut changes = Layer::default();
-            changes.insert(format!("key{index:04}").into_bytes(), Some(value(1000)));
-            let header = SnapshotHeader {
-                index,
-                ..Default::default()
-            };
-            store.commit_batch(applied(changes, header, 1)).unwrap();
+            commit_new_key(&store, index, format!("key{index:04}"), 1000);
             let waiting = store.mem.read().unwrap().active_bytes();
             assert!(waiting < 16 << 10, "{waiting} bytes wait in memory at index {index}");
         }
@@ -1288,13 +1293,7 @@ mod tests {
         let store = Arc::new(StateStore::open(dir.path(), 1 << 20).unwrap());
         store.spawn_flusher(FlushSchedule::new(Duration::from_millis(200), 1));
         for index in 1..=2u64 {
-            let mut changes = Layer::default();
-            changes.insert(format!("key{index}").into_bytes(), Some(value(10)));
-            let header = SnapshotHeader {
-                index,
-                ..Default::default()
-            };
-            store.commit_batch(applied(changes, header, 1)).unwrap();
+            commit_new_key(&store, index, format!("key{index}"), 10);
             // Far below every size limit and nobody asks: only the timer
             // can move it to the file.
             let deadline = Instant::now() + Duration::from_secs(10);

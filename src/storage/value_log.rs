@@ -57,6 +57,7 @@ use prost::Message;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::fs_util::sync_dir;
+use super::state_store::read_record;
 use super::StorageError;
 use crate::proto::{StoredValue, ValueRef};
 
@@ -579,8 +580,10 @@ fn read_listed(txn: &ReadTransaction) -> Result<BTreeMap<u32, SegmentStats>, Sto
 
 /// What one flush collects: the segments chosen, and the records in them
 /// no release marked dead, by key (see [`LogFlush::plan_collection`]).
-#[derive(Default)]
 pub struct Collection {
+    /// The segments as the flush began, victims among them: moved values
+    /// are read through it (taken once, not per key the flush writes).
+    segments: Arc<Segments>,
     victims: Vec<u32>,
     /// Sorted by key; those before `next` are done.
     candidates: Vec<Candidate>,
@@ -755,7 +758,12 @@ impl LogFlush<'_> {
     /// pass over the kv table, and [`Self::finish_collection`] drops the
     /// segments.
     pub fn plan_collection(&mut self) -> Result<Collection, StorageError> {
-        let mut collection = Collection::default();
+        let mut collection = Collection {
+            segments: Arc::clone(&self.log.current.read().expect("segments lock poisoned")),
+            victims: Vec::new(),
+            candidates: Vec::new(),
+            next: 0,
+        };
         while collection.victims.len() < GC_SEGMENTS_PER_FLUSH {
             let Some(victim) = self.victim(&collection.victims) else {
                 break;
@@ -852,48 +860,37 @@ impl LogFlush<'_> {
     /// (all that are left, for `None`): each record a key's header still
     /// points to is appended to the head and the header rewritten. The
     /// candidates for `until` itself are dropped: the flush is about to
-    /// write that key, which releases its record. Returns how many moved.
+    /// write that key, which releases its record.
     pub fn move_collected(
         &mut self,
         collection: &mut Collection,
         until: Option<&[u8]>,
         kv: &mut redb::Table<&'static [u8], &'static [u8]>,
-    ) -> Result<u64, StorageError> {
-        let segments = Arc::clone(&self.log.current.read().expect("segments lock poisoned"));
-        let mut moved = 0;
+    ) -> Result<(), StorageError> {
         while let Some(candidate) = collection.candidates.get(collection.next) {
-            match until.map(|until| candidate.key.as_slice().cmp(until)) {
-                Some(std::cmp::Ordering::Greater) => break,
-                Some(std::cmp::Ordering::Equal) => {
-                    collection.next += 1;
-                    continue;
-                }
-                Some(std::cmp::Ordering::Less) | None => {}
+            let order = until.map(|until| candidate.key.as_slice().cmp(until));
+            if order == Some(std::cmp::Ordering::Greater) {
+                break;
             }
             collection.next += 1;
+            if order == Some(std::cmp::Ordering::Equal) {
+                continue;
+            }
             let key = candidate.key.as_slice();
             let here = &candidate.here;
-            let header =
-                match kv.get(key)? {
-                    Some(bytes) => Some(StoredValue::decode(bytes.value()).map_err(|e| {
-                        StorageError::Corrupt(format!("state store: a value record does not decode: {e}"))
-                    })?),
-                    None => None,
-                };
-            let Some(header) = header.filter(|h| h.value_ref.as_ref() == Some(here)) else {
+            let Some(header) = read_record(Some(&*kv), key)?.filter(|h| h.value_ref.as_ref() == Some(here)) else {
                 continue;
             };
             // Checked like any read: checksum, key, length.
-            let value = segments.read(key, here)?;
+            let value = collection.segments.read(key, here)?;
             let value_ref = self.append(key, &value)?;
             let moved_header = StoredValue {
                 value_ref: Some(value_ref),
                 ..header
             };
             kv.insert(key, moved_header.encode_to_vec().as_slice())?;
-            moved += 1;
         }
-        Ok(moved)
+        Ok(())
     }
 
     /// Drops the segments `collection` read (their live records moved): off
