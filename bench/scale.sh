@@ -59,11 +59,18 @@ bench() { # NAME ARGS...: one bench run, its JSON kept as NAME
   kv --output json --timeout 30s bench "$@" --key-size 16 --val-size 256 2>>"$WORK/bench.log" |
     tee "$WORK/$name.json"
 }
+wait_writable() { # until the cluster kv talks to takes a write (20 s at most)
+  local deadline=$(($(date +%s) + 20))
+  until kv --timeout 1s set warm up >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "the cluster at ${KV_ENDPOINTS:-$ENDPOINTS} took no write within 20 s" >&2; exit 1; }
+    sleep 0.2
+  done
+}
 json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d$2)" "$WORK/$1.json"; }
 now() { date +%s.%N; }
 
 for i in 1 2 3; do start "$i" --initial-cluster "$CLUSTER"; done
-for _ in $(seq 100); do kv --timeout 1s set warm up >/dev/null 2>&1 && break; sleep 0.2; done
+wait_writable
 
 # CPU (user + system clock ticks) of the three nodes, summed: in all ("all",
 # from each process, which keeps the ticks of threads that ended) and per kind
@@ -112,10 +119,7 @@ done
 if [ "$PAIRS" -gt 0 ]; then
   echo "== $PAIRS pairs: 10k keys on a fresh cluster, then the large key space here, in turn" >&2
   for i in 11 12 13; do start "$i" --initial-cluster "$SMALL_CLUSTER"; done
-  for _ in $(seq 100); do
-    KV_ENDPOINTS=$SMALL_ENDPOINTS kv --timeout 1s set warm up >/dev/null 2>&1 && break
-    sleep 0.2
-  done
+  KV_ENDPOINTS=$SMALL_ENDPOINTS wait_writable
   # Each measured phase follows a warm-up of the same puts on the same
   # cluster (about one flush interval), as the large phase above follows the
   # churn: the flushes of the writes just before it fall inside it, as in a
@@ -155,7 +159,6 @@ until kv --timeout 1s get warm >/dev/null 2>&1; do
   sleep 0.05
 done
 first_read=$(python3 -c "print(f'{$(now) - $restarted_at:.2f}')")
-
 
 echo "disk of node 1: $disk"
 python3 - "$WORK" "$keys" "$raw" "$peak_rss" "$catch_up" "$first_read" "$(getconf CLK_TCK)" "$PHASE_PUTS" "$PAIRS" <<'PY'
