@@ -252,6 +252,16 @@ fn decode_header(bytes: Option<&[u8]>) -> Result<SnapshotHeader, StorageError> {
     }
 }
 
+/// A record's revisions and lease without its value: what resolving a
+/// change against it reads.
+fn without_value(record: &StoredValue) -> StoredValue {
+    StoredValue {
+        value: Default::default(),
+        value_ref: None,
+        ..record.clone()
+    }
+}
+
 fn decode_value(bytes: &[u8]) -> Result<StoredValue, StorageError> {
     StoredValue::decode(bytes)
         .map_err(|e| StorageError::Corrupt(format!("state store: a value record does not decode: {e}")))
@@ -478,37 +488,33 @@ impl StateStore {
                     Some(value) => Some(log.store(key, value)?),
                     None => None,
                 };
-                // The write returns the record it replaced: an unresolved put
-                // is written as it is, then again resolved from that record
-                // (into the leaf the first write made dirty: cheaper than
-                // reading the old record first).
-                let replaced = {
-                    let old = match &stored {
-                        Some(value) => kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?,
-                        None => kv.remove(key.as_slice())?,
-                    };
-                    match old {
-                        Some(bytes) => Some(decode_value(bytes.value())?),
-                        None => None,
-                    }
+                // A change that needs the record it replaces (an unresolved
+                // put, or an event to resolve) reads it first, so the key is
+                // written once, resolved: writing it as applied and then
+                // again resolved (a longer record) rebuilt the leaf twice.
+                let read_first = match needed {
+                    true => Some(read_record(Some(&kv), key)?),
+                    false => None,
+                };
+                let below_record = read_first.as_ref().map(|record| record.as_ref().map(without_value));
+                let stored = match (stored, &below_record) {
+                    (Some(value), Some(b)) if unresolved => Some(memtable::resolve(value, b.as_ref())),
+                    (stored, _) => stored,
+                };
+                let old = match &stored {
+                    Some(value) => kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?,
+                    None => kv.remove(key.as_slice())?,
+                };
+                let replaced = match (read_first, old) {
+                    (Some(record), _) => record,
+                    (None, Some(bytes)) => Some(decode_value(bytes.value())?),
+                    (None, None) => None,
                 };
                 if let Some(old) = &replaced {
                     log.release(key, old)?;
                 }
-                if needed {
-                    below.insert(
-                        key,
-                        replaced.map(|o| StoredValue {
-                            value: Default::default(),
-                            value_ref: None,
-                            ..o
-                        }),
-                    );
-                }
-                if let Some(value) = stored.filter(|_| unresolved) {
-                    // The same value ref: nothing to release.
-                    let resolved = memtable::resolve(value, below[key.as_slice()].as_ref());
-                    kv.insert(key.as_slice(), resolved.encode_to_vec().as_slice())?;
+                if let Some(b) = below_record {
+                    below.insert(key, b);
                 }
             }
             log.move_collected(&mut collection, None, &mut kv)?;
