@@ -258,7 +258,10 @@ fn without_value(record: &StoredValue) -> StoredValue {
     StoredValue {
         value: Default::default(),
         value_ref: None,
-        ..record.clone()
+        create_revision: record.create_revision,
+        mod_revision: record.mod_revision,
+        version: record.version,
+        lease: record.lease,
     }
 }
 

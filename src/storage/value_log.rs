@@ -636,10 +636,15 @@ impl LogFlush<'_> {
             return Ok(record.clone());
         }
         let value_ref = self.append(key, &record.value)?;
+        // Field by field: `..record.clone()` would clone the value only to
+        // drop it (and a clone of a value decoded from a command allocates).
         Ok(StoredValue {
             value: Bytes::new(),
             value_ref: Some(value_ref),
-            ..record.clone()
+            create_revision: record.create_revision,
+            mod_revision: record.mod_revision,
+            version: record.version,
+            lease: record.lease,
         })
     }
 
