@@ -5,6 +5,7 @@
 lib.fileset.unions [
   ../Cargo.toml
   ../Cargo.lock
+  ../benches # cargo reads every target Cargo.toml declares, the flush_cost bench too
   ../build.rs
   ../proto
   ../src

@@ -428,9 +428,9 @@ fn the_nix_source_set_is_what_cargo_reads_and_rust_version_is_the_locks() {
         .map(|p| Path::new(p).strip_prefix(root).unwrap().display().to_string())
         .collect();
 
-    // Exactly Cargo.toml, Cargo.lock, build.rs, proto/ and src/.
+    // Exactly Cargo.toml, Cargo.lock, build.rs, benches/, proto/ and src/.
     let mut expected: BTreeSet<String> = ["Cargo.toml", "Cargo.lock", "build.rs"].map(String::from).into();
-    for dir in ["src", "proto"] {
+    for dir in ["src", "proto", "benches"] {
         walk(&root.join(dir), &mut |path| {
             expected.insert(path.strip_prefix(root).unwrap().display().to_string());
         });
