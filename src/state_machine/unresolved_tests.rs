@@ -143,6 +143,66 @@ fn puts_over_flushed_keys_read_back_as_if_the_record_they_replaced_was_read() {
 }
 
 #[test]
+fn large_values_put_unresolved_are_written_resolved_and_release_the_records_they_replace_once() {
+    let value = |tag: &str| format!("{tag}:{}", "v".repeat(300));
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = machine(dir.path());
+    apply_all(
+        &mut sm,
+        1,
+        ["a", "b", "c"].map(|k| set(k, &value("old"))).to_vec(),
+        true,
+    );
+    // Memory holds none of them: each first change below is unresolved.
+    let batch = vec![
+        set("a", &value("new")),
+        set("b", &value("new")),
+        set("b", &value("newer")),
+        delete("c"),
+    ];
+    apply_all(&mut sm, 4, batch, false);
+    assert!(held_unresolved(sm.store(), "a"));
+    sm.store().flush().unwrap();
+
+    let check = |store: &StateStore, when: &str| {
+        assert_eq!(revisions(store, "a"), Some((1, 4, 2)), "{when}");
+        assert_eq!(revisions(store, "b"), Some((2, 6, 3)), "{when}");
+        assert_eq!(revisions(store, "c"), None, "{when}");
+        assert_eq!(
+            store.get(b"a").unwrap().unwrap().value,
+            value("new").as_bytes(),
+            "{when}"
+        );
+        assert_eq!(
+            store.get(b"b").unwrap().unwrap().value,
+            value("newer").as_bytes(),
+            "{when}"
+        );
+        assert_eq!(
+            history(store, 4),
+            [
+                (4, "a".into(), 1, 2, 1),
+                (5, "b".into(), 2, 2, 2),
+                (6, "b".into(), 2, 3, 5)
+            ],
+            "{when}"
+        );
+        // Every replaced value in the log is dead, exactly once: live are
+        // only the two records the keys point to (12-byte header, key, value).
+        let live = [("a", "new"), ("b", "newer")]
+            .iter()
+            .map(|(key, tag)| 12 + (key.len() + value(tag).len()) as u64)
+            .sum::<u64>();
+        assert_eq!(store.value_log_bytes().1, live, "{when}");
+        assert_eq!(store.len().unwrap(), 2, "{when}");
+    };
+    check(sm.store(), "after the flush");
+    sm.store().close();
+    let sm = machine(dir.path());
+    check(sm.store(), "after reopening");
+}
+
+#[test]
 fn keys_created_unresolved_and_deleted_again_count_once() {
     let (_dir, mut sm) = flushed_with(&["old"]);
     let store = sm.store().clone();
