@@ -484,7 +484,7 @@ impl StateStore {
             for (key, change) in frozen.layer.iter() {
                 log.move_collected(&mut collection, Some(key), &mut kv)?;
                 let unresolved = change.as_ref().is_some_and(memtable::is_unresolved);
-                let needed = unresolved || unresolved_events.contains(key.as_slice());
+                let needed = unresolved || unresolved_events.contains(key);
                 // What the file gets: the record, its value in the log if
                 // large.
                 let stored = match change {
@@ -505,8 +505,8 @@ impl StateStore {
                     (stored, _) => stored,
                 };
                 let old = match &stored {
-                    Some(value) => kv.insert(key.as_slice(), value.encode_to_vec().as_slice())?,
-                    None => kv.remove(key.as_slice())?,
+                    Some(value) => kv.insert(key, value.encode_to_vec().as_slice())?,
+                    None => kv.remove(key)?,
                 };
                 let replaced = match (read_first, old) {
                     (Some(record), _) => record,
@@ -721,7 +721,7 @@ impl StateStore {
             layer
                 .iter()
                 .filter(|(_, change)| change.as_ref().is_some_and(memtable::is_unresolved))
-                .map(|(key, _)| key.clone())
+                .map(|(key, _)| key.to_vec())
                 .collect()
         };
         // Memory's unresolved puts and a view of the file, as of one moment.
