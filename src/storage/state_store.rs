@@ -46,7 +46,7 @@ use super::memtable::{self, Applied, Memtable};
 use super::value_log::{Segments, ValueLog};
 use super::StorageError;
 use crate::leases::Leases;
-use crate::proto::{KeyValue, SnapshotHeader, StoredValue};
+use crate::proto::{KeyValue, SnapshotHeader, StoredValue, ValueRef};
 use crate::sessions::Sessions;
 
 /// The store's file under the data dir.
@@ -252,12 +252,14 @@ fn decode_header(bytes: Option<&[u8]>) -> Result<SnapshotHeader, StorageError> {
     }
 }
 
-/// A record's revisions and lease without its value: what resolving a
-/// change against it reads.
-fn without_value(record: &StoredValue) -> StoredValue {
+/// `record`'s revisions and lease with its value left out: at `value_ref`
+/// in the value log, or nowhere (what resolving a change against it reads).
+/// Field by field: `..record.clone()` would clone the value only to drop
+/// it, and a clone of a value decoded from a command allocates.
+pub(super) fn without_value(record: &StoredValue, value_ref: Option<ValueRef>) -> StoredValue {
     StoredValue {
         value: Default::default(),
-        value_ref: None,
+        value_ref,
         create_revision: record.create_revision,
         mod_revision: record.mod_revision,
         version: record.version,
@@ -496,28 +498,26 @@ impl StateStore {
                 // written once, resolved: writing it as applied and then
                 // again resolved (a longer record) rebuilt the leaf twice.
                 let read_first = match needed {
-                    true => Some(read_record(Some(&kv), key)?),
+                    true => read_record(Some(&kv), key)?,
                     false => None,
                 };
-                let below_record = read_first.as_ref().map(|record| record.as_ref().map(without_value));
-                let stored = match (stored, &below_record) {
-                    (Some(value), Some(b)) if unresolved => Some(memtable::resolve(value, b.as_ref())),
-                    (stored, _) => stored,
-                };
+                let below_record = read_first.as_ref().map(|record| without_value(record, None));
+                // `resolve` leaves a resolved record as it is; an unresolved
+                // put is `needed`, so `below_record` is what it replaces.
+                let stored = stored.map(|value| memtable::resolve(value, below_record.as_ref()));
                 let old = match &stored {
                     Some(value) => kv.insert(key, value.encode_to_vec().as_slice())?,
                     None => kv.remove(key)?,
                 };
-                let replaced = match (read_first, old) {
-                    (Some(record), _) => record,
-                    (None, Some(bytes)) => Some(decode_value(bytes.value())?),
-                    (None, None) => None,
+                let replaced = match needed {
+                    true => read_first,
+                    false => old.map(|bytes| decode_value(bytes.value())).transpose()?,
                 };
                 if let Some(old) = &replaced {
                     log.release(key, old)?;
                 }
-                if let Some(b) = below_record {
-                    below.insert(key, b);
+                if needed {
+                    below.insert(key, below_record);
                 }
             }
             log.move_collected(&mut collection, None, &mut kv)?;

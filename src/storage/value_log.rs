@@ -57,7 +57,7 @@ use prost::Message;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::fs_util::sync_dir;
-use super::state_store::read_record;
+use super::state_store::{read_record, without_value};
 use super::StorageError;
 use crate::proto::{StoredValue, ValueRef};
 
@@ -636,16 +636,7 @@ impl LogFlush<'_> {
             return Ok(record.clone());
         }
         let value_ref = self.append(key, &record.value)?;
-        // Field by field: `..record.clone()` would clone the value only to
-        // drop it (and a clone of a value decoded from a command allocates).
-        Ok(StoredValue {
-            value: Bytes::new(),
-            value_ref: Some(value_ref),
-            create_revision: record.create_revision,
-            mod_revision: record.mod_revision,
-            version: record.version,
-            lease: record.lease,
-        })
+        Ok(without_value(record, Some(value_ref)))
     }
 
     /// `old`, the record the file held for `key`, was replaced or removed:
