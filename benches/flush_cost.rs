@@ -15,12 +15,14 @@
 //! wall time (fsyncs included). Compare two builds by running each in turn,
 //! a few times: this machine's speed drifts within minutes.
 
+use kvraft::cli::bench_key;
 use kvraft::proto::{command, Command, SetRequest};
 use kvraft::state_machine::{Batch, StateMachine};
 use kvraft::storage::state_store::StateStore;
 use std::sync::Arc;
 use std::time::Instant;
 
+const KEY_BYTES: usize = 16;
 const VALUE_BYTES: usize = 256;
 const BATCH: u64 = 256;
 const FLUSH_EVERY: u64 = 70_000;
@@ -28,18 +30,10 @@ const WARM_UP: u64 = 140_000;
 const MEASURED: u64 = 280_000;
 const CACHE_BYTES: usize = 16 << 20;
 
-/// `kvraft bench`'s keys: the number, left-padded with 'k' to 16 bytes.
-fn key(n: u64) -> Vec<u8> {
-    let digits = n.to_string();
-    let mut key = vec![b'k'; 16usize.saturating_sub(digits.len())];
-    key.extend_from_slice(digits.as_bytes());
-    key
-}
-
 fn put(n: u64) -> Command {
     Command {
         op: Some(command::Op::Set(SetRequest {
-            key: key(n),
+            key: bench_key(n, KEY_BYTES),
             value: vec![b'v'; VALUE_BYTES],
             lease: 0,
         })),
@@ -138,14 +132,11 @@ fn main() {
         counts = vec![10_000, 600_000];
     }
     let costs: Vec<f64> = counts.iter().map(|&keys| measure(keys)).collect();
-    if let (Some(first), Some(last)) = (costs.first(), costs.last()) {
-        if costs.len() > 1 {
-            println!(
-                "flush CPU per put, {} keys against {}: {:.2}x",
-                counts[counts.len() - 1],
-                counts[0],
-                last / first
-            );
-        }
+    if let [first, .., last] = costs[..] {
+        let (first_keys, last_keys) = (counts[0], counts[counts.len() - 1]);
+        println!(
+            "flush CPU per put, {last_keys} keys against {first_keys}: {:.2}x",
+            last / first
+        );
     }
 }

@@ -112,7 +112,8 @@ async fn spawn_watchers(
     Ok(tasks)
 }
 
-fn key(n: u64, size: usize) -> Vec<u8> {
+/// Key number `n`: its digits, left-padded with 'k' to `size` bytes.
+pub fn key(n: u64, size: usize) -> Vec<u8> {
     let digits = format!("{n}");
     let mut k = vec![b'k'; size.saturating_sub(digits.len())];
     k.extend_from_slice(digits.as_bytes());

@@ -13,6 +13,10 @@ mod txn;
 mod value_input;
 mod watch;
 
+/// Key number `n` of `kvraft bench`'s key space, `size` bytes long: for
+/// benchmarks outside the CLI (benches/) that must write the same keys.
+pub use bench::key as bench_key;
+
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
