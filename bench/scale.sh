@@ -62,7 +62,12 @@ bench() { # NAME ARGS...: one bench run, its JSON kept as NAME
 wait_writable() { # until the cluster kv talks to takes a write (20 s at most)
   local deadline=$(($(date +%s) + 20))
   until kv --timeout 1s set warm up >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "the cluster at ${KV_ENDPOINTS:-$ENDPOINTS} took no write within 20 s" >&2; exit 1; }
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      # The nodes' logs say why; the exit trap deletes them, so show them now.
+      echo "the cluster at ${KV_ENDPOINTS:-$ENDPOINTS} took no write within 20 s; the last lines of each node's log:" >&2
+      tail -n 5 "$WORK"/node-*.log >&2
+      exit 1
+    fi
     sleep 0.2
   done
 }
