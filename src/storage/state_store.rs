@@ -150,6 +150,12 @@ pub struct StateStore {
     history_start: AtomicU64,
     /// Where the file's records point for values of 64 bytes and more.
     values: ValueLog,
+    /// The read view single-key gets share until memory moves on: opening a
+    /// read transaction and its table for every get cost more than the
+    /// lookup. Emptied whenever the generation changes (under the memory
+    /// write lock), so it never keeps an old file state or a closed file
+    /// pinned.
+    get_reader: Mutex<Option<Arc<FileReader>>>,
 }
 
 /// A read view of the file kept across lookups (one batch's), good while
@@ -335,6 +341,7 @@ impl StateStore {
             applied: tokio::sync::watch::Sender::new(header.index),
             history_start: AtomicU64::new(history_start),
             values,
+            get_reader: Mutex::default(),
         })
     }
 
@@ -440,7 +447,11 @@ impl StateStore {
             }
         };
         self.durable_index.store(frozen.header.index, Ordering::Release);
-        self.mem.write().expect("memtable lock poisoned").flushed(file_keys);
+        {
+            let mut mem = self.mem.write().expect("memtable lock poisoned");
+            mem.flushed(file_keys);
+            self.forget_get_reader();
+        }
         // Under the state lock: a waiter checks and sleeps holding it, so it
         // can't miss this.
         let _state = self.flush.state.lock().expect("flush lock poisoned");
@@ -584,7 +595,10 @@ impl StateStore {
         self.flush.flushed.notify_all();
         let _running = self.flush.running.lock().expect("flush lock poisoned");
         self.pinned.lock().expect("pin lock poisoned").clear();
+        // Under the memory lock: a get opening a shared view holds it.
+        let _mem = self.mem.write().expect("memtable lock poisoned");
         self.db.write().expect("store lock poisoned").take();
+        self.forget_get_reader();
     }
 
     /// A consistent read view of the file, as of the last flush (call
@@ -607,8 +621,7 @@ impl StateStore {
 
     /// One key's newest record.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        let mut reader = None;
-        let held = {
+        let (held, reader) = {
             let mem = self.mem.read().expect("memtable lock poisoned");
             let held = mem.lookup(key).cloned();
             match &held {
@@ -616,16 +629,35 @@ impl StateStore {
                 Some(change) => return Ok(change.clone()),
                 None => {}
             }
-            self.refresh_reader(&mem, &mut reader)?;
-            held
+            (held, self.shared_get_reader(&mem)?)
         };
-        let in_file = Self::read_file(key, &reader)?;
+        let in_file = Self::read_file(key, Some(&reader))?;
         Ok(match held {
             // Applied unresolved: the file's record (older, or this one
             // once flushed) resolves it.
             Some(Some(record)) => Some(memtable::resolve(record, in_file.as_ref())),
-            _ => Self::load_value(key, in_file, &reader)?,
+            _ => Self::load_value(key, in_file, Some(&reader))?,
         })
+    }
+
+    /// The view gets share for memory's current generation, opened if there
+    /// is none yet. Called under the memory lock, like [`Self::refresh_reader`].
+    fn shared_get_reader(&self, mem: &Memtable) -> Result<Arc<FileReader>, StorageError> {
+        let mut shared = self.get_reader.lock().expect("get reader lock poisoned");
+        if let Some(reader) = shared.as_ref().filter(|r| r.generation == mem.generation()) {
+            return Ok(reader.clone());
+        }
+        let mut fresh = None;
+        self.refresh_reader(mem, &mut fresh)?;
+        let reader = Arc::new(fresh.expect("refresh_reader opens a reader"));
+        *shared = Some(reader.clone());
+        Ok(reader)
+    }
+
+    /// Drops the shared get view; called with the memory lock held for
+    /// writing, where the generation moves on or the file goes.
+    fn forget_get_reader(&self) {
+        self.get_reader.lock().expect("get reader lock poisoned").take();
     }
 
     /// `record` (read through `reader`) with its value, from the value log
@@ -633,7 +665,7 @@ impl StateStore {
     fn load_value(
         key: &[u8],
         record: Option<StoredValue>,
-        reader: &Option<FileReader>,
+        reader: Option<&FileReader>,
     ) -> Result<Option<StoredValue>, StorageError> {
         match (record, reader) {
             (Some(mut record), Some(reader)) => {
@@ -672,7 +704,7 @@ impl StateStore {
         reader: &mut Option<FileReader>,
     ) -> Result<Option<StoredValue>, StorageError> {
         let header = self.file_header(key, reader)?;
-        Self::load_value(key, header, reader)
+        Self::load_value(key, header, reader.as_ref())
     }
 
     /// [`Self::file_record`] without the value when the value log holds it:
@@ -686,7 +718,7 @@ impl StateStore {
             let mem = self.mem.read().expect("memtable lock poisoned");
             self.refresh_reader(&mem, reader)?;
         }
-        Self::read_file(key, reader)
+        Self::read_file(key, reader.as_ref())
     }
 
     /// Opens `reader` again if memory moved on since (or it was never
@@ -708,8 +740,8 @@ impl StateStore {
         Ok(())
     }
 
-    fn read_file(key: &[u8], reader: &Option<FileReader>) -> Result<Option<StoredValue>, StorageError> {
-        read_record(reader.as_ref().and_then(|r| r.kv.as_ref()), key)
+    fn read_file(key: &[u8], reader: Option<&FileReader>) -> Result<Option<StoredValue>, StorageError> {
+        read_record(reader.and_then(|r| r.kv.as_ref()), key)
     }
 
     /// Number of keys, exactly: puts memory holds unresolved (see
@@ -863,6 +895,7 @@ impl StateStore {
         commit_with_header(self.db()?.begin_write()?, header)?;
         let keys = mem.keys();
         mem.reset(header.clone(), keys);
+        self.forget_get_reader();
         drop(mem);
         self.reset_working_copies()?;
         self.durable_index.store(header.index, Ordering::Release);
@@ -1002,6 +1035,7 @@ impl StateStore {
             // is freed after the locks readers need are released.
             let mut mem = self.mem.write().expect("memtable lock poisoned");
             let old = self.db.write().expect("store lock poisoned").replace(installed);
+            self.forget_get_reader();
             // The installed file holds its values inline.
             self.values.reset();
             (mem.reset(header.clone(), keys), old)
@@ -1351,6 +1385,35 @@ mod tests {
         let view = store.view().unwrap();
         assert_eq!((view.header.index, view.len().unwrap()), (2, 1));
         store.close();
+    }
+
+    #[test]
+    fn gets_share_a_view_of_the_file_that_follows_each_flush_and_is_let_go_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        let header = |index| SnapshotHeader {
+            index,
+            ..Default::default()
+        };
+        let mut changes = Layer::default();
+        changes.insert(b"gone".to_vec(), Some(value(3)));
+        store.commit_batch(applied(changes, header(1), 1)).unwrap();
+        store.flush().unwrap();
+        // This get opens the shared view, of the file as of index 1.
+        assert_eq!(store.get(b"gone").unwrap(), Some(value(3)));
+        let mut changes = Layer::default();
+        changes.insert(b"gone".to_vec(), None);
+        changes.insert(b"new".to_vec(), Some(value(4)));
+        store.commit_batch(applied(changes, header(2), 0)).unwrap();
+        store.flush().unwrap();
+        // Memory holds neither key now: both come from the file, as of the
+        // second flush, not through the view the first get opened.
+        assert_eq!(store.get(b"gone").unwrap(), None, "a delete the file took");
+        assert_eq!(store.get(b"new").unwrap(), Some(value(4)), "a put the file took");
+        store.close();
+        // The shared view went with the file: it can be opened again here.
+        let reopened = StateStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(reopened.get(b"new").unwrap(), Some(value(4)));
     }
 
     #[test]
