@@ -18,7 +18,7 @@ use prost::Message as _;
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 
 use super::memtable;
-use super::state_store::{open_existing, read_header, read_record, StateStore, KV, META};
+use super::state_store::{open_existing, read_record, read_state_index, StateStore, KV, META};
 use super::StorageError;
 use crate::proto::HistoryEvent;
 use crate::proto::{HistoryChunk, HistoryChunkRevisions, KeyRange, StoredValue};
@@ -456,7 +456,7 @@ pub(super) fn resolve_events<'a>(
     if events.peek().is_none() {
         return Ok(());
     }
-    let flushed = read_header(txn)?.index;
+    let flushed = read_state_index(txn)?;
     let kv = open_existing(txn, KV)?;
     let history = open_existing(txn, HISTORY)?;
     let mut chunks = ChunkCache::default();

@@ -246,14 +246,39 @@ pub(super) fn read_header(txn: &ReadTransaction) -> Result<SnapshotHeader, Stora
     decode_header(found.as_ref().map(|bytes| bytes.value()))
 }
 
+/// The applied index in the file's state record, without decoding the rest
+/// of it: the record carries the client sessions (up to
+/// [`crate::sessions::MAX_SESSIONS`] of them, with their results), and every
+/// watcher read that resolves a change needs only the index. Decoding a
+/// message of that one field skips the others by their length.
+pub(super) fn read_state_index(txn: &ReadTransaction) -> Result<u64, StorageError> {
+    /// `SnapshotHeader`'s `index` field alone.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct StateIndex {
+        #[prost(uint64, tag = "3")]
+        index: u64,
+    }
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(found) = meta.get(META_STATE)? else {
+        return Ok(0);
+    };
+    Ok(StateIndex::decode(found.value()).map_err(damaged_state_record)?.index)
+}
+
+fn damaged_state_record(e: prost::DecodeError) -> StorageError {
+    StorageError::Corrupt(format!(
+        "state store: the state record does not decode ({e}): state.redb is damaged"
+    ))
+}
+
 /// The state record's bytes, decoded (none yet: an empty store's).
 fn decode_header(bytes: Option<&[u8]>) -> Result<SnapshotHeader, StorageError> {
     match bytes {
-        Some(bytes) => SnapshotHeader::decode(bytes).map_err(|e| {
-            StorageError::Corrupt(format!(
-                "state store: the state record does not decode ({e}): state.redb is damaged"
-            ))
-        }),
+        Some(bytes) => SnapshotHeader::decode(bytes).map_err(damaged_state_record),
         None => Ok(SnapshotHeader::default()),
     }
 }
@@ -772,7 +797,7 @@ impl StateStore {
         // The frozen layer counts unless the file holds it already (its
         // flush committed, memory not told yet).
         if let Some((index, keys)) = frozen {
-            if read_header(&txn)?.index < index {
+            if read_state_index(&txn)? < index {
                 count += frozen_added;
                 for key in keys {
                     count += i64::from(absent(&key)?);
@@ -1414,6 +1439,48 @@ mod tests {
         // The shared view went with the file: it can be opened again here.
         let reopened = StateStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(reopened.get(b"new").unwrap(), Some(value(4)));
+    }
+
+    #[test]
+    fn the_state_index_reads_alone_as_in_the_whole_record_and_damage_is_reported() {
+        use crate::proto::{ClientSession, SessionTable};
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        let db = store.db().unwrap();
+        assert_eq!(read_state_index(&db.begin_read().unwrap()).unwrap(), 0, "no record yet");
+        // Sessions around the index's field, as the state record has them.
+        let sessions = (1..=100)
+            .map(|id| ClientSession {
+                id,
+                first_incomplete: 7,
+                ..Default::default()
+            })
+            .collect();
+        let header = SnapshotHeader {
+            index: 42,
+            term: 3,
+            sessions: Some(SessionTable { clock_ms: 5, sessions }),
+            keys: Some(9),
+            ..Default::default()
+        };
+        store.write_header(&header).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(read_header(&txn).unwrap(), header);
+        assert_eq!(read_state_index(&txn).unwrap(), 42);
+        let write = db.begin_write().unwrap();
+        write
+            .open_table(META)
+            .unwrap()
+            .insert(META_STATE, &[0x1a, 0xff, 0xff][..])
+            .unwrap();
+        write.commit().unwrap();
+        let err = read_state_index(&db.begin_read().unwrap()).unwrap_err();
+        assert!(
+            matches!(&err, StorageError::Corrupt(m) if m.contains("state.redb is damaged")),
+            "{err}"
+        );
+        drop(db);
+        store.close();
     }
 
     #[test]
