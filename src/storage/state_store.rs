@@ -472,11 +472,14 @@ impl StateStore {
             }
         };
         self.durable_index.store(frozen.header.index, Ordering::Release);
-        {
+        let stale_view = {
             let mut mem = self.mem.write().expect("memtable lock poisoned");
             mem.flushed(file_keys);
-            self.forget_get_reader();
-        }
+            self.take_get_reader()
+        };
+        // Outside the lock readers and the raft loop wait on: the view may
+        // hold the last handles of value log segments the flush collected.
+        drop(stale_view);
         // Under the state lock: a waiter checks and sleeps holding it, so it
         // can't miss this.
         let _state = self.flush.state.lock().expect("flush lock poisoned");
@@ -623,7 +626,7 @@ impl StateStore {
         // Under the memory lock: a get opening a shared view holds it.
         let _mem = self.mem.write().expect("memtable lock poisoned");
         self.db.write().expect("store lock poisoned").take();
-        self.forget_get_reader();
+        self.take_get_reader();
     }
 
     /// A consistent read view of the file, as of the last flush (call
@@ -679,10 +682,11 @@ impl StateStore {
         Ok(reader)
     }
 
-    /// Drops the shared get view; called with the memory lock held for
-    /// writing, where the generation moves on or the file goes.
-    fn forget_get_reader(&self) {
-        self.get_reader.lock().expect("get reader lock poisoned").take();
+    /// Takes the shared get view away, for the caller to drop (outside
+    /// the memory lock where that matters); called with the memory lock held
+    /// for writing, where the generation moves on or the file goes.
+    fn take_get_reader(&self) -> Option<Arc<FileReader>> {
+        self.get_reader.lock().expect("get reader lock poisoned").take()
     }
 
     /// `record` (read through `reader`) with its value, from the value log
@@ -920,8 +924,9 @@ impl StateStore {
         commit_with_header(self.db()?.begin_write()?, header)?;
         let keys = mem.keys();
         mem.reset(header.clone(), keys);
-        self.forget_get_reader();
+        let stale_view = self.take_get_reader();
         drop(mem);
+        drop(stale_view);
         self.reset_working_copies()?;
         self.durable_index.store(header.index, Ordering::Release);
         Ok(())
@@ -1060,10 +1065,10 @@ impl StateStore {
             // is freed after the locks readers need are released.
             let mut mem = self.mem.write().expect("memtable lock poisoned");
             let old = self.db.write().expect("store lock poisoned").replace(installed);
-            self.forget_get_reader();
+            let stale_view = self.take_get_reader();
             // The installed file holds its values inline.
             self.values.reset();
-            (mem.reset(header.clone(), keys), old)
+            (mem.reset(header.clone(), keys), old, stale_view)
         };
         drop(old);
         // A crash before this leaves files that the next open removes.
