@@ -353,10 +353,6 @@ impl NodeHandle {
         self.send(Inbox::ReadIndex { reply })?;
         let index = rx.await.map_err(|_| stopped())??;
         let mut applied = self.applied.clone();
-        // Usually applied already (reads without writes in flight): no timer.
-        if *applied.borrow_and_update() >= index {
-            return Ok(());
-        }
         let waited = tokio::time::timeout(self.request_timeout, applied.wait_for(|a| *a >= index)).await;
         match waited.map(|r| r.is_ok()) {
             Ok(true) => Ok(()),
