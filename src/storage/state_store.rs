@@ -237,13 +237,7 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StorageError> {
 }
 
 pub(super) fn read_header(txn: &ReadTransaction) -> Result<SnapshotHeader, StorageError> {
-    let meta = match txn.open_table(META) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(SnapshotHeader::default()),
-        Err(e) => return Err(e.into()),
-    };
-    let found = meta.get(META_STATE)?;
-    decode_header(found.as_ref().map(|bytes| bytes.value()))
+    read_state_record(txn)
 }
 
 /// The applied index in the file's state record, without decoding the rest
@@ -258,28 +252,24 @@ pub(super) fn read_state_index(txn: &ReadTransaction) -> Result<u64, StorageErro
         #[prost(uint64, tag = "3")]
         index: u64,
     }
+    Ok(read_state_record::<StateIndex>(txn)?.index)
+}
+
+/// The file's state record decoded as `M` (`SnapshotHeader`, or a message of
+/// some of its fields); an empty store's when there is none yet.
+fn read_state_record<M: prost::Message + Default>(txn: &ReadTransaction) -> Result<M, StorageError> {
     let meta = match txn.open_table(META) {
         Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(M::default()),
         Err(e) => return Err(e.into()),
     };
-    let Some(found) = meta.get(META_STATE)? else {
-        return Ok(0);
-    };
-    Ok(StateIndex::decode(found.value()).map_err(damaged_state_record)?.index)
-}
-
-fn damaged_state_record(e: prost::DecodeError) -> StorageError {
-    StorageError::Corrupt(format!(
-        "state store: the state record does not decode ({e}): state.redb is damaged"
-    ))
-}
-
-/// The state record's bytes, decoded (none yet: an empty store's).
-fn decode_header(bytes: Option<&[u8]>) -> Result<SnapshotHeader, StorageError> {
-    match bytes {
-        Some(bytes) => SnapshotHeader::decode(bytes).map_err(damaged_state_record),
-        None => Ok(SnapshotHeader::default()),
+    match meta.get(META_STATE)? {
+        Some(bytes) => M::decode(bytes.value()).map_err(|e| {
+            StorageError::Corrupt(format!(
+                "state store: the state record does not decode ({e}): state.redb is damaged"
+            ))
+        }),
+        None => Ok(M::default()),
     }
 }
 
