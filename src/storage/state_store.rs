@@ -526,10 +526,7 @@ impl StateStore {
                 // put, or an event to resolve) reads it first, so the key is
                 // written once, resolved: writing it as applied and then
                 // again resolved (a longer record) rebuilt the leaf twice.
-                let read_first = match needed {
-                    true => read_record(Some(&kv), key)?,
-                    false => None,
-                };
+                let read_first = if needed { read_record(Some(&kv), key)? } else { None };
                 let below_record = read_first.as_ref().map(|record| without_value(record, None));
                 // `resolve` leaves a resolved record as it is; an unresolved
                 // put is `needed`, so `below_record` is what it replaces.
@@ -538,9 +535,10 @@ impl StateStore {
                     Some(value) => kv.insert(key, value.encode_to_vec().as_slice())?,
                     None => kv.remove(key)?,
                 };
-                let replaced = match needed {
-                    true => read_first,
-                    false => old.map(|bytes| decode_value(bytes.value())).transpose()?,
+                let replaced = if needed {
+                    read_first
+                } else {
+                    old.map(|bytes| decode_value(bytes.value())).transpose()?
                 };
                 if let Some(old) = &replaced {
                     log.release(key, old)?;
