@@ -657,15 +657,13 @@ impl StateStore {
     }
 
     /// The view gets share for memory's current generation, opened if there
-    /// is none yet. Called under the memory lock, like [`Self::refresh_reader`].
+    /// is none yet. Called under the memory lock, like [`Self::open_reader`].
     fn shared_get_reader(&self, mem: &Memtable) -> Result<Arc<FileReader>, StorageError> {
         let mut shared = self.get_reader.lock().expect("get reader lock poisoned");
         if let Some(reader) = shared.as_ref().filter(|r| r.generation == mem.generation()) {
             return Ok(reader.clone());
         }
-        let mut fresh = None;
-        self.refresh_reader(mem, &mut fresh)?;
-        let reader = Arc::new(fresh.expect("refresh_reader opens a reader"));
+        let reader = Arc::new(self.open_reader(mem)?);
         *shared = Some(reader.clone());
         Ok(reader)
     }
@@ -747,14 +745,22 @@ impl StateStore {
     /// what memory shows: a record applied unresolved finds in it either the
     /// record it replaced or itself, never a later one.
     fn refresh_reader(&self, mem: &Memtable, reader: &mut Option<FileReader>) -> Result<(), StorageError> {
-        let generation = mem.generation();
-        if reader.as_ref().is_some_and(|r| r.generation == generation) {
-            return Ok(());
+        if reader.as_ref().is_none_or(|r| r.generation != mem.generation()) {
+            *reader = Some(self.open_reader(mem)?);
         }
+        Ok(())
+    }
+
+    /// A view of the file for memory's current generation (see
+    /// [`Self::refresh_reader`] for why under the memory lock).
+    fn open_reader(&self, mem: &Memtable) -> Result<FileReader, StorageError> {
         let (txn, values) = self.values.begin_read(&*self.db()?)?;
         let kv = open_existing(&txn, KV)?;
-        *reader = Some(FileReader { generation, kv, values });
-        Ok(())
+        Ok(FileReader {
+            generation: mem.generation(),
+            kv,
+            values,
+        })
     }
 
     fn read_file(key: &[u8], reader: Option<&FileReader>) -> Result<Option<StoredValue>, StorageError> {
