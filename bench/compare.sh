@@ -140,7 +140,11 @@ for mode in plain tls; do
       fi
       for sys in "${order[@]}"; do
         line=$(run "$sys" "$mode" "${PHASES[$p]}")
-        [ -n "$line" ] || continue
+        if [ -z "$line" ]; then
+          # A baseline's CLI may lack the operation; anything else failed.
+          echo "$sys ($mode): no result for '${PHASES[$p]}' in round $round; left out of the table" >&2
+          continue
+        fi
         echo "$sys $mode $p $round $line" | tee -a "$WORK/results"
       done
     done
