@@ -62,6 +62,9 @@ pub struct NodeConfig {
     /// the OS page cache. The node's memory is about this plus the raft log
     /// tail and connection buffers.
     pub store_cache_mb: u64,
+    /// Records that single-key gets read from the store, kept for the next
+    /// get of the same key, in MiB (0: none kept).
+    pub read_cache_mb: u64,
     /// Change history kept for watches, in revisions behind the applied
     /// index; a watch from an older revision is refused (compacted).
     pub history_retention_revisions: u64,
@@ -148,6 +151,7 @@ impl Default for NodeConfig {
             snapshot_threshold: 100_000,
             snapshot_catchup_entries: 5_000,
             store_cache_mb: 16,
+            read_cache_mb: (crate::storage::state_store::DEFAULT_READ_CACHE_BYTES >> 20) as u64,
             history_retention_revisions: 1_000_000,
             history_retention_mb: 256,
             tick_ms: 100,
@@ -258,6 +262,11 @@ impl NodeConfig {
     /// The state store's cache size in bytes.
     pub fn store_cache_bytes(&self) -> usize {
         (self.store_cache_mb as usize).saturating_mul(1 << 20)
+    }
+
+    /// The read cache's size in bytes.
+    pub fn read_cache_bytes(&self) -> usize {
+        (self.read_cache_mb as usize).saturating_mul(1 << 20)
     }
 
     /// The log entries kept behind the store's durable applied index.
@@ -627,6 +636,10 @@ pub struct DaemonArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_cache_mb: Option<u64>,
+    /// Records gets read from the store, kept for the next get, in MiB (0: none kept).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_cache_mb: Option<u64>,
     /// Change history kept for watches, in revisions behind the applied index.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -45,6 +45,12 @@ pub const STORE_DURABLE_INDEX: &str = "kvraft_store_durable_applied_index";
 pub const STORE_SIZE: &str = "kvraft_store_size_bytes";
 /// `kvraft_store_value_log_live_bytes`: Bytes of the value log that keys still point to (the rest is garbage to collect).
 pub const STORE_VALUE_LOG_LIVE: &str = "kvraft_store_value_log_live_bytes";
+/// `kvraft_read_cache_hits_total`: Gets answered from the read cache.
+pub const READ_CACHE_HITS: &str = "kvraft_read_cache_hits_total";
+/// `kvraft_read_cache_misses_total`: Gets that read the store file (the key was not in the read cache).
+pub const READ_CACHE_MISSES: &str = "kvraft_read_cache_misses_total";
+/// `kvraft_read_cache_bytes`: Bytes of records in the read cache.
+pub const READ_CACHE_BYTES: &str = "kvraft_read_cache_bytes";
 /// `kvraft_snapshot_stream_bytes_total`: Snapshot stream bytes, by peer and direction (sent, received).
 pub const SNAPSHOT_STREAM_BYTES: &str = "kvraft_snapshot_stream_bytes_total";
 /// `kvraft_snapshot_stream_duration_seconds`: How long a snapshot stream took, by peer and direction.
@@ -209,6 +215,12 @@ fn describe() {
         Unit::Bytes,
         "Bytes of the value log that keys still point to (the rest is garbage to collect)."
     );
+    describe_counter!(READ_CACHE_HITS, "Gets answered from the read cache.");
+    describe_counter!(
+        READ_CACHE_MISSES,
+        "Gets that read the store file (the key was not in the read cache)."
+    );
+    describe_gauge!(READ_CACHE_BYTES, Unit::Bytes, "Bytes of records in the read cache.");
     describe_counter!(
         SNAPSHOT_STREAM_BYTES,
         Unit::Bytes,
@@ -304,6 +316,7 @@ fn zero() {
         STORE_DURABLE_INDEX,
         STORE_SIZE,
         STORE_VALUE_LOG_LIVE,
+        READ_CACHE_BYTES,
         WATCHERS,
         HISTORY_START,
         LEASES,
@@ -311,6 +324,8 @@ fn zero() {
         gauge!(name).set(0.0);
     }
     counter!(WATCH_EVENTS).absolute(0);
+    counter!(READ_CACHE_HITS).absolute(0);
+    counter!(READ_CACHE_MISSES).absolute(0);
     counter!(LEASES_EXPIRED).absolute(0);
     counter!(LEASE_EXPIRIES_PROPOSED).absolute(0);
     for reason in WATCH_CANCEL_REASONS {

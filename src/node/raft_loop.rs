@@ -695,6 +695,10 @@ impl RaftLoop {
             self.last_sweep = now;
             self.store.prune_pins();
             self.store.remove_staged_up_to(*self.applied_tx.borrow());
+            let reads = self.store.read_cache_stats();
+            counter!(metrics::READ_CACHE_HITS).absolute(reads.hits);
+            counter!(metrics::READ_CACHE_MISSES).absolute(reads.misses);
+            gauge!(metrics::READ_CACHE_BYTES).set(reads.bytes as f64);
         }
         if self.node.raft.state == StateRole::Leader && !self.node.raft.has_pending_conf() {
             self.promote_caught_up_learner();

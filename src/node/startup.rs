@@ -109,7 +109,9 @@ pub fn prepare(
             "converted this data dir from snapshot files to the state store"
         );
     }
-    let store = Arc::new(StateStore::open(&config.data_dir, config.store_cache_bytes())?);
+    let store = Arc::new(
+        StateStore::open(&config.data_dir, config.store_cache_bytes())?.with_read_cache(config.read_cache_bytes()),
+    );
     store.set_history_retention(config.history_retention());
     store.spawn_flusher(FlushSchedule::new(FLUSH_INTERVAL, config.id));
     if finish_interrupted_install(&storage, &store)? {

@@ -29,6 +29,7 @@ pub mod lock;
 pub mod log_check;
 pub mod memtable;
 pub mod raft_storage;
+pub mod read_cache;
 pub mod snapshot_files;
 pub mod snapshot_stream;
 pub mod state_store;

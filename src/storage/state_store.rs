@@ -43,6 +43,7 @@ use super::flush_schedule::FlushSchedule;
 use super::history::{self, read_counter, Retention};
 use super::lease_tables::{self, LEASES, LEASE_KEYS};
 use super::memtable::{self, Applied, Memtable};
+use super::read_cache::{ReadCache, ReadCacheStats};
 use super::value_log::{Segments, ValueLog};
 use super::StorageError;
 use crate::leases::Leases;
@@ -80,6 +81,10 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// a 3-node cluster from 156 to 120 µs, for about the same peak memory
 /// (bench/scale.sh: 196 against 190 MiB).
 const FLUSH_EARLY_BYTES: usize = 48 << 20;
+/// The read cache's size unless the node is configured otherwise
+/// ([`StateStore::with_read_cache`]): some 20,000 records of a 16-byte key
+/// and a 256-byte value.
+pub const DEFAULT_READ_CACHE_BYTES: usize = 8 << 20;
 /// With this many bytes waiting (a flush is slower than the writes), the
 /// raft loop waits for the running flush before it applies more: memory
 /// stays bounded.
@@ -156,6 +161,9 @@ pub struct StateStore {
     /// write lock), so it never keeps an old file state or a closed file
     /// pinned.
     get_reader: Mutex<Option<Arc<FileReader>>>,
+    /// Records gets read from the file, for the next get of the same key
+    /// (good for one memory generation, like the shared view).
+    read_cache: ReadCache,
 }
 
 /// A read view of the file kept across lookups (one batch's), good while
@@ -357,6 +365,7 @@ impl StateStore {
             history_start: AtomicU64::new(history_start),
             values,
             get_reader: Mutex::default(),
+            read_cache: ReadCache::new(DEFAULT_READ_CACHE_BYTES),
         })
     }
 
@@ -615,6 +624,7 @@ impl StateStore {
         let _mem = self.mem.write().expect("memtable lock poisoned");
         self.db.write().expect("store lock poisoned").take();
         self.take_get_reader();
+        self.read_cache.clear();
     }
 
     /// A consistent read view of the file, as of the last flush (call
@@ -635,24 +645,54 @@ impl StateStore {
         read_header(&self.db()?.begin_read()?)
     }
 
+    /// The store with a read cache of `bytes` (0: none) instead of
+    /// [`DEFAULT_READ_CACHE_BYTES`].
+    pub fn with_read_cache(mut self, bytes: usize) -> Self {
+        self.read_cache = ReadCache::new(bytes);
+        self
+    }
+
+    /// What the read cache did so far.
+    pub fn read_cache_stats(&self) -> ReadCacheStats {
+        self.read_cache.stats()
+    }
+
     /// One key's newest record.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
-        let (held, reader) = {
+        /// Where the file's record comes from.
+        enum FileRecord {
+            Cached(Option<StoredValue>),
+            Read(Arc<FileReader>),
+        }
+        let (held, generation, file) = {
             let mem = self.mem.read().expect("memtable lock poisoned");
-            let held = mem.lookup(key).cloned();
-            match &held {
-                Some(Some(record)) if memtable::is_unresolved(record) => {}
+            let held = match mem.lookup(key) {
+                Some(Some(record)) if memtable::is_unresolved(record) => Some(record.clone()),
                 Some(change) => return Ok(change.clone()),
-                None => {}
-            }
-            (held, self.shared_get_reader(&mem)?)
+                None => None,
+            };
+            let generation = mem.generation();
+            let file = match self.read_cache.get(key, generation) {
+                Some(record) => FileRecord::Cached(record),
+                None => FileRecord::Read(self.shared_get_reader(&mem)?),
+            };
+            (held, generation, file)
         };
-        let in_file = Self::read_file(key, Some(&reader))?;
+        let in_file = match file {
+            FileRecord::Cached(record) => record,
+            FileRecord::Read(reader) => {
+                // With its value even where only its revisions are needed
+                // (below): the next get of the key may need it.
+                let record = Self::load_value(key, Self::read_file(key, Some(&reader))?, Some(&reader))?;
+                self.read_cache.insert(key, generation, &record);
+                record
+            }
+        };
         Ok(match held {
             // Applied unresolved: the file's record (older, or this one
             // once flushed) resolves it.
-            Some(Some(record)) => Some(memtable::resolve(record, in_file.as_ref())),
-            _ => Self::load_value(key, in_file, Some(&reader))?,
+            Some(record) => Some(memtable::resolve(record, in_file.as_ref())),
+            None => in_file,
         })
     }
 
@@ -1438,6 +1478,67 @@ mod tests {
         // The shared view went with the file: it can be opened again here.
         let reopened = StateStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(reopened.get(b"new").unwrap(), Some(value(4)));
+    }
+
+    #[test]
+    fn gets_answer_from_the_read_cache_only_for_the_generation_that_filled_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
+        let header = |index| SnapshotHeader {
+            index,
+            ..Default::default()
+        };
+        let record = |len: usize, revision: u64, version: u64| StoredValue {
+            value: vec![revision as u8; len].into(),
+            create_revision: 1,
+            mod_revision: revision,
+            version,
+            ..Default::default()
+        };
+        let misses = |store: &StateStore| store.read_cache_stats().misses;
+        let hits = |store: &StateStore| store.read_cache_stats().hits;
+        // A value the value log holds, and one inline in the file.
+        let mut changes = Layer::default();
+        changes.insert(b"big".to_vec(), Some(record(300, 1, 1)));
+        changes.insert(b"small".to_vec(), Some(record(8, 1, 1)));
+        store.commit_batch(applied(changes, header(1), 2)).unwrap();
+        store.flush().unwrap();
+        for _ in 0..3 {
+            assert_eq!(store.get(b"big").unwrap(), Some(record(300, 1, 1)));
+            assert_eq!(store.get(b"small").unwrap(), Some(record(8, 1, 1)));
+            assert_eq!(store.get(b"absent").unwrap(), None);
+        }
+        assert_eq!((misses(&store), hits(&store)), (3, 6), "the file read once per key");
+        assert!(store.read_cache_stats().bytes >= 300, "{:?}", store.read_cache_stats());
+
+        // A put applied unresolved over "big": its revisions come from the
+        // cached record it replaced.
+        let mut changes = Layer::default();
+        let mut unresolved = record(300, 2, 0);
+        unresolved.create_revision = 0;
+        changes.insert(b"big".to_vec(), Some(unresolved));
+        changes.insert(b"small".to_vec(), None);
+        store.commit_batch(applied(changes, header(2), -1)).unwrap();
+        assert_eq!(store.get(b"big").unwrap(), Some(record(300, 2, 2)));
+        assert_eq!((misses(&store), hits(&store)), (3, 7));
+        // After the flush, the file holds the new records: every entry of
+        // the earlier generation is a miss, not an answer.
+        store.flush().unwrap();
+        assert_eq!(store.get(b"big").unwrap(), Some(record(300, 2, 2)));
+        assert_eq!(store.get(b"small").unwrap(), None, "a delete the file took");
+        assert_eq!(misses(&store), 5);
+        assert_eq!(store.get(b"small").unwrap(), None);
+        assert_eq!(hits(&store), 8);
+
+        // Closed, the store answers no get, not even from the cache.
+        store.close();
+        assert!(store.get(b"big").is_err(), "a closed store served a cached record");
+        // Switched off, nothing is kept and every get reads the file.
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap().with_read_cache(0);
+        for _ in 0..2 {
+            assert_eq!(store.get(b"big").unwrap(), Some(record(300, 2, 2)));
+        }
+        assert_eq!(store.read_cache_stats(), Default::default());
     }
 
     #[test]
