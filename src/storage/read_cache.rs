@@ -14,7 +14,7 @@
 //! allowance per entry), and evicts by S3-FIFO (`quick_cache`): a scan over
 //! many keys read once does not push out the keys read often.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::proto::StoredValue;
 
@@ -43,6 +43,9 @@ pub struct ReadCache {
     entries: Option<quick_cache::sync::Cache<Vec<u8>, Entry, EntryWeight>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Set once the store closes: a get still running then may insert
+    /// after the cache was emptied, and nothing may answer from it.
+    closed: AtomicBool,
 }
 
 /// What the cache did so far, for the metrics.
@@ -70,6 +73,7 @@ impl ReadCache {
             entries,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -78,6 +82,9 @@ impl ReadCache {
     /// such key, `None` when the cache does not know.
     pub fn get(&self, key: &[u8], generation: u64) -> Option<Option<StoredValue>> {
         let entries = self.entries.as_ref()?;
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
         match entries.get(key).filter(|entry| entry.generation == generation) {
             Some(entry) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -101,8 +108,9 @@ impl ReadCache {
         }
     }
 
-    /// Forgets everything (the store is closing).
-    pub fn clear(&self) {
+    /// Forgets everything and answers no more (the store is closing).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         if let Some(entries) = &self.entries {
             entries.clear();
         }
@@ -162,6 +170,16 @@ mod tests {
             .filter(|i| cache.get(&i.to_be_bytes(), 1).is_some())
             .count();
         assert!((100..400).contains(&kept), "{kept} records of 356 bytes kept in 64 KiB");
+    }
+
+    #[test]
+    fn a_closed_cache_answers_nothing_even_for_a_late_insert() {
+        let cache = ReadCache::new(1 << 20);
+        cache.insert(b"k", 1, &record(10));
+        cache.close();
+        assert_eq!(cache.get(b"k", 1), None);
+        cache.insert(b"k", 1, &record(10));
+        assert_eq!(cache.get(b"k", 1), None);
     }
 
     #[test]

@@ -624,7 +624,7 @@ impl StateStore {
         let _mem = self.mem.write().expect("memtable lock poisoned");
         self.db.write().expect("store lock poisoned").take();
         self.take_get_reader();
-        self.read_cache.clear();
+        self.read_cache.close();
     }
 
     /// A consistent read view of the file, as of the last flush (call
