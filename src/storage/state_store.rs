@@ -82,7 +82,7 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// (bench/scale.sh: 196 against 190 MiB).
 const FLUSH_EARLY_BYTES: usize = 48 << 20;
 /// The read cache's size unless the node is configured otherwise
-/// ([`StateStore::with_read_cache`]): some 20,000 records of a 16-byte key
+/// ([`StateStore::with_read_cache`]): some 16,000 records of a 16-byte key
 /// and a 256-byte value.
 pub const DEFAULT_READ_CACHE_BYTES: usize = 8 << 20;
 /// With this many bytes waiting (a flush is slower than the writes), the
@@ -672,7 +672,8 @@ impl StateStore {
                 None => None,
             };
             let generation = mem.generation();
-            let file = match self.read_cache.get(key, generation) {
+            // A change memory holds needs only the file record's revisions.
+            let file = match self.read_cache.get(key, generation, held.is_none()) {
                 Some(record) => FileRecord::Cached(record),
                 None => FileRecord::Read(self.shared_get_reader(&mem)?),
             };
@@ -681,9 +682,14 @@ impl StateStore {
         let in_file = match file {
             FileRecord::Cached(record) => record,
             FileRecord::Read(reader) => {
-                // With its value even where only its revisions are needed
-                // (below): the next get of the key may need it.
-                let record = Self::load_value(key, Self::read_file(key, Some(&reader))?, Some(&reader))?;
+                let record = Self::read_file(key, Some(&reader))?;
+                // Memory holds a change of the key until the generation
+                // moves on: neither this get nor a later one of this
+                // generation serves the file's value, only its revisions.
+                let record = match held {
+                    Some(_) => record,
+                    None => Self::load_value(key, record, Some(&reader))?,
+                };
                 self.read_cache.insert(key, generation, &record);
                 record
             }
@@ -1529,6 +1535,29 @@ mod tests {
         assert_eq!(misses(&store), 5);
         assert_eq!(store.get(b"small").unwrap(), None);
         assert_eq!(hits(&store), 8);
+        // A put applied unresolved over a key no get read yet: the get reads
+        // only the file record's revisions, not its value from the value
+        // log (memory answers with its own value until the generation moves
+        // on), and the cache keeps no value for it.
+        let mut changes = Layer::default();
+        changes.insert(b"big2".to_vec(), Some(record(300, 3, 1)));
+        store.commit_batch(applied(changes, header(3), 1)).unwrap();
+        store.flush().unwrap();
+        let mut changes = Layer::default();
+        let mut unresolved = record(300, 4, 0);
+        unresolved.create_revision = 0;
+        changes.insert(b"big2".to_vec(), Some(unresolved));
+        store.commit_batch(applied(changes, header(4), 0)).unwrap();
+        let before = store.read_cache_stats().bytes;
+        for _ in 0..2 {
+            assert_eq!(store.get(b"big2").unwrap(), Some(record(300, 4, 2)));
+        }
+        assert_eq!((misses(&store), hits(&store)), (6, 9));
+        let kept = store.read_cache_stats().bytes - before;
+        assert!(
+            kept < 300,
+            "{kept} bytes kept for a record whose value no get of it can serve"
+        );
 
         // Closed, the store answers no get, not even from the cache.
         store.close();
