@@ -1356,6 +1356,14 @@ mod tests {
         }
     }
 
+    /// The state record of a batch applied up to `index`.
+    fn state_at(index: u64) -> SnapshotHeader {
+        SnapshotHeader {
+            index,
+            ..Default::default()
+        }
+    }
+
     /// A resolved record (see `memtable::is_unresolved`).
     fn value(len: usize) -> StoredValue {
         StoredValue {
@@ -1426,18 +1434,14 @@ mod tests {
     fn a_flush_writes_deletes_and_the_state_record_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(StateStore::open(dir.path(), 1 << 20).unwrap());
-        let header = |index| SnapshotHeader {
-            index,
-            ..Default::default()
-        };
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), Some(value(3)));
         changes.insert(b"kept".to_vec(), Some(value(3)));
-        store.commit_batch(applied(changes, header(1), 2)).unwrap();
+        store.commit_batch(applied(changes, state_at(1), 2)).unwrap();
         store.flush().unwrap();
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), None);
-        store.commit_batch(applied(changes, header(2), -1)).unwrap();
+        store.commit_batch(applied(changes, state_at(2), -1)).unwrap();
         assert_eq!(
             store.view().unwrap().len().unwrap(),
             2,
@@ -1461,20 +1465,16 @@ mod tests {
     fn gets_share_a_view_of_the_file_that_follows_each_flush_and_is_let_go_on_close() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path(), 1 << 20).unwrap();
-        let header = |index| SnapshotHeader {
-            index,
-            ..Default::default()
-        };
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), Some(value(3)));
-        store.commit_batch(applied(changes, header(1), 1)).unwrap();
+        store.commit_batch(applied(changes, state_at(1), 1)).unwrap();
         store.flush().unwrap();
         // This get opens the shared view, of the file as of index 1.
         assert_eq!(store.get(b"gone").unwrap(), Some(value(3)));
         let mut changes = Layer::default();
         changes.insert(b"gone".to_vec(), None);
         changes.insert(b"new".to_vec(), Some(value(4)));
-        store.commit_batch(applied(changes, header(2), 0)).unwrap();
+        store.commit_batch(applied(changes, state_at(2), 0)).unwrap();
         store.flush().unwrap();
         // Memory holds neither key now: both come from the file, as of the
         // second flush, not through the view the first get opened.
@@ -1490,10 +1490,6 @@ mod tests {
     fn gets_answer_from_the_read_cache_only_for_the_generation_that_filled_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path(), 1 << 20).unwrap();
-        let header = |index| SnapshotHeader {
-            index,
-            ..Default::default()
-        };
         let record = |len: usize, revision: u64, version: u64| StoredValue {
             value: vec![revision as u8; len].into(),
             create_revision: 1,
@@ -1507,7 +1503,7 @@ mod tests {
         let mut changes = Layer::default();
         changes.insert(b"big".to_vec(), Some(record(300, 1, 1)));
         changes.insert(b"small".to_vec(), Some(record(8, 1, 1)));
-        store.commit_batch(applied(changes, header(1), 2)).unwrap();
+        store.commit_batch(applied(changes, state_at(1), 2)).unwrap();
         store.flush().unwrap();
         for _ in 0..3 {
             assert_eq!(store.get(b"big").unwrap(), Some(record(300, 1, 1)));
@@ -1524,7 +1520,7 @@ mod tests {
         unresolved.create_revision = 0;
         changes.insert(b"big".to_vec(), Some(unresolved));
         changes.insert(b"small".to_vec(), None);
-        store.commit_batch(applied(changes, header(2), -1)).unwrap();
+        store.commit_batch(applied(changes, state_at(2), -1)).unwrap();
         assert_eq!(store.get(b"big").unwrap(), Some(record(300, 2, 2)));
         assert_eq!((misses(&store), hits(&store)), (3, 7));
         // After the flush, the file holds the new records: every entry of
@@ -1541,13 +1537,13 @@ mod tests {
         // on), and the cache keeps no value for it.
         let mut changes = Layer::default();
         changes.insert(b"big2".to_vec(), Some(record(300, 3, 1)));
-        store.commit_batch(applied(changes, header(3), 1)).unwrap();
+        store.commit_batch(applied(changes, state_at(3), 1)).unwrap();
         store.flush().unwrap();
         let mut changes = Layer::default();
         let mut unresolved = record(300, 4, 0);
         unresolved.create_revision = 0;
         changes.insert(b"big2".to_vec(), Some(unresolved));
-        store.commit_batch(applied(changes, header(4), 0)).unwrap();
+        store.commit_batch(applied(changes, state_at(4), 0)).unwrap();
         let before = store.read_cache_stats().bytes;
         for _ in 0..2 {
             assert_eq!(store.get(b"big2").unwrap(), Some(record(300, 4, 2)));
@@ -1559,7 +1555,9 @@ mod tests {
             "{kept} bytes kept for a record whose value no get of it can serve"
         );
 
-        // Closed, the store answers no get, not even from the cache.
+        // Closed, the store answers no get, not even from the cache (which
+        // holds "big" for the current generation).
+        assert_eq!(store.get(b"big").unwrap(), Some(record(300, 2, 2)));
         store.close();
         assert!(store.get(b"big").is_err(), "a closed store served a cached record");
         // Switched off, nothing is kept and every get reads the file.
