@@ -73,9 +73,10 @@ impl ReadCache {
     pub fn new(bytes: usize) -> Self {
         let bytes = bytes as u64;
         let entries = (bytes > 0).then(|| {
-            // The item estimate only sizes the first allocation; a record
-            // of a 16-byte key and a 256-byte value is about 370 bytes.
-            let estimated_items = (bytes / 512).max(16) as usize;
+            // The item estimate sizes the list of recently evicted keys
+            // that S3-FIFO remembers, and bounds the number of shards: taken
+            // for records of a 16-byte key and a 256-byte value.
+            let estimated_items = (bytes / (16 + 256 + ENTRY_OVERHEAD)).max(16) as usize;
             quick_cache::sync::Cache::with_weighter(estimated_items, bytes, EntryWeight)
         });
         ReadCache {
